@@ -1,0 +1,223 @@
+"""End to end through torch.compile(backend="tile"): numbers, and the path taken."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tilebackend
+from tilebackend.codegen import _common
+from tilebackend.models import Block, RMSNorm, TinyTransformer
+
+EAGER = {"fallback": "eager"}
+
+
+def compile_tile(fn, options=EAGER, **kw):
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options=options)
+    return torch.compile(fn, backend=backend, **kw), backend
+
+
+def run_checked(fn, *args, options=EAGER, expect=(), atol=1e-5, rtol=1e-5, **kw):
+    """Compile ``fn``, run it, compare with eager, and assert the tile kernels in
+    ``expect`` actually launched.  Returns (report, launches)."""
+    compiled, backend = compile_tile(fn, options, **kw)
+    ref = fn(*args)
+    with _common.count_launches() as launches:
+        out = compiled(*args)
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+    for k in expect:
+        assert launches[k] >= 1, f"tile kernel {k!r} did not run: {dict(launches)}"
+    return backend.report, launches
+
+
+@pytest.mark.parametrize("dim", [-1, 0, 1])
+def test_softmax_any_dim(poison, dim):
+    x = torch.randn(5, 7, 11)
+    report, _ = run_checked(lambda x: torch.softmax(x * 0.5, dim), x, expect=["softmax_fwd"])
+    assert report.counts == {"softmax": 1}
+
+
+def test_log_softmax_and_layer_norm(poison):
+    ln = torch.nn.LayerNorm(13)
+    x = torch.randn(3, 5, 13)
+    fn = lambda x: torch.log_softmax(ln(x), -1)  # noqa: E731
+    report, _ = run_checked(fn, x, expect=["log_softmax_fwd", "layer_norm_fwd"])
+    assert report.counts == {"log_softmax": 1, "layer_norm": 1}
+
+
+@pytest.mark.parametrize("style", ["functional", "llama"])
+def test_rms_norm_written_out(poison, style):
+    w = torch.randn(24)
+    x = torch.randn(2, 3, 24)
+    if style == "functional":
+        fn = lambda x: F.rms_norm(x, (24,), w, 1e-6)  # noqa: E731
+        name = "rms_norm"
+    else:
+        mod = RMSNorm(24)
+        with torch.no_grad():
+            mod.weight.copy_(w)
+        fn, name = mod, "rms_norm_llama"
+    report, _ = run_checked(fn, x, expect=["rms_norm_fwd"], atol=1e-5, rtol=1e-5)
+    assert report.counts == {name: 1}, str(report)
+
+
+def test_linear_nd_and_matmuls(poison):
+    lin = torch.nn.Linear(11, 7)
+    x = torch.randn(2, 3, 11)
+    a, b = torch.randn(3, 5, 6), torch.randn(3, 6, 4)
+    bias = torch.randn(3, 5, 4)
+
+    def fn(x, a, b, bias):
+        return lin(x).sum() + torch.baddbmm(bias, a, b, beta=0.5, alpha=2.0).sum() + (a @ b).sum()
+
+    report, _ = run_checked(fn, x, a, b, bias, expect=["addmm", "bmm", "baddbmm"], atol=1e-4)
+    assert report.counts.get("addmm") == 1 and report.counts.get("baddbmm") == 1
+    assert report.counts.get("bmm") == 1
+
+
+def test_unsupported_dtype_is_left_with_reason():
+    x = torch.randn(4, 9, dtype=torch.float64)
+    report, launches = run_checked(lambda x: torch.softmax(x, -1), x)
+    assert report.counts == {}
+    assert "softmax_fwd" not in launches
+    (skip,) = report.skipped
+    assert skip.pattern == "softmax" and "float64" in skip.reason
+    assert "float64" in str(report)
+
+
+def test_block_inference_and_training_match_eager(poison):
+    torch.manual_seed(0)
+    block = Block(dim=32, heads=4)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    compiled, backend = compile_tile(block)
+    with _common.count_launches() as launches:
+        out = compiled(x)
+        out.square().sum().backward()
+    grads = [p.grad.clone() for p in block.parameters()] + [x.grad.clone()]
+    block.zero_grad()
+    x.grad = None
+    ref = block(x)
+    ref.square().sum().backward()
+    ref_grads = [p.grad for p in block.parameters()] + [x.grad]
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-3, rtol=1e-3)
+    # rewritten before autograd: the tile ops' own backward formulas run the bwd kernels
+    pre = backend.report.graphs[0]
+    assert pre.name == "forward, before autograd", str(backend.report)
+    assert pre.counts == {"layer_norm": 2, "softmax": 1, "addmm": 4, "bmm": 2}, str(backend.report)
+    for k in ["layer_norm_fwd", "layer_norm_bwd", "softmax_fwd", "softmax_bwd", "addmm", "mm"]:
+        assert launches[k] >= 1, (k, dict(launches))
+
+
+def test_tiny_transformer_rms_inference(poison):
+    model = TinyTransformer(dim=32, layers=1, norm="rms")
+    tokens = torch.randint(0, 97, (2, 7))
+    report, launches = run_checked(model, tokens, atol=1e-4, rtol=1e-4)
+    assert report.counts.get("rms_norm_llama") == 3, str(report)
+    assert launches["rms_norm_fwd"] == 3 and launches["log_softmax_fwd"] == 1
+
+
+def test_dynamic_shapes_one_graph(poison):
+    ln = torch.nn.LayerNorm(16)
+    fn = lambda x: torch.softmax(ln(x), -1)  # noqa: E731
+    compiled, backend = compile_tile(fn, dynamic=True)
+    for b, t in [(2, 3), (3, 5), (5, 7), (4, 13), (7, 2)]:
+        x = torch.randn(b, t, 16)
+        with _common.count_launches() as launches:
+            torch.testing.assert_close(compiled(x), fn(x), atol=1e-5, rtol=1e-5)
+        assert launches["softmax_fwd"] == 1 and launches["layer_norm_fwd"] == 1
+    fwd = [g for g in backend.report.graphs if g.name.startswith("forward")]
+    assert len(fwd) == 1, str(backend.report)
+
+
+def test_kernel_failure_falls_back_with_one_warning(monkeypatch):
+    from tilebackend.codegen import softmax
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated compile failure")
+
+    monkeypatch.setattr(softmax, "softmax_fwd", boom)
+    _common.reset_failures()
+    x = torch.randn(4, 6)
+    compiled, _ = compile_tile(lambda x: torch.softmax(x, -1))
+    try:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            out1 = compiled(x)
+            out2 = compiled(x + 1)
+        torch.testing.assert_close(out1, torch.softmax(x, -1))
+        torch.testing.assert_close(out2, torch.softmax(x + 1, -1))
+        msgs = [str(m.message) for m in w if "softmax_fwd" in str(m.message)]
+        assert len(msgs) == 1, msgs
+    finally:
+        _common.reset_failures()
+
+
+def test_unknown_option_lists_valid_ones():
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: x + 1, backend="tile", options={"bogus": 1})
+    with pytest.raises(Exception, match=r"unknown tilebackend option 'bogus'.*fallback"):
+        f(torch.randn(3))
+    with pytest.raises(tilebackend.TileError, match="fallback"):
+        tilebackend.TileBackend(options={"fallback": "nope"})
+
+
+def test_explain_report():
+    ln = torch.nn.LayerNorm(8)
+    report = tilebackend.explain(lambda x: torch.softmax(ln(x), -1), torch.randn(3, 8))
+    assert report.counts == {"layer_norm": 1, "softmax": 1}
+    text = str(report)
+    assert "replaced  softmax" in text and "float32[3, 8]" in text
+
+
+def _run_py(code: str, interpret: bool) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_backend_found_without_import():
+    code = (
+        "import torch; print(torch.compile(torch.nn.Linear(8, 8), backend='tile')"
+        "(torch.randn(4, 8)).shape)"
+    )
+    res = _run_py(code, interpret=True)
+    assert res.returncode == 0, res.stderr
+    assert "torch.Size([4, 8])" in res.stdout
+
+
+def test_cpu_without_interpreter_falls_back_correctly():
+    code = (
+        "import torch, tilebackend\n"
+        "x = torch.randn(4, 8)\n"
+        "r = tilebackend.explain(lambda x: torch.softmax(x, -1), x)\n"
+        "f = torch.compile(lambda x: torch.softmax(x, -1), backend='tile')\n"
+        "torch.testing.assert_close(f(x), torch.softmax(x, -1))\n"
+        "print(r.counts); print(r.skipped[0].reason)\n"
+    )
+    res = _run_py(code, interpret=False)
+    assert res.returncode == 0, res.stderr
+    assert "{}" in res.stdout and "TRITON_INTERPRET" in res.stdout
+
+
+@pytest.mark.slow
+def test_inductor_fallback_on_cpu(poison):
+    ln = torch.nn.LayerNorm(16)
+    x = torch.randn(3, 16)
+    fn = lambda x: torch.softmax(ln(x).relu(), -1)  # noqa: E731
+    report, _ = run_checked(
+        fn, x, options={"fallback": "inductor"}, expect=["softmax_fwd", "layer_norm_fwd"]
+    )
+    assert report.counts == {"layer_norm": 1, "softmax": 1}
+    assert report.graphs[0].fallback == "inductor"

@@ -1,0 +1,143 @@
+"""The pattern registry and matcher: tracing, wildcards, legality, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tilebackend
+from tilebackend.exc import DuplicatePatternError, InvalidOptionValueError, PatternError
+from tilebackend.fx_passes import matcher
+from tilebackend.fx_passes.registry import REGISTRY, Pattern, Registry
+
+aten = torch.ops.aten
+
+
+def _ex(dtype):
+    return (torch.randn(4, 8, dtype=dtype),)
+
+
+def test_builtins_registered_lazily_and_listed():
+    names = REGISTRY.names()
+    for n in ["softmax", "layer_norm", "mm", "addmm", "bmm", "rms_norm_llama"]:
+        assert n in names
+
+
+def test_duplicate_name_names_both_places():
+    reg = Registry()
+    p = dict(search=aten.relu.default, replacement=aten.relu.default)
+    reg.add(Pattern(name="x", origin="a.py:1", **p))
+    with pytest.raises(DuplicatePatternError, match=r"'x'.*a\.py:1.*b\.py:2"):
+        reg.add(Pattern(name="x", origin="b.py:2", **p))
+
+
+@pytest.mark.parametrize(
+    "kwargs, msg",
+    [
+        (dict(search=lambda x: x.relu(), replacement=lambda x: x), "example_inputs"),
+        (dict(search=aten.relu.default, replacement=lambda x: x), "OpOverload replacement"),
+        (
+            dict(
+                search=lambda x: x,
+                replacement=lambda x: x,
+                example_inputs=_ex,
+                scalars={"k": (1, 2)},
+            ),
+            "scalar 'k' is not a parameter",
+        ),
+        (
+            dict(
+                search=lambda x, k: x * k,
+                replacement=lambda x, k: x,
+                example_inputs=_ex,
+                scalars={"k": (1.0, 1.0)},
+            ),
+            "two distinct",
+        ),
+        (dict(search=3, replacement=lambda x: x, example_inputs=_ex), "search must be"),
+    ],
+)
+def test_malformed_patterns_are_rejected(kwargs, msg):
+    with pytest.raises(PatternError, match=msg):
+        Registry().add(Pattern(name="bad", **kwargs))
+
+
+def test_search_that_does_not_trace_is_a_clear_error():
+    def search(x):
+        raise ValueError("nope")
+
+    p = Pattern(name="broken", search=search, replacement=lambda x: x, example_inputs=_ex)
+    with pytest.raises(PatternError, match="does not trace"):
+        matcher.trace_pattern(p, torch.float32, {})
+
+
+def test_scalar_wildcards_and_rank_independent_dims():
+    p = Pattern(
+        name="scaled_softmax",
+        search=lambda x, scale, dim: torch.softmax(x * scale, dim),
+        replacement=lambda x, scale, dim: torch.ops.aten._softmax(x * scale, dim, False),
+        example_inputs=_ex,
+        scalars={"scale": (0.5, 0.25), "dim": (-1, 0)},
+        dtypes=(torch.float32,),
+    )
+    (tp,) = matcher.variants(p, "eager")
+
+    def graph_of(fn, *args):
+        return matcher._trace(fn, args, {})
+
+    gm = graph_of(lambda x: torch.softmax(x * 0.125, 2), torch.randn(2, 3, 5))
+    anchor = next(n for n in gm.graph.nodes if n.target == aten._softmax.default)
+    m = matcher.match_traced(tp, p, anchor)
+    assert isinstance(m, matcher.Match), m
+    assert m.scalars == {"scale": 0.125, "dim": -1}  # dims come back rank-relative
+
+
+def test_intermediate_with_other_users_is_not_matched():
+    p = Pattern(
+        name="scaled_softmax",
+        search=lambda x: torch.softmax(x * 2.0, -1),
+        replacement=lambda x: x,
+        example_inputs=_ex,
+        dtypes=(torch.float32,),
+    )
+    (tp,) = matcher.variants(p, "eager")
+
+    def model(x):
+        y = x * 2.0
+        return torch.softmax(y, -1), y
+
+    gm = matcher._trace(model, (torch.randn(3, 4),), {})
+    anchor = next(n for n in gm.graph.nodes if n.target == aten._softmax.default)
+    res = matcher.match_traced(tp, p, anchor)
+    assert isinstance(res, str) and "also used" in res
+
+
+def test_user_traced_pattern_rewrites_and_can_be_disabled():
+    # silu written out -> aten.silu: replacement is plain torch ops
+    p = Pattern(
+        name="test_silu",
+        search=lambda x: x * torch.sigmoid(x),
+        replacement=lambda x: torch.ops.aten.silu.default(x),
+        example_inputs=_ex,
+        origin="test",
+    )
+    REGISTRY.add(p)
+    try:
+        fn = lambda x: (x * torch.sigmoid(x)) + 1  # noqa: E731
+        x = torch.randn(5, 3)
+        for opts, expected in [({}, {"test_silu": 1}), ({"disable": ["test_silu"]}, {})]:
+            torch._dynamo.reset()
+            be = tilebackend.TileBackend(options={"fallback": "eager", **opts})
+            out = torch.compile(fn, backend=be)(x)
+            torch.testing.assert_close(out, fn(x))
+            assert be.report.counts == expected
+    finally:
+        REGISTRY.remove("test_silu")
+
+
+def test_unknown_pattern_name_in_options():
+    torch._dynamo.reset()
+    be = tilebackend.TileBackend(options={"fallback": "eager", "disable": ["no_such"]})
+    with pytest.raises(Exception, match="no_such"):
+        torch.compile(lambda x: x + 1, backend=be)(torch.randn(2))
+    assert issubclass(InvalidOptionValueError, tilebackend.TileError)

@@ -1,0 +1,27 @@
+"""tilebackend: ``torch.compile(model, backend="tile")`` swaps the subgraphs our
+hand-written Triton tile kernels cover (matmul, softmax, layer/RMS norm) into the graph.
+
+Importing this package touches no GPU and compiles nothing; the built-in patterns and
+kernels load on the first compile.
+"""
+
+from __future__ import annotations
+
+from .backend import TileBackend, tile_backend
+from .codegen._common import count_launches
+from .exc import TileError
+from .explain import explain
+from .report import Report
+from .settings import Settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Report",
+    "Settings",
+    "TileBackend",
+    "TileError",
+    "count_launches",
+    "explain",
+    "tile_backend",
+]

@@ -1,0 +1,127 @@
+"""Version probes and every private torch / triton import, in one place.
+
+Supported: torch 2.11 - 2.13+, triton 3.6 - 3.9+. Nothing here touches CUDA at import.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+
+TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - triton is a hard dependency
+        return False
+    return True
+
+
+def triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its CPU interpreter.
+
+    Triton reads ``TRITON_INTERPRET`` when ``@triton.jit`` decorates, so it must be set
+    when the process starts (before tilebackend's kernels are imported).
+    """
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# --- AOTAutograd / Inductor (private) ------------------------------------------------
+
+
+def aot_module_simplified(*args: Any, **kwargs: Any):
+    from torch._functorch.aot_autograd import aot_module_simplified as fn
+
+    return fn(*args, **kwargs)
+
+
+def aot_function(*args: Any, **kwargs: Any):
+    from torch._functorch.aot_autograd import aot_function as fn
+
+    return fn(*args, **kwargs)
+
+
+def make_boxed_func(fn):
+    from torch._functorch.aot_autograd import make_boxed_func as mbf
+
+    return mbf(fn)
+
+
+def default_partition():
+    from torch._functorch.partitioners import default_partition as dp
+
+    return dp
+
+
+def inductor_compile_fx(gm, example_inputs, inner_compile, decompositions):
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(
+        gm, example_inputs, inner_compile=inner_compile, decompositions=decompositions
+    )
+
+
+def inductor_compile_fx_inner():
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    return compile_fx_inner
+
+
+@functools.lru_cache(maxsize=1)
+def inductor_decomposition_table() -> dict:
+    from torch._inductor.decomposition import select_decomp_table
+
+    return dict(select_decomp_table())
+
+
+def detect_fake_mode(inputs):
+    from torch._guards import detect_fake_mode as dfm
+
+    return dfm(inputs)
+
+
+def dynamo_counters():
+    from torch._dynamo.utils import counters
+
+    return counters
+
+
+def is_symbolic(x: Any) -> bool:
+    return isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)) and not isinstance(
+        _maybe_int(x), int
+    )
+
+
+def _maybe_int(x: Any):
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    return int(x) if is_concrete_int(x) else None
+
+
+def has_free_symbols(x: Any) -> bool:
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, has_free_symbols
+
+    try:
+        return bool(has_free_symbols(x)) or bool(free_unbacked_symbols(x))
+    except Exception:
+        return False
+
+
+def statically_known_true(expr: Any) -> bool:
+    """True only when ``expr`` is provably true without adding a guard."""
+    if isinstance(expr, bool):
+        return expr
+    from torch.fx.experimental.symbolic_shapes import statically_known_true as skt
+
+    return bool(skt(expr))

@@ -1,0 +1,153 @@
+"""Shared host-side helpers for every kernel file: device checks, output allocation
+(with poisoning for tests), launch counters, guarded launches with an ATen fallback,
+and compilation for a GPU target without a GPU (for tests of every config)."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from .. import settings
+from .._compat import interpret_mode
+
+log = logging.getLogger("tilebackend")
+
+#: Successful tile-kernel launches, by kernel name.  Tests assert on these.
+launch_counts: collections.Counter[str] = collections.Counter()
+#: Calls that fell back to ATen at run time (a kernel failed), by kernel name.
+fallback_counts: collections.Counter[str] = collections.Counter()
+_warned: set[str] = set()
+_broken: dict[tuple, str] = {}
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@contextmanager
+def count_launches() -> Iterator[collections.Counter[str]]:
+    """Yield a Counter of tile-kernel launches made inside the block."""
+    before = collections.Counter(launch_counts)
+    delta: collections.Counter[str] = collections.Counter()
+    try:
+        yield delta
+    finally:
+        for k, v in launch_counts.items():
+            if v - before.get(k, 0):
+                delta[k] = v - before.get(k, 0)
+
+
+def device_reason(t: Any) -> str | None:
+    """Why tensor ``t`` cannot run a tile kernel, or None when it can."""
+    dev = getattr(t, "device", None)
+    if dev is None:
+        return "not a tensor"
+    if dev.type == "cuda":
+        return None
+    if dev.type == "cpu":
+        if interpret_mode():
+            return None
+        return "CPU tensor and TRITON_INTERPRET=1 is not set (the Triton interpreter runs kernels on CPU)"
+    return f"device {dev.type!r} is not supported (cuda, or cpu with TRITON_INTERPRET=1)"
+
+
+def dtype_reason(t: Any, allowed=SUPPORTED_DTYPES) -> str | None:
+    dt = getattr(t, "dtype", None)
+    if dt not in allowed:
+        return f"dtype {dt} is not supported (expects one of {', '.join(map(str, allowed))})"
+    return None
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocate a kernel output; filled with NaN / a sentinel when poisoning is on."""
+    if settings.current().poison_outputs:
+        fill = float("nan") if dtype.is_floating_point else -7
+        return torch.full(shape, fill, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def guarded(kernel: str, key: tuple, run: Callable[[], Any], fallback: Callable[[], Any]) -> Any:
+    """Run a tile kernel; if it fails to compile or launch, warn once and use ATen.
+
+    ``key`` identifies the specialisation (dtype, flags) so that one broken variant does
+    not disable the others; a variant that failed once is not retried.
+    """
+    full_key = (kernel, *key)
+    if full_key in _broken:
+        fallback_counts[kernel] += 1
+        return fallback()
+    try:
+        out = run()
+    except Exception as e:  # compile / launch failures from Triton surface here
+        _broken[full_key] = f"{type(e).__name__}: {e}"
+        if kernel not in _warned:
+            _warned.add(kernel)
+            warnings.warn(
+                f"tilebackend: kernel {kernel!r} failed ({type(e).__name__}: {e}); "
+                "falling back to ATen for this case",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        log.warning("kernel %s failed for %s: %s", kernel, key, e)
+        fallback_counts[kernel] += 1
+        return fallback()
+    launch_counts[kernel] += 1
+    return out
+
+
+def reset_failures() -> None:
+    """Forget kernels that failed (tests use this)."""
+    _broken.clear()
+    _warned.clear()
+
+
+def tf32_allowed() -> bool:
+    """Follow PyTorch's numerics setting for fp32 matmul."""
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def triton_dtype_name(dtype: torch.dtype) -> str:
+    return {
+        torch.float32: "fp32",
+        torch.float16: "fp16",
+        torch.bfloat16: "bf16",
+        torch.int32: "i32",
+        torch.int64: "i64",
+    }[dtype]
+
+
+# --- compiling for a GPU target without a GPU (tests) --------------------------------
+
+HOPPER_SMEM_BYTES = 232448  # max dynamic shared memory per block on sm_90
+
+
+def compile_for_target(
+    fn,
+    signature: dict[str, str],
+    constexprs: dict[str, Any],
+    num_warps: int = 4,
+    num_stages: int = 3,
+    capability: int = 90,
+):
+    """Compile ``fn`` (a JITFunction) for ``cuda:sm_<capability>``; return the compiled kernel.
+
+    Needs no GPU.  Raises on compile errors; the caller checks ``.metadata.shared``.
+    Must run in a process without TRITON_INTERPRET (jit functions are interpreted there).
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = dict(signature)
+    for k in constexprs:
+        sig[k] = "constexpr"
+    src = ASTSource(fn, sig, constexprs)
+    return triton.compile(
+        src,
+        target=GPUTarget("cuda", capability, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )

@@ -1,0 +1,164 @@
+"""The built-in patterns.  They go through the same registry users will use."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .registry import Pattern, Registry
+
+aten = torch.ops.aten
+
+
+def _op_patterns():
+    from ..codegen import layer_norm, matmul, rms_norm, softmax  # registers torch.ops.tile.*
+
+    tile = torch.ops.tile
+
+    def sm_check(self, dim, **_):
+        return softmax.check(self, dim)
+
+    def sm_bwd_check(grad_output, output, dim, **_):
+        return softmax.check(grad_output, dim) or softmax.check(output, dim)
+
+    def ln_check(input, normalized_shape, weight, bias, **_):
+        return layer_norm.check_layer_norm(input, normalized_shape, weight, bias)
+
+    def ln_bwd_check(grad_out, input, normalized_shape, weight, bias, **_):
+        return layer_norm.check_layer_norm(input, normalized_shape, weight, bias) or (
+            None if grad_out.dtype == input.dtype else "grad dtype differs from input dtype"
+        )
+
+    def rms_check(input, normalized_shape, weight, **_):
+        return rms_norm.check_rms_norm(input, normalized_shape, weight)
+
+    def mm_check(self, mat2, **_):
+        return matmul.check(self, mat2)
+
+    def addmm_check(self, mat1, mat2, **_):
+        return matmul.check(mat1, mat2, self)
+
+    def baddbmm_check(self, batch1, batch2, **_):
+        return matmul.check(batch1, batch2, self)
+
+    pats = [
+        ("softmax", aten._softmax.default, tile.softmax.default, sm_check),
+        ("log_softmax", aten._log_softmax.default, tile.log_softmax.default, sm_check),
+        (
+            "softmax_backward",
+            aten._softmax_backward_data.default,
+            tile.softmax_backward.default,
+            sm_bwd_check,
+        ),
+        (
+            "log_softmax_backward",
+            aten._log_softmax_backward_data.default,
+            tile.log_softmax_backward.default,
+            sm_bwd_check,
+        ),
+        ("layer_norm", aten.native_layer_norm.default, tile.layer_norm.default, ln_check),
+        (
+            "layer_norm_backward",
+            aten.native_layer_norm_backward.default,
+            tile.layer_norm_backward.default,
+            ln_bwd_check,
+        ),
+        ("mm", aten.mm.default, tile.mm.default, mm_check),
+        ("addmm", aten.addmm.default, tile.addmm.default, addmm_check),
+        ("bmm", aten.bmm.default, tile.bmm.default, mm_check),
+        ("baddbmm", aten.baddbmm.default, tile.baddbmm.default, baddbmm_check),
+    ]
+    if hasattr(aten, "_fused_rms_norm"):
+        pats.append(
+            ("fused_rms_norm", aten._fused_rms_norm.default, tile.rms_norm.default, rms_check)
+        )
+    if hasattr(aten, "_fused_rms_norm_backward"):
+
+        def rms_bwd_check(grad_out, input, normalized_shape, weight, **_):
+            return rms_norm.check_rms_norm(input, normalized_shape, weight)
+
+        pats.append(
+            (
+                "fused_rms_norm_backward",
+                aten._fused_rms_norm_backward.default,
+                tile.rms_norm_backward.default,
+                rms_bwd_check,
+            )
+        )
+    return pats
+
+
+# --- RMS norm written out (what F.rms_norm's composite and HF's LlamaRMSNorm trace to) ---
+
+
+def _rms_examples(dtype):
+    return (torch.randn(4, 8, dtype=dtype), torch.randn(8, dtype=dtype))
+
+
+def _rms_check(x, w, eps, dim=-1, **_):
+    from ..codegen import rms_norm
+
+    if dim % max(x.dim(), 1) != x.dim() - 1:
+        return f"normalizes over dim {dim}, the kernel normalizes the last dim"
+    if not isinstance(x.shape[-1], int):
+        return "normalized size is symbolic"
+    if tuple(w.shape) != (x.shape[-1],):
+        return f"weight shape {tuple(w.shape)} is not ({x.shape[-1]},)"
+    return rms_norm.check_rms_norm(x, [x.shape[-1]], w)
+
+
+def _rms_derive(x, **_):
+    return {"normalized_shape": [int(x.shape[-1])]}
+
+
+def _rms_replacement(x, w, eps, normalized_shape, dim=-1):
+    return torch.ops.tile.rms_norm(x, normalized_shape, w, eps)[0]
+
+
+def _rms_functional(x, w, eps):
+    return F.rms_norm(x, (x.shape[-1],), w, eps)
+
+
+def _rms_llama(x, w, eps, dim):
+    h = x.to(torch.float32)
+    var = h.pow(2).mean(dim, keepdim=True)
+    h = h * torch.rsqrt(var + eps)
+    return w * h.to(x.dtype)
+
+
+def _rms_plain(x, w, eps, dim):
+    return x * torch.rsqrt(x.pow(2).mean(dim, keepdim=True) + eps) * w
+
+
+def register_all(reg: Registry) -> None:
+    for name, search, repl, check in _op_patterns():
+        reg.add(
+            Pattern(
+                name=name,
+                search=search,
+                replacement=repl,
+                check=check,
+                builtin=True,
+                origin=f"{__name__}:{name}",
+            )
+        )
+    written = [
+        ("rms_norm", _rms_functional, {"eps": (1e-6, 1e-5)}),
+        ("rms_norm_llama", _rms_llama, {"eps": (1e-6, 1e-5), "dim": (-1, 0)}),
+        ("rms_norm_written", _rms_plain, {"eps": (1e-6, 1e-5), "dim": (-1, 0)}),
+    ]
+    for name, search, scalars in written:
+        reg.add(
+            Pattern(
+                name=name,
+                search=search,
+                replacement=_rms_replacement,
+                check=_rms_check,
+                example_inputs=_rms_examples,
+                scalars=scalars,
+                derive=_rms_derive,
+                priority=10,  # a whole norm beats its pieces
+                builtin=True,
+                origin=f"{__name__}:{name}",
+            )
+        )

@@ -1,0 +1,85 @@
+"""What the backend did to each graph: replacements, and candidates left alone with why."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any
+
+
+def describe_value(v: Any) -> str:
+    shape = getattr(v, "shape", None)
+    if shape is None:
+        return repr(v)
+    dims = ", ".join(str(s) for s in shape)
+    return f"{str(v.dtype).replace('torch.', '')}[{dims}]"
+
+
+@dataclasses.dataclass
+class Replacement:
+    pattern: str
+    nodes: list[str]
+    targets: list[str]
+    inputs: dict[str, str]
+    scalars: dict[str, Any]
+
+    def __str__(self) -> str:
+        ins = ", ".join(f"{k}={v}" for k, v in self.inputs.items())
+        sc = "".join(f", {k}={v!r}" for k, v in self.scalars.items() if not k.startswith("_"))
+        return f"{self.pattern}: {' + '.join(self.targets)} ({ins}{sc})"
+
+
+@dataclasses.dataclass
+class Skipped:
+    node: str
+    target: str
+    pattern: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.node} [{self.target}] left to the fallback by {self.pattern}: {self.reason}"
+
+
+@dataclasses.dataclass
+class GraphReport:
+    name: str
+    fallback: str = "?"
+    replacements: list[Replacement] = dataclasses.field(default_factory=list)
+    skipped: list[Skipped] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(collections.Counter(r.pattern for r in self.replacements))
+
+
+@dataclasses.dataclass
+class Report:
+    graphs: list[GraphReport] = dataclasses.field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """``{pattern name: replacements}`` over every graph."""
+        c: collections.Counter[str] = collections.Counter()
+        for g in self.graphs:
+            c.update(g.counts)
+        return dict(c)
+
+    @property
+    def skipped(self) -> list[Skipped]:
+        return [s for g in self.graphs for s in g.skipped]
+
+    def __str__(self) -> str:
+        lines = [f"tilebackend report: {len(self.graphs)} graph(s)"]
+        for i, g in enumerate(self.graphs):
+            lines.append(f"graph {i} ({g.name}, fallback={g.fallback}):")
+            for r in g.replacements:
+                lines.append(f"  replaced  {r}")
+            for s in g.skipped:
+                lines.append(f"  left      {s}")
+            for n in g.notes:
+                lines.append(f"  note      {n}")
+            if not (g.replacements or g.skipped or g.notes):
+                lines.append("  (no candidates)")
+        lines.append(f"counts: {self.counts}")
+        return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""What the user sets (``Settings``), kept apart from what is tuned (``codegen.autotune.Config``).
+
+Every setting can come from ``torch.compile(..., options={...})`` or from its env var.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from .exc import InvalidOptionValueError, UnknownOptionError
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    return raw.strip().lower() not in ("0", "false", "no", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    #: Where the graph parts that no tile kernel covers go: "inductor", "eager", or
+    #: "auto" (Inductor when the graph has GPU tensors, eager otherwise).  env TILEBACKEND_FALLBACK
+    fallback: str = "auto"
+    #: "on": time configs on the GPU; "off": heuristics only.  env TILEBACKEND_AUTOTUNE
+    autotune: str = "on"
+    #: Pattern names to enable exclusively (empty = all registered).  env TILEBACKEND_ENABLE (comma list)
+    enable: tuple[str, ...] = ()
+    #: Pattern names to disable.  env TILEBACKEND_DISABLE (comma list)
+    disable: tuple[str, ...] = ()
+    #: Fill kernel outputs with NaN (or a sentinel) before launching, so an unwritten
+    #: element cannot pass a test.  env TILEBACKEND_POISON
+    poison_outputs: bool = False
+
+    _CHOICES = {"fallback": ("auto", "inductor", "eager"), "autotune": ("on", "off")}
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        def names(var: str) -> tuple[str, ...]:
+            return tuple(s.strip() for s in os.environ.get(var, "").split(",") if s.strip())
+
+        return cls(
+            fallback=os.environ.get("TILEBACKEND_FALLBACK", "auto") or "auto",
+            autotune=os.environ.get("TILEBACKEND_AUTOTUNE", "on") or "on",
+            enable=names("TILEBACKEND_ENABLE"),
+            disable=names("TILEBACKEND_DISABLE"),
+            poison_outputs=_env_bool("TILEBACKEND_POISON", False),
+        )._validated()
+
+    @classmethod
+    def valid_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def with_options(self, options: Mapping[str, Any] | None) -> Settings:
+        """Return settings updated by ``options``; unknown names raise with the valid list."""
+        if not options:
+            return self
+        valid = self.valid_names()
+        updates: dict[str, Any] = {}
+        for name, value in options.items():
+            if name not in valid:
+                raise UnknownOptionError(name=name, valid=", ".join(valid))
+            if name in ("enable", "disable"):
+                if isinstance(value, str):
+                    value = (value,)
+                value = tuple(value)
+            updates[name] = value
+        return dataclasses.replace(self, **updates)._validated()
+
+    def _validated(self) -> Settings:
+        for name, choices in self._CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise InvalidOptionValueError(
+                    name=name, value=value, expected=" | ".join(map(repr, choices))
+                )
+        if not isinstance(self.poison_outputs, bool):
+            raise InvalidOptionValueError(
+                name="poison_outputs", value=self.poison_outputs, expected="a bool"
+            )
+        return self
+
+
+_current: list[Settings] = []
+
+
+def current() -> Settings:
+    """The settings in force: the innermost ``use(...)`` scope, else the environment."""
+    return _current[-1] if _current else Settings.from_env()
+
+
+@contextlib.contextmanager
+def use(settings: Settings) -> Iterator[Settings]:
+    """Scope ``settings`` (used while compiling and by tests: no global mutation)."""
+    _current.append(settings)
+    try:
+        yield settings
+    finally:
+        _current.pop()
