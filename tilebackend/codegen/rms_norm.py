@@ -1,0 +1,616 @@
+"""RMSNorm forward / backward as Triton tile kernels (after Liger Kernel's
+``ops/rms_norm.py``), plus the ``tile::rms_norm`` / ``tile::rms_norm_backward`` custom
+ops that mirror ``aten._fused_rms_norm`` / ``aten._fused_rms_norm_backward``.
+
+``out = x * rsqrt(mean(x^2 over the normalized dims) + eps) * weight``, all math in fp32
+(as ATen's decomposition: upcast, normalize, multiply by the weight, cast back), ``out``
+in the input dtype, ``rstd`` in fp32 with shape ``x.shape[:axis] + (1,) * len(ns)``.
+``eps=None`` means ``torch.finfo(float32).eps`` for fp32 / fp16 / bf16 inputs (ATen uses
+the epsilon of the *opmath* type, not of the input dtype).
+
+Layout and kernel structure are those of :mod:`.layer_norm`: ``[M, N]`` rows with a row
+stride and column stride 1 (else the launcher makes the input contiguous), one program
+per row forward; backward dx per row with register-resident dW partial sums per row
+block (``SINGLE_BLOCK``) or a separate column-block dW kernel when the row is longer
+than one block.  ``[programs, N]`` fp32 partials are summed on the host.  No atomics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common, autotune
+from .autotune import Config
+from .layer_norm import _prod, as_rows, candidate_configs, row_programs, shape_reason, stats_shape
+
+__all__ = [
+    "check_rms_norm",
+    "default_eps",
+    "rms_norm_bwd",
+    "rms_norm_fwd",
+    "sm90_specs",
+]
+
+# --- kernels -----------------------------------------------------------------------
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X,  # *T    [M, N] input rows: row stride stride_x, column stride 1
+    Y,  # *T    [M, N] output, contiguous
+    W,  # *T    [N] weight (read only if HAS_WEIGHT)
+    Rstd,  # *fp32 [M] per-row 1 / sqrt(mean(x^2) + eps) (written)
+    stride_x,  # int: elements between consecutive rows of X
+    N,  # int: normalized size (columns per row)
+    eps,  # fp32
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # columns handled per step
+    SINGLE_BLOCK: tl.constexpr,  # N <= BLOCK_N: the whole row lives in registers
+):
+    row = tl.program_id(0).to(tl.int64)
+    X += row * stride_x
+    Y += row * N
+    if SINGLE_BLOCK:
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+        y = x * rstd
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            y = y * w
+        tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for off in range(0, N, BLOCK_N):
+            cols = off + tl.arange(0, BLOCK_N)
+            x = tl.load(X + cols, mask=cols < N, other=0.0).to(tl.float32)
+            acc += x * x
+        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
+        for off in range(0, N, BLOCK_N):
+            cols = off + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+            y = x * rstd
+            if HAS_WEIGHT:
+                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                y = y * w
+            tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY,  # *T    [M, N] grad of the output: row stride stride_dy, column stride 1
+    X,  # *T    [M, N] forward input: row stride stride_x, column stride 1
+    W,  # *T    [N] weight (read only if HAS_WEIGHT)
+    Rstd,  # *fp32 [M] per-row rstd from the forward
+    DX,  # *T    [M, N] grad of the input, contiguous (written if COMPUTE_DX)
+    DW_part,  # *fp32 [programs, N] per-program sum of dy * x * rstd (SINGLE_BLOCK and COMPUTE_DW)
+    stride_dy,  # int: elements between rows of DY
+    stride_x,  # int: elements between rows of X
+    M,  # int: rows
+    N,  # int: normalized size
+    rows_per_program,  # int: rows handled by one program (a contiguous block)
+    HAS_WEIGHT: tl.constexpr,
+    COMPUTE_DX: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,  # only honoured with SINGLE_BLOCK (else the dw kernel)
+    BLOCK_N: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,  # N <= BLOCK_N
+):
+    # dx = rstd * (w*dy - xhat * mean(xhat * w*dy)),  xhat = x * rstd
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    start64 = row_start.to(tl.int64)
+    X += start64 * stride_x
+    DY += start64 * stride_dy
+    DX += start64 * N
+    if SINGLE_BLOCK:
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for row in range(row_start, row_end):
+            x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(Rstd + row)
+            xhat = x * rstd
+            if COMPUTE_DX:
+                wdy = dy
+                if HAS_WEIGHT:
+                    wdy = dy * w
+                c1 = tl.sum(xhat * wdy, axis=0) / N
+                dx = (wdy - xhat * c1) * rstd
+                tl.store(DX + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            if COMPUTE_DW:
+                dw_acc += dy * xhat
+            X += stride_x
+            DY += stride_dy
+            DX += N
+        if COMPUTE_DW:
+            tl.store(DW_part + pid.to(tl.int64) * N + cols, dw_acc, mask=mask)
+    else:
+        for row in range(row_start, row_end):
+            rstd = tl.load(Rstd + row)
+            c1_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for off in range(0, N, BLOCK_N):
+                cols = off + tl.arange(0, BLOCK_N)
+                mask = cols < N
+                x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
+                wdy = dy
+                if HAS_WEIGHT:
+                    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                    wdy = dy * w
+                c1_acc += x * rstd * wdy
+            c1 = tl.sum(c1_acc, axis=0) / N
+            for off in range(0, N, BLOCK_N):
+                cols = off + tl.arange(0, BLOCK_N)
+                mask = cols < N
+                x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
+                wdy = dy
+                if HAS_WEIGHT:
+                    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                    wdy = dy * w
+                dx = (wdy - x * rstd * c1) * rstd
+                tl.store(DX + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            X += stride_x
+            DY += stride_dy
+            DX += N
+
+
+@triton.jit
+def _rms_norm_bwd_dw_kernel(
+    DY,  # *T    [M, N] grad of the output: row stride stride_dy, column stride 1
+    X,  # *T    [M, N] forward input: row stride stride_x, column stride 1
+    Rstd,  # *fp32 [M] per-row rstd
+    DW_part,  # *fp32 [row_programs, N] partial sum of dy * x * rstd
+    stride_dy,  # int: elements between rows of DY
+    stride_x,  # int: elements between rows of X
+    M,  # int: rows
+    N,  # int: normalized size
+    rows_per_program,  # int: rows summed by one program
+    BLOCK_N: tl.constexpr,
+):
+    # grid: (cdiv(N, BLOCK_N), row_programs)
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < N
+    row_start = pid_m * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    start64 = row_start.to(tl.int64)
+    X += start64 * stride_x
+    DY += start64 * stride_dy
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for row in range(row_start, row_end):
+        dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(Rstd + row)
+        acc += dy * (x * rstd)
+        X += stride_x
+        DY += stride_dy
+    tl.store(DW_part + pid_m.to(tl.int64) * N + cols, acc, mask=mask)
+
+
+# --- tuning space ------------------------------------------------------------------
+
+_FWD_CONFIGS: tuple[Config, ...] = tuple(
+    Config.make(num_warps=w, num_stages=1, BLOCK_N=b) for b, w in ((1024, 4), (4096, 8), (8192, 16))
+)
+_BWD_CONFIGS: tuple[Config, ...] = tuple(
+    Config.make(num_warps=w, num_stages=1, BLOCK_N=b) for b, w in ((1024, 4), (4096, 8), (8192, 16))
+)
+
+
+# --- host ----------------------------------------------------------------------------
+
+
+def default_eps(dtype: torch.dtype) -> float:
+    """ATen's eps when ``eps=None``: the epsilon of the opmath type (fp32 for halves)."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
+def _rstd_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def check_rms_norm(
+    x: torch.Tensor, normalized_shape: Sequence[int], weight: torch.Tensor | None = None
+) -> str | None:
+    """Why the tile kernels cannot take this RMS norm (None when they can)."""
+    if r := _common.device_reason(x):
+        return r
+    if r := _common.dtype_reason(x):
+        return r
+    return shape_reason(x, normalized_shape, ("weight", weight))
+
+
+def rms_norm_fwd(
+    x: torch.Tensor,
+    normalized_shape: Sequence[int],
+    weight: torch.Tensor | None,
+    eps: float | None,
+    *,
+    config: Config | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, rstd)`` like ``aten._fused_rms_norm``.  ``config`` forces a config."""
+    reason = check_rms_norm(x, normalized_shape, weight)
+    if reason:
+        raise ValueError(f"rms_norm_fwd: {reason}")
+    if eps is None:
+        eps = default_eps(x.dtype)
+    n = _prod(normalized_shape)
+    m = x.numel() // n
+    out = _common.empty(x.shape, x.dtype, x.device)
+    rstd = _common.empty(stats_shape(x, normalized_shape), torch.float32, x.device)
+    if m == 0:
+        return out, rstd
+    x2, stride_x = as_rows(x, m, n)
+    w = weight.contiguous() if weight is not None else x2
+
+    def run(cfg: Config):
+        _rms_norm_fwd_kernel[(m,)](
+            x2,
+            out,
+            w,
+            rstd,
+            stride_x,
+            n,
+            float(eps),
+            HAS_WEIGHT=weight is not None,
+            SINGLE_BLOCK=cfg["BLOCK_N"] >= n,
+            **cfg.as_kwargs(),
+        )
+
+    if config is None:
+        cands, heur = candidate_configs(_FWD_CONFIGS, n)
+        key = (x.dtype, autotune.bucket(n), weight is not None)
+        config = autotune.select("rms_norm_fwd", key, cands, heur, run)
+    run(config)
+    return out, rstd
+
+
+def rms_norm_bwd(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    normalized_shape: Sequence[int],
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    output_mask: Sequence[bool],
+    *,
+    config: Config | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(dx, dw)`` like ``aten._fused_rms_norm_backward``; an entry is None when its
+    mask is False (or dw when weight is None)."""
+    reason = check_rms_norm(x, normalized_shape, weight)
+    if reason is None and tuple(grad_out.shape) != tuple(x.shape):
+        reason = f"grad_out shape {tuple(grad_out.shape)} != input shape {tuple(x.shape)}"
+    if reason is None and grad_out.dtype != x.dtype:
+        reason = f"grad_out dtype {grad_out.dtype} != input dtype {x.dtype}"
+    if reason:
+        raise ValueError(f"rms_norm_bwd: {reason}")
+    n = _prod(normalized_shape)
+    m = x.numel() // n
+    want_dx = bool(output_mask[0])
+    want_dw = bool(output_mask[1]) and weight is not None
+    dx = _common.empty(x.shape, x.dtype, x.device) if want_dx else None
+    if m == 0:
+        return dx, (torch.zeros_like(weight) if want_dw else None)
+    if not (want_dx or want_dw):
+        return None, None
+    x2, stride_x = as_rows(x, m, n)
+    dy2, stride_dy = as_rows(grad_out, m, n)
+    rstd1 = rstd.reshape(m).to(torch.float32).contiguous()
+    w = weight.contiguous() if weight is not None else x2
+    dx_buf = dx if dx is not None else rstd1  # placeholder pointer when dx is not wanted
+
+    def run(cfg: Config):
+        block = cfg["BLOCK_N"]
+        dw_part = None
+        if block >= n:
+            g = row_programs(m, x.device) if want_dw else m
+            rpp = triton.cdiv(m, g)
+            g = triton.cdiv(m, rpp)
+            dw_part = _common.empty((g, n), torch.float32, x.device) if want_dw else None
+            _rms_norm_bwd_kernel[(g,)](
+                dy2,
+                x2,
+                w,
+                rstd1,
+                dx_buf,
+                dw_part if want_dw else rstd1,
+                stride_dy,
+                stride_x,
+                m,
+                n,
+                rpp,
+                HAS_WEIGHT=weight is not None,
+                COMPUTE_DX=want_dx,
+                COMPUTE_DW=want_dw,
+                SINGLE_BLOCK=True,
+                **cfg.as_kwargs(),
+            )
+        else:
+            if want_dx:
+                _rms_norm_bwd_kernel[(m,)](
+                    dy2,
+                    x2,
+                    w,
+                    rstd1,
+                    dx_buf,
+                    rstd1,
+                    stride_dy,
+                    stride_x,
+                    m,
+                    n,
+                    1,
+                    HAS_WEIGHT=weight is not None,
+                    COMPUTE_DX=True,
+                    COMPUTE_DW=False,
+                    SINGLE_BLOCK=False,
+                    **cfg.as_kwargs(),
+                )
+            if want_dw:
+                g = row_programs(m, x.device)
+                rpp = triton.cdiv(m, g)
+                g = triton.cdiv(m, rpp)
+                dw_part = _common.empty((g, n), torch.float32, x.device)
+                _rms_norm_bwd_dw_kernel[(triton.cdiv(n, block), g)](
+                    dy2,
+                    x2,
+                    rstd1,
+                    dw_part,
+                    stride_dy,
+                    stride_x,
+                    m,
+                    n,
+                    rpp,
+                    **cfg.as_kwargs(),
+                )
+        return dw_part
+
+    if config is None:
+        cands, heur = candidate_configs(_BWD_CONFIGS, n)
+        key = (x.dtype, autotune.bucket(n), weight is not None, want_dx, want_dw)
+        config = autotune.select("rms_norm_bwd", key, cands, heur, run)
+    dw_part = run(config)
+    dw = dw_part.sum(0).to(weight.dtype).view(weight.shape) if want_dw else None
+    return dx, dw
+
+
+# --- fallbacks (ATen / eager composite) ------------------------------------------------
+
+
+def _composite_fwd(x, normalized_shape, weight, eps):
+    """Eager equivalent of ``aten._fused_rms_norm`` (its decomposition)."""
+    if eps is None:
+        eps = default_eps(x.dtype)
+    dims = list(range(x.dim() - len(normalized_shape), x.dim()))
+    xf = x.to(_rstd_dtype(x))
+    rstd = torch.rsqrt(xf.pow(2).mean(dim=dims, keepdim=True) + eps)
+    out = xf * rstd
+    if weight is not None:
+        out = out * weight
+    return out.to(x.dtype).contiguous(), rstd.contiguous()
+
+
+def _aten_fwd(x, normalized_shape, weight, eps):
+    if hasattr(torch.ops.aten, "_fused_rms_norm"):
+        out, rstd = torch.ops.aten._fused_rms_norm(x, normalized_shape, weight, eps)
+        return out.contiguous(), rstd.to(_rstd_dtype(x)).contiguous()
+    return _composite_fwd(x, normalized_shape, weight, eps)
+
+
+def _composite_bwd(grad_out, x, normalized_shape, rstd, weight, mask):
+    """Eager equivalent of ``aten._fused_rms_norm_backward`` (which has no CPU kernel)."""
+    n = _prod(normalized_shape)
+    cdt = _rstd_dtype(x)
+    xf = x.to(cdt).reshape(-1, n)
+    dyf = grad_out.to(cdt).reshape(-1, n)
+    r = rstd.to(cdt).reshape(-1, 1)
+    xhat = xf * r
+    dx = dw = None
+    if mask[0]:
+        wdy = dyf * weight.to(cdt).reshape(1, n) if weight is not None else dyf
+        dx = (r * (wdy - xhat * (wdy * xhat).mean(dim=1, keepdim=True))).to(x.dtype)
+        dx = dx.view(x.shape)
+    if mask[1] and weight is not None:
+        dw = (dyf * xhat).sum(0).to(weight.dtype).view(weight.shape)
+    return dx, dw
+
+
+def _aten_bwd(grad_out, x, normalized_shape, rstd, weight, mask):
+    if x.device.type == "cuda" and hasattr(torch.ops.aten, "_fused_rms_norm_backward"):
+        return torch.ops.aten._fused_rms_norm_backward(
+            grad_out, x, normalized_shape, rstd, weight, mask
+        )
+    return _composite_bwd(grad_out, x, normalized_shape, rstd, weight, mask)
+
+
+# --- custom ops ----------------------------------------------------------------------
+
+
+@torch.library.custom_op(
+    "tile::rms_norm",
+    mutates_args=(),
+    schema="(Tensor input, int[] normalized_shape, Tensor? weight, float? eps) -> (Tensor, Tensor)",
+)
+def rms_norm_op(input, normalized_shape, weight, eps):
+    """``aten._fused_rms_norm`` on the tile kernel (ATen / eager when it cannot run)."""
+    ns = [int(v) for v in normalized_shape]
+    if check_rms_norm(input, ns, weight) is not None:
+        return _aten_fwd(input, ns, weight, eps)
+    return _common.guarded(
+        "rms_norm_fwd",
+        key=(input.dtype, weight is not None),
+        run=lambda: rms_norm_fwd(input, ns, weight, eps),
+        fallback=lambda: _aten_fwd(input, ns, weight, eps),
+    )
+
+
+@rms_norm_op.register_fake
+def _(input, normalized_shape, weight, eps):
+    out = input.new_empty(input.shape)
+    rstd = input.new_empty(stats_shape(input, normalized_shape), dtype=_rstd_dtype(input))
+    return out, rstd
+
+
+def _fill_masked(res, x, weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """Custom ops cannot return None: a masked-off grad is an empty ``(0,)`` tensor."""
+    dx, dw = res
+    return (
+        dx if dx is not None else x.new_empty((0,)),
+        dw if dw is not None else (weight if weight is not None else x).new_empty((0,)),
+    )
+
+
+@torch.library.custom_op(
+    "tile::rms_norm_backward",
+    mutates_args=(),
+    schema="(Tensor grad_out, Tensor input, int[] normalized_shape, Tensor rstd, "
+    "Tensor? weight, bool[] output_mask) -> (Tensor, Tensor)",
+)
+def rms_norm_backward_op(grad_out, input, normalized_shape, rstd, weight, output_mask):
+    """``aten._fused_rms_norm_backward`` on the tile kernel.  An entry whose
+    ``output_mask`` is False (or dw without weight) is an empty ``(0,)`` tensor."""
+    ns = [int(v) for v in normalized_shape]
+    mask = [bool(output_mask[0]), bool(output_mask[1]) and weight is not None]
+    reason = check_rms_norm(input, ns, weight)
+    if reason is None and (grad_out.shape != input.shape or grad_out.dtype != input.dtype):
+        reason = "grad_out does not match input"
+
+    def fallback():
+        return _aten_bwd(grad_out, input, ns, rstd, weight, mask)
+
+    if reason is not None:
+        res = fallback()
+    else:
+        res = _common.guarded(
+            "rms_norm_bwd",
+            key=(input.dtype, weight is not None, *mask),
+            run=lambda: rms_norm_bwd(grad_out, input, ns, rstd, weight, mask),
+            fallback=fallback,
+        )
+    return _fill_masked(res, input, weight)
+
+
+@rms_norm_backward_op.register_fake
+def _(grad_out, input, normalized_shape, rstd, weight, output_mask):
+    dx = input.new_empty(input.shape) if output_mask[0] else input.new_empty((0,))
+    if output_mask[1] and weight is not None:
+        dw = weight.new_empty(weight.shape)
+    else:
+        dw = (weight if weight is not None else input).new_empty((0,))
+    return dx, dw
+
+
+def _rms_setup_context(ctx, inputs, output):
+    input, normalized_shape, weight, _eps = inputs
+    _out, rstd = output
+    ctx.normalized_shape = list(normalized_shape)
+    ctx.save_for_backward(input, weight, rstd)
+
+
+def _rms_backward(ctx, grad_out, _grad_rstd):
+    input, weight, rstd = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[2] and weight is not None]
+    dx, dw = torch.ops.tile.rms_norm_backward(
+        grad_out, input, ctx.normalized_shape, rstd, weight, mask
+    )
+    return dx if mask[0] else None, None, dw if mask[1] else None, None
+
+
+rms_norm_op.register_autograd(_rms_backward, setup_context=_rms_setup_context)
+
+
+# --- sm_90 compile specs (tests) ------------------------------------------------------
+
+
+def sm90_specs() -> list[dict]:
+    """Every (kernel, config, dtype[, variant]) this module can launch, for a compile test."""
+    specs: list[dict] = []
+    for dt in _common.SUPPORTED_DTYPES:
+        t = "*" + _common.triton_dtype_name(dt)
+        for cfg in _FWD_CONFIGS:
+            for single in (True, False):
+                specs.append(
+                    {
+                        "name": f"rms_norm_fwd[{t[1:]},{cfg},single={single}]",
+                        "fn": _rms_norm_fwd_kernel,
+                        "signature": {
+                            "X": t,
+                            "Y": t,
+                            "W": t,
+                            "Rstd": "*fp32",
+                            "stride_x": "i32",
+                            "N": "i32",
+                            "eps": "fp32",
+                        },
+                        "constexprs": {
+                            "HAS_WEIGHT": True,
+                            "BLOCK_N": cfg["BLOCK_N"],
+                            "SINGLE_BLOCK": single,
+                        },
+                        "num_warps": cfg.num_warps,
+                        "num_stages": cfg.num_stages,
+                    }
+                )
+        for cfg in _BWD_CONFIGS:
+            for single in (True, False):
+                specs.append(
+                    {
+                        "name": f"rms_norm_bwd[{t[1:]},{cfg},single={single}]",
+                        "fn": _rms_norm_bwd_kernel,
+                        "signature": {
+                            "DY": t,
+                            "X": t,
+                            "W": t,
+                            "Rstd": "*fp32",
+                            "DX": t,
+                            "DW_part": "*fp32",
+                            "stride_dy": "i32",
+                            "stride_x": "i32",
+                            "M": "i32",
+                            "N": "i32",
+                            "rows_per_program": "i32",
+                        },
+                        "constexprs": {
+                            "HAS_WEIGHT": True,
+                            "COMPUTE_DX": True,
+                            "COMPUTE_DW": single,
+                            "BLOCK_N": cfg["BLOCK_N"],
+                            "SINGLE_BLOCK": single,
+                        },
+                        "num_warps": cfg.num_warps,
+                        "num_stages": cfg.num_stages,
+                    }
+                )
+            specs.append(
+                {
+                    "name": f"rms_norm_bwd_dw[{t[1:]},{cfg}]",
+                    "fn": _rms_norm_bwd_dw_kernel,
+                    "signature": {
+                        "DY": t,
+                        "X": t,
+                        "Rstd": "*fp32",
+                        "DW_part": "*fp32",
+                        "stride_dy": "i32",
+                        "stride_x": "i32",
+                        "M": "i32",
+                        "N": "i32",
+                        "rows_per_program": "i32",
+                    },
+                    "constexprs": {"BLOCK_N": cfg["BLOCK_N"]},
+                    "num_warps": cfg.num_warps,
+                    "num_stages": cfg.num_stages,
+                }
+            )
+    return specs
