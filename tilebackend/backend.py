@@ -40,21 +40,20 @@ def configure_logging() -> None:
         log.addHandler(h)
 
 
-def decomposition_table(key: str) -> dict:
+def decomposition_table(key: str, patterns: Sequence[Any] = ()) -> dict:
     """ATen decompositions for AOTAutograd.  Ops our kernels cover stay whole.
 
     "inductor": Inductor's table minus our anchor ops; "eager": no extra decompositions.
     """
-    if key == "eager":
-        return {}
-    from .fx_passes.registry import REGISTRY
-
-    keep = set(_anchor_ops())
-    REGISTRY.ensure_builtins()
-    table = dict(_compat.inductor_decomposition_table())
-    for op in list(table):
-        if op in keep or getattr(op, "overloadpacket", None) in {k.overloadpacket for k in keep}:
-            del table[op]
+    table: dict = {}
+    if key == "inductor":
+        keep = set(_anchor_ops())
+        packets = {k.overloadpacket for k in keep}
+        table = {
+            op: fn
+            for op, fn in _compat.inductor_decomposition_table().items()
+            if op not in keep and getattr(op, "overloadpacket", None) not in packets
+        }
     return table
 
 
@@ -62,7 +61,9 @@ def _anchor_ops() -> list:
     from .fx_passes.registry import REGISTRY
 
     REGISTRY.ensure_builtins()
-    ops = [p.search for p in REGISTRY._patterns.values() if p.is_op_pattern]
+    ops = [
+        p.search for p in REGISTRY._patterns.values() if isinstance(p.search, torch._ops.OpOverload)
+    ]
     aten = torch.ops.aten
     ops.append(aten.rms_norm.default)  # let it reach _fused_rms_norm / its composite form
     return ops
@@ -187,7 +188,7 @@ class TileBackend:
                     example_inputs,
                     fw_compiler=capture,
                     inference_compiler=capture,
-                    decompositions=decomposition_table(table_key),
+                    decompositions=decomposition_table(table_key, patterns),
                     keep_inference_input_mutations=True,
                 )
         except Exception as e:
@@ -217,7 +218,7 @@ class TileBackend:
             fw_compiler=compiler("forward"),
             bw_compiler=compiler("backward"),
             inference_compiler=compiler("inference"),
-            decompositions=decomposition_table("eager"),
+            decompositions=decomposition_table("eager", patterns),
             partition_fn=_compat.default_partition(),
             keep_inference_input_mutations=True,
         )
@@ -236,7 +237,10 @@ class TileBackend:
             return compile_fx_inner(g, inputs, **kwargs)
 
         return _compat.inductor_compile_fx(
-            gm, example_inputs, inner_compile=inner, decompositions=decomposition_table("inductor")
+            gm,
+            example_inputs,
+            inner_compile=inner,
+            decompositions=decomposition_table("inductor", patterns),
         )
 
 

@@ -95,8 +95,17 @@ def guarded(kernel: str, key: tuple, run: Callable[[], Any], fallback: Callable[
         log.warning("kernel %s failed for %s: %s", kernel, key, e)
         fallback_counts[kernel] += 1
         return fallback()
-    launch_counts[kernel] += 1
+    if _numel(out):  # an empty result launches nothing: don't claim a launch
+        launch_counts[kernel] += 1
     return out
+
+
+def _numel(out: Any) -> int:
+    if isinstance(out, torch.Tensor):
+        return out.numel()
+    if isinstance(out, (list, tuple)):
+        return sum(_numel(o) for o in out)
+    return 0
 
 
 def reset_failures() -> None:

@@ -102,7 +102,7 @@ def _rms_check(x, w, eps, dim=-1, **_):
         return f"normalizes over dim {dim}, the kernel normalizes the last dim"
     if not isinstance(x.shape[-1], int):
         return "normalized size is symbolic"
-    if tuple(w.shape) != (x.shape[-1],):
+    if w is not None and tuple(w.shape) != (x.shape[-1],):
         return f"weight shape {tuple(w.shape)} is not ({x.shape[-1]},)"
     return rms_norm.check_rms_norm(x, [x.shape[-1]], w)
 
@@ -117,6 +117,48 @@ def _rms_replacement(x, w, eps, normalized_shape, dim=-1):
 
 def _rms_functional(x, w, eps):
     return F.rms_norm(x, (x.shape[-1],), w, eps)
+
+
+def _rms_functional_noweight(x, eps, dims):
+    return F.rms_norm(x, tuple(x.shape[len(x.shape) - len(dims) :]), None, eps)
+
+
+def _rms_plain_noweight(x, eps, dim):
+    return x * torch.rsqrt(x.pow(2).mean(dim, keepdim=True) + eps)
+
+
+def _rms_examples_noweight(dtype):
+    return (torch.randn(4, 8, dtype=dtype),)
+
+
+def _trailing(dims, x) -> int | None:
+    """How many trailing dims ``dims`` covers, or None when it is not a trailing run."""
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    nd = max(x.dim(), 1)
+    canon = sorted(d % nd for d in dims)
+    k = len(canon)
+    return k if canon == list(range(nd - k, nd)) else None
+
+
+def _rms_check_noweight(x, eps, dim=-1, dims=None, **_):
+    from ..codegen import rms_norm
+
+    k = _trailing(dims if dims is not None else dim, x)
+    if k is None:
+        return f"normalizes over dims {dims if dims is not None else dim}, not the trailing dims"
+    shape = list(x.shape[x.dim() - k :])
+    if not all(isinstance(s, int) for s in shape):
+        return "normalized size is symbolic"
+    return rms_norm.check_rms_norm(x, shape, None)
+
+
+def _rms_derive_noweight(x, dim=-1, dims=None, **_):
+    k = _trailing(dims if dims is not None else dim, x)
+    return {"normalized_shape": [int(s) for s in x.shape[x.dim() - k :]]}
+
+
+def _rms_replacement_noweight(x, eps, normalized_shape, dim=-1, dims=None):
+    return torch.ops.tile.rms_norm(x, normalized_shape, None, eps)[0]
 
 
 def _rms_llama(x, w, eps, dim):
@@ -142,21 +184,58 @@ def register_all(reg: Registry) -> None:
                 origin=f"{__name__}:{name}",
             )
         )
+    eps_dim = {"eps": (1e-6, 1e-5), "dim": (-1, 0)}
     written = [
-        ("rms_norm", _rms_functional, {"eps": (1e-6, 1e-5)}),
-        ("rms_norm_llama", _rms_llama, {"eps": (1e-6, 1e-5), "dim": (-1, 0)}),
-        ("rms_norm_written", _rms_plain, {"eps": (1e-6, 1e-5), "dim": (-1, 0)}),
+        # F.rms_norm / torch.rms_norm: the composite AOTAutograd traces them to
+        (
+            "rms_norm",
+            _rms_functional,
+            _rms_examples,
+            _rms_check,
+            _rms_replacement,
+            None,
+            {"eps": (1e-6, 1e-5)},
+        ),
+        (
+            "rms_norm_noweight",
+            _rms_functional_noweight,
+            _rms_examples_noweight,
+            _rms_check_noweight,
+            _rms_replacement_noweight,
+            _rms_derive_noweight,
+            {"eps": (1e-6, 1e-5), "dims": ((-1,), (-2, -1))},
+        ),
+        # written out by hand, as HF's LlamaRMSNorm and many others do
+        ("rms_norm_llama", _rms_llama, _rms_examples, _rms_check, _rms_replacement, None, eps_dim),
+        (
+            "rms_norm_written",
+            _rms_plain,
+            _rms_examples,
+            _rms_check,
+            _rms_replacement,
+            None,
+            eps_dim,
+        ),
+        (
+            "rms_norm_written_noweight",
+            _rms_plain_noweight,
+            _rms_examples_noweight,
+            _rms_check_noweight,
+            _rms_replacement_noweight,
+            _rms_derive_noweight,
+            eps_dim,
+        ),
     ]
-    for name, search, scalars in written:
+    for name, search, examples, check, replacement, derive, scalars in written:
         reg.add(
             Pattern(
                 name=name,
                 search=search,
-                replacement=_rms_replacement,
-                check=_rms_check,
-                example_inputs=_rms_examples,
+                replacement=replacement,
+                check=check,
+                example_inputs=examples,
                 scalars=scalars,
-                derive=_rms_derive,
+                derive=derive or _rms_derive,
                 priority=10,  # a whole norm beats its pieces
                 builtin=True,
                 origin=f"{__name__}:{name}",

@@ -34,7 +34,9 @@ def rewrite(
     graph = gm.graph
     erased: set[fx.Node] = set()
     replaced = 0
-    for node in list(graph.nodes):
+    # outputs first: the pattern that reaches furthest downstream gets a node before a
+    # smaller pattern nested inside it
+    for node in reversed(list(graph.nodes)):
         if node in erased or node.op != "call_function":
             continue
         cands = by_target.get(matcher._norm_target(node.target))
