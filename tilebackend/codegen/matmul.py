@@ -776,6 +776,20 @@ def sm90_specs() -> list[dict]:
                     "fn": _matmul_kernel,
                     "signature": dict(signature),
                     "constexprs": constexprs,
+                    # leading strides of aligned row-major operands are multiples of 16
+                    "divisible": [
+                        n
+                        for n in (
+                            "K",
+                            "stride_ab",
+                            "stride_am",
+                            "stride_bb",
+                            "stride_bk",
+                            "stride_cm",
+                            "stride_om",
+                        )
+                        if n in signature
+                    ],
                     "num_warps": cfg.num_warps,
                     "num_stages": cfg.num_stages,
                 }
