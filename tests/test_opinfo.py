@@ -97,3 +97,41 @@ def test_opinfo_samples(op, dtype):
                 )
             )
     assert not missed, "covered samples that ran no tile kernel:\n" + "\n".join(map(str, missed))
+
+
+GRAD_OPS = ("softmax", "log_softmax", "nn.functional.layer_norm", "nn.functional.rms_norm",
+            "mm", "addmm", "bmm", "baddbmm", "nn.functional.linear")  # fmt: skip
+
+
+@pytest.mark.parametrize("op", [p for p in _ops() if p.values[0].name in GRAD_OPS])
+def test_opinfo_samples_backward(op):
+    """Gradients through the compiled op equal eager's for every sample (fp32)."""
+    dtype = torch.float32
+    for i, sample in enumerate(op.sample_inputs("cpu", dtype, requires_grad=True)):
+        kwargs = dict(sample.kwargs)
+        leaves = [a for a in (sample.input, *sample.args) if isinstance(a, torch.Tensor)]
+        if not any(t.requires_grad for t in leaves):
+            continue
+
+        def fn(*a):
+            return op.op(*a, **kwargs)
+
+        def grads(f):
+            for t in leaves:
+                t.grad = None
+            out = f(sample.input, *sample.args)
+            out.sum().backward() if out.numel() else None
+            return [None if t.grad is None else t.grad.clone() for t in leaves]
+
+        try:
+            ref = grads(fn)
+        except Exception:
+            continue
+        torch._dynamo.reset()
+        got = grads(
+            torch.compile(fn, backend=tilebackend.TileBackend(options={"fallback": "eager"}))
+        )
+        for g, r in zip(got, ref):
+            if r is None:
+                continue
+            torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4, msg=lambda m: f"sample {i}: {m}")
