@@ -221,3 +221,21 @@ def test_inductor_fallback_on_cpu(poison):
     )
     assert report.counts == {"layer_norm": 1, "softmax": 1}
     assert report.graphs[0].fallback == "inductor"
+
+
+def test_dynamic_first_compile_traces_patterns_and_survives_restarts(poison):
+    """Patterns traced for the first time inside a dynamic compile (Dynamo may restart
+    analysis to specialise a float): every size runs the kernels, one graph, and the
+    report holds only the final attempt."""
+    from tilebackend.fx_passes import matcher
+
+    matcher._variants_cached.cache_clear()
+    model = TinyTransformer(dim=32, layers=1, norm="rms")
+    compiled, backend = compile_tile(model, dynamic=True)
+    for b, t in [(2, 3), (3, 5), (5, 7), (4, 13)]:
+        x = torch.randint(0, 97, (b, t))
+        with _common.count_launches() as launches:
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)
+        assert launches["rms_norm_fwd"] == 3 and launches["log_softmax_fwd"] == 1
+    assert [g.name for g in backend.report.graphs][0] == "forward, before autograd"
+    assert backend.report.counts["rms_norm_llama"] == 3, str(backend.report)

@@ -5,6 +5,7 @@ Supported: torch 2.11 - 2.13+, triton 3.6 - 3.9+. Nothing here touches CUDA at i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Any
@@ -83,6 +84,24 @@ def inductor_decomposition_table() -> dict:
     from torch._inductor.decomposition import select_decomp_table
 
     return dict(select_decomp_table())
+
+
+@contextlib.contextmanager
+def isolated_tracing():
+    """Trace something unrelated (a pattern) while Dynamo is mid-compile: no ambient
+    TracingContext, fake mode or Dynamo frame state may leak into it."""
+    from torch._guards import tracing
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with tracing(None), unset_fake_temporarily():
+        yield
+
+
+def dynamo_control_flow() -> tuple[type[BaseException], ...]:
+    """Exceptions Dynamo raises to restart or skip a frame: never swallow these."""
+    import torch._dynamo.exc as exc
+
+    return tuple(getattr(exc, n) for n in ("RestartAnalysis", "SkipFrame") if hasattr(exc, n))
 
 
 def detect_fake_mode(inputs):

@@ -124,6 +124,11 @@ class TileBackend:
             )
         self.mode = mode
         self.settings = settings.Settings.from_env().with_options(options)
+        if mode in ("max-autotune", "max-autotune-no-cudagraphs") and "search" not in (
+            options or {}
+        ):
+            # torch.compile's max-autotune: search the whole tuning space on a cache miss
+            self.settings = self.settings.with_options({"search": "exhaustive"})
         self.report = Report()
 
     # Dynamo entry
@@ -138,12 +143,17 @@ class TileBackend:
             fallback = "inductor" if _is_gpu_graph(example_inputs) else "eager"
         last_report = self.report
         table_key = "inductor" if fallback == "inductor" else "eager"
-        with settings.use(self.settings):
-            if _needs_autograd(example_inputs):
-                gm = self._pre_autograd(gm, example_inputs, patterns, table_key, fallback)
-            if fallback == "inductor":
-                return self._compile_inductor(gm, example_inputs, patterns)
-            return self._compile_eager(gm, example_inputs, patterns)
+        start = len(self.report.graphs)
+        try:
+            with settings.use(self.settings):
+                if _needs_autograd(example_inputs):
+                    gm = self._pre_autograd(gm, example_inputs, patterns, table_key, fallback)
+                if fallback == "inductor":
+                    return self._compile_inductor(gm, example_inputs, patterns)
+                return self._compile_eager(gm, example_inputs, patterns)
+        except _compat.dynamo_control_flow():
+            del self.report.graphs[start:]  # Dynamo retraces and calls us again
+            raise
 
     def _rewrite(self, gm: fx.GraphModule, name: str, patterns, table_key: str, fallback: str):
         from .fx_passes.rewrite import rewrite
@@ -154,6 +164,8 @@ class TileBackend:
         try:
             with settings.use(self.settings):
                 n = rewrite(work, patterns, table_key, gr)
+        except _compat.dynamo_control_flow():
+            raise
         except Exception as e:  # never lose the model: keep the graph as it was
             warnings.warn(
                 f"tilebackend: rewriting the {name} graph failed ({type(e).__name__}: {e}); "
@@ -191,8 +203,14 @@ class TileBackend:
                     decompositions=decomposition_table(table_key, patterns),
                     keep_inference_input_mutations=True,
                 )
+        except _compat.dynamo_control_flow():
+            raise  # e.g. Dynamo restarting to specialise a float: let it
         except Exception as e:
-            log.info("pre-autograd trace failed (%s); rewriting after partitioning only", e)
+            log.info(
+                "pre-autograd trace failed (%s: %s); rewriting after partitioning only",
+                type(e).__name__,
+                e,
+            )
             return gm
         if len(captured) != 1 or not _same_signature(gm, captured[0], example_inputs):
             return gm

@@ -74,11 +74,12 @@ def _trace(fn, args, table) -> fx.GraphModule:
         captured.append(gm)
         return gm.forward
 
-    compiled = _compat.aot_function(fn, fw_compiler=capture, decompositions=table or {})
-    mode = FakeTensorMode()
-    fakes = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-    with mode:
-        compiled(*fakes)
+    with _compat.isolated_tracing():
+        compiled = _compat.aot_function(fn, fw_compiler=capture, decompositions=table or {})
+        mode = FakeTensorMode()
+        fakes = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with mode:
+            compiled(*fakes)
     return captured[0]
 
 
@@ -132,7 +133,9 @@ def trace_pattern(pattern: Pattern, dtype: torch.dtype, table: dict | None) -> T
     try:
         gm = _trace(bind(base), args, table)
     except Exception as e:
-        raise PatternError(name=pattern.name, reason=f"search function does not trace: {e}") from e
+        raise PatternError(
+            name=pattern.name, reason=f"search function does not trace: {type(e).__name__}: {e}"
+        ) from e
     graph = gm.graph
     for sname, (_, v1) in pattern.scalars.items():
         other = _trace(bind({**base, sname: v1}), args, table).graph
