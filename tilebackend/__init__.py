@@ -13,6 +13,7 @@ from .exc import TileError
 from .explain import explain
 from .report import Report
 from .settings import Settings
+from .tune import tune
 
 __version__ = "0.1.0"
 
@@ -24,4 +25,5 @@ __all__ = [
     "count_launches",
     "explain",
     "tile_backend",
+    "tune",
 ]

@@ -113,6 +113,25 @@ def _copy_gm(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, g)
 
 
+class _Scoped:
+    """A compiled callable that runs with this compile's settings in force, so options
+    such as ``autotune`` or ``tuning`` reach the kernels at run time (forward and
+    backward).  Other attributes (``_boxed_call``, Inductor's) pass through."""
+
+    def __init__(self, fn: Any, scope: settings.Settings) -> None:
+        self._fn = fn
+        self._scope = scope
+        if getattr(fn, "_boxed_call", False):
+            self._boxed_call = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with settings.use(self._scope):
+            return self._fn(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fn, name)
+
+
 class TileBackend:
     """A configured backend.  ``torch.compile(m, backend=TileBackend(options={...}))``."""
 
@@ -149,8 +168,10 @@ class TileBackend:
                 if _needs_autograd(example_inputs):
                     gm = self._pre_autograd(gm, example_inputs, patterns, table_key, fallback)
                 if fallback == "inductor":
-                    return self._compile_inductor(gm, example_inputs, patterns)
-                return self._compile_eager(gm, example_inputs, patterns)
+                    compiled = self._compile_inductor(gm, example_inputs, patterns)
+                else:
+                    compiled = self._compile_eager(gm, example_inputs, patterns)
+                return _Scoped(compiled, self.settings)
         except _compat.dynamo_control_flow():
             del self.report.graphs[start:]  # Dynamo retraces and calls us again
             raise
@@ -226,7 +247,7 @@ class TileBackend:
         def compiler(name):
             def compile_graph(g: fx.GraphModule, _inputs):
                 g = self._rewrite(g, name, patterns, "eager", "eager")
-                return _compat.make_boxed_func(g.forward)
+                return _Scoped(_compat.make_boxed_func(g.forward), self.settings)
 
             return compile_graph
 
@@ -252,7 +273,8 @@ class TileBackend:
             else:
                 name = "forward"
             g = self._rewrite(g, name, patterns, "inductor", "inductor")
-            return compile_fx_inner(g, inputs, **kwargs)
+            compiled = compile_fx_inner(g, inputs, **kwargs)
+            return _Scoped(compiled, self.settings) if name == "backward" else compiled
 
         return _compat.inductor_compile_fx(
             gm,

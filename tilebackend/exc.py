@@ -34,3 +34,7 @@ class DuplicatePatternError(TileError, ValueError):
 
 class KernelError(TileError, RuntimeError):
     template = "tile kernel {kernel!r} failed: {reason}"
+
+
+class TuningArtifactError(TileError, ValueError):
+    template = "tuning artifact {path!r} cannot be used: {reason}"

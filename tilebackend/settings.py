@@ -21,6 +21,18 @@ def _env_bool(name: str, default: bool) -> bool:
     return raw.strip().lower() not in ("0", "false", "no", "off")
 
 
+def _env_float(var: str, name: str, default: float) -> float:
+    raw = os.environ.get(var)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise InvalidOptionValueError(
+            name=name, value=raw, expected=f"a number of seconds (env {var})"
+        ) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     #: Where the graph parts that no tile kernel covers go: "inductor", "eager", or
@@ -35,8 +47,23 @@ class Settings:
     #: Fill kernel outputs with NaN (or a sentinel) before launching, so an unwritten
     #: element cannot pass a test.  env TILEBACKEND_POISON
     poison_outputs: bool = False
+    #: How far a GPU tuning search goes on a cache miss: "quick" (the heuristic config and
+    #: a few neighbours, a couple of seconds at most) or "exhaustive" (the whole pruned
+    #: space, or random sampling + local search when it is large, within tune_budget_s).
+    #: mode="max-autotune" selects "exhaustive".  env TILEBACKEND_SEARCH
+    search: str = "quick"
+    #: Seconds one exhaustive search (one kernel, one shape bucket) may take; a quick
+    #: search takes at most min(this, 2).  env TILEBACKEND_TUNE_BUDGET_S
+    tune_budget_s: float = 30.0
+    #: Path of a tuning artifact (``python -m tilebackend tune`` / ``tilebackend.tune``)
+    #: whose configs are used before the cache or a search.  env TILEBACKEND_TUNING
+    tuning: str | None = None
 
-    _CHOICES = {"fallback": ("auto", "inductor", "eager"), "autotune": ("on", "off")}
+    _CHOICES = {
+        "fallback": ("auto", "inductor", "eager"),
+        "autotune": ("on", "off"),
+        "search": ("quick", "exhaustive"),
+    }
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -49,6 +76,9 @@ class Settings:
             enable=names("TILEBACKEND_ENABLE"),
             disable=names("TILEBACKEND_DISABLE"),
             poison_outputs=_env_bool("TILEBACKEND_POISON", False),
+            search=os.environ.get("TILEBACKEND_SEARCH", "quick") or "quick",
+            tune_budget_s=_env_float("TILEBACKEND_TUNE_BUDGET_S", "tune_budget_s", 30.0),
+            tuning=os.environ.get("TILEBACKEND_TUNING") or None,
         )._validated()
 
     @classmethod
@@ -68,6 +98,8 @@ class Settings:
                 if isinstance(value, str):
                     value = (value,)
                 value = tuple(value)
+            if name == "tuning" and isinstance(value, os.PathLike):
+                value = os.fspath(value)
             updates[name] = value
         return dataclasses.replace(self, **updates)._validated()
 
@@ -82,6 +114,20 @@ class Settings:
             raise InvalidOptionValueError(
                 name="poison_outputs", value=self.poison_outputs, expected="a bool"
             )
+        budget = self.tune_budget_s
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+            raise InvalidOptionValueError(
+                name="tune_budget_s", value=budget, expected="a positive number of seconds"
+            )
+        if self.tuning is not None:
+            if not isinstance(self.tuning, str) or not self.tuning:
+                raise InvalidOptionValueError(
+                    name="tuning", value=self.tuning, expected="the path of a tuning artifact"
+                )
+            # a missing, corrupt or tampered artifact is an error here, not at launch time
+            from .codegen.tuning_cache import load_artifact
+
+            load_artifact(self.tuning)
         return self
 
 

@@ -427,7 +427,7 @@ def matmul(
     )
     configs = prune_configs(config_space(a.dtype, precision), M, N, K)
     heuristic = heuristic_config(M, N, K, a.dtype, precision)
-    cfg = autotune.select("matmul", key, configs, heuristic, launch)
+    cfg = autotune.select("matmul", key, configs, heuristic, launch, outputs=lambda: (out,))
     launch(cfg)
     return out
 
