@@ -220,11 +220,6 @@ def test_matmul_pruning(dtype, precision):
     assert matmul.prune_configs([], 8, 8, 8) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="prune_configs' fallback (no config fits) keeps the smallest (BLOCK_M, BLOCK_N) "
-    "config, (16, 64, 128): BLOCK_K=128 for K <= 64 (tiny or decode-like M with small K)",
-)
 @pytest.mark.parametrize("dtype,precision", MM_VARIANTS[:3])
 def test_matmul_pruning_tiny_shapes(dtype, precision):
     assert (

@@ -169,6 +169,7 @@ _SPACE_MMA = (
     (64, 128, 64, 8, 4, 4),
     (64, 64, 64, 8, 4, 4),
     (16, 64, 128, 1, 4, 4),  # skinny M (decode-like): no wasted rows
+    (16, 64, 32, 1, 4, 4),  # skinny M with a short K (and the floor for tiny problems)
 )
 # fp32 with input_precision="ieee" runs on FMA units: big tiles only add registers.
 _SPACE_FMA = (
@@ -213,7 +214,16 @@ def prune_configs(configs: list[autotune.Config], M: int, N: int, K: int) -> lis
         for c in configs
         if c["BLOCK_M"] <= lim_m and c["BLOCK_N"] <= lim_n and c["BLOCK_K"] <= lim_k
     ]
-    return kept or [min(configs, key=lambda c: (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]))]
+    if kept:
+        return kept
+
+    def overshoot(c):  # how far past the problem each block reaches, in powers of two
+        return sum(
+            max(0, c[b].bit_length() - lim.bit_length())
+            for b, lim in (("BLOCK_M", lim_m), ("BLOCK_N", lim_n), ("BLOCK_K", lim_k))
+        )
+
+    return [min(configs, key=lambda c: (overshoot(c), c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_K"]))]
 
 
 def heuristic_config(
