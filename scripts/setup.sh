@@ -26,9 +26,23 @@ if ! "$VPY" -c "import tilebackend" >/dev/null 2>&1; then
   "$VPY" -m pip install -q --no-deps --no-build-isolation -e . \
     || "$VPY" -m pip install -q --no-deps -e .
 fi
-for tool in pytest ruff; do
-  if ! "$VPY" -c "import $tool" >/dev/null 2>&1; then
-    "$VPY" -m pip install -q "$tool" || echo "[setup] could not install $tool (offline?)"
+# The test extra's packages (pyproject.toml: [project.optional-dependencies] test), each
+# only when missing.  A constraint pins the torch in use, so pip can never swap it.
+TORCH_NOW=$("$VPY" -c "import torch; print(torch.__version__)")
+PIN=$(mktemp)
+echo "torch==$TORCH_NOW" >"$PIN"
+for pair in "pytest:pytest>=8" "ruff:ruff>=0.6" "numpy:numpy" "transformers:transformers>=4.46" \
+  "safetensors:safetensors>=0.4.3" "matplotlib:matplotlib>=3.7" "expecttest:expecttest"; do
+  mod=${pair%%:*}
+  spec=${pair#*:}
+  if ! "$VPY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('$mod') is None)" 2>/dev/null; then
+    "$VPY" -m pip install -q --retries 1 -c "$PIN" "$spec" \
+      || echo "[setup] could not install $spec (offline?); the tests that need it are skipped"
   fi
 done
+rm -f "$PIN"
+if [ "$("$VPY" -c 'import torch; print(torch.__version__)')" != "$TORCH_NOW" ]; then
+  echo "[setup] ERROR: installing the test packages changed torch ($TORCH_NOW)" >&2
+  exit 1
+fi
 "$VPY" -c "import torch, triton, tilebackend; print('[setup] torch', torch.__version__, 'triton', triton.__version__)"

@@ -46,6 +46,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+        print("[tune] no GPU: Triton interpreter, nothing is timed (heuristic configs)")
+    import tilebackend
+    from tilebackend.models import TinyTransformer
+
+    torch.manual_seed(0)
+    dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
+    model = TinyTransformer().to(device=device, dtype=getattr(torch, dtype))
+    tokens = torch.randint(0, 97, (args.batch, args.seq), device=device)
+    options = {"tune_budget_s": args.search_budget_s} if args.search_budget_s else None
+    data = tilebackend.tune(
+        model, tokens, budget_s=args.budget_s, out=args.out, options=options, backward=args.train
+    )
+    print(f"wrote {data['path']}: {len(data['entries'])} entries for {data['device']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tilebackend")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -57,7 +79,25 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--norm", default="layer", choices=["layer", "rms"])
     d.add_argument("--fallback", default=None, choices=["eager", "inductor"])
     d.add_argument("--train", action="store_true", help="also compare one backward pass")
+    t = sub.add_parser("tune", help="tune the kernels of a model ahead of time, write an artifact")
+    t.add_argument("--model", default="tiny", choices=["tiny"])
+    t.add_argument("--out", default="tilebackend-tuning.json")
+    t.add_argument("--budget-s", type=float, default=None, help="cap on the whole run")
+    t.add_argument("--search-budget-s", type=float, default=None, help="cap on one search")
+    t.add_argument("--device", default=None)
+    t.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    t.add_argument("--batch", type=int, default=2)
+    t.add_argument("--seq", type=int, default=16)
+    t.add_argument("--train", action="store_true", help="also tune the backward kernels")
+    from tilebackend.bench import cli as bench_cli
+
+    b = sub.add_parser("bench", help="benchmark kernels and models: eager vs inductor vs tile")
+    bench_cli.add_arguments(b)
     args = p.parse_args(argv)
+    if args.cmd == "bench":
+        return bench_cli.run(args)
+    if args.cmd == "tune":
+        return _tune(args)
     if args.cmd == "demo":
         return _demo(args)
     return 2

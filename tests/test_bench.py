@@ -1,0 +1,181 @@
+"""The benchmark harness at tiny sizes: kernels and a tiny GPT-2 through
+``python -m tilebackend bench`` with providers eager and tile(fallback=eager), and the
+files it writes.  On CPU the kernels run in Triton's interpreter (conftest)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+
+import pytest
+
+from tilebackend.__main__ import main
+from tilebackend.bench import common, kernels, output
+
+HAVE_MODELS = all(importlib.util.find_spec(m) for m in ("transformers", "safetensors"))
+HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
+needs_models = pytest.mark.skipif(
+    not HAVE_MODELS, reason="transformers and safetensors are not installed"
+)
+
+
+def bench(device, out, *extra):
+    rc = main(
+        [
+            "bench",
+            "--device",
+            device,
+            "--size",
+            "tiny",
+            "--dtype",
+            "float32",
+            "--providers",
+            "eager,tile_eager",
+            "--quick",
+            "--cpu-reps",
+            "1",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    return data, {(r["name"], r["provider"]): r for r in data["rows"]}
+
+
+def test_kernel_bench_files(device, tmp_path, capsys):
+    out = tmp_path / "res"
+    data, rows = bench(device, out, "--what", "kernels", "--cases", "softmax_16,mm32", "--sweeps")
+    assert data["meta"]["env"]["torch"]
+    for name in ("softmax_16x32", "mm32", "sweep.mm32"):
+        eager, tile = rows[(name, "eager")], rows[(name, "tile_eager")]
+        assert eager["status"] == "ok" and tile["status"] == "ok", (eager, tile)
+        assert tile["n_replaced"] >= 1 and tile["tile_ran"], tile
+        assert tile["rel_err"] < 1e-5
+        assert tile["ms"] > 0 and tile["pct_ceiling"] is not None
+    assert rows[("softmax_16x32", "tile_eager")]["replaced"] == {"softmax": 1}
+    assert {r["name"] for r in data["rows"] if r["suite"] == "ceiling"} == {
+        "ceiling.copy",
+        "ceiling.mm32",
+    }
+    with open(out / "results.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(data["rows"]) and "pct_ceiling" in csv_rows[0]
+    md = (out / "results.md").read_text()
+    assert (
+        "## Kernels" in md and "## Kernel sweeps" in md and "| softmax_16x32 | tile_eager |" in md
+    )
+    table = capsys.readouterr().out.rstrip().splitlines()
+    assert table[-1].startswith("====")  # the comparison table is printed last
+    assert (out / "comparison.txt").exists()
+    if HAVE_MPL:
+        assert (out / "kernels_roofline.png").stat().st_size > 1000
+        assert (out / "sweeps.png").stat().st_size > 1000
+
+
+@needs_models
+def test_gpt2_infer_and_train(device, tmp_path):
+    out, ckpt = tmp_path / "res", tmp_path / "ckpt"
+    _, rows = bench(
+        device,
+        out,
+        "--what",
+        "models",
+        "--models",
+        "gpt2",
+        "--train",
+        "gpt2",
+        "--ckpt-root",
+        str(ckpt),
+    )
+    (saved,) = ckpt.iterdir()
+    assert (saved / "config.json").exists() and (saved / "model.safetensors").exists()
+    for mode in ("infer", "train"):
+        name = f"gpt2_b2_t8_{mode}"
+        eager, tile = rows[(name, "eager")], rows[(name, "tile_eager")]
+        assert eager["status"] == "ok" and tile["status"] == "ok", (eager, tile)
+        assert eager["loader"] == "safetensors"
+        assert tile["n_replaced"] >= 1 and tile["tile_ran"], tile
+        assert tile["tok_per_s"] > 0 and tile["compile_s"] > 0
+        assert tile["rel_err"] < 1e-4
+    assert rows[("gpt2_b2_t8_train", "tile_eager")]["grad_rel_err"] < 1e-3
+    md = (out / "results.md").read_text()
+    assert "## Models" in md and "gpt2_b2_t8_train" in md
+    if HAVE_MPL:
+        assert (out / "models_speedup.png").stat().st_size > 1000
+
+    # the same harness on a user's checkpoint folder (eager only: the loading path)
+    _, rows2 = main_rows(device, tmp_path / "res2", "--checkpoint", str(saved))
+    (row,) = rows2.values()
+    assert row["status"] == "ok" and row["model_class"] == "GPT2LMHeadModel"
+    assert row["name"] == f"{saved.name.replace('-', '_')}_b2_t8_infer"
+
+
+def main_rows(device, out, *extra):
+    rc = main(
+        ["bench", "--device", device, "--size", "tiny", "--dtype", "float32", "--quick"]
+        + ["--what", "models", "--providers", "eager", "--train", "", "--out", str(out), *extra]
+    )
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    return data, {(r["name"], r["provider"]): r for r in data["rows"]}
+
+
+def test_time_budget_skips_compiles(device):
+    rows = []
+    case = kernels.select(kernels.anchor_cases("tiny"), ["softmax_16"])[0]
+    kernels.run_case(
+        case,
+        ["eager", "tile_eager"],
+        device=device,
+        dtype=__import__("torch").float32,
+        ceilings={},
+        timing=common.Timing(cpu_reps=1),
+        budget=common.Budget(1e-9),
+        sink=rows.append,
+    )
+    assert [r["status"] for r in rows] == ["ok", "skipped"]
+    assert rows[1]["error"] == "time budget"
+
+
+def test_results_merge_and_anchor_table(tmp_path):
+    anchors = tmp_path / "anchors"
+    anchors.mkdir()
+    (anchors / "h200.json").write_text(
+        json.dumps(
+            {
+                "device": "NVIDIA H200",
+                "rows": [
+                    {"name": "ceiling.copy", "ms": 0.5, "gbps": 4000.0},
+                    {"name": "softmax_49152x1024.eager", "ms": 0.08},
+                    {"name": "softmax_49152x1024.inductor", "ms": 0.05},
+                ],
+            }
+        )
+    )
+    store = output.ResultStore(tmp_path / "res", plots=False)
+    store.add(
+        {"suite": "ceiling", "name": "ceiling.copy", "provider": "", "ms": 0.6, "gbps": 3500.0}
+    )
+    for p, ms in (("eager", 0.1), ("inductor", 0.06), ("tile", 0.2), ("tile", 0.05)):
+        store.add(
+            {
+                "suite": "kernel",
+                "name": "softmax_49152x1024",
+                "provider": p,
+                "status": "ok",
+                "ms": ms,
+            }
+        )
+    again = output.ResultStore(tmp_path / "res")  # a second run merges into the same folder
+    assert len(again.rows) == 4  # the second "tile" row replaced the first
+    name, anc = output.load_anchors(anchors, "NVIDIA H200")
+    assert name == "h200.json" and anc["softmax_49152x1024.eager"]["ms"] == 0.08
+    assert output.load_anchors(anchors, "NVIDIA A10G") == (None, {})
+    table = output.comparison_table(again.rows, anc, name)
+    line = next(ln for ln in table.splitlines() if ln.startswith("softmax_49152x1024"))
+    cells = line.split()
+    assert cells[-6:] == ["2.00", "1.20", "0.0800", "0.0500", "1.25", "1.00"]
+    assert "anchor 4000 (0.88x)" in table

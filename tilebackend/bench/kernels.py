@@ -1,0 +1,367 @@
+"""Kernel benchmarks: the plain and fused shapes of each kernel family (the sizes of
+``shared/anchors``), plus size sweeps, for each provider.
+
+Each case is a small function of a few tensors; every provider compiles that same
+function.  Rates: TFLOP/s for matmuls (2·M·N·K), GB/s for the memory-bound kernels
+(every input read once, every output written once), and % of the ceiling measured in
+the same run (``ceiling.mm8192`` for matmuls, ``ceiling.copy`` for the rest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..codegen._common import count_launches
+from . import common
+
+
+@dataclasses.dataclass
+class KernelCase:
+    name: str
+    family: str
+    bound: str  # "compute" (TFLOP/s vs the mm ceiling) or "memory" (GB/s vs copy)
+    shape: str
+    make: Callable[[str, torch.dtype], tuple[Callable, tuple]]  # -> (fn, args)
+    flops: float
+    nbytes: float
+    sweep: bool = False
+    sweep_x: int | None = None  # the swept size, for plots
+
+
+def _randn(*shape, device, dtype, scale=1.0):
+    return torch.randn(*shape, device=device, dtype=dtype) * scale
+
+
+def mm_case(m: int, n: int, k: int, sweep: bool = False) -> KernelCase:
+    def make(device, dtype):
+        a = _randn(m, k, device=device, dtype=dtype, scale=k**-0.5)
+        b = _randn(k, n, device=device, dtype=dtype)
+
+        def mm(a, b):
+            return torch.mm(a, b)
+
+        return mm, (a, b)
+
+    name = f"mm{m}" if m == n == k else f"mm_{m}x{n}x{k}"
+    return KernelCase(
+        name=("sweep." if sweep else "") + name,
+        family="mm",
+        bound="compute",
+        shape=f"{m}x{k} @ {k}x{n}",
+        make=make,
+        flops=2.0 * m * n * k,
+        nbytes=0,
+        sweep=sweep,
+        sweep_x=m,
+    )
+
+
+def linear_bias_gelu_case(m: int, k: int, n: int) -> KernelCase:
+    def make(device, dtype):
+        x = _randn(m, k, device=device, dtype=dtype)
+        w = _randn(n, k, device=device, dtype=dtype, scale=k**-0.5)
+        b = _randn(n, device=device, dtype=dtype)
+
+        def linear_bias_gelu(x, w, b):
+            return F.gelu(F.linear(x, w, b), approximate="tanh")
+
+        return linear_bias_gelu, (x, w, b)
+
+    return KernelCase(
+        name=f"linear_bias_gelu_{m}x{k}x{n}",
+        family="mm",
+        bound="compute",
+        shape=f"gelu_tanh({m}x{k} @ W[{n}x{k}]^T + b)",
+        make=make,
+        flops=2.0 * m * n * k,
+        nbytes=0,
+    )
+
+
+def softmax_case(m: int, n: int, sweep: bool = False) -> KernelCase:
+    def make(device, dtype):
+        x = _randn(m, n, device=device, dtype=dtype, scale=2.0)
+
+        def softmax(x):
+            return torch.softmax(x, dim=-1)
+
+        return softmax, (x,)
+
+    return KernelCase(
+        name=("sweep." if sweep else "") + f"softmax_{m}x{n}",
+        family="softmax",
+        bound="memory",
+        shape=f"{m}x{n}",
+        make=make,
+        flops=0,
+        nbytes=2.0 * m * n,  # x element size applied at run time
+        sweep=sweep,
+        sweep_x=n,
+    )
+
+
+def scale_mask_softmax_case(b: int, h: int, t: int, s: int) -> KernelCase:
+    """Attention scores: ``softmax(scores * scale + mask)`` with an additive causal mask
+    of shape (b, 1, t, s), broadcast over the heads (as HF's eager attention does)."""
+
+    def make(device, dtype):
+        x = _randn(b, h, t, s, device=device, dtype=dtype, scale=4.0)
+        causal = torch.ones(t, s, dtype=torch.bool, device=device).triu(1)
+        mask = torch.zeros(b, 1, t, s, device=device, dtype=dtype)
+        mask.masked_fill_(causal, torch.finfo(dtype).min)
+        scale = 1.0 / math.sqrt(64)
+
+        def scale_mask_softmax(x, mask):
+            return torch.softmax(x * scale + mask, dim=-1)
+
+        return scale_mask_softmax, (x, mask)
+
+    return KernelCase(
+        name=f"scale_mask_softmax_{b}x{h}x{t}x{s}",
+        family="softmax",
+        bound="memory",
+        shape=f"{b}x{h}x{t}x{s}, mask {b}x1x{t}x{s}",
+        make=make,
+        flops=0,
+        nbytes=2.0 * b * h * t * s + b * t * s,
+    )
+
+
+def layernorm_case(m: int, n: int, sweep: bool = False) -> KernelCase:
+    def make(device, dtype):
+        x = _randn(m, n, device=device, dtype=dtype)
+        w = 1 + 0.1 * _randn(n, device=device, dtype=dtype)
+        b = 0.1 * _randn(n, device=device, dtype=dtype)
+
+        def layernorm(x, w, b):
+            return F.layer_norm(x, (n,), w, b, 1e-5)
+
+        return layernorm, (x, w, b)
+
+    return KernelCase(
+        name=("sweep." if sweep else "") + f"layernorm_{m}x{n}",
+        family="layer_norm",
+        bound="memory",
+        shape=f"{m}x{n}",
+        make=make,
+        flops=0,
+        nbytes=2.0 * m * n + 2 * n,
+        sweep=sweep,
+        sweep_x=n,
+    )
+
+
+def rmsnorm_case(m: int, n: int, sweep: bool = False) -> KernelCase:
+    def make(device, dtype):
+        x = _randn(m, n, device=device, dtype=dtype)
+        w = 1 + 0.1 * _randn(n, device=device, dtype=dtype)
+
+        def rmsnorm(x, w):
+            return F.rms_norm(x, (n,), w, 1e-6)
+
+        return rmsnorm, (x, w)
+
+    return KernelCase(
+        name=("sweep." if sweep else "") + f"rmsnorm_{m}x{n}",
+        family="rms_norm",
+        bound="memory",
+        shape=f"{m}x{n}",
+        make=make,
+        flops=0,
+        nbytes=2.0 * m * n + n,
+        sweep=sweep,
+        sweep_x=n,
+    )
+
+
+def add_layernorm_case(m: int, n: int) -> KernelCase:
+    """``layer_norm(x + residual)`` (the residual add fused in front of the norm)."""
+
+    def make(device, dtype):
+        x = _randn(m, n, device=device, dtype=dtype)
+        r = _randn(m, n, device=device, dtype=dtype)
+        w = 1 + 0.1 * _randn(n, device=device, dtype=dtype)
+        b = 0.1 * _randn(n, device=device, dtype=dtype)
+
+        def add_layernorm(x, r, w, b):
+            return F.layer_norm(x + r, (n,), w, b, 1e-5)
+
+        return add_layernorm, (x, r, w, b)
+
+    return KernelCase(
+        name=f"add_layernorm_{m}x{n}",
+        family="layer_norm",
+        bound="memory",
+        shape=f"{m}x{n} + {m}x{n}",
+        make=make,
+        flops=0,
+        nbytes=3.0 * m * n + 2 * n,
+    )
+
+
+def anchor_cases(profile: str = "anchor") -> list[KernelCase]:
+    """The plain and fused shape of each family, at the anchors' sizes (``profile=
+    "anchor"``) or tiny ones for CPU runs (``"tiny"``)."""
+    if profile == "anchor":
+        return [
+            mm_case(4096, 4096, 4096),
+            linear_bias_gelu_case(8192, 768, 3072),
+            softmax_case(49152, 1024),
+            scale_mask_softmax_case(4, 12, 1024, 1024),
+            layernorm_case(16384, 768),
+            layernorm_case(8192, 4096),
+            rmsnorm_case(8192, 4096),
+            add_layernorm_case(16384, 768),
+        ]
+    return [
+        mm_case(32, 32, 32),
+        linear_bias_gelu_case(16, 32, 48),
+        softmax_case(16, 32),
+        scale_mask_softmax_case(2, 2, 8, 8),
+        layernorm_case(16, 32),
+        layernorm_case(8, 64),
+        rmsnorm_case(8, 64),
+        add_layernorm_case(16, 32),
+    ]
+
+
+def sweep_cases(profile: str = "anchor") -> list[KernelCase]:
+    """Size sweeps: row length for softmax and the norms (2^25 elements in all), square
+    size for mm."""
+    if profile == "anchor":
+        total = 1 << 25
+        ns = [256, 512, 1024, 2048, 4096, 8192, 16384]
+        mms = [512, 1024, 2048, 4096, 8192]
+    else:
+        total = 1 << 9
+        ns = [16, 32, 64]
+        mms = [16, 32]
+    cases: list[KernelCase] = []
+    for n in ns:
+        cases.append(softmax_case(total // n, n, sweep=True))
+    for n in ns:
+        cases.append(layernorm_case(total // n, n, sweep=True))
+    for n in ns:
+        cases.append(rmsnorm_case(total // n, n, sweep=True))
+    for m in mms:
+        cases.append(mm_case(m, m, m, sweep=True))
+    return cases
+
+
+def select(cases: Sequence[KernelCase], names: Sequence[str] | None) -> list[KernelCase]:
+    """Cases whose name contains any of ``names`` (all when empty)."""
+    if not names:
+        return list(cases)
+    return [c for c in cases if any(n in c.name for n in names)]
+
+
+def run_case(
+    case: KernelCase,
+    providers: Sequence[str],
+    *,
+    device: str,
+    dtype: torch.dtype,
+    ceilings: dict[str, float],
+    timing: common.Timing,
+    budget: common.Budget,
+    sink: Callable[[dict], None],
+    tile_options: dict | None = None,
+) -> None:
+    """Time ``case`` under each provider; each row goes to ``sink`` as soon as it is done."""
+    fn, args = case.make(device, dtype)
+    esize = args[0].element_size()
+    nbytes = case.nbytes * esize
+    ref = fn(*args)
+    base = {
+        "suite": "kernel",
+        "name": case.name,
+        "family": case.family,
+        "bound": case.bound,
+        "shape": case.shape,
+        "dtype": str(dtype).replace("torch.", ""),
+        "sweep": case.sweep,
+        "sweep_x": case.sweep_x,
+    }
+    for provider in providers:
+        need = 60.0 if provider in common.HEAVY else 5.0
+        if provider != "eager" and not budget.allows(need):
+            sink(common.skipped_row(base, provider, "time budget"))
+            continue
+        row = dict(base, provider=provider)
+        try:
+            compiled, backend = common.compile_provider(provider, fn, tile_options)
+            with count_launches() as launches:  # the compile, and one real run
+                out, first_s = common.timed_first_call(lambda: compiled(*args), device)
+            if provider != "eager":
+                row["compile_s"] = first_s
+            row.update(common.errors(out, ref))
+            del out
+            ms = timing.median_ms(lambda: compiled(*args), device)
+            row["ms"] = ms
+            if case.bound == "compute":
+                row["tflops"] = case.flops / ms / 1e9
+                ceil = ceilings.get("tflops")
+                row["pct_ceiling"] = 100 * row["tflops"] / ceil if ceil else None
+            else:
+                row["gbps"] = nbytes / ms / 1e6
+                ceil = ceilings.get("gbps")
+                row["pct_ceiling"] = 100 * row["gbps"] / ceil if ceil else None
+            if backend is not None:
+                row["tile_launches"] = dict(launches)
+                row["tile_ran"] = sum(launches.values()) > 0
+                row["replaced"] = backend.report.counts
+                row["n_replaced"] = sum(row["replaced"].values())
+            row["status"] = "ok"
+        except Exception as e:  # a provider failing must not stop the others
+            row["status"] = "error"
+            row["error"] = common.short_error(e)
+        finally:
+            if provider != "eager":
+                torch._dynamo.reset()
+        sink(row)
+
+
+def run_kernels(
+    cases: Sequence[KernelCase],
+    providers: Sequence[str],
+    *,
+    device: str,
+    dtype: torch.dtype,
+    ceilings: dict[str, float],
+    timing: common.Timing,
+    budget: common.Budget,
+    sink: Callable[[dict], Any],
+    tile_options: dict | None = None,
+) -> None:
+    for case in cases:
+        try:
+            run_case(
+                case,
+                providers,
+                device=device,
+                dtype=dtype,
+                ceilings=ceilings,
+                timing=timing,
+                budget=budget,
+                sink=sink,
+                tile_options=tile_options,
+            )
+        except Exception as e:  # building the inputs failed (out of memory, ...)
+            for p in providers:
+                sink(
+                    {
+                        "suite": "kernel",
+                        "name": case.name,
+                        "provider": p,
+                        "status": "error",
+                        "error": common.short_error(e),
+                    }
+                )
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
