@@ -7,6 +7,13 @@ kernels load on the first compile.
 
 from __future__ import annotations
 
+from .api import (
+    TensorSpec,
+    patterns,
+    register_pattern,
+    temporary_patterns,
+    unregister_pattern,
+)
 from .backend import TileBackend, tile_backend
 from .codegen._common import count_launches
 from .exc import TileError
@@ -20,10 +27,15 @@ __version__ = "0.1.0"
 __all__ = [
     "Report",
     "Settings",
+    "TensorSpec",
     "TileBackend",
     "TileError",
     "count_launches",
     "explain",
+    "patterns",
+    "register_pattern",
+    "temporary_patterns",
     "tile_backend",
     "tune",
+    "unregister_pattern",
 ]

@@ -137,6 +137,24 @@ def has_free_symbols(x: Any) -> bool:
         return False
 
 
+def static_eval(shape_env: Any, expr: Any) -> bool | None:
+    """Decide a sympy relation from the ShapeEnv's ranges and replacements, adding no
+    guard: True / False when it is known for every allowed size, None otherwise."""
+    try:
+        res = shape_env._maybe_evaluate_static(expr)
+    except Exception:
+        return None
+    if res is None:
+        return None
+    import sympy
+
+    if res == sympy.true:
+        return True
+    if res == sympy.false:
+        return False
+    return None
+
+
 def statically_known_true(expr: Any) -> bool:
     """True only when ``expr`` is provably true without adding a guard."""
     if isinstance(expr, bool):

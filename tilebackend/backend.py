@@ -165,7 +165,8 @@ class TileBackend:
         start = len(self.report.graphs)
         try:
             with settings.use(self.settings):
-                if _needs_autograd(example_inputs):
+                if _needs_autograd(example_inputs) and not self.settings.verify:
+                    # (verify checks the graphs after partitioning, where it can run them)
                     gm = self._pre_autograd(gm, example_inputs, patterns, table_key, fallback)
                 if fallback == "inductor":
                     compiled = self._compile_inductor(gm, example_inputs, patterns)
@@ -183,8 +184,12 @@ class TileBackend:
         self.report.graphs.append(gr)
         work = _copy_gm(gm)
         try:
-            with settings.use(self.settings):
+            from .fx_passes import shapes
+
+            gr.symbolic = shapes.symbols_of(work)
+            with settings.use(self.settings), shapes.GuardWatch(shapes.shape_env_of(work)) as gw:
                 n = rewrite(work, patterns, table_key, gr)
+            gr.guards_added = gw.added
         except _compat.dynamo_control_flow():
             raise
         except Exception as e:  # never lose the model: keep the graph as it was
@@ -243,11 +248,29 @@ class TileBackend:
             return gm
         return new
 
+    def _maybe_verify(self, original, new, compiled, patterns, table_key: str):
+        """``options={"verify": True}``: check the graph's replacements on its first call
+        (``fx_passes/verify.py``); otherwise ``compiled`` as is."""
+        gr = self.report.graphs[-1]
+        if not self.settings.verify or new is original or not gr.replacements:
+            return compiled
+        from .fx_passes.rewrite import rewrite
+        from .fx_passes.verify import Verifier
+
+        def rebuild(without: set[str]):
+            work, rep = _copy_gm(original), GraphReport(name=gr.name, fallback=gr.fallback)
+            with settings.use(self.settings):
+                rewrite(work, [p for p in patterns if p.name not in without], table_key, rep)
+            return work, rep
+
+        return Verifier(original, new, compiled, rebuild, gr, self.settings)
+
     def _compile_eager(self, gm, example_inputs, patterns):
         def compiler(name):
             def compile_graph(g: fx.GraphModule, _inputs):
-                g = self._rewrite(g, name, patterns, "eager", "eager")
-                return _Scoped(_compat.make_boxed_func(g.forward), self.settings)
+                new = self._rewrite(g, name, patterns, "eager", "eager")
+                fn = _Scoped(_compat.make_boxed_func(new.forward), self.settings)
+                return self._maybe_verify(g, new, fn, patterns, "eager")
 
             return compile_graph
 
@@ -272,9 +295,10 @@ class TileBackend:
                 name = "inference"
             else:
                 name = "forward"
-            g = self._rewrite(g, name, patterns, "inductor", "inductor")
-            compiled = compile_fx_inner(g, inputs, **kwargs)
-            return _Scoped(compiled, self.settings) if name == "backward" else compiled
+            new = self._rewrite(g, name, patterns, "inductor", "inductor")
+            compiled = compile_fx_inner(new, inputs, **kwargs)
+            compiled = _Scoped(compiled, self.settings) if name == "backward" else compiled
+            return self._maybe_verify(g, new, compiled, patterns, "inductor")
 
         return _compat.inductor_compile_fx(
             gm,

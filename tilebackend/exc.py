@@ -32,6 +32,13 @@ class DuplicatePatternError(TileError, ValueError):
     template = "a pattern named {name!r} is already registered (at {first}); second registration at {second}"
 
 
+class PatternValidationError(PatternError):
+    template = (
+        "pattern {name!r}: the replacement does not reproduce the search function on the "
+        "example inputs ({dtype}): {reason}"
+    )
+
+
 class KernelError(TileError, RuntimeError):
     template = "tile kernel {kernel!r} failed: {reason}"
 

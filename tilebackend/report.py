@@ -22,11 +22,18 @@ class Replacement:
     targets: list[str]
     inputs: dict[str, str]
     scalars: dict[str, Any]
+    #: facts about symbolic sizes proven without a guard
+    proven: list[str] = dataclasses.field(default_factory=list)
+    #: what could not be proven and is decided by the launcher at run time
+    runtime_checks: list[str] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         ins = ", ".join(f"{k}={v}" for k, v in self.inputs.items())
         sc = "".join(f", {k}={v!r}" for k, v in self.scalars.items() if not k.startswith("_"))
-        return f"{self.pattern}: {' + '.join(self.targets)} ({ins}{sc})"
+        lines = [f"{self.pattern}: {' + '.join(self.targets)} ({ins}{sc})"]
+        lines += [f"            proven: {p}" for p in self.proven]
+        lines += [f"            run-time: {r}" for r in self.runtime_checks]
+        return "\n".join(lines)
 
 
 @dataclasses.dataclass
@@ -47,6 +54,10 @@ class GraphReport:
     replacements: list[Replacement] = dataclasses.field(default_factory=list)
     skipped: list[Skipped] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: the symbols the graph's input sizes carry (empty for a static graph)
+    symbolic: list[str] = dataclasses.field(default_factory=list)
+    #: guards the backend added to the ShapeEnv while rewriting (should be none)
+    guards_added: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -73,6 +84,10 @@ class Report:
         lines = [f"tilebackend report: {len(self.graphs)} graph(s)"]
         for i, g in enumerate(self.graphs):
             lines.append(f"graph {i} ({g.name}, fallback={g.fallback}):")
+            if g.symbolic:
+                lines.append(f"  symbolic  {', '.join(g.symbolic)}")
+                added = ", ".join(g.guards_added) if g.guards_added else "none"
+                lines.append(f"  guards    added by tilebackend: {added}")
             for r in g.replacements:
                 lines.append(f"  replaced  {r}")
             for s in g.skipped:

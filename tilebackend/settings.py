@@ -58,6 +58,10 @@ class Settings:
     #: Path of a tuning artifact (``python -m tilebackend tune`` / ``tilebackend.tune``)
     #: whose configs are used before the cache or a search.  env TILEBACKEND_TUNING
     tuning: str | None = None
+    #: On each rewritten graph's first call, run every replacement beside the ATen it
+    #: replaced (on the real inputs) and revert those whose results differ beyond the
+    #: dtype's tolerance, with one warning and a report entry.  env TILEBACKEND_VERIFY
+    verify: bool = False
 
     _CHOICES = {
         "fallback": ("auto", "inductor", "eager"),
@@ -79,6 +83,7 @@ class Settings:
             search=os.environ.get("TILEBACKEND_SEARCH", "quick") or "quick",
             tune_budget_s=_env_float("TILEBACKEND_TUNE_BUDGET_S", "tune_budget_s", 30.0),
             tuning=os.environ.get("TILEBACKEND_TUNING") or None,
+            verify=_env_bool("TILEBACKEND_VERIFY", False),
         )._validated()
 
     @classmethod
@@ -114,6 +119,8 @@ class Settings:
             raise InvalidOptionValueError(
                 name="poison_outputs", value=self.poison_outputs, expected="a bool"
             )
+        if not isinstance(self.verify, bool):
+            raise InvalidOptionValueError(name="verify", value=self.verify, expected="a bool")
         budget = self.tune_budget_s
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
             raise InvalidOptionValueError(

@@ -95,13 +95,24 @@ def _rms_examples(dtype):
     return (torch.randn(4, 8, dtype=dtype), torch.randn(8, dtype=dtype))
 
 
-def _rms_check(x, w, eps, dim=-1, **_):
+def _static_inner(_real, k: int = 1) -> str | None:
+    """The replacement bakes the normalized sizes into the graph: they must be static
+    for every size the graph serves, not just at the hint."""
+    from .shapes import Facts
+
+    x = (_real or {}).get("x")
+    if x is not None and not all(Facts().prove_static(s) for s in x.shape[x.dim() - k :]):
+        return f"normalized size {tuple(x.shape[x.dim() - k :])} is symbolic"
+    return None
+
+
+def _rms_check(x, w, eps, dim=-1, _real=None, **_):
     from ..codegen import rms_norm
 
     if dim % max(x.dim(), 1) != x.dim() - 1:
         return f"normalizes over dim {dim}, the kernel normalizes the last dim"
-    if not isinstance(x.shape[-1], int):
-        return "normalized size is symbolic"
+    if r := _static_inner(_real):
+        return r
     if w is not None and tuple(w.shape) != (x.shape[-1],):
         return f"weight shape {tuple(w.shape)} is not ({x.shape[-1]},)"
     return rms_norm.check_rms_norm(x, [x.shape[-1]], w)
@@ -140,15 +151,15 @@ def _trailing(dims, x) -> int | None:
     return k if canon == list(range(nd - k, nd)) else None
 
 
-def _rms_check_noweight(x, eps, dim=-1, dims=None, **_):
+def _rms_check_noweight(x, eps, dim=-1, dims=None, _real=None, **_):
     from ..codegen import rms_norm
 
     k = _trailing(dims if dims is not None else dim, x)
     if k is None:
         return f"normalizes over dims {dims if dims is not None else dim}, not the trailing dims"
+    if r := _static_inner(_real, k):
+        return r
     shape = list(x.shape[x.dim() - k :])
-    if not all(isinstance(s, int) for s in shape):
-        return "normalized size is symbolic"
     return rms_norm.check_rms_norm(x, shape, None)
 
 

@@ -46,12 +46,20 @@ class Pattern:
     def is_op_pattern(self) -> bool:
         return isinstance(self.search, torch._ops.OpOverload)
 
-    def run_check(self, values: dict[str, Any]) -> str | None:
-        """None when the match is accepted, else the reason it is not."""
+    def run_check(self, values: dict[str, Any], real: dict[str, Any] | None = None) -> str | None:
+        """None when the match is accepted, else the reason it is not.
+
+        ``values`` are what the check decides on: symbolic sizes at their hints, so a
+        check adds no guard (the launcher re-checks real sizes at run time).  A check
+        with a ``_real`` parameter (or ``**kwargs``) also gets the symbolic values, for
+        requirements that must hold for every size (say, a size baked into the graph)."""
         if self.check is None:
             return None
+        kwargs = dict(values)
+        if real is not None and _accepts(self.check, "_real"):
+            kwargs["_real"] = real
         try:
-            res = self.check(**values)
+            res = self.check(**kwargs)
         except Exception as e:  # a check that crashes rejects, it never breaks compiling
             return f"check raised {type(e).__name__}: {e}"
         if res is None or res is True:
@@ -59,6 +67,14 @@ class Pattern:
         if res is False:
             return "check returned False"
         return str(res)
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
 
 
 class Registry:

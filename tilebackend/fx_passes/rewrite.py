@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch.fx as fx
 
 from ..report import GraphReport, Replacement, Skipped, describe_value
-from . import matcher
+from . import matcher, shapes
 from .registry import Pattern
 
 log = logging.getLogger("tilebackend")
@@ -31,6 +31,7 @@ def rewrite(
 ) -> int:
     """Replace every accepted match in ``gm`` in place; return how many were replaced."""
     by_target = _candidates(patterns, table_key)
+    facts = shapes.Facts(shapes.shape_env_of(gm))
     graph = gm.graph
     erased: set[fx.Node] = set()
     replaced = 0
@@ -54,9 +55,14 @@ def rewrite(
                 if tp is None or res.startswith("intermediate"):
                     rejections.append(Skipped(node.name, str(node.target), pattern.name, res))
                 continue
-            reason = pattern.run_check(res.values())
+            real = res.values()
+            reason = pattern.run_check({k: shapes.hinted(v) for k, v in real.items()}, real)
             if reason is not None:
                 rejections.append(Skipped(node.name, str(node.target), pattern.name, reason))
+                continue
+            deferred, losers = _conflicts(pattern, res, node, cands, by_target)
+            if deferred is not None:  # a higher-priority pattern matches inside this one
+                report.skipped.append(deferred)
                 continue
             entry = Replacement(
                 pattern=pattern.name,
@@ -67,16 +73,64 @@ def rewrite(
             )
             erased.update(res.nodes)
             matcher.apply(gm, res)
+            entry.proven, entry.runtime_checks = shapes.describe(real, facts)
             report.replacements.append(entry)
+            report.skipped.extend(losers)
             log.debug("replaced %s", entry)
             replaced += 1
             rejections = []
             break
         report.skipped.extend(rejections[:1])
+    report.replacements.reverse()  # visited outputs-first; report in graph order
+    report.skipped.reverse()
     if replaced:
         graph.lint()
         gm.recompile()
     return replaced
+
+
+def _accepted(pattern: Pattern, tp, node: fx.Node):
+    """The match of ``pattern`` at ``node`` if its structure and check accept, else None."""
+    if node.op != "call_function":
+        return None
+    res = matcher.match_op(pattern, node) if tp is None else matcher.match_traced(tp, pattern, node)
+    if isinstance(res, str):
+        return None
+    real = res.values()
+    if pattern.run_check({k: shapes.hinted(v) for k, v in real.items()}, real) is not None:
+        return None
+    return res
+
+
+def _conflicts(winner: Pattern, res, anchor: fx.Node, cands, by_target):
+    """Other patterns that also match (structure and check) on the nodes ``res`` covers.
+
+    Returns ``(deferred, losers)``: ``deferred`` is a Skipped entry for ``winner`` when a
+    pattern of higher priority matches inside its region (that pattern is applied when
+    the rewrite reaches it); else ``losers`` are Skipped entries, one per pattern and node,
+    saying which pattern they lost to and why."""
+    losers: dict[tuple[str, str], Skipped] = {}
+    later = [c for c in cands[[c[0] for c in cands].index(winner) + 1 :]]
+    for m in res.nodes:
+        here = later if m is anchor else by_target.get(matcher._norm_target(m.target), ())
+        for q, tq in here:
+            if q is winner or (m.name, q.name) in losers or _accepted(q, tq, m) is None:
+                continue
+            if q.priority > winner.priority:
+                why = f"lost to {q.name} (priority {q.priority} > {winner.priority})"
+                return Skipped(anchor.name, str(anchor.target), winner.name, why), []
+            if q.priority < winner.priority:
+                why = f"priority {winner.priority} > {q.priority}"
+            elif m is anchor:
+                why = f"priority {winner.priority} = {q.priority}, registered first"
+            else:
+                why = (
+                    f"priority {winner.priority} = {q.priority}, matched first (further downstream)"
+                )
+            losers[(m.name, q.name)] = Skipped(
+                m.name, str(m.target), q.name, f"lost to {winner.name} ({why})"
+            )
+    return None, list(losers.values())
 
 
 def _short(target: object) -> str:

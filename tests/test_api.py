@@ -1,0 +1,290 @@
+"""The public custom-pattern API: register, prioritise, conflicts, validation, verify."""
+
+from __future__ import annotations
+
+import pathlib
+import runpy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tilebackend
+from tilebackend.exc import (
+    DuplicatePatternError,
+    InvalidOptionValueError,
+    PatternError,
+    PatternValidationError,
+)
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+F32 = (torch.float32,)
+
+
+def _compile(fn, **options):
+    torch._dynamo.reset()
+    be = tilebackend.TileBackend(options={"fallback": "eager", **options})
+    return torch.compile(fn, backend=be), be
+
+
+def _example(name: str) -> dict:
+    return runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name="example")["main"]()
+
+
+# --- the examples ---------------------------------------------------------------------
+
+
+def test_example_swiglu_triton_kernel_runs():
+    res = _example("swiglu_triton")
+    assert res["report"].counts.get("swiglu") == 1, str(res["report"])
+    assert res["launches"] >= 2  # explain's call and the compiled call
+    assert "swiglu" not in tilebackend.patterns()  # temporary
+
+
+def test_example_rope_training():
+    res = _example("rope")
+    assert res["report"].counts.get("rope") == 2, str(res["report"])
+    assert res["calls"] >= 2
+
+
+def test_example_gelu_op_replacement():
+    res = _example("gelu_tanh")
+    assert res["report"].counts.get("gelu_tanh") == 1, str(res["report"])
+    # torch ops only: spliced as the op itself, no custom op
+    assert not hasattr(torch.ops.tile_user, "gelu_tanh")
+
+
+# --- registration and scoping -----------------------------------------------------------
+
+
+def _swish(x):
+    return x * torch.sigmoid(x)
+
+
+def test_function_form_wraps_python_callable_and_scopes():
+    calls = []
+
+    def repl(x):  # a plain Python callable (not traceable by proxies): wrapped in a custom op
+        calls.append(1)
+        return F.silu(x.clone())
+
+    with tilebackend.temporary_patterns():
+        p = tilebackend.register_pattern(
+            _swish,
+            replacement=repl,
+            example_inputs=[tilebackend.TensorSpec((4, 8))],
+            name="swish_py",
+            dtypes=F32,
+        )
+        assert "swish_py" in tilebackend.patterns() and p.priority == 0
+        assert "test_api.py:" in p.origin
+        fn = lambda x: _swish(x) + 1  # noqa: E731
+        x = torch.randn(3, 5)
+        for opts, expected in [({}, {"swish_py": 1}), ({"disable": ["swish_py"]}, {})]:
+            compiled, be = _compile(fn, **opts)
+            calls.clear()
+            torch.testing.assert_close(compiled(x), fn(x))
+            assert be.report.counts == expected
+            assert bool(calls) == bool(expected)
+        compiled, be = _compile(fn, enable=["softmax"])  # enable: only these
+        compiled(x)
+        assert be.report.counts == {}
+    assert "swish_py" not in tilebackend.patterns()
+
+
+def test_builtin_can_be_disabled_by_name():
+    compiled, be = _compile(lambda x: torch.softmax(x, -1), disable=["softmax"])
+    compiled(torch.randn(3, 4))
+    assert be.report.counts == {}
+
+
+def test_duplicate_name_names_both_places():
+    with tilebackend.temporary_patterns():
+        kw = dict(replacement=lambda x: torch.ops.aten.silu(x), example_inputs=[("f", (4, 8))])
+        tilebackend.register_pattern(_swish, name="dup", dtypes=F32, **kw)
+        line = _lineno() + 2
+        with pytest.raises(DuplicatePatternError) as ei:
+            tilebackend.register_pattern(_swish, name="dup", dtypes=F32, **kw)
+    msg = str(ei.value)
+    assert msg.count("test_api.py:") == 2 and f"test_api.py:{line}" in msg, msg
+    with pytest.raises(DuplicatePatternError, match="softmax"):
+        tilebackend.register_pattern(_swish, name="softmax", dtypes=F32, **kw)
+
+
+def _lineno() -> int:
+    import inspect
+
+    return inspect.currentframe().f_back.f_lineno
+
+
+def test_unregister_unknown_and_options_unknown():
+    with pytest.raises(KeyError, match="no pattern named 'nope'.*softmax"):
+        tilebackend.unregister_pattern("nope")
+    compiled, _ = _compile(lambda x: x + 1, disable=["nope"])
+    with pytest.raises(Exception, match="nope"):
+        compiled(torch.randn(2))
+    assert issubclass(InvalidOptionValueError, tilebackend.TileError)
+    with tilebackend.temporary_patterns():
+        tilebackend.register_pattern(
+            _swish, replacement=torch.ops.aten.silu, example_inputs=[("f", (4,))], dtypes=F32
+        )
+        tilebackend.unregister_pattern("_swish")
+        assert "_swish" not in tilebackend.patterns()
+
+
+# --- validation at registration -----------------------------------------------------------
+
+
+def test_search_that_does_not_trace():
+    def data_dependent(x):
+        return x * 2 if x.sum() > 0 else x
+
+    with pytest.raises(PatternError, match="does not trace"):
+        tilebackend.register_pattern(
+            data_dependent, replacement=lambda x: x * 2, example_inputs=[("f", (4,))], dtypes=F32
+        )
+    assert "data_dependent" not in tilebackend.patterns()
+
+
+@pytest.mark.parametrize(
+    "replacement, msg",
+    [
+        (lambda x: torch.sigmoid(x).reshape(-1), r"shape \(32,\), expected \(4, 8\)"),
+        (lambda x: torch.sigmoid(x).double(), "dtype torch.float64"),
+        (lambda x: torch.sigmoid(x) + 0.1, "max abs error"),
+        (lambda x: (torch.sigmoid(x), x), "2 value"),
+        (lambda x: 1 / 0, "ZeroDivisionError"),
+    ],
+)
+def test_replacement_must_reproduce_search(replacement, msg):
+    with pytest.raises(PatternValidationError, match=msg):
+        tilebackend.register_pattern(
+            lambda x: torch.sigmoid(x),
+            replacement=replacement,
+            example_inputs=torch.randn(4, 8),
+            name="bad_sigmoid",
+            dtypes=F32,
+        )
+    assert "bad_sigmoid" not in tilebackend.patterns()
+
+
+# --- conflicts ----------------------------------------------------------------------------
+
+
+def _silu_only(a):
+    return F.silu(a)
+
+
+def _silu_mul(a, b):
+    return F.silu(a) * b
+
+
+@pytest.mark.parametrize("outer_wins", [True, False])
+def test_overlap_resolved_by_priority_and_reported(outer_wins):
+    with tilebackend.temporary_patterns():
+        tilebackend.register_pattern(
+            _silu_mul,
+            replacement=lambda a, b: torch.ops.aten.mul.Tensor(torch.ops.aten.silu(a), b),
+            example_inputs=[("f", (4, 8))] * 2,
+            priority=10 if outer_wins else 0,
+            dtypes=F32,
+        )
+        tilebackend.register_pattern(
+            _silu_only,
+            replacement=lambda a: torch.ops.aten.silu(a),
+            example_inputs=[("f", (4, 8))],
+            priority=0 if outer_wins else 20,
+            dtypes=F32,
+        )
+        fn = lambda a, b: _silu_mul(a, b) + 1  # noqa: E731
+        compiled, be = _compile(fn)
+        a, b = torch.randn(3, 8), torch.randn(3, 8)
+        torch.testing.assert_close(compiled(a, b), fn(a, b))
+    rep = be.report
+    text = str(rep)
+    if outer_wins:
+        assert rep.counts == {"_silu_mul": 1}, text
+        (lost,) = [s for s in rep.skipped if s.pattern == "_silu_only"]
+        assert lost.reason == "lost to _silu_mul (priority 10 > 0)"
+    else:
+        assert rep.counts == {"_silu_only": 1}, text
+        (lost,) = [s for s in rep.skipped if s.pattern == "_silu_mul"]
+        assert lost.reason == "lost to _silu_only (priority 20 > 0)"
+    assert "lost to" in text
+
+
+# --- training with an autograd.Function replacement ---------------------------------------
+
+
+class _SwishFn(torch.autograd.Function):
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        _SwishFn.calls += 1
+        s = torch.sigmoid(x)
+        return g * (s + x * s * (1 - s))
+
+
+def test_autograd_function_keeps_its_backward():
+    with tilebackend.temporary_patterns():
+        tilebackend.register_pattern(
+            _swish, replacement=_SwishFn, example_inputs=[("f", (4, 8))], name="swish_fn",
+            dtypes=F32,
+        )  # fmt: skip
+        fn = lambda x: _swish(x).sum()  # noqa: E731
+        compiled, be = _compile(fn)
+        x = torch.randn(3, 5, requires_grad=True)
+        _SwishFn.calls = 0
+        compiled(x).backward()
+        g, x.grad = x.grad, None
+        fn(x).backward()
+    torch.testing.assert_close(g, x.grad)
+    assert be.report.counts == {"swish_fn": 1} and _SwishFn.calls >= 1
+
+
+# --- verify ---------------------------------------------------------------------------------
+
+
+def test_verify_reverts_wrong_replacement_with_one_warning():
+    with tilebackend.temporary_patterns():
+        tilebackend.register_pattern(
+            _swish,
+            replacement=lambda x: torch.ops.aten.silu(x) * 1.5,  # wrong on purpose
+            example_inputs=[("f", (4, 8))],
+            name="wrong_swish",
+            dtypes=F32,
+            validate=False,
+        )
+        fn = lambda x: torch.softmax(_swish(x), -1)  # noqa: E731
+        compiled, be = _compile(fn, verify=True, enable=["wrong_swish", "softmax"])
+        x = torch.randn(3, 8)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            out1 = compiled(x)
+            out2 = compiled(x + 1)
+    torch.testing.assert_close(out1, fn(x))
+    torch.testing.assert_close(out2, fn(x + 1))
+    msgs = [str(m.message) for m in w if "verify" in str(m.message)]
+    assert len(msgs) == 1 and "wrong_swish" in msgs[0], msgs
+    rep = be.report
+    assert rep.counts == {"softmax": 1}, str(rep)  # the right replacement stays
+    (rev,) = [s for s in rep.skipped if s.pattern == "wrong_swish"]
+    assert rev.reason.startswith("reverted by verify") and "max abs error" in rev.reason
+    assert any("wrong_swish" in n for g in rep.graphs for n in g.notes)
+
+
+def test_verify_keeps_correct_replacements_silently():
+    compiled, be = _compile(lambda x: torch.softmax(x, -1), verify=True)
+    x = torch.randn(3, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(compiled(x), torch.softmax(x, -1))
+    assert be.report.counts == {"softmax": 1}

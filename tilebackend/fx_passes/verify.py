@@ -1,0 +1,195 @@
+"""``options={"verify": True}``: check every replacement against the graph it replaced.
+
+On a rewritten graph's first call, the original ATen graph and the rewritten one both run
+(eagerly, on clones of the real inputs, from the same RNG state) and their outputs are
+compared at the dtype's tolerance.  When they differ, each pattern used in the graph is
+tried alone to find the offenders; the graph is rewritten again without them, checked once
+more, and that graph serves this and every later call.  One warning is given per graph,
+and the report gets a note plus a ``Skipped`` entry per reverted replacement.
+
+Granularity is per pattern and per graph: every replacement made by an offending pattern
+in that graph is reverted (other graphs are checked on their own).  With the Inductor
+fallback, a graph that needed reverting runs as eager ATen from then on.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .. import _compat, settings
+from ..report import GraphReport, Skipped
+
+log = logging.getLogger("tilebackend")
+
+#: (atol, rtol) per dtype: how far a kernel may differ from the ATen it replaces
+TOLERANCE: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-7, 1e-7),
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    return TOLERANCE.get(dtype, (0.0, 0.0))
+
+
+def compare(got: Any, ref: Any, where: str = "output") -> str | None:
+    """None when ``got`` matches ``ref`` (shapes, dtypes, values at the dtype's
+    tolerance), else a sentence saying how it differs."""
+    if isinstance(ref, (list, tuple)):
+        if not isinstance(got, (list, tuple)) or len(got) != len(ref):
+            n = len(got) if isinstance(got, (list, tuple)) else 1
+            return f"{where}: {n} value(s), expected {len(ref)}"
+        for i, (g, r) in enumerate(zip(got, ref)):
+            why = compare(g, r, f"{where} {i}")
+            if why:
+                return why
+        return None
+    if isinstance(ref, torch.Tensor):
+        if not isinstance(got, torch.Tensor):
+            return f"{where}: got {type(got).__name__}, expected a tensor"
+        if tuple(got.shape) != tuple(ref.shape):
+            return f"{where}: shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
+        if got.dtype != ref.dtype:
+            return f"{where}: dtype {got.dtype}, expected {ref.dtype}"
+        if got.device != ref.device:
+            return f"{where}: device {got.device}, expected {ref.device}"
+        if not ref.dtype.is_floating_point and not ref.dtype.is_complex:
+            return None if torch.equal(got, ref) else f"{where}: values differ"
+        atol, rtol = tolerance(ref.dtype)
+        g, r = got.detach(), ref.detach()
+        if torch.allclose(g, r, atol=atol, rtol=rtol, equal_nan=True):
+            return None
+        err = (g.double() - r.double()).abs().nan_to_num(float("inf")).max().item()
+        return f"{where}: max abs error {err:.3g} exceeds {ref.dtype} tolerance (atol={atol}, rtol={rtol})"
+    if got is None and ref is None:
+        return None
+    try:
+        same = bool(got == ref)
+    except Exception:
+        same = False
+    return None if same else f"{where}: {got!r} != {ref!r}"
+
+
+def _clone(args: Sequence[Any]) -> list[Any]:
+    return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def _rng_state():
+    cuda = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = torch.cuda.get_rng_state_all()
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class Verifier:
+    """A boxed compiled callable that checks its replacements on the first call.
+
+    ``original``: the ATen graph before the rewrite.  ``rewritten``: after it, with
+    ``compiled`` its fast callable (boxed).  ``rebuild(names)``: the original rewritten
+    without the patterns in ``names`` (a fresh GraphModule and its GraphReport).
+    """
+
+    _boxed_call = True
+
+    def __init__(
+        self,
+        original: fx.GraphModule,
+        rewritten: fx.GraphModule,
+        compiled: Callable,
+        rebuild: Callable[[set[str]], tuple[fx.GraphModule, GraphReport]],
+        report: GraphReport,
+        scope: settings.Settings,
+    ) -> None:
+        self.original = original
+        self.rewritten = rewritten
+        self.compiled = compiled
+        self.rebuild = rebuild
+        self.report = report
+        self.scope = scope
+        self._fn: Callable | None = None
+
+    def __getattr__(self, name: str) -> Any:  # Inductor's compiled-graph attributes
+        compiled = self.__dict__.get("compiled")
+        if compiled is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(compiled, name)
+
+    def __call__(self, args: list[Any]) -> Any:
+        if self._fn is not None:
+            return self._fn(args)
+        real = list(args)
+        args.clear()  # boxed convention: the callee owns the inputs
+        with settings.use(self.scope):
+            self._fn, run_now = self._decide(real)
+            return run_now(real)
+
+    # --- the first call -------------------------------------------------------------
+
+    def _run(self, gm: fx.GraphModule, args: Sequence[Any], rng) -> Any:
+        _set_rng_state(rng)
+        with torch.no_grad():
+            return gm(*_clone(args))
+
+    def _decide(self, args: list[Any]):
+        rng = _rng_state()
+        ref = self._run(self.original, args, rng)
+        why = compare(self._run(self.rewritten, args, rng), ref)
+        if why is None:
+            log.info("verify: graph %r: every replacement matches", self.report.name)
+            return self.compiled, self._replay(self.compiled, rng)
+        used = list(dict.fromkeys(r.pattern for r in self.report.replacements))
+        offenders: dict[str, str] = {}
+        for name in used:  # each pattern alone against the original
+            alone, _ = self.rebuild({n for n in used if n != name})
+            w = compare(self._run(alone, args, rng), ref)
+            if w is not None:
+                offenders[name] = w
+        if not offenders:  # only wrong together: revert them all
+            offenders = {n: why for n in used}
+        fixed, fixed_report = self.rebuild(set(offenders))
+        if compare(self._run(fixed, args, rng), ref) is not None:
+            offenders = {n: offenders.get(n, why) for n in used}
+            fixed, fixed_report = self.original, GraphReport(self.report.name)
+        reverted = [r for r in self.report.replacements if r.pattern in offenders]
+        self.report.replacements[:] = fixed_report.replacements
+        self.report.skipped[:] = fixed_report.skipped + [
+            Skipped(
+                r.nodes[-1] if r.nodes else "?",
+                " + ".join(r.targets),
+                r.pattern,
+                f"reverted by verify: {offenders[r.pattern]}",
+            )
+            for r in reverted
+        ]
+        msg = (
+            f"tilebackend: verify: in the {self.report.name} graph, pattern(s) "
+            + ", ".join(f"{n!r} ({w})" for n, w in offenders.items())
+            + " differ from the ATen they replace; reverted for this graph"
+        )
+        self.report.notes.append(msg.replace("tilebackend: ", ""))
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        fn = _compat.make_boxed_func(fixed.forward)
+        return fn, self._replay(fn, rng)
+
+    @staticmethod
+    def _replay(fn: Callable, rng) -> Callable:
+        def run(args: list[Any]) -> Any:
+            _set_rng_state(rng)  # the real run sees the RNG state the checks saw
+            return fn(args)
+
+        return run
