@@ -22,7 +22,8 @@ fi
 if ! "$VPY" -c "import triton" >/dev/null 2>&1; then
   "$VPY" -m pip install -q "triton>=3.6"
 fi
-if ! "$VPY" -c "import tilebackend" >/dev/null 2>&1; then
+# installed (not just importable from this folder): the entry point registers backend="tile"
+if ! "$VPY" -c "import importlib.metadata as m; m.distribution('tilebackend')" >/dev/null 2>&1; then
   "$VPY" -m pip install -q --no-deps --no-build-isolation -e . \
     || "$VPY" -m pip install -q --no-deps -e .
 fi

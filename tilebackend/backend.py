@@ -23,6 +23,7 @@ from .report import GraphReport, Report
 
 log = logging.getLogger("tilebackend")
 
+PRE_AUTOGRAD = "forward, before autograd"
 MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 
 #: The report of the most recent compile by any TileBackend (for debugging).
@@ -189,6 +190,9 @@ class TileBackend:
             gr.symbolic = shapes.symbols_of(work)
             with settings.use(self.settings), shapes.GuardWatch(shapes.shape_env_of(work)) as gw:
                 n = rewrite(work, patterns, table_key, gr)
+                if self.settings.fusion and name != PRE_AUTOGRAD:
+                    work, fused = self._fuse(work, gr)
+                    n += fused
             gr.guards_added = gw.added
         except _compat.dynamo_control_flow():
             raise
@@ -202,8 +206,31 @@ class TileBackend:
             gr.replacements.clear()
             gr.notes.append(f"rewrite failed: {type(e).__name__}: {e}")
             return gm
+        gr.code = work.code
         log.info("%s graph: %d replacement(s) %s", name, n, gr.counts)
         return work
+
+    def _fuse(self, gm: fx.GraphModule, gr: GraphReport) -> tuple[fx.GraphModule, int]:
+        """Fusion on a copy: if it fails, the rewritten graph stands, with one warning."""
+        from .fx_passes.fusion import fuse
+
+        work = _copy_gm(gm)
+        before = (len(gr.replacements), len(gr.skipped))
+        try:
+            return work, fuse(work, gr)
+        except _compat.dynamo_control_flow():
+            raise
+        except Exception as e:
+            del gr.replacements[before[0] :]
+            del gr.skipped[before[1] :]
+            gr.notes.append(f"fusion failed: {type(e).__name__}: {e}")
+            warnings.warn(
+                f"tilebackend: fusing the {gr.name} graph failed ({type(e).__name__}: {e}); "
+                "using the unfused tile kernels",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return gm, 0
 
     def _pre_autograd(self, gm, example_inputs, patterns, table_key: str, fallback: str):
         """Training graphs: rewrite the forward *before* autograd, so the tile ops'
@@ -242,7 +269,7 @@ class TileBackend:
             return gm
         aten_gm = captured[0]
         before = len(self.report.graphs)
-        new = self._rewrite(aten_gm, "forward, before autograd", patterns, table_key, fallback)
+        new = self._rewrite(aten_gm, PRE_AUTOGRAD, patterns, table_key, fallback)
         if not self.report.graphs[before].replacements:
             self.report.graphs.pop(before)
             return gm

@@ -58,6 +58,8 @@ class GraphReport:
     symbolic: list[str] = dataclasses.field(default_factory=list)
     #: guards the backend added to the ShapeEnv while rewriting (should be none)
     guards_added: list[str] = dataclasses.field(default_factory=list)
+    #: the graph's code after rewriting and fusion (what the fallback compiles)
+    code: str = ""
 
     @property
     def counts(self) -> dict[str, int]:

@@ -62,6 +62,9 @@ class Settings:
     #: replaced (on the real inputs) and revert those whose results differ beyond the
     #: dtype's tolerance, with one warning and a report entry.  env TILEBACKEND_VERIFY
     verify: bool = False
+    #: Grow each tile anchor into its pointwise neighbours (matmul epilogues, softmax
+    #: scale/mask prologues, residual add + norm).  env TILEBACKEND_FUSION
+    fusion: bool = True
 
     _CHOICES = {
         "fallback": ("auto", "inductor", "eager"),
@@ -84,6 +87,7 @@ class Settings:
             tune_budget_s=_env_float("TILEBACKEND_TUNE_BUDGET_S", "tune_budget_s", 30.0),
             tuning=os.environ.get("TILEBACKEND_TUNING") or None,
             verify=_env_bool("TILEBACKEND_VERIFY", False),
+            fusion=_env_bool("TILEBACKEND_FUSION", True),
         )._validated()
 
     @classmethod
@@ -119,6 +123,8 @@ class Settings:
             raise InvalidOptionValueError(
                 name="poison_outputs", value=self.poison_outputs, expected="a bool"
             )
+        if not isinstance(self.fusion, bool):
+            raise InvalidOptionValueError(name="fusion", value=self.fusion, expected="a bool")
         if not isinstance(self.verify, bool):
             raise InvalidOptionValueError(name="verify", value=self.verify, expected="a bool")
         budget = self.tune_budget_s

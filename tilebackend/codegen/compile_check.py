@@ -16,7 +16,15 @@ import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-MODULES = ("softmax", "layer_norm", "rms_norm", "matmul")
+MODULES = (
+    "softmax",
+    "layer_norm",
+    "rms_norm",
+    "matmul",
+    "fused_matmul",
+    "fused_softmax",
+    "fused_norm",
+)
 
 
 def _specs(module: str) -> list[dict]:

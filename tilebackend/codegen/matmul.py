@@ -789,7 +789,9 @@ def sm90_specs() -> list[dict]:
                     # leading strides of aligned row-major operands are multiples of 16
                     "divisible": [
                         n
-                        for n in (
+                        for n in (  # the JIT hints every int divisible by 16
+                            "M",
+                            "N",
                             "K",
                             "stride_ab",
                             "stride_am",

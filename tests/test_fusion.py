@@ -1,0 +1,143 @@
+"""Fused regions: each shape becomes one tile kernel with no leftover ATen pointwise ops
+for the fused part, and matches eager forward and backward."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tilebackend
+from tilebackend.codegen import _common
+
+POINTWISE = ("aten.tanh", "aten.pow", "aten.relu", "aten.silu", "aten.gelu", "aten.add.Tensor")
+
+
+def gelu_tanh(x):  # GPT-2's NewGELUActivation, written out
+    return (
+        0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+    )
+
+
+def _run(fn, *args, atol=1e-4, rtol=1e-4):
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": "eager"})
+    with torch.no_grad():
+        with _common.count_launches() as launches:
+            out = torch.compile(fn, backend=backend)(*args)
+        ref = fn(*args)
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol, equal_nan=True)
+    (graph,) = backend.report.graphs
+    return graph, launches
+
+
+@pytest.mark.parametrize(
+    "name, make",
+    [
+        ("gpt2_gelu_written_out", lambda lin: lambda x: gelu_tanh(lin(x))),
+        ("gelu_tanh", lambda lin: lambda x: F.gelu(lin(x), approximate="tanh")),
+        ("gelu_erf", lambda lin: lambda x: F.gelu(lin(x))),
+        ("silu_scaled", lambda lin: lambda x: F.silu(lin(x)) * 0.5),
+        ("relu_cast", lambda lin: lambda x: torch.relu(lin(x)).to(torch.float16)),
+    ],
+)
+def test_matmul_epilogue_is_one_kernel(poison, name, make):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 24)
+    x = torch.randn(2, 5, 16)
+    graph, launches = _run(make(lin), x)
+    assert graph.counts.get("fused_mm_epilogue") == 1, str(graph)
+    assert dict(launches) == {"mm_epilogue": 1}, dict(launches)
+    for op in POINTWISE:
+        assert op not in graph.code, (op, graph.code)
+
+
+def test_residual_add_in_epilogue_with_broadcast_extra(poison):
+    lin = torch.nn.Linear(16, 24)
+    x, r = torch.randn(7, 16), torch.randn(1, 24)
+    graph, launches = _run(lambda x, r: torch.relu(lin(x)) + r, x, r)
+    assert dict(launches) == {"mm_epilogue": 1}
+    assert graph.counts.get("fused_mm_epilogue") == 1
+
+
+def test_swiglu_gate_fuses_into_the_second_gemm(poison):
+    w1, w3 = torch.randn(16, 8), torch.randn(16, 8)
+    x = torch.randn(5, 16)
+    graph, launches = _run(lambda x: F.silu(x @ w1) * (x @ w3), x)
+    assert graph.counts.get("fused_mm_epilogue") == 1
+    assert launches["mm_epilogue"] == 1 and launches["mm"] == 1
+    assert "aten.silu" not in graph.code and "aten.mul" not in graph.code
+
+
+@pytest.mark.parametrize("mask_kind", ["additive", "bool"])
+def test_scale_mask_softmax_is_one_kernel(poison, mask_kind):
+    x = torch.randn(2, 3, 7, 7)
+    if mask_kind == "additive":
+        mask = torch.randn(2, 1, 7, 7)  # broadcast over heads
+        fn = lambda x, m: torch.softmax(x * 0.125 + m, dim=-1)  # noqa: E731
+    else:
+        mask = torch.triu(torch.ones(7, 7, dtype=torch.bool), 1)
+        fn = lambda x, m: torch.softmax((x / 8.0).masked_fill(m, float("-inf")), -1)  # noqa: E731
+    graph, launches = _run(fn, x, mask)
+    assert graph.counts.get("fused_scale_mask_softmax") == 1, str(graph)
+    assert dict(launches) == {"scale_mask_softmax_fwd": 1}
+    assert "aten.mul" not in graph.code and "aten.add" not in graph.code
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("sum_used", [False, True])
+def test_residual_add_norm_is_one_kernel(poison, norm, sum_used):
+    w = torch.randn(16)
+    x, r = torch.randn(3, 5, 16), torch.randn(3, 5, 16)
+
+    def fn(x, r):
+        s = x + r
+        y = F.layer_norm(s, (16,), w) if norm == "layer" else F.rms_norm(s, (16,), w, 1e-6)
+        return (y, s * 2) if sum_used else y
+
+    graph, launches = _run(fn, x, r)
+    kernel = f"add_{norm}_norm_fwd"
+    assert launches[kernel] == 1, dict(launches)
+    assert graph.counts.get(f"fused_add_{norm}_norm") == 1, str(graph)
+    assert "aten.add.Tensor" not in graph.code
+
+
+def test_intermediate_used_elsewhere_bounds_the_region(poison):
+    lin = torch.nn.Linear(16, 24)
+    x = torch.randn(4, 16)
+
+    def fn(x):
+        h = lin(x) * 2.0
+        return torch.tanh(h), h  # h must still be written
+
+    graph, launches = _run(fn, x)
+    assert launches["mm_epilogue"] == 1  # lin * 2 fused; tanh(h) stays outside
+    assert "aten.tanh" in graph.code
+
+
+def test_fused_training_step_matches_eager(poison):
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.GELU("tanh"), torch.nn.Linear(32, 16)
+    )
+    ln = torch.nn.LayerNorm(16)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+
+    def fn(x):
+        return torch.softmax(ln(x + mlp(x)) * 0.5, -1)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=tilebackend.TileBackend(options={"fallback": "eager"}))
+    with _common.count_launches() as launches:
+        compiled(x).square().sum().backward()
+    params = [*mlp.parameters(), *ln.parameters()]
+    got = [p.grad.clone() for p in params] + [x.grad.clone()]
+    for p in params:
+        p.grad = None
+    x.grad = None
+    fn(x).square().sum().backward()
+    for g, p in zip(got, [*params, x]):
+        torch.testing.assert_close(g, p.grad, atol=1e-4, rtol=1e-4)
+    assert launches["layer_norm_bwd"] >= 1 or launches["add_layer_norm_fwd"] >= 1

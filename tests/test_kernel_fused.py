@@ -1,0 +1,479 @@
+"""Fused kernels: the pointwise printer, GEMM + generated epilogue (``tile::mm_epilogue``),
+scale + mask + softmax, and residual add + layer / RMS norm.
+
+On CPU the kernels run in Triton's interpreter: sizes stay tiny.  bf16 GEMMs run only on a
+GPU (the interpreter's bf16 ``tl.dot`` is wrong).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tilebackend.codegen import _common, fused_matmul, fused_norm, fused_softmax, pointwise
+from tilebackend.codegen import pointwise as pw
+
+# GPT-2's gelu-tanh written out over the GEMM accumulator (as the graph pass produces it)
+GELU_TANH = (
+    "mul",
+    ("mul", "ACC", 0.5),
+    (
+        "add",
+        (
+            "tanh",
+            ("mul", ("add", "ACC", ("mul", ("pow", "ACC", 3.0), 0.044715)), 0.7978845608028654),
+        ),
+        1.0,
+    ),
+)
+
+
+@pytest.fixture
+def gen_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("TILEBACKEND_DEBUG_DIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def clean_failures():
+    _common.reset_failures()
+    yield
+    _common.reset_failures()
+
+
+def _boom(*a, **k):
+    raise RuntimeError("injected kernel failure")
+
+
+# --- the printer -------------------------------------------------------------------------
+
+# (expr, torch reference on the leaves ACC=a, IN0=b, IN1=c) for every node kind
+CASES = [
+    (("add", "ACC", "IN0"), None),
+    (("sub", "ACC", 2.0), None),
+    (("sub", 1.0, "ACC"), None),
+    (("mul", "ACC", "IN0"), None),
+    (("div", "ACC", ("add", ("abs", "IN0"), 0.5)), None),
+    (("pow", "ACC", 3.0), None),
+    (("pow", "ACC", 2.0), None),
+    (("pow", ("abs", "ACC"), 0.37), None),
+    (("pow", ("add", ("abs", "ACC"), 0.1), "IN0"), None),
+    (("tanh", "ACC"), None),
+    (("gelu", "ACC", "tanh"), None),
+    (("gelu", "ACC", "none"), None),
+    (("relu", "ACC"), None),
+    (("silu", "ACC"), None),
+    (("sigmoid", "ACC"), None),
+    (("erf", "ACC"), None),
+    (("exp", "ACC"), None),
+    (("log", ("abs", "ACC")), None),
+    (("rsqrt", ("add", ("abs", "ACC"), 0.1)), None),
+    (("sqrt", ("abs", "ACC")), None),
+    (("reciprocal", ("add", ("abs", "ACC"), 0.5)), None),
+    (("neg", "ACC"), None),
+    (("maximum", "ACC", "IN0"), None),
+    (("minimum", "ACC", 0.0), None),
+    (("where", ("gt", "ACC", "IN0"), "ACC", 0.0), None),
+    (("where", "IN1", -math.inf, "ACC"), None),
+    (("where", ("logical_not", "IN1"), "ACC", "IN0"), None),
+    (("add", ("to", "ACC", "float16"), "IN0"), None),
+    (("mul", ("to", ("mul", "ACC", 3.0), "bfloat16"), 1.0), None),
+    (("add", ("to", "IN1", "float32"), "ACC"), None),
+    (GELU_TANH, None),
+]
+
+
+def _printer_kernel_run(expr, leaves):
+    """Evaluate ``expr`` through the generated GEMM epilogue with an identity GEMM:
+    ACC = I @ acc_value, so the printed code runs in the interpreter on given values."""
+    acc = leaves["ACC"]
+    eye = torch.eye(acc.shape[-2], dtype=acc.dtype)
+    extras = [leaves[k] for k in sorted(k for k in leaves if k != "ACC")]
+    return torch.ops.tile.mm_epilogue(eye, acc, None, extras, pw.dumps(expr))
+
+
+@pytest.mark.parametrize("expr", [c[0] for c in CASES], ids=lambda e: pw.dumps(e)[:40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_printer_matches_eager(gen_dir, expr, dtype):
+    # odd shapes; IN0 broadcasts along rows ([1, N]), IN1 is a bool [M, 1] column
+    a = torch.randn(5, 7).to(dtype)
+    b = torch.randn(1, 7).to(dtype)
+    c = torch.rand(5, 1) > 0.5
+    leaves = {"ACC": a, "IN0": b, "IN1": c}
+    used = pw.input_leaves(expr)
+    leaves = {k: v for k, v in leaves.items() if k == "ACC" or k in used}
+    # keep IN numbering: when IN1 is used alone, IN0 must still be passed
+    if "IN1" in leaves and "IN0" not in leaves:
+        leaves["IN0"] = b
+    with _common.count_launches() as n:
+        out = _printer_kernel_run(expr, leaves)
+    assert n["mm_epilogue"] == 1
+    ref = pw.evaluate(expr, leaves)
+    assert out.dtype == ref.dtype == pw.infer_dtype(expr, {k: v.dtype for k, v in leaves.items()})
+    assert out.shape == ref.shape
+    # fp32 reference (the kernel does not round intermediates): upcast leaves
+    up = {k: (v.double() if v.is_floating_point() else v) for k, v in leaves.items()}
+    ref32 = pw.evaluate(expr, up).to(out.dtype)
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    if "bfloat16" in pw.dumps(expr):  # the interpreter's bf16 cast truncates (GPU: RTNE)
+        tol = 1e-2
+    torch.testing.assert_close(out.double(), ref32.double(), atol=tol, rtol=tol, equal_nan=True)
+
+
+def test_printer_cast_rounds_like_eager(gen_dir):
+    # 1 + 2**-12 is not an fp16 value: the cast in the middle must round it away
+    a = torch.full((2, 3), 1.0 + 2.0**-12)
+    expr = ("sub", ("to", ("to", "ACC", "float16"), "float32"), 1.0)
+    out = _printer_kernel_run(expr, {"ACC": a})
+    assert out.dtype == torch.float32
+    assert torch.equal(out, pw.evaluate(expr, {"ACC": a}))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_dtype_rules():
+    f16, f32, b = torch.float16, torch.float32, torch.bool
+    d = {"ACC": f16, "IN0": f32, "IN1": b}
+    assert pw.infer_dtype(("mul", "ACC", 0.5), d) == f16
+    assert pw.infer_dtype(("add", "ACC", "IN0"), d) == f32
+    assert pw.infer_dtype(("mul", "IN1", 2.0), d) == f32
+    assert pw.infer_dtype(("gt", "ACC", 0.0), d) == b
+    assert pw.infer_dtype(("where", "IN1", "ACC", 0.0), d) == f16
+    assert pw.infer_dtype(("to", "IN0", "bfloat16"), d) == torch.bfloat16
+    assert pw.infer_dtype(("exp", "IN1"), d) == f32
+
+
+def test_format_roundtrip_and_errors():
+    s = pw.dumps(GELU_TANH)
+    assert pw.loads(s) == pw.canonical(GELU_TANH)
+    assert pw.dumps(("mul", "ACC", 2)) == '["mul","ACC",2.0]'
+    assert pw.dumps(("to", "ACC", torch.float16)) == '["to","ACC","float16"]'
+    for bad in (("frob", "ACC"), ("add", "ACC"), ("to", "ACC", "int8"), "X", ("gelu", "ACC", "x")):
+        with pytest.raises(pw.ExprError):
+            pw.canonical(bad)
+
+
+def test_aten_mapping():
+    aten = torch.ops.aten
+    for op in (
+        aten.add.Tensor,
+        aten.mul.Tensor,
+        aten.pow.Tensor_Scalar,
+        aten.tanh.default,
+        aten.gelu.default,
+        aten.relu.default,
+        aten.silu.default,
+        aten.sigmoid.default,
+        aten.erf.default,
+        aten.exp.default,
+        aten.rsqrt.default,
+        aten.sub.Tensor,
+        aten.div.Tensor,
+        aten.neg.default,
+        aten._to_copy.default,
+        torch.ops.prims.convert_element_type.default,
+        aten.where.self,
+        aten.add.Scalar,
+        aten.mul.Scalar,
+    ):
+        assert pw.is_pointwise(op), op
+    assert not pw.is_pointwise(aten.mm.default)
+    assert pw.from_aten(aten.add.Tensor, ["ACC", "IN0"], {"alpha": 2}) == (
+        "add",
+        "ACC",
+        ("mul", "IN0", 2.0),
+    )
+    assert pw.from_aten(aten.gelu.default, ["ACC"], {"approximate": "tanh"}) == (
+        "gelu",
+        "ACC",
+        "tanh",
+    )
+    assert pw.from_aten(aten._to_copy.default, ["ACC"], {"dtype": torch.float16}) == (
+        "to",
+        "ACC",
+        "float16",
+    )
+    assert pw.from_aten(aten.rsub.Scalar, ["ACC", 1.0], {}) == ("sub", 1.0, "ACC")
+    assert pw.from_aten(aten.masked_fill.Scalar, ["ACC", "IN0", 0.0], {}) == (
+        "where",
+        "IN0",
+        0.0,
+        "ACC",
+    )
+    with pytest.raises(pw.ExprError):
+        pw.from_aten(aten.mm.default, ["ACC", "IN0"], {})
+
+
+# --- GEMM + epilogue ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float32, 1e-4), (torch.float16, 1e-2)], ids=["fp32", "fp16"]
+)
+def test_mm_epilogue_gpt2_gelu(poison, gen_dir, device, dtype, tol):
+    x = torch.randn(2, 5, 24, device=device).to(dtype)
+    w = torch.randn(40, 24, device=device).to(dtype)  # a Linear weight: passed as w.t()
+    bias = torch.randn(40, device=device).to(dtype)
+    with _common.count_launches() as n:
+        out = torch.ops.tile.mm_epilogue(x, w.t(), bias, [], pw.dumps(GELU_TANH))
+    assert n["mm_epilogue"] == 1
+    ref = F.gelu(x.double() @ w.double().t() + bias.double(), approximate="tanh")
+    assert out.shape == (2, 5, 40) and out.dtype == dtype and not out.isnan().any()
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float32, 1e-4), (torch.float16, 1e-2)], ids=["fp32", "fp16"]
+)
+def test_mm_epilogue_residual_and_swiglu(poison, gen_dir, device, dtype, tol):
+    B, T, K, N = 3, 5, 16, 19
+    x = torch.randn(B, T, K, device=device).to(dtype)
+    w1 = torch.randn(N, K, device=device).to(dtype)
+    resid = torch.randn(1, T, N, device=device).to(dtype)  # broadcast over B: not copied
+    up = torch.randn(B, T, N, device=device).to(dtype)
+    expr = ("mul", ("add", ("silu", "ACC"), "IN0"), "IN1")
+    out = torch.ops.tile.mm_epilogue(x, w1.t(), None, [resid, up], pw.dumps(expr))
+    acc = x.double() @ w1.double().t()
+    ref = (F.silu(acc) + resid.double()) * up.double()
+    assert out.dtype == dtype and out.shape == (B, T, N)
+    torch.testing.assert_close(out.double(), ref, atol=tol * 4, rtol=tol)
+    # an fp32 residual promotes the result to fp32, as eager does
+    r32 = torch.randn(B * T, N, device=device)
+    out = torch.ops.tile.mm_epilogue(
+        x.reshape(B * T, K), w1.t(), None, [r32], '["add","ACC","IN0"]'
+    )
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(
+        out.double(), acc.reshape(B * T, N) + r32.double(), atol=tol * 4, rtol=tol
+    )
+
+
+def test_mm_epilogue_source_cache(gen_dir):
+    k1 = fused_matmul.kernel_for(GELU_TANH)
+    k2 = fused_matmul.kernel_for(pw.dumps(GELU_TANH))
+    assert k1 is k2
+    files = sorted(gen_dir.glob("mm_epilogue_*.py"))
+    assert len(files) == 1
+    src = files[0].read_text()
+    compile(src, str(files[0]), "exec")  # readable, valid Python
+    assert "def mm_epilogue_kernel" in src and pw.dumps(GELU_TANH) in src
+    fused_matmul.kernel_for(("relu", "ACC"))
+    assert len(list(gen_dir.glob("mm_epilogue_*.py"))) == 2
+
+
+def test_mm_epilogue_fake_and_refusals(gen_dir):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        a = torch.empty(4, 8, dtype=torch.float16)
+        b = torch.empty(8, 6, dtype=torch.float16)
+        r = torch.empty(6, dtype=torch.float32)
+        out = torch.ops.tile.mm_epilogue(a, b, None, [r], '["add","ACC","IN0"]')
+        assert out.shape == (4, 6) and out.dtype == torch.float32
+    a = torch.randn(4, 8)
+    assert "IN0" in fused_matmul.check(a, torch.randn(8, 6), None, [], '["add","ACC","IN0"]')
+    assert "broadcast" in fused_matmul.check(
+        a, torch.randn(8, 6), None, [torch.randn(2, 4, 6)], '["add","ACC","IN0"]'
+    )
+    # refused inputs still give eager's result
+    out = torch.ops.tile.mm_epilogue(
+        a.double(), torch.randn(8, 6).double(), None, [], '["relu","ACC"]'
+    )
+    assert out.dtype == torch.float64
+
+
+def test_mm_epilogue_backward_recomputes(gen_dir):
+    a = torch.randn(3, 8, requires_grad=True)
+    w = torch.randn(6, 8, requires_grad=True)
+    r = torch.randn(3, 6, requires_grad=True)
+    out = torch.ops.tile.mm_epilogue(a, w.t(), None, [r], '["mul",["tanh","ACC"],"IN0"]')
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [a, w, r], g)
+    want = torch.autograd.grad(torch.tanh(a @ w.t()) * r, [a, w, r], g)
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+def test_mm_epilogue_fault_falls_back_once(gen_dir, monkeypatch, clean_failures):
+    monkeypatch.setattr(fused_matmul, "matmul_epilogue", _boom)
+    a, b = torch.randn(3, 8), torch.randn(8, 5)
+    with pytest.warns(RuntimeWarning, match="mm_epilogue"):
+        out = torch.ops.tile.mm_epilogue(a, b, None, [], '["relu","ACC"]')
+    torch.testing.assert_close(out, torch.relu(a @ b))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.ops.tile.mm_epilogue(a, b, None, [], '["relu","ACC"]')
+
+
+# --- scale + mask + softmax ------------------------------------------------------------------
+
+
+def _masks(shape, kind, device):
+    B, H, T, S = shape
+    if kind == "none":
+        return None
+    if kind == "add":
+        m = torch.randn(B, 1, T, S, device=device)
+        m[..., 0, 1:] = -math.inf  # a row with one column left
+        return m
+    if kind == "add16":
+        return torch.randn(1, 1, T, S, device=device).half()
+    m = torch.rand(1, 1, T, S, device=device) > 0.6
+    m[..., 1, :] = True  # a fully masked row: NaN, like eager
+    return m
+
+
+@pytest.mark.parametrize("kind", ["none", "add", "add16", "bool"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
+)
+def test_scale_mask_softmax(poison, device, kind, dtype):
+    shape = (2, 3, 5, 37)
+    x = torch.randn(shape, device=device).to(dtype).requires_grad_()
+    mask = _masks(shape, kind, device)
+    with _common.count_launches() as n:
+        y = torch.ops.tile.scale_mask_softmax(x, 0.125, mask, -1)
+    assert n["scale_mask_softmax_fwd"] == 1
+    xr = x.detach().double().requires_grad_()
+    ref = fused_softmax.reference(
+        xr, 0.125, None if mask is None else mask if mask.dtype == torch.bool else mask.double(), -1
+    )
+    assert y.dtype == fused_softmax.reference(x.detach(), 0.125, mask, -1).dtype
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(y.double(), ref.detach(), atol=tol, rtol=tol, equal_nan=True)
+    if kind == "bool":
+        assert y[:, :, 1].isnan().all()
+    g = torch.randn_like(y)
+    with _common.count_launches() as n:
+        (gx,) = torch.autograd.grad(y, x, g)
+    assert n["scale_mask_softmax_bwd"] == 1
+    (gref,) = torch.autograd.grad(ref, xr, g.double())
+    assert gx.dtype == dtype
+    torch.testing.assert_close(gx.double(), gref, atol=tol, rtol=tol, equal_nan=True)
+
+
+def test_scale_mask_softmax_looped_dim_and_mask_grad(poison, device):
+    x = torch.randn(3, 70, 4, device=device, requires_grad=True)  # softmax over dim 1
+    mask = torch.randn(1, 70, 1, device=device, requires_grad=True)
+    y = fused_softmax.scale_mask_softmax_fwd(x.detach(), 2.0, mask.detach(), 1, block_n=32)
+    ref = torch.softmax(x * 2.0 + mask, 1)
+    torch.testing.assert_close(y, ref.detach(), atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    dx = fused_softmax.scale_mask_softmax_bwd(g, y, 2.0, 1, torch.float32, block_n=32)
+    gx, gm = torch.autograd.grad(ref, [x, mask], g)
+    torch.testing.assert_close(dx, gx, atol=1e-5, rtol=1e-5)
+    out = torch.ops.tile.scale_mask_softmax(x, 2.0, mask, 1)
+    gx2, gm2 = torch.autograd.grad(out, [x, mask], g)
+    torch.testing.assert_close(gx2, gx, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gm2, gm, atol=1e-5, rtol=1e-5)
+
+
+def test_scale_mask_softmax_fake_and_fallback(device, monkeypatch, clean_failures):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 4, 8, dtype=torch.float16)
+        y = torch.ops.tile.scale_mask_softmax(x, 1.0, torch.empty(1, 4, 8), -1)
+        assert y.shape == x.shape and y.dtype == torch.float32
+    x = torch.randn(2, 4, 8, device=device)
+    mask = torch.rand(4, 8, device=device) > 0.5
+    assert "broadcast" in fused_softmax.check(x, torch.zeros(3, 8), -1)
+    monkeypatch.setattr(fused_softmax, "scale_mask_softmax_fwd", _boom)
+    with pytest.warns(RuntimeWarning, match="scale_mask_softmax_fwd"):
+        y = torch.ops.tile.scale_mask_softmax(x, 0.5, mask, -1)
+    torch.testing.assert_close(
+        y, torch.softmax((x * 0.5).masked_fill(mask, -math.inf), -1), equal_nan=True
+    )
+
+
+# --- residual add + norms ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype, tol",
+    [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)],
+    ids=["fp32", "fp16", "bf16"],
+)
+@pytest.mark.parametrize("looped", [False, True])
+def test_add_layer_norm(poison, device, monkeypatch, dtype, tol, looped):
+    if looped:
+        monkeypatch.setattr(
+            fused_norm, "_CONFIGS", (fused_norm.Config.make(num_warps=4, num_stages=1, BLOCK_N=16),)
+        )
+    x = torch.randn(3, 4, 37, device=device).to(dtype).requires_grad_()
+    r = torch.randn(3, 4, 37, device=device).to(dtype).requires_grad_()
+    w = torch.randn(37, device=device).to(dtype).requires_grad_()
+    b = torch.randn(37, device=device).to(dtype).requires_grad_()
+    with _common.count_launches() as n:
+        out, s, mean, rstd = torch.ops.tile.add_layer_norm(x, r, [37], w, b, 1e-5)
+    assert n["add_layer_norm_fwd"] == 1
+    s_ref = x + r
+    if dtype == torch.bfloat16:  # the interpreter's bf16 cast truncates (GPU: exact)
+        torch.testing.assert_close(s, s_ref, atol=0, rtol=2**-7)
+    else:
+        assert torch.equal(s, s_ref)
+    ref = F.layer_norm(s_ref.double(), [37], w.double(), b.double(), 1e-5)
+    torch.testing.assert_close(out.double(), ref, atol=tol * 4, rtol=tol)
+    assert mean.shape == rstd.shape == (3, 4, 1) and rstd.dtype == torch.float32
+    g, gs = torch.randn_like(out), torch.randn_like(s)
+    with _common.count_launches() as n:
+        got = torch.autograd.grad((out * g).sum() + (s * gs).sum(), [x, r, w, b])
+    assert n["layer_norm_bwd"] == 1
+    s2 = x + r
+    want = torch.autograd.grad(
+        (F.layer_norm(s2.float(), [37], w.float(), b.float(), 1e-5) * g.float()).sum()
+        + (s2 * gs).sum(),
+        [x, r, w, b],
+    )
+    for p, q in zip(got, want, strict=True):
+        torch.testing.assert_close(p.double(), q.double(), atol=tol * 20, rtol=tol * 4)
+
+
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)], ids=["fp32", "fp16"]
+)
+@pytest.mark.parametrize("has_w", [True, False])
+def test_add_rms_norm(poison, device, dtype, tol, has_w):
+    x = torch.randn(6, 29, device=device).to(dtype).requires_grad_()
+    r = torch.randn(6, 29, device=device).to(dtype).requires_grad_()
+    w = torch.randn(29, device=device).to(dtype).requires_grad_() if has_w else None
+    with _common.count_launches() as n:
+        out, s, rstd = torch.ops.tile.add_rms_norm(x, r, [29], w, None)
+    assert n["add_rms_norm_fwd"] == 1
+    s2 = x + r
+    assert torch.equal(s, s2)
+    ref = F.rms_norm(s2.float(), [29], None if w is None else w.float())
+    torch.testing.assert_close(out.double(), ref.double(), atol=tol * 4, rtol=tol)
+    g, gs = torch.randn_like(out), torch.randn_like(s)
+    params = [x, r] + ([w] if has_w else [])
+    got = torch.autograd.grad((out * g).sum() + (s * gs).sum(), params)
+    want = torch.autograd.grad((ref * g.float()).sum() + (s2 * gs).sum(), params)
+    for p, q in zip(got, want, strict=True):
+        torch.testing.assert_close(p.double(), q.double(), atol=tol * 20, rtol=tol * 4)
+
+
+def test_add_norm_fake_and_fallback(device, monkeypatch, clean_failures):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 3, 8, dtype=torch.bfloat16)
+        out, s, mean, rstd = torch.ops.tile.add_layer_norm(x, x, [8], None, None, 1e-5)
+        assert out.shape == s.shape == x.shape and mean.shape == (2, 3, 1)
+        out, s, rstd = torch.ops.tile.add_rms_norm(x, x, [8], None, 1e-6)
+        assert rstd.dtype == torch.float32
+    x, r = torch.randn(4, 8, device=device), torch.randn(4, 8, device=device)
+    assert "residual" in fused_norm.check_add_layer_norm(x, r.half(), [8])
+    monkeypatch.setattr(fused_norm, "add_norm_fwd", _boom)
+    with pytest.warns(RuntimeWarning, match="add_layer_norm_fwd"):
+        out, s, _m, _r = torch.ops.tile.add_layer_norm(x, r, [8], None, None, 1e-5)
+    torch.testing.assert_close(out, F.layer_norm(x + r, [8]))
+    with pytest.warns(RuntimeWarning, match="add_rms_norm_fwd"):
+        out, s, _r = torch.ops.tile.add_rms_norm(x, r, [8], None, None)
+    torch.testing.assert_close(out, F.rms_norm(x + r, [8]))
+
+
+def test_pointwise_module_exports():
+    assert set(pointwise.__all__) <= set(dir(pointwise))

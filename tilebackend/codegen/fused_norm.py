@@ -1,0 +1,395 @@
+"""Residual add + LayerNorm / RMSNorm in one pass: ``sum = x + residual`` (written, for the
+next residual) and ``out = norm(sum)``, plus the ``tile::add_layer_norm`` /
+``tile::add_rms_norm`` custom ops.
+
+One kernel serves both norms (``RMS`` constexpr).  Layout as :mod:`.layer_norm`: ``[M, N]``
+rows (N = prod(normalized_shape)) with a row stride and column stride 1 for ``x`` and
+``residual`` (else a contiguous copy); ``out`` and ``sum`` are contiguous.  ``sum`` is
+rounded to the input dtype *before* the statistics are taken, so the kernel normalises
+exactly the tensor eager's ``layer_norm(x + residual)`` sees (and the saved ``sum`` is what
+the backward differentiates).  Mean / rstd are fp32, shaped ``x.shape[:axis] + (1,) * k``.
+
+Backward reuses ``tile::layer_norm_backward`` / ``tile::rms_norm_backward`` on ``sum`` and
+adds the incoming gradient of ``sum``; ``x`` and ``residual`` get the same gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common, autotune
+from . import rms_norm as _rms
+from .autotune import Config
+from .layer_norm import _prod, as_rows, candidate_configs, check_layer_norm, stats_shape
+
+__all__ = [
+    "add_norm_fwd",
+    "check_add_layer_norm",
+    "check_add_rms_norm",
+    "sm90_specs",
+]
+
+KERNEL_NAMES = ("add_layer_norm_fwd", "add_rms_norm_fwd")
+
+
+@triton.jit
+def _add_norm_fwd_kernel(
+    X,  # *T [M, N]: row stride stride_x, column stride 1
+    R,  # *T [M, N] residual: row stride stride_r, column stride 1
+    Y,  # *T [M, N] normalised output, contiguous
+    S,  # *T [M, N] x + residual, contiguous
+    W,  # *T [N] weight (read only if HAS_WEIGHT)
+    B,  # *T [N] bias (read only if HAS_BIAS; never with RMS)
+    Mean,  # *fp32 [M] (written unless RMS)
+    Rstd,  # *fp32 [M]
+    stride_x,
+    stride_r,
+    N,
+    eps,  # fp32
+    RMS: tl.constexpr,  # RMS norm (no mean) instead of layer norm
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,  # N <= BLOCK_N: the row in registers
+):
+    row = tl.program_id(0).to(tl.int64)
+    X += row * stride_x
+    R += row * stride_r
+    Y += row * N
+    S += row * N
+    if SINGLE_BLOCK:
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(S.dtype.element_ty)
+        tl.store(S + cols, s, mask=mask)
+        s = s.to(tl.float32)
+        if RMS:
+            mean = 0.0
+            diff = s
+        else:
+            mean = tl.sum(s, axis=0) / N
+            diff = tl.where(mask, s - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / N + eps)
+        y = diff * rstd
+        if HAS_WEIGHT:
+            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        # pass 1: write the sum; per-lane Welford (layer norm) or sum of squares (RMS)
+        cnt = tl.zeros([BLOCK_N], dtype=tl.float32)
+        lane_mean = tl.zeros([BLOCK_N], dtype=tl.float32)
+        lane_m2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for off in range(0, N, BLOCK_N):
+            cols = off + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+            r = tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)
+            s16 = (x + r).to(S.dtype.element_ty)
+            tl.store(S + cols, s16, mask=mask)
+            s = s16.to(tl.float32)
+            if RMS:
+                lane_m2 += s * s
+            else:
+                new_cnt = cnt + tl.where(mask, 1.0, 0.0)
+                delta = s - lane_mean
+                lane_mean += tl.where(mask, delta / tl.maximum(new_cnt, 1.0), 0.0)
+                lane_m2 += tl.where(mask, delta * (s - lane_mean), 0.0)
+                cnt = new_cnt
+        if RMS:
+            mean = 0.0
+            var = tl.sum(lane_m2, axis=0) / N
+        else:
+            mean = tl.sum(lane_mean * cnt, axis=0) / N
+            d = lane_mean - mean
+            var = tl.sum(lane_m2 + cnt * d * d, axis=0) / N
+        rstd = 1.0 / tl.sqrt(var + eps)
+        # pass 2: normalise (the sum is recomputed from x and residual: no read-after-write)
+        for off in range(0, N, BLOCK_N):
+            cols = off + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+            r = tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)
+            s = (x + r).to(S.dtype.element_ty).to(tl.float32)
+            y = (s - mean) * rstd
+            if HAS_WEIGHT:
+                y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    if not RMS:
+        tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+
+
+_CONFIGS: tuple[Config, ...] = tuple(
+    Config.make(num_warps=w, num_stages=1, BLOCK_N=b) for b, w in ((1024, 4), (4096, 8), (8192, 16))
+)
+
+
+# --- host --------------------------------------------------------------------------------
+
+
+def _pair_reason(x, residual) -> str | None:
+    if not isinstance(residual, torch.Tensor):
+        return "residual is not a tensor"
+    if residual.shape != x.shape:
+        return f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}"
+    if residual.dtype != x.dtype:
+        return f"residual dtype {residual.dtype} != x dtype {x.dtype}"
+    if residual.device != x.device:
+        return f"residual on {residual.device}, x on {x.device}"
+    return None
+
+
+def check_add_layer_norm(x, residual, normalized_shape, weight=None, bias=None) -> str | None:
+    """Why ``add_layer_norm`` cannot use the tile kernel, or None."""
+    return check_layer_norm(x, normalized_shape, weight, bias) or _pair_reason(x, residual)
+
+
+def check_add_rms_norm(x, residual, normalized_shape, weight=None) -> str | None:
+    """Why ``add_rms_norm`` cannot use the tile kernel, or None."""
+    return _rms.check_rms_norm(x, normalized_shape, weight) or _pair_reason(x, residual)
+
+
+def add_norm_fwd(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: Sequence[int],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    rms: bool,
+    *,
+    config: Config | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, sum, mean, rstd)``: ``sum = x + residual``, ``out = norm(sum)`` (RMS norm
+    when ``rms``: then ``mean`` is an empty placeholder and ``bias`` must be None)."""
+    if rms:
+        reason = check_add_rms_norm(x, residual, normalized_shape, weight)
+        if bias is not None:
+            reason = reason or "RMS norm has no bias"
+    else:
+        reason = check_add_layer_norm(x, residual, normalized_shape, weight, bias)
+    if reason:
+        raise ValueError(f"add_norm_fwd: {reason}")
+    n = _prod(normalized_shape)
+    m = x.numel() // n
+    sshape = stats_shape(x, normalized_shape)
+    out = _common.empty(x.shape, x.dtype, x.device)
+    total = _common.empty(x.shape, x.dtype, x.device)
+    mean = _common.empty((0,) if rms else sshape, torch.float32, x.device)
+    rstd = _common.empty(sshape, torch.float32, x.device)
+    if m == 0:
+        return out, total, mean, rstd
+    x2, stride_x = as_rows(x, m, n)
+    r2, stride_r = as_rows(residual, m, n)
+    w = weight.contiguous() if weight is not None else x2
+    b = bias.contiguous() if bias is not None else x2
+
+    def run(cfg: Config):
+        _add_norm_fwd_kernel[(m,)](
+            x2, r2, out, total, w, b, rstd if rms else mean, rstd,
+            stride_x, stride_r, n, float(eps),
+            RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            SINGLE_BLOCK=cfg["BLOCK_N"] >= n, **cfg.as_kwargs(),
+        )  # fmt: skip
+
+    if config is None:
+        cands, heur = candidate_configs(_CONFIGS, n)
+        key = (x.dtype, autotune.bucket(n), weight is not None, bias is not None)
+        name = "add_rms_norm_fwd" if rms else "add_layer_norm_fwd"
+        config = autotune.select(name, key, cands, heur, run, fn=_add_norm_fwd_kernel)
+    run(config)
+    return out, total, mean, rstd
+
+
+# --- fallbacks ------------------------------------------------------------------------------
+
+
+def _eager_ln(x, residual, ns, weight, bias, eps):
+    s = x + residual
+    out, mean, rstd = torch.ops.aten.native_layer_norm(s, ns, weight, bias, eps)
+    return out.contiguous(), s.contiguous(), mean.to(torch.float32), rstd.to(torch.float32)
+
+
+def _eager_rms(x, residual, ns, weight, eps):
+    s = x + residual
+    out, rstd = _rms._aten_fwd(s, ns, weight, eps)
+    return out, s.contiguous(), rstd.to(torch.float32)
+
+
+# --- custom ops -----------------------------------------------------------------------------
+
+
+@torch.library.custom_op(
+    "tile::add_layer_norm",
+    mutates_args=(),
+    schema="(Tensor x, Tensor residual, int[] normalized_shape, Tensor? weight, Tensor? bias, "
+    "float eps) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+def add_layer_norm_op(x, residual, normalized_shape, weight, bias, eps):
+    """``(out, sum, mean, rstd)``: ``sum = x + residual``, ``out = layer_norm(sum)``."""
+    ns = [int(v) for v in normalized_shape]
+    if check_add_layer_norm(x, residual, ns, weight, bias) is not None:
+        return _eager_ln(x, residual, ns, weight, bias, eps)
+    return _common.guarded(
+        "add_layer_norm_fwd",
+        key=(x.dtype, weight is not None, bias is not None),
+        run=lambda: add_norm_fwd(x, residual, ns, weight, bias, eps, rms=False),
+        fallback=lambda: _eager_ln(x, residual, ns, weight, bias, eps),
+    )
+
+
+@add_layer_norm_op.register_fake
+def _(x, residual, normalized_shape, weight, bias, eps):
+    sshape = stats_shape(x, normalized_shape)
+    stats = x.new_empty(sshape, dtype=torch.float32)
+    return (
+        x.new_empty(x.shape),
+        x.new_empty(x.shape),
+        stats,
+        x.new_empty(sshape, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op(
+    "tile::add_rms_norm",
+    mutates_args=(),
+    schema="(Tensor x, Tensor residual, int[] normalized_shape, Tensor? weight, float? eps) "
+    "-> (Tensor, Tensor, Tensor)",
+)
+def add_rms_norm_op(x, residual, normalized_shape, weight, eps):
+    """``(out, sum, rstd)``: ``sum = x + residual``, ``out = rms_norm(sum)``."""
+    ns = [int(v) for v in normalized_shape]
+    if check_add_rms_norm(x, residual, ns, weight) is not None:
+        return _eager_rms(x, residual, ns, weight, eps)
+    e = _rms.default_eps(x.dtype) if eps is None else eps
+
+    def run():
+        out, total, _mean, rstd = add_norm_fwd(x, residual, ns, weight, None, e, rms=True)
+        return out, total, rstd
+
+    return _common.guarded(
+        "add_rms_norm_fwd",
+        key=(x.dtype, weight is not None),
+        run=run,
+        fallback=lambda: _eager_rms(x, residual, ns, weight, eps),
+    )
+
+
+@add_rms_norm_op.register_fake
+def _(x, residual, normalized_shape, weight, eps):
+    sshape = stats_shape(x, normalized_shape)
+    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(sshape, dtype=torch.float32)
+
+
+def _plus(a, b):
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+def _ln_setup(ctx, inputs, output):
+    _x, _r, ns, weight, bias, _eps = inputs
+    _out, total, mean, rstd = output
+    ctx.ns = list(ns)
+    ctx.save_for_backward(total, weight, bias, mean, rstd)
+
+
+def _ln_backward(ctx, g_out, g_sum, _g_mean, _g_rstd):
+    total, weight, bias, mean, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_s = need[0] or need[1]
+    mask = [need_s, need[3] and weight is not None, need[4] and bias is not None]
+    ds = dw = db = None
+    if g_out is not None and any(mask):
+        dx, dw, db = torch.ops.tile.layer_norm_backward(
+            g_out, total, ctx.ns, mean, rstd, weight, bias, mask
+        )
+        ds = dx if mask[0] else None
+    ds = _plus(ds, g_sum) if need_s else None
+    return (
+        ds if need[0] else None,
+        ds if need[1] else None,
+        None,
+        dw if mask[1] else None,
+        db if mask[2] else None,
+        None,
+    )
+
+
+def _rms_setup(ctx, inputs, output):
+    _x, _r, ns, weight, _eps = inputs
+    _out, total, rstd = output
+    ctx.ns = list(ns)
+    ctx.save_for_backward(total, weight, rstd)
+
+
+def _rms_backward(ctx, g_out, g_sum, _g_rstd):
+    total, weight, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_s = need[0] or need[1]
+    mask = [need_s, need[3] and weight is not None]
+    ds = dw = None
+    if g_out is not None and any(mask):
+        dx, dw = torch.ops.tile.rms_norm_backward(g_out, total, ctx.ns, rstd, weight, mask)
+        ds = dx if mask[0] else None
+    ds = _plus(ds, g_sum) if need_s else None
+    return ds if need[0] else None, ds if need[1] else None, None, dw if mask[1] else None, None
+
+
+torch.library.register_autograd("tile::add_layer_norm", _ln_backward, setup_context=_ln_setup)
+torch.library.register_autograd("tile::add_rms_norm", _rms_backward, setup_context=_rms_setup)
+
+
+# --- sm_90 compile specs --------------------------------------------------------------------
+
+
+def sm90_specs() -> list[dict]:
+    """Every (norm, dtype, config, single/looped) variant, with weight (and bias)."""
+    specs = []
+    for dt in _common.SUPPORTED_DTYPES:
+        t = "*" + _common.triton_dtype_name(dt)
+        sig = {
+            "X": t,
+            "R": t,
+            "Y": t,
+            "S": t,
+            "W": t,
+            "B": t,
+            "Mean": "*fp32",
+            "Rstd": "*fp32",
+            "stride_x": "i32",
+            "stride_r": "i32",
+            "N": "i32",
+            "eps": "fp32",
+        }
+        for rms in (False, True):
+            for cfg in _CONFIGS:
+                for single in (True, False):
+                    kind = "rms" if rms else "layer"
+                    specs.append(
+                        {
+                            "name": f"add_{kind}_norm_fwd[{t[1:]},{cfg},single={single}]",
+                            "fn": _add_norm_fwd_kernel,
+                            "signature": dict(sig),
+                            "constexprs": {
+                                "RMS": rms,
+                                "HAS_WEIGHT": True,
+                                "HAS_BIAS": not rms,
+                                "BLOCK_N": cfg["BLOCK_N"],
+                                "SINGLE_BLOCK": single,
+                            },
+                            "num_warps": cfg.num_warps,
+                            "num_stages": cfg.num_stages,
+                        }
+                    )
+    return specs

@@ -1,0 +1,670 @@
+"""Pointwise expression DAGs: their format, dtype rules, a printer to Triton source, an
+eager (torch) evaluator, and the mapping from ATen pointwise ops.
+
+The fusion pass turns the ATen pointwise ops around a kernel's anchor (a GEMM's output, a
+softmax's input) into one *expression* that a kernel template writes into its source.
+
+Expression format (plain nested tuples; JSON lists once serialised):
+
+* leaves: ``"ACC"`` (the anchor's value: for a GEMM ``alpha * (A @ B) + bias`` in fp32)
+  and ``"IN0"``, ``"IN1"``, ... (extra input tensors, broadcast to the output shape and
+  read through their strides; ``INk`` is ``extras[k]``);
+* constants: Python ``int`` / ``float`` (``inf`` / ``nan`` allowed), normalised to float;
+* nodes ``(kind, *operands)``:
+
+  - unary: ``neg exp log tanh sigmoid relu silu erf rsqrt sqrt abs reciprocal
+    logical_not``;
+  - binary: ``add sub mul div pow maximum minimum lt le gt ge eq ne`` (``pow``'s exponent
+    may be a constant or an expression);
+  - ``("gelu", x, "none" | "tanh")``, ``("where", cond, a, b)``, ``("to", x, dtype)``
+    with ``dtype`` a name: ``"float32" "float16" "bfloat16" "bool"``.
+
+The same sub-expression written twice (``x`` in ``x * x * x``) is one value: the printer
+emits each distinct sub-tree once.  :func:`dumps` gives the canonical string (compact JSON,
+constants as floats) that ``tile::`` ops take as ``expr``; :func:`loads` reverses it.
+GPT-2's written-out tanh-GELU over the GEMM accumulator is::
+
+    ["mul",["mul","ACC",0.5],["add",["tanh",["mul",["add","ACC",["mul",["pow","ACC",3.0],
+    0.044715]],0.7978845608028654]],1.0]]
+
+Dtype rules (what the *result* dtype is, as eager computes it): tensor-tensor operands
+promote with ``torch.promote_types``; a Python constant never widens a tensor of its own
+category (``fp16_tensor * 0.5`` is fp16) but lifts a bool / int tensor to float32;
+floating functions (``exp`` .. ``rsqrt``, ``div``) of a bool / int give float32;
+comparisons and ``logical_not`` give bool; ``where`` promotes its two branches; ``to``
+gives its dtype.  ``ACC``'s dtype is the GEMM output's (its input dtype).
+
+Numerics of the generated code: every value is computed in fp32 (bools as ``int1``); an
+intermediate is *not* rounded to its eager dtype, except at an explicit ``to``: a cast to
+fp16 / bf16 round-trips (``x.to(tl.float16).to(tl.float32)``), so ``.to(fp16)`` in the
+middle of an expression rounds like eager.  The final value is stored in the result dtype.
+This is Inductor's choice too: results are at least as accurate as eager's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = [
+    "ATEN_KINDS",
+    "BINARY",
+    "DTYPE_NAMES",
+    "UNARY",
+    "ExprError",
+    "canonical",
+    "dumps",
+    "evaluate",
+    "from_aten",
+    "infer_dtype",
+    "input_leaves",
+    "is_pointwise",
+    "loads",
+    "print_triton",
+    "validate",
+]
+
+UNARY = (
+    "neg",
+    "exp",
+    "log",
+    "tanh",
+    "sigmoid",
+    "relu",
+    "silu",
+    "erf",
+    "rsqrt",
+    "sqrt",
+    "abs",
+    "reciprocal",
+    "logical_not",
+)
+BINARY = (
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "pow",
+    "maximum",
+    "minimum",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "eq",
+    "ne",
+)
+_COMPARE = ("lt", "le", "gt", "ge", "eq", "ne")
+#: unary ops that give a float result for a bool / int input (eager's int-to-float rule)
+_FLOAT_UNARY = ("exp", "log", "tanh", "sigmoid", "silu", "erf", "rsqrt", "sqrt", "reciprocal")
+
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bool": torch.bool,
+}
+_NAME_OF = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+class ExprError(ValueError):
+    """A malformed or unsupported pointwise expression."""
+
+
+# --- format ----------------------------------------------------------------------------
+
+
+def _is_leaf(e: Any) -> bool:
+    return isinstance(e, str) and (e == "ACC" or (e.startswith("IN") and e[2:].isdigit()))
+
+
+def canonical(expr: Any) -> Any:
+    """``expr`` with lists as tuples, constants as floats, dtypes as names; validated."""
+    if isinstance(expr, (list, tuple)):
+        if not expr or not isinstance(expr[0], str):
+            raise ExprError(f"a node must start with its kind: {expr!r}")
+        kind, ops = expr[0], list(expr[1:])
+        if kind == "to":
+            if len(ops) != 2:
+                raise ExprError(f"'to' takes (x, dtype): {expr!r}")
+            dt = ops[1]
+            name = _NAME_OF.get(dt) if isinstance(dt, torch.dtype) else dt
+            if name not in DTYPE_NAMES:
+                raise ExprError(f"cast to {dt!r} is not supported (one of {list(DTYPE_NAMES)})")
+            return ("to", canonical(ops[0]), name)
+        if kind == "gelu":
+            approx = ops[1] if len(ops) > 1 else "none"
+            if len(ops) not in (1, 2) or approx not in ("none", "tanh"):
+                raise ExprError(f"'gelu' takes (x, 'none' | 'tanh'): {expr!r}")
+            return ("gelu", canonical(ops[0]), approx)
+        arity = 1 if kind in UNARY else 2 if kind in BINARY else 3 if kind == "where" else None
+        if arity is None:
+            raise ExprError(f"unknown node kind {kind!r}")
+        if len(ops) != arity:
+            raise ExprError(f"{kind!r} takes {arity} operand(s), got {len(ops)}: {expr!r}")
+        return (kind, *(canonical(o) for o in ops))
+    if _is_leaf(expr):
+        return expr
+    if isinstance(expr, bool):
+        return float(expr)
+    if isinstance(expr, (int, float)):
+        return float(expr)
+    raise ExprError(f"not an expression: {expr!r}")
+
+
+def validate(expr: Any) -> Any:
+    """Alias of :func:`canonical` (raises :class:`ExprError` when malformed)."""
+    return canonical(expr)
+
+
+def dumps(expr: Any) -> str:
+    """The canonical string of ``expr`` (what ``tile::`` ops take as ``expr``)."""
+    return json.dumps(canonical(expr), separators=(",", ":"), allow_nan=True)
+
+
+def loads(s: str) -> Any:
+    """Parse a string made by :func:`dumps` (or hand-written JSON of the same shape)."""
+    try:
+        raw = json.loads(s)
+    except (TypeError, ValueError) as e:
+        raise ExprError(f"expression is not valid JSON: {e}") from None
+    return canonical(raw)
+
+
+def input_leaves(expr: Any) -> set[str]:
+    """The leaves (``"ACC"``, ``"IN0"``, ...) that ``expr`` reads."""
+    out: set[str] = set()
+
+    def walk(e):
+        if isinstance(e, tuple):
+            for o in e[1:]:
+                walk(o)
+        elif _is_leaf(e):
+            out.add(e)
+
+    walk(canonical(expr))
+    return out
+
+
+# --- dtypes ----------------------------------------------------------------------------
+
+_WEAK = "weak"  # a Python constant's dtype: float category, never widens a tensor
+
+
+def _category(dt) -> int:
+    if dt == _WEAK:
+        return 2
+    if dt == torch.bool:
+        return 0
+    return 2 if dt.is_floating_point else 1
+
+
+def _promote(a, b):
+    if a == _WEAK and b == _WEAK:
+        return _WEAK
+    if a == _WEAK or b == _WEAK:
+        t = b if a == _WEAK else a
+        return t if _category(t) >= 2 else torch.float32
+    return torch.promote_types(a, b)
+
+
+def infer_dtype(expr: Any, leaf_dtypes: Mapping[str, torch.dtype]) -> torch.dtype:
+    """The dtype eager gives ``expr`` when its leaves have ``leaf_dtypes``."""
+    return _dtype_of(leaf_dtypes)(canonical(expr))
+
+
+def _dtype_of(leaf_dtypes: Mapping[str, torch.dtype]) -> Callable[[Any], torch.dtype]:
+    """A memoised ``node -> eager dtype`` for canonical nodes (constants: float32)."""
+    memo: dict[Any, Any] = {}
+
+    def go(e):
+        if isinstance(e, float):
+            return _WEAK
+        if isinstance(e, str):
+            if e not in leaf_dtypes:
+                raise ExprError(f"no dtype given for leaf {e!r}")
+            return leaf_dtypes[e]
+        if e in memo:
+            return memo[e]
+        kind = e[0]
+        if kind == "to":
+            r = DTYPE_NAMES[e[2]]
+        elif kind in _COMPARE or kind == "logical_not":
+            r = torch.bool
+        elif kind == "where":
+            r = _promote(go(e[2]), go(e[3]))
+            go(e[1])
+        elif kind in BINARY:
+            r = _promote(go(e[1]), go(e[2]))
+            if kind in ("div", "pow") and r != _WEAK and _category(r) < 2:
+                r = torch.float32
+        else:  # unary, gelu
+            r = go(e[1])
+            if r != _WEAK and _category(r) < 2 and kind in (*_FLOAT_UNARY, "gelu"):
+                r = torch.float32
+            if kind == "neg" and r == torch.bool:
+                raise ExprError("neg of a bool is not defined (eager raises)")
+        memo[e] = r
+        return r
+
+    def dtype(e):
+        r = go(e)
+        return torch.float32 if r == _WEAK else r
+
+    return dtype
+
+
+# --- printer ---------------------------------------------------------------------------
+
+
+def _lit(v: float) -> str:
+    if math.isnan(v):
+        return 'float("nan")'
+    if math.isinf(v):
+        return 'float("inf")' if v > 0 else '-float("inf")'
+    return repr(float(v))
+
+
+_ROUND = {torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16"}
+_GELU_K = 0.7978845608028654  # sqrt(2 / pi)
+_SQRT1_2 = 0.7071067811865476
+
+
+def print_triton(
+    expr: Any,
+    leaves: Mapping[str, str],
+    bool_leaves: Sequence[str] = (),
+    prefix: str = "_e",
+    use_libdevice: bool | None = None,
+    leaf_dtypes: Mapping[str, torch.dtype] | None = None,
+) -> tuple[list[str], str, bool]:
+    """Triton statements computing ``expr``; returns ``(lines, result_name, is_constant)``.
+
+    ``leaves`` maps each leaf (``"ACC"``, ``"INk"``) to the name of an fp32 block already
+    in scope (``int1`` for the names in ``bool_leaves``).  Every statement assigns a fresh
+    ``{prefix}{n}``; the result is fp32 (a bool result is converted to 0.0 / 1.0).
+    ``is_constant`` says the result is a Python float (no leaf was read): the caller
+    broadcasts it.  Lines have no indentation.
+
+    With ``leaf_dtypes``, a cast first rounds its operand to the operand's own eager dtype
+    when that is fp16 / bf16 (``x16.to(float32)``: eager's ``x16`` was rounded), so a cast
+    rounds exactly where eager's value was rounded.
+
+    ``use_libdevice`` (default: not in Triton's interpreter, which does not implement
+    libdevice): ``tanh`` and a general ``pow`` call ``libdevice`` (``from
+    triton.language.extra import libdevice`` must be in scope); otherwise they are written
+    with ``tl.exp`` / ``tl.exp2`` / ``tl.log2`` (tanh to ~1e-7 absolute; a general pow as
+    ``exp2(p * log2(|x|))`` with the sign of an odd integer power, NaN for a negative base
+    and a non-integer power).
+    """
+    if use_libdevice is None:
+        from .._compat import interpret_mode
+
+        use_libdevice = not interpret_mode()
+    e0 = canonical(expr)
+    dtype_of = _dtype_of(leaf_dtypes) if leaf_dtypes is not None else None
+    lines: list[str] = []
+    memo: dict[Any, tuple[str, bool]] = {}  # sub-tree -> (name or literal, is_bool)
+    counter = [0]
+
+    def fresh(code: str, is_bool: bool = False) -> tuple[str, bool]:
+        name = f"{prefix}{counter[0]}"
+        counter[0] += 1
+        lines.append(f"{name} = {code}")
+        return name, is_bool
+
+    def as_f(v: tuple[str, bool]) -> str:
+        return f"{v[0]}.to(tl.float32)" if v[1] else v[0]
+
+    def as_b(v: tuple[str, bool]) -> str:
+        return v[0] if v[1] else f"({v[0]} != 0.0)"
+
+    def tanh(x: str) -> str:
+        if use_libdevice:
+            return f"libdevice.tanh({x})"
+        t = fresh(f"tl.exp(-2.0 * tl.abs({x}))")[0]
+        return f"tl.where({x} < 0.0, -1.0, 1.0) * (1.0 - {t}) / (1.0 + {t})"
+
+    def gpow(a: str, b: str) -> str:
+        if use_libdevice:
+            return f"libdevice.pow({a}, {b})"
+        return f"tl.exp2({b} * tl.log2({a}))"
+
+    def go(e) -> tuple[str, bool]:
+        if isinstance(e, float):
+            return _lit(e), False
+        if isinstance(e, str):
+            if e not in leaves:
+                raise ExprError(f"leaf {e!r} has no input")
+            return leaves[e], e in bool_leaves
+        if e in memo:
+            return memo[e]
+        kind = e[0]
+        if kind == "to":
+            x = go(e[1])
+            src = dtype_of(e[1]) if dtype_of is not None else None
+            if src in _ROUND and _NAME_OF[src] != e[2] and not x[1]:
+                x = fresh(f"{x[0]}.to({_ROUND[src]}).to(tl.float32)")
+            if e[2] == "bool":
+                r = x if x[1] else fresh(f"{x[0]} != 0.0", True)
+            elif e[2] == "float32":
+                r = fresh(as_f(x)) if x[1] else x
+            else:
+                tname = {"float16": "tl.float16", "bfloat16": "tl.bfloat16"}[e[2]]
+                r = fresh(f"({as_f(x)}).to({tname}).to(tl.float32)")
+        elif kind == "gelu":
+            x = as_f(go(e[1]))
+            if e[2] == "tanh":
+                inner = fresh(f"{_GELU_K!r} * ({x} + 0.044715 * {x} * {x} * {x})")
+                th = tanh(inner[0])
+                r = fresh(f"0.5 * {x} * (1.0 + {th})")
+            else:
+                r = fresh(f"0.5 * {x} * (1.0 + tl.math.erf({x} * {_SQRT1_2!r}))")
+        elif kind == "where":
+            c, a, b = go(e[1]), go(e[2]), go(e[3])
+            r = fresh(f"tl.where({as_b(c)}, {as_f(a)}, {as_f(b)})")
+        elif kind in _COMPARE:
+            op = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}[kind]
+            r = fresh(f"{as_f(go(e[1]))} {op} {as_f(go(e[2]))}", True)
+        elif kind == "logical_not":
+            r = fresh(f"{as_b(go(e[1]))} == 0", True)
+        elif kind in BINARY:
+            a, b = as_f(go(e[1])), e[2]
+            if kind == "pow" and isinstance(b, float):
+                r = _pow_const(a, b, fresh, use_libdevice)
+            else:
+                bs = as_f(go(b))
+                if kind in ("add", "sub", "mul", "div"):
+                    op = {"add": "+", "sub": "-", "mul": "*", "div": "/"}[kind]
+                    r = fresh(f"{a} {op} {bs}")
+                elif kind == "pow":
+                    if isinstance(e[1], float):  # constant base: make it a block
+                        a = f"(tl.zeros_like({bs}) + {a})"
+                    r = fresh(gpow(a, bs))
+                else:
+                    fn = "tl.maximum" if kind == "maximum" else "tl.minimum"
+                    r = fresh(f"{fn}({a}, {bs}, propagate_nan=tl.PropagateNan.ALL)")
+        else:
+            x = as_f(go(e[1]))
+            code = {
+                "neg": f"-{x}",
+                "exp": f"tl.exp({x})",
+                "log": f"tl.log({x})",
+                "tanh": None,
+                "sigmoid": f"1.0 / (1.0 + tl.exp(-{x}))",
+                "relu": f"tl.where({x} < 0.0, 0.0, {x})",  # NaN stays NaN, like torch.relu
+                "silu": f"{x} / (1.0 + tl.exp(-{x}))",
+                "erf": f"tl.math.erf({x})",
+                "rsqrt": f"tl.rsqrt({x})",
+                "sqrt": f"tl.sqrt({x})",
+                "abs": f"tl.abs({x})",
+                "reciprocal": f"1.0 / {x}",
+            }[kind]
+            r = fresh(code if code is not None else tanh(x))
+        memo[e] = r
+        return r
+
+    res = go(e0)
+    if res[1]:
+        res = fresh(f"{res[0]}.to(tl.float32)")
+    return lines, res[0], not input_leaves(e0)
+
+
+def _pow_const(a: str, p: float, fresh: Callable, use_libdevice: bool) -> tuple[str, bool]:
+    """``a ** p`` for a constant ``p``: the small integer and half powers as products /
+    roots (what ATen's pow kernels do), else libdevice's pow."""
+    if p == 0.0:
+        return fresh(f"tl.zeros_like({a}) + 1.0")  # pow(x, 0) = 1, also for NaN / inf
+    if p == 1.0:
+        return a, False
+    if p == 2.0:
+        return fresh(f"{a} * {a}")
+    if p == 3.0:
+        return fresh(f"{a} * {a} * {a}")
+    if p == 0.5:
+        return fresh(f"tl.sqrt({a})")
+    if p == -0.5:
+        return fresh(f"tl.rsqrt({a})")
+    if p == -1.0:
+        return fresh(f"1.0 / {a}")
+    if p == -2.0:
+        return fresh(f"1.0 / ({a} * {a})")
+    if use_libdevice or not math.isfinite(p):
+        return fresh(f"libdevice.pow({a}, {_lit(p)})")
+    mag = fresh(f"tl.exp2({_lit(p)} * tl.log2(tl.abs({a})))")[0]
+    if p == int(p):
+        if int(p) % 2:
+            return fresh(f"tl.where({a} < 0.0, -{mag}, {mag})")
+        return mag, False
+    return fresh(f'tl.where({a} < 0.0, float("nan"), {mag})')
+
+
+# --- eager evaluator (fallbacks and tests) --------------------------------------------
+
+
+def evaluate(expr: Any, leaves: Mapping[str, Any]) -> Any:
+    """Evaluate ``expr`` with eager torch ops (eager's dtypes and rounding at every step).
+
+    ``leaves`` maps ``"ACC"`` / ``"INk"`` to tensors.  This is what the kernels fall back
+    to, and the reference of the tests.
+    """
+    import torch.nn.functional as F
+
+    memo: dict[Any, Any] = {}
+
+    def go(e):
+        if isinstance(e, float):
+            return e
+        if isinstance(e, str):
+            return leaves[e]
+        if e in memo:
+            return memo[e]
+        kind = e[0]
+        if kind == "to":
+            r = _to(go(e[1]), DTYPE_NAMES[e[2]])
+        elif kind == "gelu":
+            r = F.gelu(_t(go(e[1])), approximate=e[2])
+        elif kind == "where":
+            c = go(e[1])
+            r = torch.where(
+                _t(c).bool() if not isinstance(c, torch.Tensor) else c, go(e[2]), go(e[3])
+            )
+        elif kind in BINARY:
+            a, b = go(e[1]), go(e[2])
+            r = _BIN[kind](a, b)
+        else:
+            x = go(e[1])
+            r = _UN[kind](_t(x))
+        memo[e] = r
+        return r
+
+    return go(canonical(expr))
+
+
+def _t(x):
+    return x if isinstance(x, torch.Tensor) else torch.tensor(x)
+
+
+def _to(x, dt):
+    return x.to(dt) if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=dt)
+
+
+def _max(a, b):
+    if not isinstance(a, torch.Tensor):
+        a, b = b, a
+    return torch.maximum(a, b) if isinstance(b, torch.Tensor) else torch.clamp_min(a, b)
+
+
+def _min(a, b):
+    if not isinstance(a, torch.Tensor):
+        a, b = b, a
+    return torch.minimum(a, b) if isinstance(b, torch.Tensor) else torch.clamp_max(a, b)
+
+
+_BIN: dict[str, Callable[[Any, Any], Any]] = {
+    "add": lambda a, b: a + b,
+    "sub": lambda a, b: a - b,
+    "mul": lambda a, b: a * b,
+    "div": lambda a, b: a / b,
+    "pow": lambda a, b: a**b,
+    "maximum": _max,
+    "minimum": _min,
+    "lt": lambda a, b: a < b,
+    "le": lambda a, b: a <= b,
+    "gt": lambda a, b: a > b,
+    "ge": lambda a, b: a >= b,
+    "eq": lambda a, b: a == b,
+    "ne": lambda a, b: a != b,
+}
+_UN: dict[str, Callable[[Any], Any]] = {
+    "neg": torch.neg,
+    "exp": torch.exp,
+    "log": torch.log,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "relu": torch.relu,
+    "silu": lambda x: torch.nn.functional.silu(x),
+    "erf": torch.erf,
+    "rsqrt": torch.rsqrt,
+    "sqrt": torch.sqrt,
+    "abs": torch.abs,
+    "reciprocal": torch.reciprocal,
+    "logical_not": torch.logical_not,
+}
+
+
+# --- ATen -> nodes ----------------------------------------------------------------------
+
+
+def _aten_kinds() -> dict[Any, str]:
+    aten, prims = torch.ops.aten, torch.ops.prims
+    table = {
+        "add.Tensor": "add",
+        "add.Scalar": "add",
+        "sub.Tensor": "sub",
+        "sub.Scalar": "sub",
+        "rsub.Scalar": "rsub",
+        "rsub.Tensor": "rsub",
+        "mul.Tensor": "mul",
+        "mul.Scalar": "mul",
+        "div.Tensor": "div",
+        "div.Scalar": "div",
+        "pow.Tensor_Scalar": "pow",
+        "pow.Tensor_Tensor": "pow",
+        "pow.Scalar": "pow",
+        "maximum.default": "maximum",
+        "minimum.default": "minimum",
+        "clamp_min.default": "maximum",
+        "clamp_max.default": "minimum",
+        "lt.Tensor": "lt",
+        "lt.Scalar": "lt",
+        "le.Tensor": "le",
+        "le.Scalar": "le",
+        "gt.Tensor": "gt",
+        "gt.Scalar": "gt",
+        "ge.Tensor": "ge",
+        "ge.Scalar": "ge",
+        "eq.Tensor": "eq",
+        "eq.Scalar": "eq",
+        "ne.Tensor": "ne",
+        "ne.Scalar": "ne",
+        "neg.default": "neg",
+        "exp.default": "exp",
+        "log.default": "log",
+        "tanh.default": "tanh",
+        "sigmoid.default": "sigmoid",
+        "relu.default": "relu",
+        "silu.default": "silu",
+        "erf.default": "erf",
+        "rsqrt.default": "rsqrt",
+        "sqrt.default": "sqrt",
+        "abs.default": "abs",
+        "reciprocal.default": "reciprocal",
+        "logical_not.default": "logical_not",
+        "gelu.default": "gelu",
+        "where.self": "where",
+        "where.ScalarSelf": "where",
+        "where.ScalarOther": "where",
+        "where.Scalar": "where",
+        "masked_fill.Scalar": "masked_fill",
+        "_to_copy.default": "to",
+    }
+    out: dict[Any, str] = {}
+    for name, kind in table.items():
+        packet, overload = name.split(".")
+        op = getattr(getattr(aten, packet, None), overload, None)
+        if op is not None:
+            out[op] = kind
+    conv = getattr(getattr(prims, "convert_element_type", None), "default", None)
+    if conv is not None:
+        out[conv] = "to"
+    return out
+
+
+#: ATen (and prims) OpOverloads that :func:`from_aten` turns into nodes, with their kind.
+ATEN_KINDS: dict[Any, str] = _aten_kinds()
+
+_TO_COPY_OK = {"dtype", "layout", "device", "pin_memory", "memory_format", "non_blocking"}
+
+
+def is_pointwise(target: Any) -> bool:
+    """True when ``target`` (an ATen OpOverload) has a node kind (see :func:`from_aten`)."""
+    return target in ATEN_KINDS
+
+
+def from_aten(target: Any, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> Any:
+    """The node for ``target(*args, **kwargs)`` whose tensor operands are already nodes.
+
+    Tensor arguments must be given as expressions (leaves or nodes); scalars as Python
+    numbers.  Handles ``alpha`` (add / sub / rsub), ``approximate`` (gelu), the dtype of
+    ``_to_copy`` / ``convert_element_type`` (a ``torch.dtype``), ``masked_fill``.  Raises
+    :class:`ExprError` for an unsupported target or argument (e.g. ``div`` with a
+    rounding mode, ``_to_copy`` to another device, a dtype with no node).
+    """
+    kwargs = dict(kwargs or {})
+    kind = ATEN_KINDS.get(target)
+    if kind is None:
+        raise ExprError(f"{target} is not a supported pointwise op")
+    a = list(args)
+    if kind in ("add", "sub", "rsub"):
+        alpha = kwargs.pop("alpha", a[2] if len(a) > 2 else 1)
+        _no_kwargs(target, kwargs)
+        x, y = a[0], a[1]
+        if alpha != 1:
+            y = ("mul", y, float(alpha))
+        if kind == "rsub":
+            x, y = (y, x) if alpha == 1 else (a[1], ("mul", a[0], float(alpha)))
+            return canonical(("sub", x, y))
+        return canonical((kind, x, y))
+    if kind == "gelu":
+        approx = kwargs.pop("approximate", a[1] if len(a) > 1 else "none")
+        _no_kwargs(target, kwargs)
+        return canonical(("gelu", a[0], approx))
+    if kind == "to":
+        dtype = kwargs.pop("dtype", a[1] if len(a) > 1 else None)
+        for k in list(kwargs):
+            if k not in _TO_COPY_OK:
+                raise ExprError(f"{target}: argument {k!r} is not supported")
+        if kwargs.get("device") is not None:
+            raise ExprError(f"{target}: a device change is not pointwise")
+        if dtype is None:
+            return canonical(a[0])
+        return canonical(("to", a[0], dtype))
+    if kind == "masked_fill":
+        _no_kwargs(target, kwargs)
+        return canonical(("where", a[1], a[2], a[0]))
+    _no_kwargs(target, kwargs)
+    if kind == "where":
+        return canonical(("where", a[0], a[1], a[2]))
+    if kind in BINARY:
+        return canonical((kind, a[0], a[1]))
+    return canonical((kind, a[0]))
+
+
+def _no_kwargs(target, kwargs) -> None:
+    if kwargs:
+        raise ExprError(f"{target}: keyword argument(s) {sorted(kwargs)} are not supported")
