@@ -141,3 +141,18 @@ def test_fused_training_step_matches_eager(poison):
     for g, p in zip(got, [*params, x]):
         torch.testing.assert_close(g, p.grad, atol=1e-4, rtol=1e-4)
     assert launches["layer_norm_bwd"] >= 1 or launches["add_layer_norm_fwd"] >= 1
+
+
+def test_residual_sum_read_before_the_norm(poison):
+    """The sum is used before the norm in graph order: the fused op goes where the add was."""
+    w = torch.randn(16)
+    x, r = torch.randn(4, 16), torch.randn(4, 16)
+
+    def fn(x, r):
+        s = x + r
+        t = torch.sigmoid(s)  # reads the sum first
+        return F.layer_norm(s, (16,), w) + t
+
+    graph, launches = _run(fn, x, r)
+    assert launches["add_layer_norm_fwd"] == 1
+    assert graph.counts.get("fused_add_layer_norm") == 1

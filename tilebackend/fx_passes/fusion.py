@@ -358,11 +358,28 @@ class _Fuser:
             vx, vr, vs = _val(x), _val(r), _val(s)
             if not (vx.shape == vr.shape == vs.shape and vx.dtype == vr.dtype == vs.dtype):
                 continue
-            with self.graph.inserting_before(norm):
+            order = self._order()
+            params = [a for a in norm.all_input_nodes if a is not s]
+            # the sum may be read before the norm: compute both where the add was
+            at = s if all(order[p] < order[s] for p in params) else norm
+            if at is norm and any(order[u] < order[norm] for u in s.users if u is not norm):
+                self._note(norm, f"{s.name} is read before the norm's parameters exist")
+                continue
+            with self.graph.inserting_before(at):
                 fused = self.graph.call_function(fused_op, (x, r, *norm.args[1:]), norm.kwargs)
                 self._meta(fused)
                 total = self.graph.call_function(operator.getitem, (fused, 1))
                 self._meta(total)
+            stats_differ = any(
+                u.target is operator.getitem
+                and u.args[1] > 0
+                and _val(u).dtype != _val(fused)[remap[u.args[1]]].dtype
+                for u in norm.users
+            )
+            if stats_differ:  # e.g. CPU bf16 stats: keep the unfused norm's exact outputs
+                self.graph.erase_node(total)
+                self.graph.erase_node(fused)
+                continue
             for u in list(norm.users):
                 if u.target is operator.getitem:
                     with self.graph.inserting_before(u):
