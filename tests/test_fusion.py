@@ -156,3 +156,9 @@ def test_residual_sum_read_before_the_norm(poison):
     graph, launches = _run(fn, x, r)
     assert launches["add_layer_norm_fwd"] == 1
     assert graph.counts.get("fused_add_layer_norm") == 1
+
+
+def test_softmax_prologue_respects_alpha(poison):
+    x, m = torch.randn(2, 5, 5), torch.randn(2, 5, 5)
+    graph, _ = _run(lambda x, m: torch.softmax(torch.add(x * 0.5, m, alpha=2.0), -1), x, m)
+    assert "fused_scale_mask_softmax" not in graph.counts  # alpha != 1: not this shape

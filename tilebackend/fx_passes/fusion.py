@@ -271,6 +271,7 @@ class _Fuser:
                 _single_use(base)
                 and base.target is aten.add.Tensor
                 and _is_tensor_node(base.args[1])
+                and base.kwargs.get("alpha", 1) == 1
             ):
                 mask, mode = base.args[1], "add"
                 consumed.append(base)
@@ -288,6 +289,7 @@ class _Fuser:
                 and base.target in (aten.mul.Tensor, aten.div.Tensor)
                 and isinstance(base.args[1], (int, float))
                 and not isinstance(base.args[1], bool)
+                and base.args[1] != 0
             ):
                 c = float(base.args[1])
                 scale = c if base.target is aten.mul.Tensor else 1.0 / c
