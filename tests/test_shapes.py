@@ -114,3 +114,27 @@ def test_automatic_dynamic_recompiles_at_most_once(poison):
             assert launches["layer_norm_fwd"] == 1
     assert counters["stats"]["unique_graphs"] <= 2
     assert backend.report.graphs[-1].symbolic
+
+
+def test_fusion_adds_no_guards_under_dynamic_shapes(poison):
+    """The fused regions are found on symbolic shapes without a single guard."""
+    torch._dynamo.reset()
+    lin = torch.nn.Linear(16, 16)
+    ln = torch.nn.LayerNorm(16)
+
+    def fn(x, m):
+        h = torch.nn.functional.gelu(lin(x), approximate="tanh")
+        a = torch.softmax(h @ h.transpose(-1, -2) * 0.25 + m, dim=-1)
+        return ln(x + a @ h)
+
+    backend = tilebackend.TileBackend(options={"fallback": "eager"})
+    compiled = torch.compile(fn, backend=backend, dynamic=True)
+    with torch.no_grad():
+        for b, t in [(2, 3), (3, 5), (4, 7)]:
+            x, m = torch.randn(b, t, 16), torch.randn(b, 1, t, t)[:, 0]
+            with _common.count_launches() as launches:
+                torch.testing.assert_close(compiled(x, m), fn(x, m), atol=1e-4, rtol=1e-4)
+            assert launches["mm_epilogue"] == 1 and launches["add_layer_norm_fwd"] == 1
+            assert launches["scale_mask_softmax_fwd"] == 1
+    (graph,) = backend.report.graphs
+    assert graph.symbolic and graph.guards_added == [], str(backend.report)

@@ -63,6 +63,19 @@ class _Fuser:
             None,
         )
         self.count = 0
+        self.facts = shapes.Facts(shapes.shape_env_of(gm))
+
+    def _same(self, a, b) -> bool:
+        """Shapes proven equal for every size (never a guard)."""
+        return len(a) == len(b) and all(self.facts.prove_eq(x, y) is True for x, y in zip(a, b))
+
+    def _broadcasts_to(self, small, big) -> bool:
+        if len(small) > len(big):
+            return False
+        return all(
+            self.facts.prove_eq(x, 1) is True or self.facts.prove_eq(x, y) is True
+            for x, y in zip(reversed(list(small)), reversed(list(big)))
+        )
 
     def _note(self, anchor: fx.Node, why: str) -> None:
         self.report.skipped.append(Skipped(anchor.name, str(anchor.target), "fusion", why))
@@ -93,7 +106,9 @@ class _Fuser:
             root = gemm
             if len(gemm.users) == 1:
                 (u,) = gemm.users
-                if u.target in _VIEWS and _val(u).shape[-1] == _val(gemm).shape[-1]:
+                if u.target in _VIEWS and self.facts.prove_eq(
+                    _val(u).shape[-1], _val(gemm).shape[-1]
+                ):
                     root = u  # linear on N-d inputs: fuse through the view back
             region, sink, extras, why = self._grow(root, pointwise)
             if sink is None:
@@ -112,7 +127,11 @@ class _Fuser:
             for e in leaves:
                 v = _val(e)
                 if v.dim() > 2:
-                    if tuple(v.shape) != tuple(out_shape) or not v.is_contiguous():
+                    if (
+                        not self._same(v.shape, out_shape)
+                        or self.facts.prove_contiguous(v.shape, v.stride()) is not True
+                        or any(shapes.is_symbolic(d) for d in m_n)
+                    ):
                         self._note(gemm, f"extra input {e.name} {tuple(v.shape)} is not 2-D")
                         ok = False
                         break
@@ -161,7 +180,7 @@ class _Fuser:
             if bad:
                 why = why or bad
                 continue
-            if not _is_tensor_node(u) or tuple(_val(u).shape) != tuple(_val(root).shape):
+            if not _is_tensor_node(u) or not self._same(_val(u).shape, _val(root).shape):
                 why = why or f"{u.name} changes the output's shape"
                 continue
             region.append(u)
@@ -302,10 +321,7 @@ class _Fuser:
                 mv = _val(mask)
                 if mode == "add" and mv.dtype != xv.dtype:
                     continue
-                try:
-                    if tuple(torch.broadcast_shapes(mv.shape, xv.shape)) != tuple(xv.shape):
-                        continue
-                except RuntimeError:
+                if not self._broadcasts_to(mv.shape, xv.shape):
                     continue
                 if mode == "fill" and mv.dtype != torch.bool:
                     continue
@@ -317,7 +333,7 @@ class _Fuser:
                 )
                 self._meta(fused)
             if (
-                tuple(_val(fused).shape) != tuple(_val(sm).shape)
+                not self._same(_val(fused).shape, _val(sm).shape)
                 or _val(fused).dtype != _val(sm).dtype
             ):
                 self.graph.erase_node(fused)
@@ -358,7 +374,11 @@ class _Fuser:
             if not (_is_tensor_node(x) and _is_tensor_node(r)) or s.kwargs.get("alpha", 1) != 1:
                 continue
             vx, vr, vs = _val(x), _val(r), _val(s)
-            if not (vx.shape == vr.shape == vs.shape and vx.dtype == vr.dtype == vs.dtype):
+            if not (
+                self._same(vx.shape, vr.shape)
+                and self._same(vx.shape, vs.shape)
+                and vx.dtype == vr.dtype == vs.dtype
+            ):
                 continue
             order = self._order()
             params = [a for a in norm.all_input_nodes if a is not s]
