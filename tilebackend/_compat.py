@@ -15,20 +15,6 @@ import torch
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
 
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - triton is a hard dependency
-        return False
-    return True
-
-
-def triton_version() -> str:
-    import triton
-
-    return triton.__version__
-
-
 def interpret_mode() -> bool:
     """True when Triton runs kernels in its CPU interpreter.
 
@@ -104,39 +90,6 @@ def dynamo_control_flow() -> tuple[type[BaseException], ...]:
     return tuple(getattr(exc, n) for n in ("RestartAnalysis", "SkipFrame") if hasattr(exc, n))
 
 
-def detect_fake_mode(inputs):
-    from torch._guards import detect_fake_mode as dfm
-
-    return dfm(inputs)
-
-
-def dynamo_counters():
-    from torch._dynamo.utils import counters
-
-    return counters
-
-
-def is_symbolic(x: Any) -> bool:
-    return isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)) and not isinstance(
-        _maybe_int(x), int
-    )
-
-
-def _maybe_int(x: Any):
-    from torch.fx.experimental.symbolic_shapes import is_concrete_int
-
-    return int(x) if is_concrete_int(x) else None
-
-
-def has_free_symbols(x: Any) -> bool:
-    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, has_free_symbols
-
-    try:
-        return bool(has_free_symbols(x)) or bool(free_unbacked_symbols(x))
-    except Exception:
-        return False
-
-
 def static_eval(shape_env: Any, expr: Any) -> bool | None:
     """Decide a sympy relation from the ShapeEnv's ranges and replacements, adding no
     guard: True / False when it is known for every allowed size, None otherwise."""
@@ -155,10 +108,19 @@ def static_eval(shape_env: Any, expr: Any) -> bool | None:
     return None
 
 
-def statically_known_true(expr: Any) -> bool:
-    """True only when ``expr`` is provably true without adding a guard."""
-    if isinstance(expr, bool):
-        return expr
-    from torch.fx.experimental.symbolic_shapes import statically_known_true as skt
+def always_decomposed(op: Any) -> bool:
+    """An ATen op AOTAutograd always decomposes (CompositeImplicitAutograd with no
+    autograd kernel of its own): it never reaches an ATen graph."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return has(op.name(), "CompositeImplicitAutograd") and not has(op.name(), "Autograd")
 
-    return bool(skt(expr))
+
+def grad_mode_ops() -> set:
+    """Graph targets that change grad mode inside a Dynamo graph."""
+    return {torch._C._set_grad_enabled, torch.autograd.grad, torch.enable_grad}
+
+
+def fake_tensor_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode()

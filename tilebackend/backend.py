@@ -70,7 +70,7 @@ def _anchor_ops() -> list:
     return ops
 
 
-_GRAD_MODE_OPS = {torch._C._set_grad_enabled, torch.autograd.grad, torch.enable_grad}
+_GRAD_MODE_OPS = _compat.grad_mode_ops()
 
 
 def _needs_autograd(example_inputs: Sequence[Any]) -> bool:

@@ -66,8 +66,6 @@ def _val(v: Any) -> Any:
 def _trace(fn, args, table) -> fx.GraphModule:
     """Trace ``fn`` to ATen exactly as AOTAutograd lowers model graphs (functionalized,
     same decompositions), on fake copies of ``args``."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     captured: list[fx.GraphModule] = []
 
     def capture(gm, _inputs):
@@ -76,7 +74,7 @@ def _trace(fn, args, table) -> fx.GraphModule:
 
     with _compat.isolated_tracing():
         compiled = _compat.aot_function(fn, fw_compiler=capture, decompositions=table or {})
-        mode = FakeTensorMode()
+        mode = _compat.fake_tensor_mode()
         fakes = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
         with mode:
             compiled(*fakes)

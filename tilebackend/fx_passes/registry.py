@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .. import _compat
 from ..exc import DuplicatePatternError, PatternError
 
 CheckFn = Callable[..., "str | None | bool"]
@@ -150,22 +151,11 @@ class Registry:
 REGISTRY = Registry()
 
 
-def _caller_origin(depth: int = 3) -> str:
-    frame = inspect.stack()[depth] if len(inspect.stack()) > depth else None
-    return f"{frame.filename}:{frame.lineno}" if frame else "?"
-
-
-def _is_composite(op: torch._ops.OpOverload) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd")
-
-
 def _validate(p: Pattern) -> None:
     if not isinstance(p.name, str) or not p.name:
         raise PatternError(name=p.name, reason="name must be a non-empty string")
     if p.is_op_pattern:
-        if torch._C._dispatch_has_kernel_for_dispatch_key(
-            p.search.name(), "CompositeImplicitAutograd"
-        ) and not torch._C._dispatch_has_kernel_for_dispatch_key(p.search.name(), "Autograd"):
+        if _compat.always_decomposed(p.search):
             raise PatternError(
                 name=p.name,
                 reason=f"{p.search} is a composite op: it never reaches an ATen graph "
