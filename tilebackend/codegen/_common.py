@@ -100,6 +100,16 @@ def guarded(kernel: str, key: tuple, run: Callable[[], Any], fallback: Callable[
     return out
 
 
+def guarded_op(
+    kernel: str, reason: str | None, key: tuple, run: Callable[[], Any], fallback: Callable[[], Any]
+) -> Any:
+    """``fallback()`` when ``reason`` says the kernel cannot take the case, else
+    :func:`guarded`."""
+    if reason is not None:
+        return fallback()
+    return guarded(kernel, key=key, run=run, fallback=fallback)
+
+
 def _numel(out: Any) -> int:
     if isinstance(out, torch.Tensor):
         return out.numel()

@@ -71,6 +71,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice  # noqa: F401  (used by some expressions)
 
+from tilebackend.codegen.matmul import gemm_mainloop, grouped_tile
+
 
 @triton.jit
 def mm_epilogue_kernel(
@@ -98,36 +100,16 @@ def mm_epilogue_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(axis=0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
-        else:
-            k_left = K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    acc = gemm_mainloop(
+        a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, K,
+        stride_am, stride_ak, stride_bk, stride_bn,
+        INPUT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+    )
 
     mask = mask_m[:, None] & mask_n[None, :]
     if HAS_BIAS:
@@ -565,13 +547,7 @@ def sm90_specs() -> list[dict]:
     )
     fn = kernel_for(SPEC_EXPR, (False, True))
     specs = []
-    variants = (
-        (torch.float16, "tf32"),
-        (torch.bfloat16, "tf32"),
-        (torch.float32, "tf32"),
-        (torch.float32, "ieee"),
-    )
-    for dtype, precision in variants:
+    for dtype, precision in _mm.SM90_VARIANTS:
         tname = _common.triton_dtype_name(dtype)
         ptr = "*" + tname
         sig = {"a_ptr": ptr, "b_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr}

@@ -21,10 +21,19 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common, autotune
+from . import _common
 from . import rms_norm as _rms
 from .autotune import Config
-from .layer_norm import _prod, as_rows, candidate_configs, check_layer_norm, stats_shape
+from .layer_norm import (
+    ROW_CONFIGS,
+    _prod,
+    as_rows,
+    check_layer_norm,
+    compile_spec,
+    pick_config,
+    signature,
+    stats_shape,
+)
 
 __all__ = [
     "add_norm_fwd",
@@ -129,9 +138,7 @@ def _add_norm_fwd_kernel(
     tl.store(Rstd + row, rstd)
 
 
-_CONFIGS: tuple[Config, ...] = tuple(
-    Config.make(num_warps=w, num_stages=1, BLOCK_N=b) for b, w in ((1024, 4), (4096, 8), (8192, 16))
-)
+_CONFIGS: tuple[Config, ...] = ROW_CONFIGS
 
 
 # --- host --------------------------------------------------------------------------------
@@ -202,12 +209,9 @@ def add_norm_fwd(
             SINGLE_BLOCK=cfg["BLOCK_N"] >= n, **cfg.as_kwargs(),
         )  # fmt: skip
 
-    if config is None:
-        cands, heur = candidate_configs(_CONFIGS, n)
-        key = (x.dtype, autotune.bucket(n), weight is not None, bias is not None)
-        name = "add_rms_norm_fwd" if rms else "add_layer_norm_fwd"
-        config = autotune.select(name, key, cands, heur, run, fn=_add_norm_fwd_kernel)
-    run(config)
+    name = "add_rms_norm_fwd" if rms else "add_layer_norm_fwd"
+    key = (x.dtype, weight is not None, bias is not None)
+    run(pick_config(name, _CONFIGS, n, key, run, config, fn=_add_norm_fwd_kernel))
     return out, total, mean, rstd
 
 
@@ -238,10 +242,9 @@ def _eager_rms(x, residual, ns, weight, eps):
 def add_layer_norm_op(x, residual, normalized_shape, weight, bias, eps):
     """``(out, sum, mean, rstd)``: ``sum = x + residual``, ``out = layer_norm(sum)``."""
     ns = [int(v) for v in normalized_shape]
-    if check_add_layer_norm(x, residual, ns, weight, bias) is not None:
-        return _eager_ln(x, residual, ns, weight, bias, eps)
-    return _common.guarded(
+    return _common.guarded_op(
         "add_layer_norm_fwd",
+        check_add_layer_norm(x, residual, ns, weight, bias),
         key=(x.dtype, weight is not None, bias is not None),
         run=lambda: add_norm_fwd(x, residual, ns, weight, bias, eps, rms=False),
         fallback=lambda: _eager_ln(x, residual, ns, weight, bias, eps),
@@ -269,16 +272,15 @@ def _(x, residual, normalized_shape, weight, bias, eps):
 def add_rms_norm_op(x, residual, normalized_shape, weight, eps):
     """``(out, sum, rstd)``: ``sum = x + residual``, ``out = rms_norm(sum)``."""
     ns = [int(v) for v in normalized_shape]
-    if check_add_rms_norm(x, residual, ns, weight) is not None:
-        return _eager_rms(x, residual, ns, weight, eps)
     e = _rms.default_eps(x.dtype) if eps is None else eps
 
     def run():
         out, total, _mean, rstd = add_norm_fwd(x, residual, ns, weight, None, e, rms=True)
         return out, total, rstd
 
-    return _common.guarded(
+    return _common.guarded_op(
         "add_rms_norm_fwd",
+        check_add_rms_norm(x, residual, ns, weight),
         key=(x.dtype, weight is not None),
         run=run,
         fallback=lambda: _eager_rms(x, residual, ns, weight, eps),
@@ -358,38 +360,27 @@ def sm90_specs() -> list[dict]:
     specs = []
     for dt in _common.SUPPORTED_DTYPES:
         t = "*" + _common.triton_dtype_name(dt)
-        sig = {
-            "X": t,
-            "R": t,
-            "Y": t,
-            "S": t,
-            "W": t,
-            "B": t,
-            "Mean": "*fp32",
-            "Rstd": "*fp32",
-            "stride_x": "i32",
-            "stride_r": "i32",
-            "N": "i32",
-            "eps": "fp32",
-        }
+        sig = signature(
+            t,
+            "X:T R:T Y:T S:T W:T B:T Mean:*fp32 Rstd:*fp32 stride_x:i32 stride_r:i32 N:i32 eps:fp32",
+        )
         for rms in (False, True):
             for cfg in _CONFIGS:
                 for single in (True, False):
                     kind = "rms" if rms else "layer"
                     specs.append(
-                        {
-                            "name": f"add_{kind}_norm_fwd[{t[1:]},{cfg},single={single}]",
-                            "fn": _add_norm_fwd_kernel,
-                            "signature": dict(sig),
-                            "constexprs": {
+                        compile_spec(
+                            f"add_{kind}_norm_fwd[{t[1:]},{cfg},single={single}]",
+                            _add_norm_fwd_kernel,
+                            cfg,
+                            dict(sig),
+                            {
                                 "RMS": rms,
                                 "HAS_WEIGHT": True,
                                 "HAS_BIAS": not rms,
                                 "BLOCK_N": cfg["BLOCK_N"],
                                 "SINGLE_BLOCK": single,
                             },
-                            "num_warps": cfg.num_warps,
-                            "num_stages": cfg.num_stages,
-                        }
+                        )
                     )
     return specs

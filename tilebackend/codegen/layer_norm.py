@@ -271,13 +271,12 @@ def _layer_norm_bwd_dwdb_kernel(
 # --- tuning space ------------------------------------------------------------------
 
 #: (BLOCK_N, num_warps) pairs; num_stages=1: the loops stream rows, and pipelining would
-#: only stage large blocks in shared memory.
-_FWD_CONFIGS: tuple[Config, ...] = tuple(
+#: only stage large blocks in shared memory.  Shared by rms_norm and fused_norm.
+ROW_CONFIGS: tuple[Config, ...] = tuple(
     Config.make(num_warps=w, num_stages=1, BLOCK_N=b) for b, w in ((1024, 4), (4096, 8), (8192, 16))
 )
-_BWD_CONFIGS: tuple[Config, ...] = tuple(
-    Config.make(num_warps=w, num_stages=1, BLOCK_N=b) for b, w in ((1024, 4), (4096, 8), (8192, 16))
-)
+_FWD_CONFIGS: tuple[Config, ...] = ROW_CONFIGS
+_BWD_CONFIGS: tuple[Config, ...] = ROW_CONFIGS
 
 
 def candidate_configs(space: Sequence[Config], n: int) -> tuple[list[Config], Config]:
@@ -291,6 +290,20 @@ def candidate_configs(space: Sequence[Config], n: int) -> tuple[list[Config], Co
     top = fit["BLOCK_N"]
     cands = [c for c in space if c["BLOCK_N"] <= top and c["BLOCK_N"] * 8 >= min(n, top)]
     return cands, fit
+
+
+def pick_config(
+    kernel: str, space: Sequence[Config], n: int, key: tuple, run, config: Config | None, **kw
+) -> Config:
+    """``config`` when given, else the autotuned pick among :func:`candidate_configs`.
+
+    ``key`` is ``(dtype, *flags)``; the row-size bucket is inserted after the dtype.
+    """
+    if config is None:
+        cands, heur = candidate_configs(space, n)
+        full_key = (key[0], autotune.bucket(n), *key[1:])
+        config = autotune.select(kernel, full_key, cands, heur, run, **kw)
+    return config
 
 
 # --- host helpers (shared with rms_norm) -------------------------------------------
@@ -362,6 +375,57 @@ def stats_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def grad_out_reason(grad_out: torch.Tensor, x: torch.Tensor) -> str | None:
+    """Why ``grad_out`` does not match the forward input ``x`` (None when it does)."""
+    if tuple(grad_out.shape) != tuple(x.shape):
+        return f"grad_out shape {tuple(grad_out.shape)} != input shape {tuple(x.shape)}"
+    if grad_out.dtype != x.dtype:
+        return f"grad_out dtype {grad_out.dtype} != input dtype {x.dtype}"
+    return None
+
+
+def partial_grid(m: int, device: torch.device, partials: bool) -> tuple[int, int]:
+    """``(programs, rows_per_program)`` for a launch over row blocks: one row per program,
+    or :func:`row_programs` blocks when per-program partial sums are kept."""
+    g = row_programs(m, device) if partials else m
+    rpp = triton.cdiv(m, g)
+    return triton.cdiv(m, rpp), rpp
+
+
+def partial_buf(g: int, n: int, device: torch.device, want: bool) -> torch.Tensor | None:
+    """The ``[g, n]`` fp32 partial-sum buffer (None when that grad is not wanted)."""
+    return _common.empty((g, n), torch.float32, device) if want else None
+
+
+def sum_partials(part: torch.Tensor | None, param: torch.Tensor | None) -> torch.Tensor | None:
+    """The per-program partial sums reduced to a grad shaped like ``param``."""
+    return part.sum(0).to(param.dtype).view(param.shape) if part is not None else None
+
+
+def fill_masked(res, x: torch.Tensor, *params: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Custom ops cannot return None: a masked-off grad is an empty ``(0,)`` tensor
+    (``res`` is ``(dx, *param_grads)``)."""
+    like = (x, *(p if p is not None else x for p in params))
+    return tuple(r if r is not None else t.new_empty((0,)) for r, t in zip(res, like, strict=True))
+
+
+def signature(t: str, spec: str) -> dict[str, str]:
+    """A compile-spec signature from ``"name:type ..."`` words; type ``T`` is ``t``."""
+    return {k: t if v == "T" else v for k, v in (w.split(":") for w in spec.split())}
+
+
+def compile_spec(name: str, fn, cfg: Config, sig: dict[str, str], constexprs: dict) -> dict:
+    """One sm_90 compile spec: ``fn`` at ``cfg``'s warps / stages."""
+    return {
+        "name": name,
+        "fn": fn,
+        "signature": sig,
+        "constexprs": constexprs,
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+    }
+
+
 # --- public launchers --------------------------------------------------------------
 
 
@@ -423,11 +487,8 @@ def layer_norm_fwd(
             **cfg.as_kwargs(),
         )
 
-    if config is None:
-        cands, heur = candidate_configs(_FWD_CONFIGS, n)
-        key = (x.dtype, autotune.bucket(n), weight is not None, bias is not None)
-        config = autotune.select("layer_norm_fwd", key, cands, heur, run)
-    run(config)
+    key = (x.dtype, weight is not None, bias is not None)
+    run(pick_config("layer_norm_fwd", _FWD_CONFIGS, n, key, run, config))
     return out, mean, rstd
 
 
@@ -445,11 +506,7 @@ def layer_norm_bwd(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dx, dw, db)`` like ``aten.native_layer_norm_backward``; an entry is None when
     its mask is False, or (dw / db) when weight / bias is None."""
-    reason = check_layer_norm(x, normalized_shape, weight, bias)
-    if reason is None and tuple(grad_out.shape) != tuple(x.shape):
-        reason = f"grad_out shape {tuple(grad_out.shape)} != input shape {tuple(x.shape)}"
-    if reason is None and grad_out.dtype != x.dtype:
-        reason = f"grad_out dtype {grad_out.dtype} != input dtype {x.dtype}"
+    reason = check_layer_norm(x, normalized_shape, weight, bias) or grad_out_reason(grad_out, x)
     if reason:
         raise ValueError(f"layer_norm_bwd: {reason}")
     n = _prod(normalized_shape)
@@ -477,11 +534,9 @@ def layer_norm_bwd(
         dw_part = db_part = None
         if single:
             # dx and the dW / dB partial sums in one pass; programs own row blocks.
-            g = row_programs(m, x.device) if (want_dw or want_db) else m
-            rpp = triton.cdiv(m, g)
-            g = triton.cdiv(m, rpp)
-            dw_part = _common.empty((g, n), torch.float32, x.device) if want_dw else None
-            db_part = _common.empty((g, n), torch.float32, x.device) if want_db else None
+            g, rpp = partial_grid(m, x.device, want_dw or want_db)
+            dw_part = partial_buf(g, n, x.device, want_dw)
+            db_part = partial_buf(g, n, x.device, want_db)
             _layer_norm_bwd_kernel[(g,)](
                 dy2,
                 x2,
@@ -527,11 +582,9 @@ def layer_norm_bwd(
                     **cfg.as_kwargs(),
                 )
             if want_dw or want_db:
-                g = row_programs(m, x.device)
-                rpp = triton.cdiv(m, g)
-                g = triton.cdiv(m, rpp)
-                dw_part = _common.empty((g, n), torch.float32, x.device) if want_dw else None
-                db_part = _common.empty((g, n), torch.float32, x.device) if want_db else None
+                g, rpp = partial_grid(m, x.device, True)
+                dw_part = partial_buf(g, n, x.device, want_dw)
+                db_part = partial_buf(g, n, x.device, want_db)
                 _layer_norm_bwd_dwdb_kernel[(triton.cdiv(n, block), g)](
                     dy2,
                     x2,
@@ -550,14 +603,9 @@ def layer_norm_bwd(
                 )
         return dw_part, db_part
 
-    if config is None:
-        cands, heur = candidate_configs(_BWD_CONFIGS, n)
-        key = (x.dtype, autotune.bucket(n), weight is not None, want_dx, want_dw, want_db)
-        config = autotune.select("layer_norm_bwd", key, cands, heur, run)
-    dw_part, db_part = run(config)
-    dw = dw_part.sum(0).to(weight.dtype).view(weight.shape) if want_dw else None
-    db = db_part.sum(0).to(bias.dtype).view(bias.shape) if want_db else None
-    return dx, dw, db
+    key = (x.dtype, weight is not None, want_dx, want_dw, want_db)
+    dw_part, db_part = run(pick_config("layer_norm_bwd", _BWD_CONFIGS, n, key, run, config))
+    return dx, sum_partials(dw_part, weight), sum_partials(db_part, bias)
 
 
 # --- custom ops ----------------------------------------------------------------------
@@ -584,12 +632,6 @@ def _effective_mask(output_mask, weight, bias) -> list[bool]:
     ]
 
 
-def _fill_masked(res, x, weight, bias) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Custom ops cannot return None: a masked-off grad is an empty ``(0,)`` tensor."""
-    like = (x, weight if weight is not None else x, bias if bias is not None else x)
-    return tuple(r if r is not None else t.new_empty((0,)) for r, t in zip(res, like, strict=True))
-
-
 @torch.library.custom_op(
     "tile::layer_norm",
     mutates_args=(),
@@ -599,16 +641,15 @@ def _fill_masked(res, x, weight, bias) -> tuple[torch.Tensor, torch.Tensor, torc
 def layer_norm_op(input, normalized_shape, weight, bias, eps):
     """``aten.native_layer_norm`` on the tile kernel (ATen when the kernel cannot run)."""
     ns = [int(v) for v in normalized_shape]
-    if check_layer_norm(input, ns, weight, bias) is not None:
-        return _aten_fwd(input, ns, weight, bias, eps)
 
     def run():
         out, mean, rstd = layer_norm_fwd(input, ns, weight, bias, eps)
         sd = stats_dtype(input)
         return out, mean.to(sd), rstd.to(sd)
 
-    return _common.guarded(
+    return _common.guarded_op(
         "layer_norm_fwd",
+        check_layer_norm(input, ns, weight, bias),
         key=(input.dtype, weight is not None, bias is not None),
         run=run,
         fallback=lambda: _aten_fwd(input, ns, weight, bias, eps),
@@ -634,23 +675,14 @@ def layer_norm_backward_op(
     tensor, since custom ops cannot return None."""
     ns = [int(v) for v in normalized_shape]
     mask = _effective_mask(output_mask, weight, bias)
-    reason = check_layer_norm(input, ns, weight, bias)
-    if reason is None and (grad_out.shape != input.shape or grad_out.dtype != input.dtype):
-        reason = "grad_out does not match input"
-
-    def fallback():
-        return _aten_bwd(grad_out, input, ns, mean, rstd, weight, bias, mask)
-
-    if reason is not None:
-        res = fallback()
-    else:
-        res = _common.guarded(
-            "layer_norm_bwd",
-            key=(input.dtype, weight is not None, *mask),
-            run=lambda: layer_norm_bwd(grad_out, input, ns, mean, rstd, weight, bias, mask),
-            fallback=fallback,
-        )
-    return _fill_masked(res, input, weight, bias)
+    res = _common.guarded_op(
+        "layer_norm_bwd",
+        check_layer_norm(input, ns, weight, bias) or grad_out_reason(grad_out, input),
+        key=(input.dtype, weight is not None, *mask),
+        run=lambda: layer_norm_bwd(grad_out, input, ns, mean, rstd, weight, bias, mask),
+        fallback=lambda: _aten_bwd(grad_out, input, ns, mean, rstd, weight, bias, mask),
+    )
+    return fill_masked(res, input, weight, bias)
 
 
 @layer_norm_backward_op.register_fake
@@ -659,7 +691,7 @@ def _(grad_out, input, normalized_shape, mean, rstd, weight, bias, output_mask):
     res = torch.ops.aten.native_layer_norm_backward(
         grad_out, input, normalized_shape, mean, rstd, weight, bias, mask
     )
-    return _fill_masked(res, input, weight, bias)
+    return fill_masked(res, input, weight, bias)
 
 
 def _ln_setup_context(ctx, inputs, output):
@@ -699,55 +731,36 @@ def sm90_specs() -> list[dict]:
     specs: list[dict] = []
     for dt in _common.SUPPORTED_DTYPES:
         t = "*" + _common.triton_dtype_name(dt)
+        fwd_sig = signature(t, "X:T Y:T W:T B:T Mean:*fp32 Rstd:*fp32 stride_x:i32 N:i32 eps:fp32")
+        tail = "DW_part:*fp32 DB_part:*fp32 stride_dy:i32 stride_x:i32 M:i32 N:i32"
+        rows = f"{tail} rows_per_program:i32"
+        bwd_sig = signature(t, f"DY:T X:T W:T Mean:*fp32 Rstd:*fp32 DX:T {rows}")
+        dwdb_sig = signature(t, f"DY:T X:T Mean:*fp32 Rstd:*fp32 {rows}")
         for cfg in _FWD_CONFIGS:
             for single in (True, False):
                 specs.append(
-                    {
-                        "name": f"layer_norm_fwd[{t[1:]},{cfg},single={single}]",
-                        "fn": _layer_norm_fwd_kernel,
-                        "signature": {
-                            "X": t,
-                            "Y": t,
-                            "W": t,
-                            "B": t,
-                            "Mean": "*fp32",
-                            "Rstd": "*fp32",
-                            "stride_x": "i32",
-                            "N": "i32",
-                            "eps": "fp32",
-                        },
-                        "constexprs": {
+                    compile_spec(
+                        f"layer_norm_fwd[{t[1:]},{cfg},single={single}]",
+                        _layer_norm_fwd_kernel,
+                        cfg,
+                        dict(fwd_sig),
+                        {
                             "HAS_WEIGHT": True,
                             "HAS_BIAS": True,
                             "BLOCK_N": cfg["BLOCK_N"],
                             "SINGLE_BLOCK": single,
                         },
-                        "num_warps": cfg.num_warps,
-                        "num_stages": cfg.num_stages,
-                    }
+                    )
                 )
         for cfg in _BWD_CONFIGS:
             for single in (True, False):
                 specs.append(
-                    {
-                        "name": f"layer_norm_bwd[{t[1:]},{cfg},single={single}]",
-                        "fn": _layer_norm_bwd_kernel,
-                        "signature": {
-                            "DY": t,
-                            "X": t,
-                            "W": t,
-                            "Mean": "*fp32",
-                            "Rstd": "*fp32",
-                            "DX": t,
-                            "DW_part": "*fp32",
-                            "DB_part": "*fp32",
-                            "stride_dy": "i32",
-                            "stride_x": "i32",
-                            "M": "i32",
-                            "N": "i32",
-                            "rows_per_program": "i32",
-                        },
-                        "constexprs": {
+                    compile_spec(
+                        f"layer_norm_bwd[{t[1:]},{cfg},single={single}]",
+                        _layer_norm_bwd_kernel,
+                        cfg,
+                        dict(bwd_sig),
+                        {
                             "HAS_WEIGHT": True,
                             "COMPUTE_DX": True,
                             "COMPUTE_DW": single,
@@ -755,34 +768,15 @@ def sm90_specs() -> list[dict]:
                             "BLOCK_N": cfg["BLOCK_N"],
                             "SINGLE_BLOCK": single,
                         },
-                        "num_warps": cfg.num_warps,
-                        "num_stages": cfg.num_stages,
-                    }
+                    )
                 )
             specs.append(
-                {
-                    "name": f"layer_norm_bwd_dwdb[{t[1:]},{cfg}]",
-                    "fn": _layer_norm_bwd_dwdb_kernel,
-                    "signature": {
-                        "DY": t,
-                        "X": t,
-                        "Mean": "*fp32",
-                        "Rstd": "*fp32",
-                        "DW_part": "*fp32",
-                        "DB_part": "*fp32",
-                        "stride_dy": "i32",
-                        "stride_x": "i32",
-                        "M": "i32",
-                        "N": "i32",
-                        "rows_per_program": "i32",
-                    },
-                    "constexprs": {
-                        "COMPUTE_DW": True,
-                        "COMPUTE_DB": True,
-                        "BLOCK_N": cfg["BLOCK_N"],
-                    },
-                    "num_warps": cfg.num_warps,
-                    "num_stages": cfg.num_stages,
-                }
+                compile_spec(
+                    f"layer_norm_bwd_dwdb[{t[1:]},{cfg}]",
+                    _layer_norm_bwd_dwdb_kernel,
+                    cfg,
+                    dict(dwdb_sig),
+                    {"COMPUTE_DW": True, "COMPUTE_DB": True, "BLOCK_N": cfg["BLOCK_N"]},
+                )
             )
     return specs

@@ -72,6 +72,62 @@ def _apply_activation(x, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)``: program id -> output tile, grouped along M so that GROUP_M
+    row-blocks of A stay in L2 while the tiles of one column-block of B are computed
+    (tutorial 03).  Shared with the generated kernels of :mod:`.fused_matmul`."""
+    pid = tl.program_id(axis=0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def gemm_mainloop(
+    a_ptr,  # [M, K] (already offset to this batch), any strides
+    b_ptr,  # [K, N] (already offset to this batch), any strides
+    offs_m,  # [BLOCK_M] rows of this tile
+    offs_n,  # [BLOCK_N] columns of this tile
+    mask_m,  # offs_m < M
+    mask_n,  # offs_n < N
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    INPUT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The fp32 ``[BLOCK_M, BLOCK_N]`` tile of ``A @ B`` (masked edges, no epilogue).
+    Shared with the generated kernels of :mod:`.fused_matmul`."""
+    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn  # [BLOCK_K, BLOCK_N]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
 def _matmul_kernel(
     a_ptr,  # [BATCH, M, K], any strides
     b_ptr,  # [BATCH, K, N], any strides (a weight W [N, K] comes in as W.t())
@@ -103,42 +159,30 @@ def _matmul_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Program id -> output tile, grouped along M so that GROUP_M row-blocks of A stay in
-    # L2 while the tiles of one column-block of B are computed (tutorial 03).
-    pid = tl.program_id(axis=0)
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_batch = tl.program_id(axis=1).to(tl.int64)  # 64-bit: batch * stride may pass 2**31
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     mask_m = offs_m < M
     mask_n = offs_n < N
-
-    a_ptr += pid_batch * stride_ab
-    b_ptr += pid_batch * stride_bb
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn  # [BLOCK_K, BLOCK_N]
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
-        else:
-            k_left = K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    acc = gemm_mainloop(
+        a_ptr + pid_batch * stride_ab,
+        b_ptr + pid_batch * stride_bb,
+        offs_m,
+        offs_n,
+        mask_m,
+        mask_n,
+        K,
+        stride_am,
+        stride_ak,
+        stride_bk,
+        stride_bn,
+        INPUT_PRECISION,
+        EVEN_K,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+    )
 
     # Epilogue in fp32: scale, bias, activation; then cast to the output dtype.
     acc = acc * alpha
@@ -445,104 +489,66 @@ def matmul(
 # --- custom ops ------------------------------------------------------------------------
 
 
-def _run(kernel: str, reason: str | None, key: tuple, run, fallback) -> torch.Tensor:
-    if reason:
-        return fallback()
-    return _common.guarded(kernel, key=key, run=run, fallback=fallback)
+def _define_mm(name: str, ndim: int):
+    """``tile::mm`` / ``tile::bmm``: ``self @ mat2`` on the tile kernel (ATen when it cannot)."""
+    aten = getattr(torch.ops.aten, name).default
 
-
-@torch.library.custom_op("tile::mm", mutates_args=(), schema="(Tensor self, Tensor mat2) -> Tensor")
-def _mm(self: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
-    reason = check(self, mat2) or (None if self.dim() == 2 == mat2.dim() else "mm needs 2-D")
-    return _run(
-        "mm",
-        reason,
-        (self.dtype,),
-        lambda: matmul(self, mat2),
-        lambda: torch.ops.aten.mm.default(self, mat2),
+    @torch.library.custom_op(
+        f"tile::{name}", mutates_args=(), schema="(Tensor self, Tensor mat2) -> Tensor"
     )
+    def op(self: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
+        reason = check(self, mat2) or (
+            None if self.dim() == ndim == mat2.dim() else f"{name} needs {ndim}-D"
+        )
+        return _common.guarded_op(
+            name,
+            reason,
+            (self.dtype,),
+            lambda: matmul(self, mat2),
+            lambda: aten(self, mat2),
+        )
+
+    @op.register_fake
+    def _(self, mat2):
+        return aten(self, mat2)
+
+    return op
 
 
-@_mm.register_fake
-def _(self, mat2):
-    return torch.ops.aten.mm.default(self, mat2)
+def _define_addmm(name: str, ndim: int, mat1: str, mat2: str):
+    """``tile::addmm`` / ``tile::baddbmm``: ``beta * self + alpha * (mat1 @ mat2)``."""
+    aten = getattr(torch.ops.aten, name).default
 
-
-@torch.library.custom_op(
-    "tile::addmm",
-    mutates_args=(),
-    schema="(Tensor self, Tensor mat1, Tensor mat2, float beta=1, float alpha=1) -> Tensor",
-)
-def _addmm(
-    self: torch.Tensor,
-    mat1: torch.Tensor,
-    mat2: torch.Tensor,
-    beta: float = 1.0,
-    alpha: float = 1.0,
-) -> torch.Tensor:
-    reason = check(mat1, mat2, self) or (
-        None if mat1.dim() == 2 == mat2.dim() else "addmm needs 2-D"
+    @torch.library.custom_op(
+        f"tile::{name}",
+        mutates_args=(),
+        schema=f"(Tensor self, Tensor {mat1}, Tensor {mat2}, float beta=1, float alpha=1) -> Tensor",
     )
-    return _run(
-        "addmm",
-        reason,
-        (mat1.dtype,),
-        lambda: matmul(mat1, mat2, self, alpha=alpha, beta=beta),
-        lambda: torch.ops.aten.addmm.default(self, mat1, mat2, beta=beta, alpha=alpha),
-    )
+    def op(
+        self: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 1.0, alpha: float = 1.0
+    ) -> torch.Tensor:
+        reason = check(a, b, self) or (
+            None if a.dim() == ndim == b.dim() else f"{name} needs {ndim}-D"
+        )
+        return _common.guarded_op(
+            name,
+            reason,
+            (a.dtype,),
+            lambda: matmul(a, b, self, alpha=alpha, beta=beta),
+            lambda: aten(self, a, b, beta=beta, alpha=alpha),
+        )
+
+    @op.register_fake
+    def _(self, a, b, beta=1.0, alpha=1.0):
+        return aten(self, a, b, beta=beta, alpha=alpha)
+
+    return op
 
 
-@_addmm.register_fake
-def _(self, mat1, mat2, beta=1.0, alpha=1.0):
-    return torch.ops.aten.addmm.default(self, mat1, mat2, beta=beta, alpha=alpha)
-
-
-@torch.library.custom_op(
-    "tile::bmm", mutates_args=(), schema="(Tensor self, Tensor mat2) -> Tensor"
-)
-def _bmm(self: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
-    reason = check(self, mat2) or (None if self.dim() == 3 == mat2.dim() else "bmm needs 3-D")
-    return _run(
-        "bmm",
-        reason,
-        (self.dtype,),
-        lambda: matmul(self, mat2),
-        lambda: torch.ops.aten.bmm.default(self, mat2),
-    )
-
-
-@_bmm.register_fake
-def _(self, mat2):
-    return torch.ops.aten.bmm.default(self, mat2)
-
-
-@torch.library.custom_op(
-    "tile::baddbmm",
-    mutates_args=(),
-    schema="(Tensor self, Tensor batch1, Tensor batch2, float beta=1, float alpha=1) -> Tensor",
-)
-def _baddbmm(
-    self: torch.Tensor,
-    batch1: torch.Tensor,
-    batch2: torch.Tensor,
-    beta: float = 1.0,
-    alpha: float = 1.0,
-) -> torch.Tensor:
-    reason = check(batch1, batch2, self) or (
-        None if batch1.dim() == 3 == batch2.dim() else "baddbmm needs 3-D"
-    )
-    return _run(
-        "baddbmm",
-        reason,
-        (batch1.dtype,),
-        lambda: matmul(batch1, batch2, self, alpha=alpha, beta=beta),
-        lambda: torch.ops.aten.baddbmm.default(self, batch1, batch2, beta=beta, alpha=alpha),
-    )
-
-
-@_baddbmm.register_fake
-def _(self, batch1, batch2, beta=1.0, alpha=1.0):
-    return torch.ops.aten.baddbmm.default(self, batch1, batch2, beta=beta, alpha=alpha)
+_mm = _define_mm("mm", 2)
+_addmm = _define_addmm("addmm", 2, "mat1", "mat2")
+_bmm = _define_mm("bmm", 3)
+_baddbmm = _define_addmm("baddbmm", 3, "batch1", "batch2")
 
 
 def linear_act_check(
@@ -612,7 +618,7 @@ def _linear_act(
     bias: torch.Tensor | None,
     activation: str,
 ) -> torch.Tensor:
-    return _run(
+    return _common.guarded_op(
         "linear_act",
         linear_act_check(input, weight, bias, activation),
         (input.dtype, bias is not None, activation),
@@ -745,6 +751,15 @@ _INT_ARGS = (
 )
 
 
+#: (dtype, input precision) pairs compiled by the sm_90 specs (here and in fused_matmul).
+SM90_VARIANTS = (
+    (torch.float16, "tf32"),
+    (torch.bfloat16, "tf32"),
+    (torch.float32, "tf32"),
+    (torch.float32, "ieee"),
+)
+
+
 def sm90_specs() -> list[dict]:
     """One compile spec per (dtype, input precision, config) of the tuning space.
 
@@ -754,13 +769,7 @@ def sm90_specs() -> list[dict]:
     """
     unit = ("stride_ak", "stride_bn", "stride_cn", "stride_on")
     specs = []
-    variants = (
-        (torch.float16, "tf32"),
-        (torch.bfloat16, "tf32"),
-        (torch.float32, "tf32"),
-        (torch.float32, "ieee"),
-    )
-    for dtype, precision in variants:
+    for dtype, precision in SM90_VARIANTS:
         tname = _common.triton_dtype_name(dtype)
         ptr = "*" + tname
         signature = {"a_ptr": ptr, "b_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr}

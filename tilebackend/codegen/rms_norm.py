@@ -23,9 +23,23 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common, autotune
+from . import _common
 from .autotune import Config
-from .layer_norm import _prod, as_rows, candidate_configs, row_programs, shape_reason, stats_shape
+from .layer_norm import (
+    ROW_CONFIGS,
+    _prod,
+    as_rows,
+    compile_spec,
+    fill_masked,
+    grad_out_reason,
+    partial_buf,
+    partial_grid,
+    pick_config,
+    shape_reason,
+    signature,
+    stats_shape,
+    sum_partials,
+)
 
 __all__ = [
     "check_rms_norm",
@@ -202,12 +216,8 @@ def _rms_norm_bwd_dw_kernel(
 
 # --- tuning space ------------------------------------------------------------------
 
-_FWD_CONFIGS: tuple[Config, ...] = tuple(
-    Config.make(num_warps=w, num_stages=1, BLOCK_N=b) for b, w in ((1024, 4), (4096, 8), (8192, 16))
-)
-_BWD_CONFIGS: tuple[Config, ...] = tuple(
-    Config.make(num_warps=w, num_stages=1, BLOCK_N=b) for b, w in ((1024, 4), (4096, 8), (8192, 16))
-)
+_FWD_CONFIGS: tuple[Config, ...] = ROW_CONFIGS
+_BWD_CONFIGS: tuple[Config, ...] = ROW_CONFIGS
 
 
 # --- host ----------------------------------------------------------------------------
@@ -270,11 +280,7 @@ def rms_norm_fwd(
             **cfg.as_kwargs(),
         )
 
-    if config is None:
-        cands, heur = candidate_configs(_FWD_CONFIGS, n)
-        key = (x.dtype, autotune.bucket(n), weight is not None)
-        config = autotune.select("rms_norm_fwd", key, cands, heur, run)
-    run(config)
+    run(pick_config("rms_norm_fwd", _FWD_CONFIGS, n, (x.dtype, weight is not None), run, config))
     return out, rstd
 
 
@@ -290,11 +296,7 @@ def rms_norm_bwd(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(dx, dw)`` like ``aten._fused_rms_norm_backward``; an entry is None when its
     mask is False (or dw when weight is None)."""
-    reason = check_rms_norm(x, normalized_shape, weight)
-    if reason is None and tuple(grad_out.shape) != tuple(x.shape):
-        reason = f"grad_out shape {tuple(grad_out.shape)} != input shape {tuple(x.shape)}"
-    if reason is None and grad_out.dtype != x.dtype:
-        reason = f"grad_out dtype {grad_out.dtype} != input dtype {x.dtype}"
+    reason = check_rms_norm(x, normalized_shape, weight) or grad_out_reason(grad_out, x)
     if reason:
         raise ValueError(f"rms_norm_bwd: {reason}")
     n = _prod(normalized_shape)
@@ -316,10 +318,8 @@ def rms_norm_bwd(
         block = cfg["BLOCK_N"]
         dw_part = None
         if block >= n:
-            g = row_programs(m, x.device) if want_dw else m
-            rpp = triton.cdiv(m, g)
-            g = triton.cdiv(m, rpp)
-            dw_part = _common.empty((g, n), torch.float32, x.device) if want_dw else None
+            g, rpp = partial_grid(m, x.device, want_dw)
+            dw_part = partial_buf(g, n, x.device, want_dw)
             _rms_norm_bwd_kernel[(g,)](
                 dy2,
                 x2,
@@ -359,10 +359,8 @@ def rms_norm_bwd(
                     **cfg.as_kwargs(),
                 )
             if want_dw:
-                g = row_programs(m, x.device)
-                rpp = triton.cdiv(m, g)
-                g = triton.cdiv(m, rpp)
-                dw_part = _common.empty((g, n), torch.float32, x.device)
+                g, rpp = partial_grid(m, x.device, True)
+                dw_part = partial_buf(g, n, x.device, True)
                 _rms_norm_bwd_dw_kernel[(triton.cdiv(n, block), g)](
                     dy2,
                     x2,
@@ -377,13 +375,9 @@ def rms_norm_bwd(
                 )
         return dw_part
 
-    if config is None:
-        cands, heur = candidate_configs(_BWD_CONFIGS, n)
-        key = (x.dtype, autotune.bucket(n), weight is not None, want_dx, want_dw)
-        config = autotune.select("rms_norm_bwd", key, cands, heur, run)
-    dw_part = run(config)
-    dw = dw_part.sum(0).to(weight.dtype).view(weight.shape) if want_dw else None
-    return dx, dw
+    key = (x.dtype, weight is not None, want_dx, want_dw)
+    dw_part = run(pick_config("rms_norm_bwd", _BWD_CONFIGS, n, key, run, config))
+    return dx, sum_partials(dw_part, weight)
 
 
 # --- fallbacks (ATen / eager composite) ------------------------------------------------
@@ -446,10 +440,9 @@ def _aten_bwd(grad_out, x, normalized_shape, rstd, weight, mask):
 def rms_norm_op(input, normalized_shape, weight, eps):
     """``aten._fused_rms_norm`` on the tile kernel (ATen / eager when it cannot run)."""
     ns = [int(v) for v in normalized_shape]
-    if check_rms_norm(input, ns, weight) is not None:
-        return _aten_fwd(input, ns, weight, eps)
-    return _common.guarded(
+    return _common.guarded_op(
         "rms_norm_fwd",
+        check_rms_norm(input, ns, weight),
         key=(input.dtype, weight is not None),
         run=lambda: rms_norm_fwd(input, ns, weight, eps),
         fallback=lambda: _aten_fwd(input, ns, weight, eps),
@@ -463,15 +456,6 @@ def _(input, normalized_shape, weight, eps):
     return out, rstd
 
 
-def _fill_masked(res, x, weight) -> tuple[torch.Tensor, torch.Tensor]:
-    """Custom ops cannot return None: a masked-off grad is an empty ``(0,)`` tensor."""
-    dx, dw = res
-    return (
-        dx if dx is not None else x.new_empty((0,)),
-        dw if dw is not None else (weight if weight is not None else x).new_empty((0,)),
-    )
-
-
 @torch.library.custom_op(
     "tile::rms_norm_backward",
     mutates_args=(),
@@ -483,23 +467,14 @@ def rms_norm_backward_op(grad_out, input, normalized_shape, rstd, weight, output
     ``output_mask`` is False (or dw without weight) is an empty ``(0,)`` tensor."""
     ns = [int(v) for v in normalized_shape]
     mask = [bool(output_mask[0]), bool(output_mask[1]) and weight is not None]
-    reason = check_rms_norm(input, ns, weight)
-    if reason is None and (grad_out.shape != input.shape or grad_out.dtype != input.dtype):
-        reason = "grad_out does not match input"
-
-    def fallback():
-        return _aten_bwd(grad_out, input, ns, rstd, weight, mask)
-
-    if reason is not None:
-        res = fallback()
-    else:
-        res = _common.guarded(
-            "rms_norm_bwd",
-            key=(input.dtype, weight is not None, *mask),
-            run=lambda: rms_norm_bwd(grad_out, input, ns, rstd, weight, mask),
-            fallback=fallback,
-        )
-    return _fill_masked(res, input, weight)
+    res = _common.guarded_op(
+        "rms_norm_bwd",
+        check_rms_norm(input, ns, weight) or grad_out_reason(grad_out, input),
+        key=(input.dtype, weight is not None, *mask),
+        run=lambda: rms_norm_bwd(grad_out, input, ns, rstd, weight, mask),
+        fallback=lambda: _aten_bwd(grad_out, input, ns, rstd, weight, mask),
+    )
+    return fill_masked(res, input, weight)
 
 
 @rms_norm_backward_op.register_fake
@@ -539,78 +514,45 @@ def sm90_specs() -> list[dict]:
     specs: list[dict] = []
     for dt in _common.SUPPORTED_DTYPES:
         t = "*" + _common.triton_dtype_name(dt)
+        fwd_sig = signature(t, "X:T Y:T W:T Rstd:*fp32 stride_x:i32 N:i32 eps:fp32")
+        rows = "DW_part:*fp32 stride_dy:i32 stride_x:i32 M:i32 N:i32 rows_per_program:i32"
+        bwd_sig = signature(t, f"DY:T X:T W:T Rstd:*fp32 DX:T {rows}")
+        dw_sig = signature(t, f"DY:T X:T Rstd:*fp32 {rows}")
         for cfg in _FWD_CONFIGS:
             for single in (True, False):
                 specs.append(
-                    {
-                        "name": f"rms_norm_fwd[{t[1:]},{cfg},single={single}]",
-                        "fn": _rms_norm_fwd_kernel,
-                        "signature": {
-                            "X": t,
-                            "Y": t,
-                            "W": t,
-                            "Rstd": "*fp32",
-                            "stride_x": "i32",
-                            "N": "i32",
-                            "eps": "fp32",
-                        },
-                        "constexprs": {
-                            "HAS_WEIGHT": True,
-                            "BLOCK_N": cfg["BLOCK_N"],
-                            "SINGLE_BLOCK": single,
-                        },
-                        "num_warps": cfg.num_warps,
-                        "num_stages": cfg.num_stages,
-                    }
+                    compile_spec(
+                        f"rms_norm_fwd[{t[1:]},{cfg},single={single}]",
+                        _rms_norm_fwd_kernel,
+                        cfg,
+                        dict(fwd_sig),
+                        {"HAS_WEIGHT": True, "BLOCK_N": cfg["BLOCK_N"], "SINGLE_BLOCK": single},
+                    )
                 )
         for cfg in _BWD_CONFIGS:
             for single in (True, False):
                 specs.append(
-                    {
-                        "name": f"rms_norm_bwd[{t[1:]},{cfg},single={single}]",
-                        "fn": _rms_norm_bwd_kernel,
-                        "signature": {
-                            "DY": t,
-                            "X": t,
-                            "W": t,
-                            "Rstd": "*fp32",
-                            "DX": t,
-                            "DW_part": "*fp32",
-                            "stride_dy": "i32",
-                            "stride_x": "i32",
-                            "M": "i32",
-                            "N": "i32",
-                            "rows_per_program": "i32",
-                        },
-                        "constexprs": {
+                    compile_spec(
+                        f"rms_norm_bwd[{t[1:]},{cfg},single={single}]",
+                        _rms_norm_bwd_kernel,
+                        cfg,
+                        dict(bwd_sig),
+                        {
                             "HAS_WEIGHT": True,
                             "COMPUTE_DX": True,
                             "COMPUTE_DW": single,
                             "BLOCK_N": cfg["BLOCK_N"],
                             "SINGLE_BLOCK": single,
                         },
-                        "num_warps": cfg.num_warps,
-                        "num_stages": cfg.num_stages,
-                    }
+                    )
                 )
             specs.append(
-                {
-                    "name": f"rms_norm_bwd_dw[{t[1:]},{cfg}]",
-                    "fn": _rms_norm_bwd_dw_kernel,
-                    "signature": {
-                        "DY": t,
-                        "X": t,
-                        "Rstd": "*fp32",
-                        "DW_part": "*fp32",
-                        "stride_dy": "i32",
-                        "stride_x": "i32",
-                        "M": "i32",
-                        "N": "i32",
-                        "rows_per_program": "i32",
-                    },
-                    "constexprs": {"BLOCK_N": cfg["BLOCK_N"]},
-                    "num_warps": cfg.num_warps,
-                    "num_stages": cfg.num_stages,
-                }
+                compile_spec(
+                    f"rms_norm_bwd_dw[{t[1:]},{cfg}]",
+                    _rms_norm_bwd_dw_kernel,
+                    cfg,
+                    dict(dw_sig),
+                    {"BLOCK_N": cfg["BLOCK_N"]},
+                )
             )
     return specs
