@@ -15,6 +15,11 @@ def describe_value(v: Any) -> str:
     return f"{str(v.dtype).replace('torch.', '')}[{dims}]"
 
 
+def short_target(target: object) -> str:
+    """``aten.mul.Tensor`` -> ``mul.Tensor``, ``aten.rsqrt.default`` -> ``rsqrt``."""
+    return str(target).replace("aten.", "").replace(".default", "")
+
+
 @dataclasses.dataclass
 class Replacement:
     pattern: str

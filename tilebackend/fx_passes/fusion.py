@@ -25,9 +25,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..report import GraphReport, Replacement, Skipped, describe_value
+from ..report import GraphReport, Replacement, Skipped, describe_value, short_target
 from . import shapes
-from .matcher import _set_meta
+from .matcher import _fake_mode_of, _set_meta
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
@@ -58,10 +58,7 @@ class _Fuser:
         self.gm = gm
         self.graph = gm.graph
         self.report = report
-        self.fake_mode = next(
-            (getattr(_val(n), "fake_mode", None) for n in gm.graph.nodes if _val(n) is not None),
-            None,
-        )
+        self.fake_mode = _fake_mode_of(gm)
         self.count = 0
         self.facts = shapes.Facts(shapes.shape_env_of(gm))
 
@@ -265,7 +262,7 @@ class _Fuser:
             Replacement(
                 pattern="fused_mm_epilogue",
                 nodes=[gemm.name, *absorbed],
-                targets=["mm", *[_short(n.target) for n in region]],
+                targets=["mm", *[short_target(n.target) for n in region]],
                 inputs={"a": describe_value(_val(a)), "b": describe_value(_val(b))},
                 scalars={"expr": expr_s},
             )
@@ -347,7 +344,7 @@ class _Fuser:
                 Replacement(
                     pattern="fused_scale_mask_softmax",
                     nodes=[n.name for n in (*reversed(consumed), sm)],
-                    targets=[_short(n.target) for n in (*reversed(consumed), sm)],
+                    targets=[short_target(n.target) for n in (*reversed(consumed), sm)],
                     inputs={"x": describe_value(xv)}
                     | ({"mask": describe_value(_val(mask))} if mask is not None else {}),
                     scalars={"scale": scale, "mask_mode": mode or "none"},
@@ -421,7 +418,7 @@ class _Fuser:
                 Replacement(
                     pattern=f"fused_add_{'layer' if 'layer' in str(fused_op) else 'rms'}_norm",
                     nodes=[s.name, norm.name],
-                    targets=["add.Tensor", _short(norm.target)],
+                    targets=["add.Tensor", short_target(norm.target)],
                     inputs={"x": describe_value(vx), "residual": describe_value(vr)},
                     scalars={},
                 )
@@ -452,10 +449,6 @@ class _Reshaped:
 
 def _single_use(n: Any) -> bool:
     return isinstance(n, fx.Node) and n.op == "call_function" and len(n.users) == 1
-
-
-def _short(target: object) -> str:
-    return str(target).replace("aten.", "").replace(".default", "")
 
 
 def fuse(gm: fx.GraphModule, report: GraphReport) -> int:

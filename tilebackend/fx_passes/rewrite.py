@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch.fx as fx
 
-from ..report import GraphReport, Replacement, Skipped, describe_value
+from ..report import GraphReport, Replacement, Skipped, describe_value, short_target
 from . import matcher, shapes
 from .registry import Pattern
 
@@ -67,7 +67,7 @@ def rewrite(
             entry = Replacement(
                 pattern=pattern.name,
                 nodes=[n.name for n in res.nodes],
-                targets=[_short(n.target) for n in res.nodes],
+                targets=[short_target(n.target) for n in res.nodes],
                 inputs={k: describe_value(v) for k, v in res.values().items() if k in res.inputs},
                 scalars=dict(res.scalars),
             )
@@ -131,8 +131,3 @@ def _conflicts(winner: Pattern, res, anchor: fx.Node, cands, by_target):
                 m.name, str(m.target), q.name, f"lost to {winner.name} ({why})"
             )
     return None, list(losers.values())
-
-
-def _short(target: object) -> str:
-    s = str(target)
-    return s.replace("aten.", "").replace(".default", "")
