@@ -84,7 +84,7 @@ def _softmax_fwd_single_kernel(
     y_s1,  # int: y stride of group 1
     y_s2,  # int: y stride of group 2
     y_sn,  # int: y stride along N
-    LOG,  # bool: log_softmax instead of softmax (uniform branch; one compile for both)
+    LOG,  # int 0/1: log_softmax instead of softmax (uniform branch; one compile for both)
     BLOCK_N: tl.constexpr,  # power of two >= N: the whole row in one block
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -119,7 +119,7 @@ def _softmax_fwd_looped_kernel(
     y_s1,  # int: y stride of group 1
     y_s2,  # int: y stride of group 2
     y_sn,  # int: y stride along N
-    LOG,  # bool: log_softmax instead of softmax (uniform branch; one compile for both)
+    LOG,  # int 0/1: log_softmax instead of softmax (uniform branch; one compile for both)
     BLOCK_N: tl.constexpr,  # elements per step of the loop over the row
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -176,7 +176,7 @@ def _softmax_bwd_single_kernel(
     y_s1,  # int: y stride of group 1
     y_s2,  # int: y stride of group 2
     y_sn,  # int: y stride along N
-    LOG,  # bool: y is log_softmax, dx = dy - exp(y) * sum(dy) (uniform branch)
+    LOG,  # int 0/1: y is log_softmax, dx = dy - exp(y) * sum(dy) (uniform branch)
     BLOCK_N: tl.constexpr,  # power of two >= N: the whole row in one block
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -215,7 +215,7 @@ def _softmax_bwd_looped_kernel(
     y_s1,  # int: y stride of group 1
     y_s2,  # int: y stride of group 2
     y_sn,  # int: y stride along N
-    LOG,  # bool: y is log_softmax, dx = dy - exp(y) * sum(dy) (uniform branch)
+    LOG,  # int 0/1: y is log_softmax, dx = dy - exp(y) * sum(dy) (uniform branch)
     BLOCK_N: tl.constexpr,  # elements per step of the loop over the row
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -447,7 +447,7 @@ def softmax_fwd(
     name = "log_softmax_fwd" if log else "softmax_fwd"
 
     def launch(kernel, cfg: autotune.Config):
-        kernel[(rows,)](y, x, n, g1, g2, *xs, *ys, LOG=log, **cfg.as_kwargs())
+        kernel[(rows,)](y, x, n, g1, g2, *xs, *ys, LOG=int(log), **cfg.as_kwargs())
 
     _select_and_launch(name, x.dtype, out_dtype, n, xs[3] == 1, block_n, launch, fwd=True)
     return y
@@ -484,7 +484,7 @@ def softmax_bwd(
     name = "log_softmax_bwd" if log else "softmax_bwd"
 
     def launch(kernel, cfg: autotune.Config):
-        kernel[(rows,)](dx, grad, out, n, g1, g2, *dxs, *dys, *ys, LOG=log, **cfg.as_kwargs())
+        kernel[(rows,)](dx, grad, out, n, g1, g2, *dxs, *dys, *ys, LOG=int(log), **cfg.as_kwargs())
 
     contiguous = dys[3] == 1 and ys[3] == 1
     _select_and_launch(name, grad.dtype, dx_dtype, n, contiguous, block_n, launch, fwd=False)
@@ -659,7 +659,7 @@ def _spec(fwd: bool, variant: str, in_dt, out_dt, cfg: autotune.Config) -> dict:
         ints, unit = _INT_ARGS_BWD, ("dx_sn", "dy_sn", "y_sn")
     # strides along N equal to 1 (the last-dim fast path) are constants at launch
     sig.update({a: "i32" for a in ints if a not in unit})
-    sig["LOG"] = "i1"
+    sig["LOG"] = "i32"  # an int, not a bool: triton 3.6's interpreter rejects bool args
     constexprs = {u: 1 for u in unit}
     constexprs.update(cfg.kwargs)
     op = "softmax" + ("_fwd" if fwd else "_bwd")
