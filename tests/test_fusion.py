@@ -62,13 +62,128 @@ def test_residual_add_in_epilogue_with_broadcast_extra(poison):
     assert graph.counts.get("fused_mm_epilogue") == 1
 
 
-def test_swiglu_gate_fuses_into_the_second_gemm(poison):
+def _assert_one_dual_launch(graph, launches, others=None):
+    assert graph.counts.get("fused_dual_mm_epilogue") == 1, str(graph)
+    assert "fused_mm_epilogue" not in graph.counts, str(graph)
+    assert dict(launches) == {"dual_mm_epilogue": 1, **(others or {})}, dict(launches)
+    assert "aten.silu" not in graph.code and "aten.mul" not in graph.code, graph.code
+
+
+def test_swiglu_is_one_dual_gemm(poison):
     w1, w3 = torch.randn(16, 8), torch.randn(16, 8)
     x = torch.randn(5, 16)
     graph, launches = _run(lambda x: F.silu(x @ w1) * (x @ w3), x)
-    assert graph.counts.get("fused_mm_epilogue") == 1
-    assert launches["mm_epilogue"] == 1 and launches["mm"] == 1
-    assert "aten.silu" not in graph.code and "aten.mul" not in graph.code
+    _assert_one_dual_launch(graph, launches)
+    assert "aten.mm" not in graph.code and "tile.mm." not in graph.code, graph.code
+    (r,) = [r for r in graph.replacements if r.pattern == "fused_dual_mm_epilogue"]
+    assert r.targets == ["mm", "mm", "silu", "mul.Tensor"]
+    assert r.scalars["expr"] == '["mul",["silu","ACC"],"ACC1"]'
+
+
+class _LlamaMLP(torch.nn.Module):
+    """``down(silu(gate(x)) * up(x))``, as Llama's MLP."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = torch.nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = torch.nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float32, 1e-4), (torch.float16, 1e-2)], ids=["fp32", "fp16"]
+)
+def test_llama_mlp_gate_and_up_are_one_launch(poison, bias, dtype, tol):
+    torch.manual_seed(0)
+    mlp = _LlamaMLP(16, 24, bias).to(dtype)
+    x = torch.randn(2, 5, 16).to(dtype)  # 3-D: each linear views x as [10, 16]
+    graph, launches = _run(mlp, x, atol=tol, rtol=tol)
+    down = "addmm" if bias else "mm"  # the down projection stays a GEMM of its own
+    _assert_one_dual_launch(graph, launches, {down: 1})
+    assert graph.code.count(f"tile.{down}.default(") == 1, graph.code
+
+
+@pytest.mark.parametrize("M, K, N", [(1, 16, 24), (7, 13, 17), (13, 17, 33)], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float32, 1e-4), (torch.float16, 1e-2)], ids=["fp32", "fp16"]
+)
+def test_swiglu_odd_sizes_with_biases(poison, M, K, N, dtype, tol):
+    gate, up = torch.nn.Linear(K, N).to(dtype), torch.nn.Linear(K, N).to(dtype)
+    x = torch.randn(M, K).to(dtype)
+    graph, launches = _run(lambda x: F.silu(gate(x)) * up(x), x, atol=tol, rtol=tol)
+    _assert_one_dual_launch(graph, launches)
+    (r,) = [r for r in graph.replacements if r.pattern == "fused_dual_mm_epilogue"]
+    assert r.targets[:2] == ["addmm", "addmm"]
+
+
+@pytest.mark.parametrize("kind", ["transposed", "sliced"])
+def test_swiglu_noncontiguous_a(poison, kind):
+    """Each GEMM gets its own ``x.t()`` / ``x[:, ::2]`` node: the same view, one input."""
+    w1, w3 = torch.randn(16, 24), torch.randn(16, 24)
+    if kind == "transposed":
+        x, view = torch.randn(16, 7), lambda x: x.t()
+    else:
+        x, view = torch.randn(7, 32), lambda x: x[:, ::2]
+    graph, launches = _run(lambda x: F.silu(view(x) @ w1) * (view(x) @ w3), x)
+    _assert_one_dual_launch(graph, launches)
+
+
+def test_llama_mlp_dual_gemm_under_dynamic_shapes(poison):
+    """One graph for every size, the pair found on symbolic shapes without a guard."""
+    torch._dynamo.reset()
+    mlp = _LlamaMLP(16, 24)
+    backend = tilebackend.TileBackend(options={"fallback": "eager"})
+    compiled = torch.compile(mlp, backend=backend, dynamic=True)
+    with torch.no_grad():
+        for b, t in [(2, 3), (3, 5), (4, 7)]:
+            x = torch.randn(b, t, 16)
+            with _common.count_launches() as launches:
+                torch.testing.assert_close(compiled(x), mlp(x), atol=1e-4, rtol=1e-4)
+            assert dict(launches) == {"dual_mm_epilogue": 1, "mm": 1}, dict(launches)
+    (graph,) = backend.report.graphs
+    assert graph.counts.get("fused_dual_mm_epilogue") == 1, str(backend.report)
+    assert graph.symbolic and graph.guards_added == [], str(backend.report)
+
+
+def test_swiglu_gemm_result_used_outside_keeps_two_launches(poison):
+    """h1 is also returned: it must be written, so the pair is not fused and the gate
+    fuses into the second GEMM's epilogue as before."""
+    w1, w3 = torch.randn(16, 8), torch.randn(16, 8)
+    x = torch.randn(5, 16)
+
+    def fn(x):
+        h1 = x @ w1
+        return F.silu(h1) * (x @ w3), h1
+
+    graph, launches = _run(fn, x)
+    assert "fused_dual_mm_epilogue" not in graph.counts, str(graph)
+    assert dict(launches) == {"mm": 1, "mm_epilogue": 1}, dict(launches)
+    (why,) = [s.reason for s in graph.skipped if "dual GEMM" in s.reason]
+    assert "not fused" in why, why
+
+
+def test_swiglu_training_step_matches_eager(poison):
+    """Training: the forward graph saves the GEMM results for the backward, so no dual
+    GEMM there; gradients match eager."""
+    torch.manual_seed(0)
+    mlp = _LlamaMLP(16, 24)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": "eager"})
+    compiled = torch.compile(mlp, backend=backend)
+    compiled(x).square().sum().backward()
+    got = [p.grad.clone() for p in mlp.parameters()] + [x.grad.clone()]
+    mlp.zero_grad()
+    x.grad = None
+    mlp(x).square().sum().backward()
+    for g, p in zip(got, [*mlp.parameters(), x], strict=True):
+        torch.testing.assert_close(g, p.grad, atol=1e-4, rtol=1e-4)
+    assert "fused_dual_mm_epilogue" not in backend.report.counts, str(backend.report)
+    assert any("dual GEMM" in s.reason for s in backend.report.skipped), str(backend.report)
 
 
 @pytest.mark.parametrize("mask_kind", ["additive", "bool"])

@@ -60,7 +60,8 @@ def _logits(model, ids):
             "llama",
             "eager",
             {"rms_norm_llama": 5, "mm": 15, "bmm": 4, "softmax": 2}
-            | {"fused_add_rms_norm": 4, "fused_scale_mask_softmax": 2, "fused_mm_epilogue": 2},
+            | {"fused_add_rms_norm": 4, "fused_scale_mask_softmax": 2}
+            | {"fused_dual_mm_epilogue": 2},  # SwiGLU: gate and up GEMMs in one launch
         ),
     ],
 )
@@ -76,9 +77,12 @@ def test_hf_inference_matches_eager(poison, name, attn, expected):
         ref = _logits(model, ids)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
     assert backend.report.counts == expected, str(backend.report)
-    # one launch per replaced anchor; a fusion absorbs its anchor, so it adds no launch
+    # one launch per replaced anchor; a fusion absorbs its anchor, so it adds no launch,
+    # and a dual GEMM runs two anchors in one launch
     anchors = sum(v for k, v in expected.items() if not k.startswith("fused_"))
-    assert sum(launches.values()) == anchors
+    assert sum(launches.values()) == anchors - expected.get("fused_dual_mm_epilogue", 0)
+    if "fused_dual_mm_epilogue" in expected:
+        assert launches["dual_mm_epilogue"] == expected["fused_dual_mm_epilogue"]
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])

@@ -22,6 +22,7 @@ MODULES = (
     "rms_norm",
     "matmul",
     "fused_matmul",
+    "dual_matmul",
     "fused_softmax",
     "fused_norm",
 )

@@ -1,9 +1,10 @@
 """GEMM with a generated pointwise epilogue: ``out = EXPR(ACC = A @ B + bias, IN0, IN1, ...)``.
 
 The fusion pass grows a GEMM's match over the pointwise ops after it (GELU written out,
-a residual add, a scale, casts, SwiGLU's ``silu(x @ W1) * (x @ W3)`` with the second GEMM's
-result as ``IN0``) and calls ``tile::mm_epilogue`` with the expression as a string (the
-format of :mod:`.pointwise`).  The kernel is generated from a template: the GEMM main loop
+a residual add, a scale, casts, SwiGLU's ``silu(x @ W1) * (x @ W3)`` with the other GEMM's
+side as ``IN0`` when a GEMM result is also used elsewhere, else both GEMMs run in
+:mod:`.dual_matmul`'s one kernel) and calls ``tile::mm_epilogue`` with the expression as a
+string (the format of :mod:`.pointwise`).  The kernel is generated from a template: the GEMM main loop
 of :mod:`.matmul` (grouped-M order, masked edges, fp32 accumulator), then the extra inputs
 loaded through broadcast strides, the printed expression, and one store in the
 expression's result dtype.
@@ -126,16 +127,15 @@ def mm_epilogue_kernel(
 '''
 
 
-def _render(expr: Any, bools: tuple[bool, ...], leaf_dtypes=None) -> str:
-    """The module source of the kernel for ``expr`` with extras (``True`` = bool extra);
-    ``leaf_dtypes`` lets casts round where eager's values were rounded."""
+def _render_extras(expr: Any, bools: tuple[bool, ...], ind: str = "    "):
+    """The template parts that read the extras ``IN0..`` (shared with :mod:`.dual_matmul`):
+    ``(pointer args, stride args, load statements, leaf names, bool leaves)``."""
     n = len(bools)
-    ind = "    "
     in_ptrs = "".join(f"{ind}in{i}_ptr,\n" for i in range(n))
     in_strides = "".join(f"{ind}in{i}_s0,\n{ind}in{i}_s1,\n{ind}in{i}_sn,\n" for i in range(n))
     used = pointwise.input_leaves(expr)
     loads = []
-    leaves = {"ACC": "acc"}
+    leaves = {}
     bool_leaves = []
     for i in range(n):
         if f"IN{i}" not in used:
@@ -149,18 +149,31 @@ def _render(expr: Any, bools: tuple[bool, ...], leaf_dtypes=None) -> str:
         else:
             loads.append(f"{ind}in{i} = tl.load({ptrs}, mask=mask, other=0.0).to(tl.float32)")
         leaves[f"IN{i}"] = f"in{i}"
+    return in_ptrs, in_strides, "\n".join(loads), leaves, bool_leaves
+
+
+def _render_expression(expr: Any, leaves, bool_leaves, leaf_dtypes=None, ind: str = "    "):
+    """The printed expression as template text: ``(indented body, result name)``."""
     lines, res, const = pointwise.print_triton(expr, leaves, bool_leaves, leaf_dtypes=leaf_dtypes)
     if const:
         lines.append(f"_res = tl.zeros((BLOCK_M, BLOCK_N), tl.float32) + {res}")
         res = "_res"
+    return "\n".join(ind + ln for ln in lines) or f"{ind}pass", res
+
+
+def _render(expr: Any, bools: tuple[bool, ...], leaf_dtypes=None) -> str:
+    """The module source of the kernel for ``expr`` with extras (``True`` = bool extra);
+    ``leaf_dtypes`` lets casts round where eager's values were rounded."""
+    in_ptrs, in_strides, loads, leaves, bool_leaves = _render_extras(expr, bools)
+    body, res = _render_expression(expr, {"ACC": "acc", **leaves}, bool_leaves, leaf_dtypes)
     return _TEMPLATE.format(
         expr=pointwise.dumps(expr),
         bools=list(bools),
         dtypes={k: str(v) for k, v in (leaf_dtypes or {}).items()},
         in_ptrs=in_ptrs,
         in_strides=in_strides,
-        loads="\n".join(loads),
-        body="\n".join(ind + ln for ln in lines) or f"{ind}pass",
+        loads=loads,
+        body=body,
         result=res,
     )
 
@@ -264,6 +277,8 @@ def check(a: Any, b: Any, bias: Any, extras: Any, expr: Any) -> str | None:
         return f"expression: {err}"
     extras = list(extras)
     for leaf in pointwise.input_leaves(e):
+        if leaf == "ACC1":
+            return "expression reads ACC1, a second GEMM (that is tile::dual_mm_epilogue)"
         if leaf != "ACC" and int(leaf[2:]) >= len(extras):
             return f"expression reads {leaf} but only {len(extras)} extra input(s) are given"
     tensors = {"a": a, "b": b}
@@ -340,6 +355,20 @@ def _row_strides(t: torch.Tensor, lead: tuple[int, ...], n: int):
     raise AssertionError("a contiguous tensor folds")
 
 
+def _extra_args(extras, lead: tuple[int, ...], n: int):
+    """``(bools, tensors, strides)`` that pass ``extras`` to a generated kernel: each read
+    as ``[*lead, n]`` through (s0, s1, sn) (see :func:`_row_strides`), bools as uint8."""
+    bools = tuple(t.dtype == torch.bool for t in extras)
+    args, strides = [], []
+    for t in extras:
+        full, s0, s1, sn = _row_strides(t, lead, n)
+        if t.dtype == torch.bool:
+            full = full.view(torch.uint8)
+        args.append(full)
+        strides += [s0, s1, sn]
+    return bools, args, strides
+
+
 def matmul_epilogue(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -374,14 +403,7 @@ def matmul_epilogue(
         bias2, bias_strides = out2, (0, 0)
     lead = lead or (1,)
     L1 = lead[-1]
-    bools = tuple(t.dtype == torch.bool for t in extras)
-    ex_args, ex_strides = [], []
-    for t in extras:
-        full, s0, s1, sn = _row_strides(t, lead, N)
-        if t.dtype == torch.bool:
-            full = full.view(torch.uint8)
-        ex_args.append(full)
-        ex_strides += [s0, s1, sn]
+    bools, ex_args, ex_strides = _extra_args(extras, lead, N)
     leaf_dtypes = _leaf_dtypes(a, extras)
     kernel = kernel_for(e, bools, leaf_dtypes if _has_cast(e) else None)
     precision = _mm._input_precision(a.dtype)

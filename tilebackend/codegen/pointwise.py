@@ -6,9 +6,10 @@ softmax's input) into one *expression* that a kernel template writes into its so
 
 Expression format (plain nested tuples; JSON lists once serialised):
 
-* leaves: ``"ACC"`` (the anchor's value: for a GEMM ``alpha * (A @ B) + bias`` in fp32)
-  and ``"IN0"``, ``"IN1"``, ... (extra input tensors, broadcast to the output shape and
-  read through their strides; ``INk`` is ``extras[k]``);
+* leaves: ``"ACC"`` (the anchor's value: for a GEMM ``alpha * (A @ B) + bias`` in fp32),
+  ``"ACC1"`` (the second accumulator of a dual GEMM, ``A @ B1 + bias1``: only
+  ``tile::dual_mm_epilogue`` reads it) and ``"IN0"``, ``"IN1"``, ... (extra input tensors,
+  broadcast to the output shape and read through their strides; ``INk`` is ``extras[k]``);
 * constants: Python ``int`` / ``float`` (``inf`` / ``nan`` allowed), normalised to float;
 * nodes ``(kind, *operands)``:
 
@@ -119,7 +120,7 @@ class ExprError(ValueError):
 
 
 def _is_leaf(e: Any) -> bool:
-    return isinstance(e, str) and (e == "ACC" or (e.startswith("IN") and e[2:].isdigit()))
+    return isinstance(e, str) and (e in ("ACC", "ACC1") or (e.startswith("IN") and e[2:].isdigit()))
 
 
 def canonical(expr: Any) -> Any:
@@ -176,7 +177,7 @@ def loads(s: str) -> Any:
 
 
 def input_leaves(expr: Any) -> set[str]:
-    """The leaves (``"ACC"``, ``"IN0"``, ...) that ``expr`` reads."""
+    """The leaves (``"ACC"``, ``"ACC1"``, ``"IN0"``, ...) that ``expr`` reads."""
     out: set[str] = set()
 
     def walk(e):
