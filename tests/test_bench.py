@@ -123,6 +123,25 @@ def main_rows(device, out, *extra):
     return data, {(r["name"], r["provider"]): r for r in data["rows"]}
 
 
+def test_random_case_compares_the_kept_elements(device):
+    rows = []
+    case = kernels.select(kernels.anchor_cases("tiny"), ["attention_dropout"])[0]
+    kernels.run_case(
+        case,
+        ["eager", "tile_eager"],
+        device=device,
+        dtype=__import__("torch").float32,
+        ceilings={},
+        timing=common.Timing(cpu_reps=1),
+        budget=common.Budget(600),
+        sink=rows.append,
+    )
+    eager, tile = rows
+    assert eager["status"] == tile["status"] == "ok", rows
+    assert tile["tile_launches"] == {"scale_mask_softmax_dropout_fwd": 1}, tile
+    assert tile["rel_err"] < 1e-5 and 0.0 < tile["dropped"] < 0.5
+
+
 def test_time_budget_skips_compiles(device):
     rows = []
     case = kernels.select(kernels.anchor_cases("tiny"), ["softmax_16"])[0]

@@ -100,5 +100,39 @@ def test_hf_training_step_gradients_match_eager(poison, name):
     for n, p in model.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
     norm_bwd = "layer_norm_bwd" if name == "gpt2" else "rms_norm_bwd"
-    for k in (norm_bwd, "softmax_bwd", "mm"):
+    # the softmax backward absorbs the scale of the forward's prologue
+    for k in (norm_bwd, "scale_mask_softmax_bwd", "mm"):
         assert launches[k] >= 1, (k, dict(launches))
+    assert backend.report.counts["fused_softmax_backward"] == 2, str(backend.report)
+
+
+def test_gpt2_training_with_attention_dropout_fuses_and_repeats(poison):
+    """Attention dropout on: one kernel each way per layer; the same seed, the same step."""
+    model = _model("gpt2", "eager").train()
+    for m in model.modules():
+        if hasattr(m, "attn_dropout"):
+            m.attn_dropout.p = 0.1
+    ids = torch.randint(0, VOCAB, (2, 7))
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": "eager"})
+    compiled = torch.compile(lambda ids: _logits(model, ids), backend=backend)
+    grads = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        with _common.count_launches() as launches:
+            compiled(ids).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        model.zero_grad()
+    counts = backend.report.counts
+    assert counts["fused_softmax_dropout"] == 2 and counts["fused_softmax_backward"] == 2
+    assert launches["scale_mask_softmax_dropout_fwd"] == 2, dict(launches)
+    assert launches["scale_mask_softmax_bwd"] == 2, dict(launches)
+    for n, g in grads[0].items():
+        assert torch.isfinite(g).all(), n
+        torch.testing.assert_close(grads[1][n], g, atol=0, rtol=0, msg=n)
+    # and the dropout is live: without it the gradients differ
+    model.eval()
+    model.zero_grad()
+    _logits(model, ids).square().mean().backward()
+    diff = max((p.grad - grads[0][n]).abs().max().item() for n, p in model.named_parameters())
+    assert diff > 1e-6

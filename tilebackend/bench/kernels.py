@@ -32,6 +32,9 @@ class KernelCase:
     nbytes: float
     sweep: bool = False
     sweep_x: int | None = None  # the swept size, for plots
+    #: errors of a random op (``out``, the inputs) -> the error columns, instead of
+    #: comparing draws that differ by design
+    errors: Callable[[Any, tuple], dict] | None = None
 
 
 def _randn(*shape, device, dtype, scale=1.0):
@@ -133,6 +136,42 @@ def scale_mask_softmax_case(b: int, h: int, t: int, s: int) -> KernelCase:
     )
 
 
+def attention_dropout_case(b: int, h: int, t: int, s: int, p: float = 0.1) -> KernelCase:
+    """HF's eager attention probabilities in training: ``dropout(softmax(scores * scale +
+    mask), p)``.  Random draws differ between providers, so the error is taken on the
+    elements kept (against the softmax / (1 - p), in fp32), and the share dropped is
+    reported (of the entries the mask leaves alive)."""
+
+    def make(device, dtype):
+        (fn, args) = scale_mask_softmax_case(b, h, t, s).make(device, dtype)
+
+        def attention_dropout(x, mask):
+            return F.dropout(fn(x, mask), p, training=True)
+
+        return attention_dropout, args
+
+    def errors(out, args):
+        x, mask = args
+        ref = torch.softmax(x.float() / math.sqrt(64) + mask.float(), dim=-1)
+        live, keep = ref > 0, out != 0
+        diff = (out.float() - ref / (1 - p)).abs()[keep]
+        scale = ref.max().item() / (1 - p)
+        err = diff.max().item() if diff.numel() else 0.0
+        dropped = 1.0 - (keep & live).sum().item() / max(live.sum().item(), 1)
+        return {"max_abs_err": err, "rel_err": err / scale if scale else err, "dropped": dropped}
+
+    return KernelCase(
+        name=f"attention_dropout_{b}x{h}x{t}x{s}",
+        family="softmax",
+        bound="memory",
+        shape=f"dropout(softmax({b}x{h}x{t}x{s} * c + mask {b}x1x{t}x{s}), {p})",
+        make=make,
+        flops=0,
+        nbytes=2.0 * b * h * t * s + b * t * s,
+        errors=errors,
+    )
+
+
 def layernorm_case(m: int, n: int, sweep: bool = False) -> KernelCase:
     def make(device, dtype):
         x = _randn(m, n, device=device, dtype=dtype)
@@ -214,6 +253,7 @@ def anchor_cases(profile: str = "anchor") -> list[KernelCase]:
             linear_bias_gelu_case(8192, 768, 3072),
             softmax_case(49152, 1024),
             scale_mask_softmax_case(4, 12, 1024, 1024),
+            attention_dropout_case(4, 12, 1024, 1024),
             layernorm_case(16384, 768),
             layernorm_case(8192, 4096),
             rmsnorm_case(8192, 4096),
@@ -224,6 +264,7 @@ def anchor_cases(profile: str = "anchor") -> list[KernelCase]:
         linear_bias_gelu_case(16, 32, 48),
         softmax_case(16, 32),
         scale_mask_softmax_case(2, 2, 8, 8),
+        attention_dropout_case(2, 2, 8, 8),
         layernorm_case(16, 32),
         layernorm_case(8, 64),
         rmsnorm_case(8, 64),
@@ -300,7 +341,7 @@ def run_case(
                 out, first_s = common.timed_first_call(lambda: compiled(*args), device)
             if provider != "eager":
                 row["compile_s"] = first_s
-            row.update(common.errors(out, ref))
+            row.update(case.errors(out, args) if case.errors else common.errors(out, ref))
             del out
             ms = timing.median_ms(lambda: compiled(*args), device)
             row["ms"] = ms

@@ -20,7 +20,13 @@ three non-softmax dim groups).  All math is fp32; a row whose every entry is mas
 NaN, as eager's.
 
 Backward: ``dx = scale * y * (g - sum(g * y))``; a float mask that requires grad gets
-``(y * (g - sum(g * y))).sum_to_size(mask.shape)``.  Dropout is not fused (see the report).
+``(y * (g - sum(g * y))).sum_to_size(mask.shape)``.
+
+Dropout after the softmax (``tile::scale_mask_softmax_dropout``) is fused in the same pass:
+the keep mask is ``rand(seed, i) > p`` (Philox, keyed by a seed tensor drawn from torch's
+generator, so ``torch.manual_seed`` makes runs repeat, and by the element's flat index), the
+output ``where(keep, y / (1 - p), 0)``; the probabilities and the mask are written too when
+the backward needs them.  Like Inductor's, the random stream is not eager's.
 """
 
 from __future__ import annotations
@@ -51,14 +57,21 @@ Tensor = torch.Tensor
 __all__ = [
     "check",
     "check_bwd",
+    "check_dropout",
     "out_dtype",
     "reference",
+    "reference_dropout",
     "scale_mask_softmax_bwd",
+    "scale_mask_softmax_dropout_fwd",
     "scale_mask_softmax_fwd",
     "sm90_specs",
 ]
 
-KERNEL_NAMES = ("scale_mask_softmax_fwd", "scale_mask_softmax_bwd")
+KERNEL_NAMES = (
+    "scale_mask_softmax_fwd",
+    "scale_mask_softmax_bwd",
+    "scale_mask_softmax_dropout_fwd",
+)
 _MASK_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.bool)
 
 
@@ -78,6 +91,25 @@ def _scores(x_row, m_row, offs, x_sn, m_sn, scale, N, MASK_MODE: tl.constexpr):
         mk = tl.load(m_row + offs64 * m_sn, mask=inb, other=0)
         z = tl.where(mk != 0, -float("inf"), z)
     return tl.where(inb, z, -float("inf"))
+
+
+@triton.jit
+def _store_probs(
+    y_ptr, probs_ptr, keep_ptr, offs, inb, y, seed, p, drop_scale,
+    DROPOUT: tl.constexpr, WRITE_PROBS: tl.constexpr, WRITE_KEEP: tl.constexpr,
+):  # fmt: skip
+    """Store softmax values ``y`` (fp32) at element offsets ``offs`` of the output; with
+    ``DROPOUT``, the output is the dropped-out ``y`` and the pre-dropout probabilities and
+    the keep mask go to ``probs_ptr`` / ``keep_ptr`` when asked.  The random stream is
+    Philox keyed by ``seed`` and each element's offset in the output."""
+    if DROPOUT:
+        if WRITE_PROBS:
+            tl.store(probs_ptr + offs, y.to(probs_ptr.dtype.element_ty), mask=inb)
+        keep = tl.rand(seed, offs) > p
+        if WRITE_KEEP:
+            tl.store(keep_ptr + offs, keep.to(tl.uint8), mask=inb)
+        y = tl.where(keep, y * drop_scale, 0.0)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=inb)
 
 
 @triton.jit
@@ -101,20 +133,34 @@ def _scale_mask_softmax_fwd_kernel(
     m_s2,
     m_sn,
     scale,  # fp32
+    seed_ptr,  # *i64 []: the dropout seed (unread unless DROPOUT)
+    probs_ptr,  # *out, laid out as y: the softmax before dropout (written if WRITE_PROBS)
+    keep_ptr,  # *u8, laid out as y: 1 where kept (written if WRITE_KEEP)
+    p,  # fp32: drop probability
+    drop_scale,  # fp32: kept values are multiplied by this (1 / (1 - p))
     MASK_MODE: tl.constexpr,  # 0: none, 1: additive, 2: bool (True = -inf)
+    DROPOUT: tl.constexpr,  # y = where(rand(seed, index in y) > p, softmax * drop_scale, 0)
+    WRITE_PROBS: tl.constexpr,
+    WRITE_KEEP: tl.constexpr,
     SINGLE: tl.constexpr,  # N <= BLOCK_N: the row in registers
     BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + _row_offset(row, G1, G2, x_s0, x_s1, x_s2)
-    y_row = y_ptr + _row_offset(row, G1, G2, y_s0, y_s1, y_s2)
+    y_off = _row_offset(row, G1, G2, y_s0, y_s1, y_s2)
     m_row = m_ptr + _row_offset(row, G1, G2, m_s0, m_s1, m_s2)
     cols = tl.arange(0, BLOCK_N)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     if SINGLE:
         z = _scores(x_row, m_row, cols, x_sn, m_sn, scale, N, MASK_MODE)
         e = tl.exp(z - tl.max(z, axis=0))  # all -inf: NaN, like eager
         y = e / tl.sum(e, axis=0)
-        tl.store(y_row + cols.to(tl.int64) * y_sn, y.to(y_ptr.dtype.element_ty), mask=cols < N)
+        _store_probs(
+            y_ptr, probs_ptr, keep_ptr, y_off + cols.to(tl.int64) * y_sn, cols < N, y,
+            seed, p, drop_scale, DROPOUT, WRITE_PROBS, WRITE_KEEP,
+        )  # fmt: skip
     else:
         m = tl.full([BLOCK_N], -float("inf"), tl.float32)
         d = tl.zeros([BLOCK_N], tl.float32)
@@ -129,7 +175,21 @@ def _scale_mask_softmax_fwd_kernel(
             offs = start + cols
             z = _scores(x_row, m_row, offs, x_sn, m_sn, scale, N, MASK_MODE)
             y = tl.exp(z - row_max) / row_sum
-            tl.store(y_row + offs.to(tl.int64) * y_sn, y.to(y_ptr.dtype.element_ty), mask=offs < N)
+            _store_probs(
+                y_ptr, probs_ptr, keep_ptr, y_off + offs.to(tl.int64) * y_sn, offs < N, y,
+                seed, p, drop_scale, DROPOUT, WRITE_PROBS, WRITE_KEEP,
+            )  # fmt: skip
+
+
+@triton.jit
+def _grad(dy_row, k_row, offs, inb, dy_sn, k_sn, drop_scale, DROPOUT: tl.constexpr):
+    """The output gradient over columns ``offs`` (int64) of a row, fp32; through the
+    dropout's keep mask and scale with ``DROPOUT``."""
+    g = tl.load(dy_row + offs * dy_sn, mask=inb, other=0.0).to(tl.float32)
+    if DROPOUT:
+        kept = tl.load(k_row + offs * k_sn, mask=inb, other=0) != 0
+        g = tl.where(kept, g * drop_scale, 0.0)
+    return g
 
 
 @triton.jit
@@ -153,7 +213,14 @@ def _scale_mask_softmax_bwd_kernel(
     y_s2,
     y_sn,
     scale,  # fp32: dx = scale * y * (g - sum(g * y))
+    k_ptr,  # *u8 keep mask of a dropout after the softmax (unread unless DROPOUT)
+    k_s0,
+    k_s1,
+    k_s2,
+    k_sn,
+    drop_scale,  # fp32: with DROPOUT, g = grad * keep * drop_scale
     ZERO_NAN: tl.constexpr,  # a bool mask's fully masked row (y NaN) gets 0, as eager's
+    DROPOUT: tl.constexpr,
     SINGLE: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -161,11 +228,12 @@ def _scale_mask_softmax_bwd_kernel(
     dx_row = dx_ptr + _row_offset(row, G1, G2, dx_s0, dx_s1, dx_s2)
     dy_row = dy_ptr + _row_offset(row, G1, G2, dy_s0, dy_s1, dy_s2)
     y_row = y_ptr + _row_offset(row, G1, G2, y_s0, y_s1, y_s2)
+    k_row = k_ptr + _row_offset(row, G1, G2, k_s0, k_s1, k_s2)
     cols = tl.arange(0, BLOCK_N)
     if SINGLE:
         inb = cols < N
         c64 = cols.to(tl.int64)
-        g = tl.load(dy_row + c64 * dy_sn, mask=inb, other=0.0).to(tl.float32)
+        g = _grad(dy_row, k_row, c64, inb, dy_sn, k_sn, drop_scale, DROPOUT)
         y = tl.load(y_row + c64 * y_sn, mask=inb, other=0.0).to(tl.float32)
         dx = scale * y * (g - tl.sum(g * y, axis=0))
         if ZERO_NAN:
@@ -177,7 +245,7 @@ def _scale_mask_softmax_bwd_kernel(
             offs = start + cols
             inb = offs < N
             o64 = offs.to(tl.int64)
-            g = tl.load(dy_row + o64 * dy_sn, mask=inb, other=0.0).to(tl.float32)
+            g = _grad(dy_row, k_row, o64, inb, dy_sn, k_sn, drop_scale, DROPOUT)
             y = tl.load(y_row + o64 * y_sn, mask=inb, other=0.0).to(tl.float32)
             acc += g * y
         s = tl.sum(acc, axis=0)
@@ -185,7 +253,7 @@ def _scale_mask_softmax_bwd_kernel(
             offs = start + cols
             inb = offs < N
             o64 = offs.to(tl.int64)
-            g = tl.load(dy_row + o64 * dy_sn, mask=inb, other=0.0).to(tl.float32)
+            g = _grad(dy_row, k_row, o64, inb, dy_sn, k_sn, drop_scale, DROPOUT)
             y = tl.load(y_row + o64 * y_sn, mask=inb, other=0.0).to(tl.float32)
             dx = scale * y * (g - s)
             if ZERO_NAN:
@@ -234,13 +302,17 @@ def check(x, mask, dim) -> str | None:
     return None
 
 
-def check_bwd(grad, out, dim, input_dtype) -> str | None:
-    """Why the backward kernel cannot take (``grad``, ``out``), or None."""
+def check_bwd(grad, out, dim, input_dtype, keep=None) -> str | None:
+    """Why the backward kernel cannot take (``grad``, ``out``, dropout ``keep``), or None."""
     r = check(grad, None, dim) or _common.device_reason(out) or _common.dtype_reason(out)
     if r:
         return r
     if grad.shape != out.shape or grad.device != out.device:
         return "grad and out differ in shape or device"
+    if keep is not None and (
+        keep.dtype != torch.bool or keep.shape != grad.shape or keep.device != grad.device
+    ):
+        return "the dropout keep mask is not a bool tensor shaped and placed as grad"
     if input_dtype not in _common.SUPPORTED_DTYPES:
         return f"input dtype {input_dtype} is not supported"
     return None
@@ -278,11 +350,65 @@ def scale_mask_softmax_fwd(
     reason = check(x, mask, dim)
     if reason:
         raise ValueError(f"scale_mask_softmax_fwd: {reason}")
+    return _fwd(x, scale, mask, dim, None, block_n)[0]
+
+
+def scale_mask_softmax_dropout_fwd(
+    x: Tensor,
+    scale: float,
+    mask: Tensor | None,
+    dim: int,
+    p: float,
+    seed: Tensor,
+    write_probs: bool = True,
+    write_keep: bool = True,
+    drop_scale: float | None = None,
+    *,
+    block_n: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``dropout(softmax(x * scale + mask, dim), p)`` in one pass: ``(out, probs, keep)``.
+
+    ``keep = rand(seed, i) > p`` for the element at flat index ``i`` of the (contiguous)
+    output, ``out = where(keep, probs * drop_scale, 0)`` with ``drop_scale = 1 / (1 - p)``
+    by default.  ``probs`` (the softmax, as :func:`scale_mask_softmax_fwd` gives it) and
+    ``keep`` (bool) are written only when asked, else they are empty ``[0]`` tensors.
+    ``seed`` is a one-element int64 tensor on ``x``'s device (read by the kernel: no sync).
+    """
+    reason = check_dropout(x, mask, dim, p, seed)
+    if reason:
+        raise ValueError(f"scale_mask_softmax_dropout_fwd: {reason}")
+    ds = 1.0 / (1.0 - p) if drop_scale is None else float(drop_scale)
+    return _fwd(x, scale, mask, dim, (float(p), seed, ds, write_probs, write_keep), block_n)
+
+
+def check_dropout(x, mask, dim, p, seed) -> str | None:
+    """Why the fused dropout kernel cannot take the case, or None."""
+    r = check(x, mask, dim)
+    if r:
+        return r
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p < 1.0:
+        return f"dropout probability {p!r} is not in (0, 1)"
+    if not isinstance(seed, Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+        return "seed is not a one-element int64 tensor"
+    if seed.device != x.device:
+        return f"seed on {seed.device}, x on {x.device}"
+    return None
+
+
+def _fwd(x, scale, mask, dim, dropout, block_n):
     dim = _wrap_dim(dim, x.dim())
     shape = tuple(x.shape)
-    y = _common.empty(shape, out_dtype(x, mask), x.device)
+    o_dtype = out_dtype(x, mask)
+    y = _common.empty(shape, o_dtype, x.device)
+    probs = keep = None
+    if dropout is not None:
+        p, seed, drop_scale, write_probs, write_keep = dropout
+        probs = _common.empty(shape if write_probs else (0,), o_dtype, x.device)
+        keep = _common.empty(shape if write_keep else (0,), torch.bool, x.device)
+    else:
+        p, seed, drop_scale, write_probs, write_keep = 0.0, None, 1.0, False, False
     if math.prod(shape) == 0:
-        return y
+        return y, probs, keep
     n = shape[dim]
     rows = x.numel() // n
     mode = 0 if mask is None else 2 if mask.dtype == torch.bool else 1
@@ -294,25 +420,32 @@ def scale_mask_softmax_fwd(
         if mode == 2:
             m = m.view(torch.uint8)
         (y, x, m), g1, g2, (ys, xs, ms) = _plan([y, x, m], dim)
+    # probs / keep are allocated as y (contiguous, same shape): y's strides address them
+    probs_arg = probs if write_probs else y
+    keep_arg = keep.view(torch.uint8) if write_keep else y
+    seed_arg = seed if seed is not None else y
+    drop = dropout is not None
 
     def launch(cfg: autotune.Config, single: bool):
         _scale_mask_softmax_fwd_kernel[(rows,)](
             y, x, m, n, g1, g2, *xs, *ys, *ms, float(scale),
-            MASK_MODE=mode, SINGLE=single, **cfg.as_kwargs(),
+            seed_arg, probs_arg, keep_arg, p, drop_scale,
+            MASK_MODE=mode, DROPOUT=drop, WRITE_PROBS=write_probs, WRITE_KEEP=write_keep,
+            SINGLE=single, **cfg.as_kwargs(),
         )  # fmt: skip
 
     _launch(
-        "scale_mask_softmax_fwd",
+        "scale_mask_softmax_dropout_fwd" if drop else "scale_mask_softmax_fwd",
         _scale_mask_softmax_fwd_kernel,
         n,
         rows,
         x.dtype,
-        (y.dtype, mode),
+        (y.dtype, mode, drop, write_probs, write_keep),
         xs[3] == 1,
         block_n,
         launch,
     )
-    return y
+    return y, probs, keep
 
 
 def scale_mask_softmax_bwd(
@@ -322,12 +455,15 @@ def scale_mask_softmax_bwd(
     dim: int,
     input_dtype: torch.dtype,
     zero_nan: bool = False,
+    keep: Tensor | None = None,
+    drop_scale: float = 1.0,
     *,
     block_n: int | None = None,
 ) -> Tensor:
-    """``scale * out * (grad - sum(grad * out, dim))`` in ``input_dtype`` (contiguous);
+    """``scale * out * (g - sum(g * out, dim))`` in ``input_dtype`` (contiguous), where
+    ``g = grad``, or ``grad * keep * drop_scale`` with a dropout's bool ``keep`` mask;
     ``zero_nan``: 0 where ``out`` is NaN (a bool mask's fully masked rows, as eager)."""
-    reason = check_bwd(grad, out, dim, input_dtype)
+    reason = check_bwd(grad, out, dim, input_dtype, keep)
     if reason:
         raise ValueError(f"scale_mask_softmax_bwd: {reason}")
     dim = _wrap_dim(dim, grad.dim())
@@ -337,12 +473,17 @@ def scale_mask_softmax_bwd(
         return dx
     n = shape[dim]
     rows = grad.numel() // n
-    (dx, grad, out), g1, g2, (dxs, dys, ys) = _plan([dx, grad, out], dim)
+    drop = keep is not None
+    ts = [dx, grad, out] + ([keep.view(torch.uint8)] if drop else [])
+    ts, g1, g2, strides = _plan(ts, dim)
+    dx, grad, out = ts[:3]
+    k, ks = (ts[3], strides[3]) if drop else (out, strides[2])
 
     def launch(cfg: autotune.Config, single: bool):
         _scale_mask_softmax_bwd_kernel[(rows,)](
-            dx, grad, out, n, g1, g2, *dxs, *dys, *ys, float(scale),
-            ZERO_NAN=zero_nan, SINGLE=single, **cfg.as_kwargs(),
+            dx, grad, out, n, g1, g2, *strides[0], *strides[1], *strides[2], float(scale),
+            k, *ks, float(drop_scale),
+            ZERO_NAN=zero_nan, DROPOUT=drop, SINGLE=single, **cfg.as_kwargs(),
         )  # fmt: skip
 
     _launch(
@@ -351,8 +492,8 @@ def scale_mask_softmax_bwd(
         n,
         rows,
         grad.dtype,
-        (out.dtype, input_dtype, zero_nan),
-        dys[3] == 1 and ys[3] == 1,
+        (out.dtype, input_dtype, zero_nan, drop),
+        strides[1][3] == 1 and strides[2][3] == 1,
         block_n,
         launch,
     )
@@ -385,8 +526,10 @@ def _(x, scale, mask, dim=-1):
     return x.new_empty(x.shape, dtype=out_dtype(x, mask))
 
 
-def _reference_bwd(grad, out, scale, dim, input_dtype, zero_nan=False):
+def _reference_bwd(grad, out, scale, dim, input_dtype, zero_nan=False, keep=None, drop_scale=1.0):
     g, y = grad.to(torch.float32), out.to(torch.float32)
+    if keep is not None:
+        g = g * keep * drop_scale
     dx = scale * y * (g - (g * y).sum(dim, keepdim=True))
     if zero_nan:
         dx = dx.masked_fill(y.isnan(), 0.0)
@@ -397,25 +540,27 @@ def _reference_bwd(grad, out, scale, dim, input_dtype, zero_nan=False):
     "tile::scale_mask_softmax_backward",
     mutates_args=(),
     schema="(Tensor grad, Tensor out, float scale, int dim, ScalarType input_dtype, "
-    "bool zero_nan=False) -> Tensor",
+    "bool zero_nan=False, Tensor? keep=None, float drop_scale=1.0) -> Tensor",
 )
-def scale_mask_softmax_backward_op(grad, out, scale, dim, input_dtype, zero_nan=False):
-    """``scale * out * (grad - sum(grad * out, dim))`` in ``input_dtype``; ``zero_nan``: 0
-    where ``out`` is NaN (the fully masked rows of a bool mask: eager's masked_fill gives
-    them a zero gradient)."""
-    args = (grad, out, scale, dim, input_dtype, zero_nan)
-    if check_bwd(grad, out, dim, input_dtype) is not None:
-        return _reference_bwd(*args)
-    return _common.guarded(
+def scale_mask_softmax_backward_op(
+    grad, out, scale, dim, input_dtype, zero_nan=False, keep=None, drop_scale=1.0
+):
+    """``scale * out * (g - sum(g * out, dim))`` in ``input_dtype`` with ``g = grad``, or
+    ``grad * keep * drop_scale`` (the backward of a dropout after the softmax);
+    ``zero_nan``: 0 where ``out`` is NaN (the fully masked rows of a bool mask: eager's
+    masked_fill gives them a zero gradient)."""
+    args = (grad, out, scale, dim, input_dtype, zero_nan, keep, drop_scale)
+    return _common.guarded_op(
         "scale_mask_softmax_bwd",
-        key=(grad.dtype, out.dtype, input_dtype, zero_nan),
+        check_bwd(grad, out, dim, input_dtype, keep),
+        key=(grad.dtype, out.dtype, input_dtype, zero_nan, keep is not None),
         run=lambda: scale_mask_softmax_bwd(*args),
         fallback=lambda: _reference_bwd(*args),
     )
 
 
 @scale_mask_softmax_backward_op.register_fake
-def _(grad, out, scale, dim, input_dtype, zero_nan=False):
+def _(grad, out, scale, dim, input_dtype, zero_nan=False, keep=None, drop_scale=1.0):
     return grad.new_empty(grad.shape, dtype=input_dtype)
 
 
@@ -429,21 +574,101 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (out,) = ctx.saved_tensors
+    return _backward_from(ctx, grad, out)
+
+
+def _backward_from(ctx, grad, out, keep=None, drop_scale=1.0):
     need_x = ctx.needs_input_grad[0]
     need_mask = ctx.needs_input_grad[2] and ctx.mask_dtype is not None
     gx = gmask = None
     op = torch.ops.tile.scale_mask_softmax_backward
+    drop = {"keep": keep, "drop_scale": drop_scale}
     if need_mask:  # d(softmax input) once, in the output dtype; both grads from it
-        dz = op(grad, out, 1.0, ctx.dim, out.dtype)
+        dz = op(grad, out, 1.0, ctx.dim, out.dtype, **drop)
         gmask = dz.sum_to_size(ctx.mask_shape).to(ctx.mask_dtype)
         if need_x:
             gx = (dz * ctx.scale).to(ctx.x_dtype)
     elif need_x:
-        gx = op(grad, out, ctx.scale, ctx.dim, ctx.x_dtype, ctx.mask_dtype == torch.bool)
+        gx = op(grad, out, ctx.scale, ctx.dim, ctx.x_dtype, ctx.mask_dtype == torch.bool, **drop)
     return gx, None, gmask, None
 
 
 torch.library.register_autograd("tile::scale_mask_softmax", _backward, setup_context=_setup)
+
+
+# --- softmax + dropout ------------------------------------------------------------------
+
+
+def reference_dropout(x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale):
+    """ATen fallback of ``tile::scale_mask_softmax_dropout``: the same semantics (a keep
+    probability of ``1 - p``, outputs consistent with each other), a different random
+    stream (a CPU generator seeded with ``seed``)."""
+    probs = reference(x, scale, mask, dim)
+    gen = torch.Generator().manual_seed(int(seed.item()) & (2**63 - 1))
+    keep = (torch.rand(probs.shape, generator=gen) > p).to(probs.device)
+    y = torch.where(keep, probs * drop_scale, torch.zeros((), dtype=probs.dtype))
+    empty = probs.new_empty((0,))
+    return (
+        y.to(probs.dtype),
+        probs if write_probs else empty,
+        keep if write_keep else empty.to(torch.bool),
+    )
+
+
+@torch.library.custom_op(
+    "tile::scale_mask_softmax_dropout",
+    mutates_args=(),
+    schema="(Tensor x, float scale, Tensor? mask, int dim, float p, Tensor seed, "
+    "bool write_probs, bool write_keep, float drop_scale) -> (Tensor, Tensor, Tensor)",
+)
+def scale_mask_softmax_dropout_op(
+    x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale
+):
+    """``dropout(softmax(x * scale + mask, dim), p)`` -> ``(out, probs, keep)``; ``probs``
+    and ``keep`` are empty unless asked for (the backward needs them).  Placed by the
+    fusion pass in graphs whose autograd is done; it has a backward for direct use."""
+    args = (x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale)
+    mode = "none" if mask is None else "bool" if mask.dtype == torch.bool else "add"
+    return _common.guarded_op(
+        "scale_mask_softmax_dropout_fwd",
+        check_dropout(x, mask, dim, p, seed),
+        key=(x.dtype, None if mask is None else mask.dtype, mode, write_probs, write_keep),
+        run=lambda: scale_mask_softmax_dropout_fwd(*args),
+        fallback=lambda: reference_dropout(*args),
+    )
+
+
+@scale_mask_softmax_dropout_op.register_fake
+def _(x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale):
+    dt = out_dtype(x, mask)
+    return (
+        x.new_empty(x.shape, dtype=dt),
+        x.new_empty(x.shape if write_probs else (0,), dtype=dt),
+        x.new_empty(x.shape if write_keep else (0,), dtype=torch.bool),
+    )
+
+
+def _setup_dropout(ctx, inputs, output):
+    x, scale, mask, dim, _p, _seed, write_probs, write_keep, drop_scale = inputs
+    _setup(ctx, (x, scale, mask, dim), output[1])
+    ctx.drop_scale, ctx.complete = float(drop_scale), write_probs and write_keep
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _backward_dropout(ctx, grad, _gprobs, _gkeep):
+    if not ctx.complete:
+        raise RuntimeError(
+            "tile::scale_mask_softmax_dropout: backward needs write_probs=True and "
+            "write_keep=True (the probabilities and the keep mask)"
+        )
+    probs, keep = ctx.saved_tensors
+    gx, _, gmask, _ = _backward_from(ctx, grad, probs, keep, ctx.drop_scale)
+    return gx, None, gmask, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "tile::scale_mask_softmax_dropout", _backward_dropout, setup_context=_setup_dropout
+)
 
 
 # --- compile-for-Hopper specs ------------------------------------------------------------
@@ -453,23 +678,38 @@ _INT_BWD = ("N", "G1", "G2") + tuple(f"{p}_s{i}" for p in ("dx", "dy", "y") for 
 _MASK_PTR = {0: None, 1: None, 2: "*u8"}
 
 
-def _spec(fwd: bool, dt: torch.dtype, mode: int, single: bool, cfg: autotune.Config) -> dict:
+def _spec(
+    fwd: bool, dt: torch.dtype, mode: int, single: bool, cfg: autotune.Config, drop=False
+) -> dict:
     t = "*" + _common.triton_dtype_name(dt)
     if fwd:
         fn = _scale_mask_softmax_fwd_kernel
         sig = {"y_ptr": t, "x_ptr": t, "m_ptr": _MASK_PTR[mode] or t}
         ints, unit = _INT_FWD, ("x_sn", "y_sn", "m_sn")
-        consts = {"MASK_MODE": mode}
+        consts = {"MASK_MODE": mode, "DROPOUT": drop, "WRITE_PROBS": drop, "WRITE_KEEP": drop}
     else:
         fn = _scale_mask_softmax_bwd_kernel
         sig = {"dx_ptr": t, "dy_ptr": t, "y_ptr": t}
-        ints, unit = _INT_BWD, ("dx_sn", "dy_sn", "y_sn")
-        consts = {"ZERO_NAN": mode == 2}
+        ints, unit = _INT_BWD, ("dx_sn", "dy_sn", "y_sn", "k_sn")
+        consts = {"ZERO_NAN": mode == 2, "DROPOUT": drop}
     sig.update({a: "i32" for a in ints if a not in unit})
     sig["scale"] = "fp32"
+    if not fwd:
+        sig["k_ptr"] = "*u8" if drop else t
+        sig.update({f"k_s{i}": "i32" for i in "012"})
+        sig["drop_scale"] = "fp32"
+    if fwd:
+        sig.update(
+            seed_ptr="*i64" if drop else t,
+            probs_ptr=t,
+            keep_ptr="*u8" if drop else t,
+            p="fp32",
+            drop_scale="fp32",
+        )
     consts.update({u: 1 for u in unit})
     consts.update({"SINGLE": single, **dict(cfg.kwargs)})
     kind = "fwd" if fwd else "bwd"
+    kind += "_dropout" if drop else ""
     return {
         "name": f"scale_mask_softmax_{kind}[{t[1:]},mode={mode},single={single},{cfg}]",
         "fn": fn,
@@ -497,4 +737,9 @@ def sm90_specs() -> list[dict]:
         for mode in (0, 2):
             specs += [_spec(True, dt, mode, True, heavy_s), _spec(True, dt, mode, False, heavy_l)]
         specs += [_spec(False, dt, 2, True, heavy_s), _spec(False, dt, 2, False, heavy_l)]
+        # dropout: every single-block and looped config, with a bool mask
+        specs += [_spec(True, dt, 2, True, c, drop=True) for c in single]
+        specs += [_spec(True, dt, 2, False, c, drop=True) for c in looped]
+        specs += [_spec(False, dt, 0, True, c, drop=True) for c in single]
+        specs += [_spec(False, dt, 0, False, c, drop=True) for c in looped]
     return specs

@@ -1,0 +1,208 @@
+"""Dropout fused with the softmax (attention written out, as HF's eager attention does it):
+``dropout(softmax(x * scale + mask))`` is one forward kernel, its backward one kernel, in
+both forms a graph holds a dropout (``native_dropout`` with the eager fallback, Inductor's
+decomposition with its seed ops); the numbers match eager given the kernel's keep mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tilebackend
+from tilebackend.codegen import _common, fused_softmax
+
+P = 0.25
+
+
+def _seed(device, value=1234):
+    return torch.tensor([value], dtype=torch.int64, device=device)
+
+
+@pytest.mark.parametrize(
+    "dtype, atol, rtol",
+    [(torch.float32, 1e-6, 1e-5), (torch.float16, 1e-3, 1e-3), (torch.bfloat16, 8e-3, 1e-2)],
+)
+@pytest.mark.parametrize("mask_kind", ["none", "additive", "bool"])
+@pytest.mark.parametrize("block_n", [None, 16])  # one block per row / looped row
+def test_dropout_kernel(poison, device, dtype, atol, rtol, mask_kind, block_n):
+    x = torch.randn(3, 4, 37, device=device, dtype=dtype)
+    mask = {
+        "none": None,
+        "additive": torch.randn(3, 1, 37, device=device, dtype=dtype),
+        "bool": torch.rand(1, 4, 37, device=device) > 0.7,
+    }[mask_kind]
+    # poisoned outputs: an element the kernel leaves unwritten is NaN and fails below
+    y, probs, keep = fused_softmax.scale_mask_softmax_dropout_fwd(
+        x, 0.5, mask, -1, P, _seed(device), block_n=block_n
+    )
+    ref = fused_softmax.reference(x.float(), 0.5, mask, -1).to(y.dtype)
+    torch.testing.assert_close(probs, ref, atol=atol, rtol=rtol)
+    assert keep.dtype == torch.bool and keep.shape == x.shape
+    expect = torch.where(keep, probs.float() / (1 - P), 0.0).to(dtype)
+    torch.testing.assert_close(y, expect, atol=atol, rtol=rtol)
+    # the same seed draws the same mask, whatever is written; another seed another one
+    y2, p2, k2 = fused_softmax.scale_mask_softmax_dropout_fwd(
+        x, 0.5, mask, -1, P, _seed(device), False, False, block_n=block_n
+    )
+    assert p2.numel() == 0 and k2.numel() == 0
+    torch.testing.assert_close(y2, y, atol=0, rtol=0)
+    _, _, k3 = fused_softmax.scale_mask_softmax_dropout_fwd(
+        x, 0.5, mask, -1, P, _seed(device, 99), block_n=block_n
+    )
+    assert not torch.equal(k3, keep)
+
+
+def test_dropout_keeps_one_minus_p(device):
+    x = torch.randn(64, 301, device=device)
+    _, _, keep = fused_softmax.scale_mask_softmax_dropout_fwd(x, 1.0, None, -1, P, _seed(device))
+    assert abs(keep.float().mean().item() - (1 - P)) < 0.02
+    # no structure across rows or columns: each row and column keeps about the same share
+    assert keep.float().mean(1).std() < 0.1 and keep.float().mean(0).std() < 0.1
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (4, 0), (1, 1), (2, 3, 1)])
+def test_dropout_kernel_edge_sizes(poison, device, shape):
+    x = torch.randn(shape, device=device)
+    y, probs, keep = fused_softmax.scale_mask_softmax_dropout_fwd(
+        x, 1.0, None, -1, P, _seed(device)
+    )
+    assert y.shape == probs.shape == keep.shape == x.shape
+    torch.testing.assert_close(probs, torch.softmax(x, -1))
+    torch.testing.assert_close(y, torch.where(keep, probs / (1 - P), 0.0))
+
+
+def test_dropout_kernel_non_contiguous(poison, device):
+    x = torch.randn(5, 3, 11, device=device).transpose(0, 2)  # [11, 3, 5], softmax over 5
+    y, probs, keep = fused_softmax.scale_mask_softmax_dropout_fwd(
+        x, 2.0, None, -1, P, _seed(device)
+    )
+    torch.testing.assert_close(probs, torch.softmax(x * 2.0, -1))
+    torch.testing.assert_close(y, torch.where(keep, probs / (1 - P), 0.0))
+
+
+def test_dropout_kernel_refuses_what_it_cannot_do(device):
+    x = torch.randn(2, 8, device=device)
+    assert "not in (0, 1)" in fused_softmax.check_dropout(x, None, -1, 1.0, _seed(device))
+    assert "int64" in fused_softmax.check_dropout(x, None, -1, 0.5, torch.zeros(1))
+    with pytest.raises(ValueError, match="not in"):
+        fused_softmax.scale_mask_softmax_dropout_fwd(x, 1.0, None, -1, 0.0, _seed(device))
+
+
+def test_backward_kernel_through_the_keep_mask(poison, device):
+    x = torch.randn(6, 29, device=device)
+    y, probs, keep = fused_softmax.scale_mask_softmax_dropout_fwd(
+        x, 0.5, None, -1, P, _seed(device)
+    )
+    g = torch.randn_like(y)
+    dx = fused_softmax.scale_mask_softmax_bwd(
+        g, probs, 0.5, -1, torch.float32, keep=keep, drop_scale=1 / (1 - P), block_n=8
+    )
+    xr = x.clone().requires_grad_()
+    (torch.softmax(xr * 0.5, -1) * keep / (1 - P)).backward(g)
+    torch.testing.assert_close(dx, xr.grad)
+
+
+def test_op_autograd_matches_eager_with_its_mask(device):
+    x = torch.randn(2, 3, 13, device=device, requires_grad=True)
+    m = torch.randn(2, 1, 13, device=device, requires_grad=True)
+    op = torch.ops.tile.scale_mask_softmax_dropout
+    with _common.count_launches() as n:
+        y, _, keep = op(x, 0.125, m, -1, P, _seed(device), True, True, 1 / (1 - P))
+        g = torch.randn_like(y)
+        y.backward(g)
+    assert dict(n) == {"scale_mask_softmax_dropout_fwd": 1, "scale_mask_softmax_bwd": 1}
+    xr, mr = x.detach().clone().requires_grad_(), m.detach().clone().requires_grad_()
+    ref = torch.softmax(xr * 0.125 + mr, -1) * keep / (1 - P)
+    ref.backward(g)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(m.grad, mr.grad)
+
+
+# --- through the backend ----------------------------------------------------------------
+
+
+def attention_probs(scores, mask):
+    """HF's eager attention, written out: scale, additive mask, softmax, dropout."""
+    return F.dropout(torch.softmax(scores * 0.125 + mask, dim=-1), p=P, training=True)
+
+
+def _compile(fallback):
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": fallback})
+    return torch.compile(attention_probs, backend=backend), backend
+
+
+@pytest.mark.parametrize("fallback", ["eager", "inductor"])
+def test_training_forward_and_backward_are_one_kernel_each(poison, fallback):
+    x = torch.randn(2, 3, 7, 11, requires_grad=True)
+    mask = torch.randn(2, 1, 7, 11)
+    compiled, backend = _compile(fallback)
+    g = torch.randn(2, 3, 7, 11)
+    with _common.count_launches() as launches:
+        y = compiled(x, mask)
+        y.backward(g)
+    assert dict(launches) == {"scale_mask_softmax_dropout_fwd": 1, "scale_mask_softmax_bwd": 1}
+    counts = backend.report.counts
+    assert counts["fused_softmax_dropout"] == 1 and counts["fused_softmax_backward"] == 1
+    fwd, bwd = (g_ for g_ in backend.report.graphs if g_.name in ("forward", "backward"))
+    for op in ("native_dropout", "inductor_random", "aten.gt", "aten.mul", "aten.add"):
+        assert op not in fwd.code and op not in bwd.code, (op, fwd.code, bwd.code)
+    # eager with the kernel's keep mask (a probability is never 0 here: keep = y != 0)
+    keep = y.detach() != 0
+    assert 0.5 < keep.float().mean() < 0.95
+    xr = x.detach().clone().requires_grad_()
+    ref = torch.softmax(xr * 0.125 + mask, -1) * keep / (1 - P)
+    ref.backward(g)
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_manual_seed_repeats_the_draws():
+    x, mask = torch.randn(2, 2, 5, 9), torch.zeros(1, 1, 5, 9)
+    compiled, _ = _compile("eager")
+    with torch.no_grad():
+        torch.manual_seed(7)
+        a = compiled(x, mask)
+        b = compiled(x, mask)
+        torch.manual_seed(7)
+        c = compiled(x, mask)
+    assert torch.equal(a, c)
+    assert not torch.equal(a, b)  # each call draws a new mask
+
+
+def test_inference_writes_only_the_output(poison):
+    x, mask = torch.randn(2, 2, 5, 9), torch.randn(2, 1, 5, 9)
+    compiled, backend = _compile("eager")
+    with torch.no_grad(), _common.count_launches() as launches:
+        y = compiled(x, mask)
+    assert dict(launches) == {"scale_mask_softmax_dropout_fwd": 1}
+    (graph,) = backend.report.graphs
+    (rep,) = [r for r in graph.replacements if r.pattern == "fused_softmax_dropout"]
+    assert rep.scalars["writes_probs"] is False and rep.scalars["writes_keep"] is False
+    keep = y != 0
+    torch.testing.assert_close(y, torch.softmax(x * 0.125 + mask, -1) * keep / (1 - P))
+
+
+def test_plain_softmax_dropout_fp16_and_explain_of_a_refused_p(poison):
+    x = torch.randn(3, 17, dtype=torch.float16)
+    compiled = torch.compile(
+        lambda x: F.dropout(torch.softmax(x, -1), 0.5, True),
+        backend=tilebackend.TileBackend(options={"fallback": "eager"}),
+    )
+    torch._dynamo.reset()
+    with torch.no_grad():
+        y = compiled(x)
+    keep = y != 0
+    torch.testing.assert_close(y, (torch.softmax(x.float(), -1) * keep * 2).half())
+    # p = 1 drops everything: eager's own op, and explain() says why it was not fused
+    torch._dynamo.reset()
+    with torch.no_grad():
+        report = tilebackend.explain(
+            lambda x: F.dropout(torch.softmax(x, -1), 1.0, True),
+            x,
+            tile_options={"fallback": "eager"},
+        )
+    assert "fused_softmax_dropout" not in report.counts
+    assert any("not in (0, 1)" in s.reason for s in report.skipped), str(report)
