@@ -1,0 +1,71 @@
+"""Shared pieces of the fusion passes (:mod:`.fusion`): node helpers and the base class
+that holds the graph, the report and the shape facts every fusion asks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..report import GraphReport, Skipped
+from . import shapes
+from .matcher import _fake_mode_of, _set_meta
+
+aten = torch.ops.aten
+_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
+def _val(n: Any) -> Any:
+    return n.meta.get("val") if isinstance(n, fx.Node) else n
+
+
+def _is_tensor_node(n: Any) -> bool:
+    return isinstance(n, fx.Node) and isinstance(_val(n), torch.Tensor)
+
+
+def _descendants(root: fx.Node, limit: int = 10_000) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [root]
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        for u in n.users:
+            if u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return seen
+
+
+def _single_use(n: Any) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_function" and len(n.users) == 1
+
+
+class FuserBase:
+    def __init__(self, gm: fx.GraphModule, report: GraphReport) -> None:
+        self.gm = gm
+        self.graph = gm.graph
+        self.report = report
+        self.fake_mode = _fake_mode_of(gm)
+        self.count = 0
+        self.facts = shapes.Facts(shapes.shape_env_of(gm))
+
+    def _same(self, a, b) -> bool:
+        """Shapes proven equal for every size (never a guard)."""
+        return len(a) == len(b) and all(self.facts.prove_eq(x, y) is True for x, y in zip(a, b))
+
+    def _broadcasts_to(self, small, big) -> bool:
+        if len(small) > len(big):
+            return False
+        return all(
+            self.facts.prove_eq(x, 1) is True or self.facts.prove_eq(x, y) is True
+            for x, y in zip(reversed(list(small)), reversed(list(big)))
+        )
+
+    def _note(self, anchor: fx.Node, why: str) -> None:
+        self.report.skipped.append(Skipped(anchor.name, str(anchor.target), "fusion", why))
+
+    def _order(self) -> dict[fx.Node, int]:
+        return {n: i for i, n in enumerate(self.graph.nodes)}
+
+    def _meta(self, node: fx.Node) -> None:
+        _set_meta(node, self.fake_mode)

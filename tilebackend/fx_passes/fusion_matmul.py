@@ -1,0 +1,384 @@
+"""Matmul fusions (see :mod:`.fusion`): a GEMM's pointwise epilogue generated into its
+kernel, and two GEMMs of one input with their shared epilogue as one dual-GEMM kernel."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..report import Replacement, describe_value, short_target
+from . import shapes
+from .fusion_core import _VIEWS, FuserBase, _descendants, _is_tensor_node, _val, aten
+
+
+class MatmulFusions(FuserBase):
+    # --- matmul epilogue ---------------------------------------------------------------
+
+    def _gemm_parts(self, node: fx.Node) -> tuple[Any, Any, Any] | None:
+        """``(a, b, bias)`` of a ``tile::mm`` / ``tile::addmm`` with alpha == beta == 1
+        (``bias`` None for mm), else None."""
+        tile = torch.ops.tile
+        if node.op != "call_function":
+            return None
+        if node.target is tile.mm.default:
+            a, b = node.args[:2]
+            return a, b, None
+        if node.target is tile.addmm.default:
+            bias, a, b = node.args[:3]
+            beta = node.kwargs.get("beta", node.args[3] if len(node.args) > 3 else 1)
+            alpha = node.kwargs.get("alpha", node.args[4] if len(node.args) > 4 else 1)
+            if beta == 1 and alpha == 1:
+                return a, b, bias
+        return None
+
+    def _gemm_root(self, gemm: fx.Node) -> fx.Node:
+        """Where an epilogue grows from: the view back to N-d that a linear on N-d inputs
+        adds (the GEMM's only user), else the GEMM itself."""
+        if len(gemm.users) == 1:
+            (u,) = gemm.users
+            if u.target in _VIEWS and self.facts.prove_eq(_val(u).shape[-1], _val(gemm).shape[-1]):
+                return u
+        return gemm
+
+    def matmul_epilogues(self) -> None:
+        from ..codegen import fused_matmul, pointwise
+
+        for gemm in list(self.graph.nodes):
+            parts = self._gemm_parts(gemm)
+            if parts is None:
+                continue
+            a, b, bias = parts
+            root = self._gemm_root(gemm)
+            region, sink, extras, why = self._grow([root], pointwise)
+            if sink is None:
+                if why:
+                    self._note(gemm, why)
+                continue
+            try:
+                expr, leaves = self._expression([root], region, sink, extras, pointwise)
+            except pointwise.ExprError as e:
+                self._note(gemm, f"epilogue not expressible: {e}")
+                continue
+            extra_nodes, why = self._extra_inputs(gemm, sink, leaves)
+            if extra_nodes is None:
+                self._note(gemm, why)
+                continue
+            hinted = [shapes.hinted(_val(x)) for x in (a, b, bias)]
+            expr_s = pointwise.dumps(expr)
+            reason = fused_matmul.check(*hinted, self._extra_values(extra_nodes), expr_s)
+            if reason is not None:
+                self._note(gemm, f"fused epilogue refused: {reason}")
+                continue
+            self._splice(
+                torch.ops.tile.mm_epilogue.default,
+                (a, b, bias, expr_s),
+                [gemm],
+                [root],
+                region,
+                sink,
+                extra_nodes,
+            )
+            self.report.replacements.append(
+                Replacement(
+                    pattern="fused_mm_epilogue",
+                    nodes=[gemm.name, *(n.name for n in region)],
+                    targets=["mm", *[short_target(n.target) for n in region]],
+                    inputs={"a": describe_value(_val(a)), "b": describe_value(_val(b))},
+                    scalars={"expr": expr_s},
+                )
+            )
+
+    def _grow(self, roots: list[fx.Node], pointwise):
+        """Absorb pointwise users of the region grown from ``roots`` (one GEMM result, or
+        the two of a dual GEMM); return (region, sink, extras, why).  Every user of every
+        root must end up in the region."""
+        region: list[fx.Node] = []
+        inside = set(roots)
+        downstream = set().union(*(_descendants(r) for r in roots))
+        frontier = [u for r in roots for u in r.users]
+        shape = _val(roots[0]).shape
+        why = None
+        while frontier:
+            u = frontier.pop(0)
+            if u in inside:
+                continue
+            if u.op != "call_function" or not pointwise.is_pointwise(u.target):
+                why = why or f"{u.name} ({u.target}) is not pointwise"
+                continue
+            ins = [a for a in u.all_input_nodes]
+            bad = None
+            for a in ins:
+                if a in inside:
+                    continue
+                if a in downstream:
+                    bad = f"{u.name} needs {a.name}, computed from the region by other ops"
+                    break
+                if not _is_tensor_node(a):
+                    bad = f"{u.name} reads a non-tensor value {a.name}"
+                    break
+            if bad:
+                why = why or bad
+                continue
+            if not _is_tensor_node(u) or not self._same(_val(u).shape, shape):
+                why = why or f"{u.name} changes the output's shape"
+                continue
+            region.append(u)
+            inside.add(u)
+            frontier.extend(u.users)
+        if not region:
+            return [], None, [], why
+        order = self._order()
+        region.sort(key=order.__getitem__)
+        # the sink: the latest node whose ancestors in the region let nothing else escape
+        for sink in reversed(region):
+            members = self._ancestors_within(sink, set(region)) | {sink}
+            closed = all(
+                all(u in members for u in n.users) for n in members if n is not sink
+            ) and all(u in members for r in roots for u in r.users)
+            if closed:
+                kept = [n for n in region if n in members]
+                extras = [
+                    a
+                    for n in kept
+                    for a in n.all_input_nodes
+                    if a not in members and a not in roots
+                ]
+                return kept, sink, list(dict.fromkeys(extras)), why
+        return [], None, [], why or "every candidate region has an intermediate used outside it"
+
+    @staticmethod
+    def _ancestors_within(node: fx.Node, allowed: set[fx.Node]) -> set[fx.Node]:
+        out: set[fx.Node] = set()
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            for a in n.all_input_nodes:
+                if a in allowed and a not in out:
+                    out.add(a)
+                    stack.append(a)
+        return out
+
+    def _expression(self, roots, region, sink, extras, pointwise):
+        """The region as one expression over ``roots`` (``ACC``, and ``ACC1`` for a dual
+        GEMM) and ``extras`` (``IN0``..); returns (expression, extras in ``INk`` order)."""
+        env: dict[fx.Node, Any] = dict(zip(roots, ("ACC", "ACC1")))
+        leaves: list[fx.Node] = []
+        for e in extras:
+            env[e] = f"IN{len(leaves)}"
+            leaves.append(e)
+
+        def conv(x):
+            if isinstance(x, fx.Node):
+                return env[x]
+            if isinstance(x, (list, tuple)):
+                return type(x)(conv(y) for y in x)
+            return x
+
+        for n in region:
+            args = [conv(a) for a in n.args]
+            kwargs = {k: conv(v) for k, v in n.kwargs.items()}
+            env[n] = pointwise.from_aten(n.target, args, kwargs)
+        return env[sink], leaves
+
+    def _extra_inputs(self, gemm, sink, leaves):
+        """How each extra reaches the fused op: ``(kind, node, shape)``, kind ``"as_is"`` or
+        ``"view"`` (an N-d extra of the N-d output, viewed as the GEMM's ``[M, N]``).
+        Returns (that list, None) or (None, why)."""
+        out_shape = _val(sink).shape
+        m_n = _val(gemm).shape
+        extra_nodes = []
+        for e in leaves:
+            v = _val(e)
+            if v.dim() > 2:
+                if (
+                    not self._same(v.shape, out_shape)
+                    or self.facts.prove_contiguous(v.shape, v.stride()) is not True
+                    or any(shapes.is_symbolic(d) for d in m_n)
+                ):
+                    return None, f"extra input {e.name} {tuple(v.shape)} is not 2-D"
+                extra_nodes.append(("view", e, [m_n[0], m_n[1]]))
+            else:
+                extra_nodes.append(("as_is", e, None))
+        return extra_nodes, None
+
+    @staticmethod
+    def _extra_values(extra_nodes) -> list[Any]:
+        """The extras' (hinted) values as the fused op's check sees them."""
+        vals = []
+        for kind, e, shape in extra_nodes:
+            v = shapes.hinted(_val(e))
+            vals.append(_Reshaped(v, shape) if kind == "view" else v)
+        return vals
+
+    def _splice(self, op, args, gemms, roots, region, sink, extra_nodes, also=()) -> None:
+        """Insert ``op(*args[:-1], extras, args[-1])`` (the extras go before the expression)
+        for the region, viewed back to N-d when the first root is a view, and erase what it
+        replaces (``also``: more nodes that may be dead now)."""
+        graph = self.graph
+        with graph.inserting_before(sink):
+            extras = []
+            for kind, e, shape in extra_nodes:
+                if kind == "view":
+                    v = graph.call_function(aten.view.default, (e, shape))
+                    self._meta(v)
+                    extras.append(v)
+                else:
+                    extras.append(e)
+            fused = graph.call_function(op, (*args[:-1], extras, args[-1]))
+            self._meta(fused)
+            out = fused
+            if roots[0] is not gemms[0]:
+                out = graph.call_function(aten.view.default, (fused, list(roots[0].args[1])))
+                self._meta(out)
+        sink.replace_all_uses_with(out)
+        dead = dict.fromkeys([*region, *roots, *gemms, *also])  # a root is its gemm w/o view
+        for n in sorted(dead, key=self._order().__getitem__, reverse=True):
+            if not n.users:
+                graph.erase_node(n)
+        self.count += 1
+
+    # --- dual GEMM epilogue ------------------------------------------------------------
+
+    def dual_matmul_epilogues(self) -> None:
+        """Two GEMMs of one ``a`` whose results are used only by one pointwise region
+        (SwiGLU's ``silu(x @ W1) * (x @ W3)``) become one ``tile::dual_mm_epilogue``: one
+        kernel loads each A tile once for both accumulators.  Runs before
+        :meth:`matmul_epilogues`, which would fuse the region into one GEMM only."""
+        from ..codegen import pointwise
+
+        gemms = [(n, p) for n in self.graph.nodes if (p := self._gemm_parts(n)) is not None]
+        taken: set[fx.Node] = set()
+        for i, (g0, p0) in enumerate(gemms):
+            for g1, p1 in gemms[i + 1 :]:
+                if g0 in taken:
+                    break
+                if g1 in taken or not self._same_input(p0[0], p1[0]):
+                    continue
+                roots = [self._gemm_root(g0), self._gemm_root(g1)]
+                if not self._meet_in_pointwise(roots, pointwise):
+                    continue  # not a pair: no pointwise op reads both results
+                why = self._fuse_dual(g0, g1, p0, p1, roots, pointwise)
+                if why is None:
+                    taken.update((g0, g1))
+                else:
+                    self._note(g0, f"dual GEMM with {g1.name} not fused: {why}")
+
+    def _same_input(self, a0: Any, a1: Any) -> bool:
+        """``a0`` and ``a1`` are one value: one node, or two views of one node, both
+        reshapes to one shape or one view op with the same arguments (the graphs are not
+        CSE'd: each linear on N-d inputs adds its own view of ``x``, each ``x.t()`` its
+        own ``t``)."""
+        if a0 is a1:
+            return True
+        if not (
+            isinstance(a0, fx.Node)
+            and isinstance(a1, fx.Node)
+            and a0.op == a1.op == "call_function"
+            and a0.args
+            and a1.args
+            and a0.args[0] is a1.args[0]
+        ):
+            return False
+        if a0.target in _VIEWS and a1.target in _VIEWS:
+            return self._same(_val(a0).shape, _val(a1).shape)
+        return (
+            a0.target is a1.target
+            and getattr(a0.target, "is_view", False)
+            and a0.args == a1.args
+            and a0.kwargs == a1.kwargs
+        )
+
+    @staticmethod
+    def _meet_in_pointwise(roots: list[fx.Node], pointwise) -> bool:
+        """Some op is reached from both roots through pointwise ops only."""
+
+        def reach(root: fx.Node) -> set[fx.Node]:
+            seen: set[fx.Node] = set()
+            stack = list(root.users)
+            while stack:
+                n = stack.pop()
+                if n in seen or n.op != "call_function" or not pointwise.is_pointwise(n.target):
+                    continue
+                seen.add(n)
+                stack.extend(n.users)
+            return seen
+
+        return bool(reach(roots[0]) & reach(roots[1]))
+
+    def _fuse_dual(self, g0, g1, p0, p1, roots, pointwise) -> str | None:
+        """Fuse the pair into one ``tile::dual_mm_epilogue``; None, or why it was not."""
+        from ..codegen import dual_matmul
+
+        (a0, b0, bias0), (a1, b1, bias1) = p0, p1
+        vb0, vb1 = _val(b0), _val(b1)
+        if vb0.dtype != vb1.dtype or not self._same(vb0.shape, vb1.shape):
+            return f"the weights {describe_value(vb0)} and {describe_value(vb1)} differ"
+        if not self._same(_val(roots[0]).shape, _val(roots[1]).shape):
+            return "the GEMM results have different shapes"
+        region, sink, extras, why = self._grow(roots, pointwise)
+        if sink is None:
+            return why or "no pointwise region reads both results"
+        try:
+            expr, leaves = self._expression(roots, region, sink, extras, pointwise)
+        except pointwise.ExprError as e:
+            return f"epilogue not expressible: {e}"
+        extra_nodes, why = self._extra_inputs(g0, sink, leaves)
+        if extra_nodes is None:
+            return why
+        expr_s = pointwise.dumps(expr)
+        hinted = [shapes.hinted(_val(x)) for x in (a0, b0, b1, bias0, bias1)]
+        reason = dual_matmul.check(*hinted, self._extra_values(extra_nodes), expr_s)
+        if reason is not None:
+            return f"fused dual epilogue refused: {reason}"
+        self._splice(
+            torch.ops.tile.dual_mm_epilogue.default,
+            (a0, b0, b1, bias0, bias1, expr_s),
+            [g0, g1],
+            roots,
+            region,
+            sink,
+            extra_nodes,
+            also=[a1] if a1 is not a0 else [],  # the second view of a, now unused
+        )
+        self.report.replacements.append(
+            Replacement(
+                pattern="fused_dual_mm_epilogue",
+                nodes=[g0.name, g1.name, *(n.name for n in region)],
+                targets=[
+                    *("mm" if p[2] is None else "addmm" for p in (p0, p1)),
+                    *(short_target(n.target) for n in region),
+                ],
+                inputs={
+                    "a": describe_value(_val(a0)),
+                    "b0": describe_value(vb0),
+                    "b1": describe_value(vb1),
+                },
+                scalars={"expr": expr_s},
+            )
+        )
+        return None
+
+
+class _Reshaped:
+    """A hinted tensor seen through a 2-D view (for the fused matmul's check)."""
+
+    def __init__(self, t: Any, shape: list[int]) -> None:
+        self._t = t
+        self.shape = torch.Size(int(shapes.hint(s)) for s in shape)
+        self.dtype, self.device = t.dtype, t.device
+        self._stride = (self.shape[1], 1)
+
+    def dim(self) -> int:
+        return 2
+
+    def stride(self, d: int | None = None):
+        return self._stride if d is None else self._stride[d]
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._t, name)

@@ -1,0 +1,307 @@
+"""Softmax fusions (see :mod:`.fusion`): the scale / mask prologue, a dropout after it,
+and in backward graphs the dropout's backward and the prologue's scale around
+``tile::softmax_backward``."""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx as fx
+
+from ..report import Replacement, describe_value, short_target
+from . import shapes
+from .fusion_core import FuserBase, _is_tensor_node, _single_use, _val, aten
+
+
+class SoftmaxFusions(FuserBase):
+    # --- softmax prologue --------------------------------------------------------------
+
+    def softmax_prologues(self) -> None:
+        tile = torch.ops.tile
+        for sm in list(self.graph.nodes):
+            if sm.op != "call_function" or sm.target is not tile.softmax.default:
+                continue
+            x, dim, half_to_float = sm.args[:3]
+            if half_to_float:
+                continue
+            scale, mask, mode, base, consumed = 1.0, None, None, x, []
+            # x may be: add(s, mask) | masked_fill(s, mask, -inf) | s ; s = mul(y, c) | div(y, c)
+            if (
+                _single_use(base)
+                and base.target is aten.add.Tensor
+                and _is_tensor_node(base.args[1])
+                and base.kwargs.get("alpha", 1) == 1
+            ):
+                mask, mode = base.args[1], "add"
+                consumed.append(base)
+                base = base.args[0]
+            elif (
+                _single_use(base)
+                and base.target is aten.masked_fill.Scalar
+                and base.args[2] == -math.inf
+            ):
+                mask, mode = base.args[1], "fill"
+                consumed.append(base)
+                base = base.args[0]
+            if (
+                _single_use(base)
+                and base.target in (aten.mul.Tensor, aten.div.Tensor)
+                and isinstance(base.args[1], (int, float))
+                and not isinstance(base.args[1], bool)
+                and base.args[1] != 0
+            ):
+                c = float(base.args[1])
+                scale = c if base.target is aten.mul.Tensor else 1.0 / c
+                consumed.append(base)
+                base = base.args[0]
+            if not consumed:
+                continue
+            xv = _val(base)
+            if mask is not None:
+                mv = _val(mask)
+                if mode == "add" and mv.dtype != xv.dtype:
+                    continue
+                if not self._broadcasts_to(mv.shape, xv.shape):
+                    continue
+                if mode == "fill" and mv.dtype != torch.bool:
+                    continue
+            if not isinstance(dim, int) or dim % xv.dim() != xv.dim() - 1:
+                continue
+            with self.graph.inserting_before(sm):
+                fused = self.graph.call_function(
+                    tile.scale_mask_softmax.default, (base, scale, mask, -1)
+                )
+                self._meta(fused)
+            if (
+                not self._same(_val(fused).shape, _val(sm).shape)
+                or _val(fused).dtype != _val(sm).dtype
+            ):
+                self.graph.erase_node(fused)
+                continue
+            sm.replace_all_uses_with(fused)
+            for n in [sm, *consumed]:
+                if not n.users:
+                    self.graph.erase_node(n)
+            self.count += 1
+            self.report.replacements.append(
+                Replacement(
+                    pattern="fused_scale_mask_softmax",
+                    nodes=[n.name for n in (*reversed(consumed), sm)],
+                    targets=[short_target(n.target) for n in (*reversed(consumed), sm)],
+                    inputs={"x": describe_value(xv)}
+                    | ({"mask": describe_value(_val(mask))} if mask is not None else {}),
+                    scalars={"scale": scale, "mask_mode": mode or "none"},
+                )
+            )
+
+    # --- dropout after a softmax ------------------------------------------------------
+
+    def softmax_dropouts(self) -> None:
+        """``dropout(softmax(...))`` -> ``tile::scale_mask_softmax_dropout``, in both forms
+        a graph has it: ``aten.native_dropout`` (no decompositions: the eager fallback) and
+        Inductor's decomposition ``mul(mul(inductor_random(...) > p, s), 1 / (1 - p))``,
+        whose seed node the fused op reads, so the random draws follow Inductor's seeding.
+        The probabilities and the keep mask are written only when the backward saves them.
+        """
+        tile = torch.ops.tile
+        for sm in list(self.graph.nodes):
+            if sm.op != "call_function":
+                continue
+            if sm.target is tile.scale_mask_softmax.default:
+                x, scale, mask, dim = sm.args[:4]
+            elif sm.target is tile.softmax.default and sm.args[2] is False:
+                (x, dim), scale, mask = sm.args[:2], 1.0, None
+            else:
+                continue
+            for u in list(sm.users):
+                found = self._dropout_after(sm, u)
+                if found is None:
+                    continue
+                if isinstance(found, str):
+                    self._note(sm, found)
+                    continue
+                self._splice_dropout(sm, x, scale, mask, dim, *found)
+                break
+
+    def _dropout_after(self, sm: fx.Node, u: fx.Node):
+        """``(p, drop_scale, seed, out, keeps, chain)`` for a dropout of ``sm`` at user
+        ``u``, a reason string when it is one that cannot fuse, None when ``u`` is none."""
+        if u.target is aten.native_dropout.default:
+            p, train = u.args[1], u.args[2] if len(u.args) > 2 else u.kwargs.get("train")
+            if train is not True:
+                return None
+            if not isinstance(p, (int, float)) or not 0.0 < p < 1.0:
+                return f"dropout {u.name}: p={p!r} is not in (0, 1)"
+            outs = {g.args[1]: g for g in u.users if g.target is operator.getitem}
+            if len(outs) != len(u.users) or 0 not in outs:
+                return f"dropout {u.name}: its outputs are used whole"
+            keeps = list(outs[1].users) if 1 in outs else []
+            chain = [*outs.values(), u]  # users first: erased in this order
+            return float(p), 1.0 / (1.0 - float(p)), None, outs[0], keeps, chain
+        if u.target is not aten.mul.Tensor or len(u.args) != 2:
+            return None
+        gt = u.args[0] if u.args[1] is sm else u.args[1]
+        if not (isinstance(gt, fx.Node) and gt.target is aten.gt.Scalar):
+            return None
+        rnd, p = gt.args
+        if not (
+            isinstance(rnd, fx.Node)
+            and rnd.target is torch.ops.prims.inductor_random.default
+            and rnd.args[2] == "rand"
+            and len(rnd.users) == 1
+        ):
+            return None
+        if not isinstance(p, (int, float)) or not 0.0 < p < 1.0:
+            return f"dropout {gt.name}: p={p!r} is not in (0, 1)"
+        (out,) = u.users if len(u.users) == 1 else (None,)
+        if out is None or out.target is not aten.mul.Tensor or out.args[0] is not u:
+            return f"dropout {u.name}: not followed by its 1 / (1 - p) scale"
+        c = out.args[1]
+        if not isinstance(c, float) or not math.isclose(c, 1.0 / (1.0 - p), rel_tol=1e-6):
+            return f"dropout {u.name}: scale {c!r} is not 1 / (1 - p)"
+        if not self._same(_val(rnd).shape, _val(sm).shape):
+            return f"dropout {u.name}: the random tensor's shape differs from the softmax's"
+        keeps = [k for k in gt.users if k is not u]
+        return float(p), c, rnd.args[1], out, keeps, [out, u, gt, rnd]
+
+    def _splice_dropout(self, sm, x, scale, mask, dim, p, drop_scale, seed, out, keeps, chain):
+        from ..codegen import fused_softmax
+
+        graph = self.graph
+        others = [u for u in sm.users if u not in chain]
+        if seed is None:  # native_dropout: draw a seed from torch's generator
+            with graph.inserting_before(sm):
+                seed = graph.call_function(
+                    aten.randint.low,
+                    (0, 2**62, [1]),
+                    {"dtype": torch.int64, "device": _val(sm).device},
+                )
+                self._meta(seed)
+        else:  # Inductor's seed lookup: make it available where the softmax is
+            order = self._order()
+            for n in [*seed.all_input_nodes, seed]:
+                if order[n] > order[sm]:
+                    sm.prepend(n)
+        hinted = [shapes.hinted(_val(v)) if isinstance(v, fx.Node) else v for v in (x, mask)]
+        reason = fused_softmax.check_dropout(
+            hinted[0], hinted[1], dim, p, shapes.hinted(_val(seed))
+        )
+        if reason:
+            self._note(sm, f"dropout not fused: {reason}")
+            return
+        args = (x, scale, mask, dim, p, seed, bool(others), bool(keeps), drop_scale)
+        with graph.inserting_before(sm):
+            fused = graph.call_function(torch.ops.tile.scale_mask_softmax_dropout.default, args)
+            self._meta(fused)
+            parts = []
+            for i in range(3):
+                g = graph.call_function(operator.getitem, (fused, i))
+                self._meta(g)
+                parts.append(g)
+        out.replace_all_uses_with(parts[0])
+        for u in others:
+            u.replace_input_with(sm, parts[1])
+        for k in keeps:
+            for a in k.all_input_nodes:
+                if a in chain:
+                    k.replace_input_with(a, parts[2])
+        for n in [*chain, sm]:
+            if not n.users:
+                graph.erase_node(n)
+        for g in parts[1:]:
+            if not g.users:
+                graph.erase_node(g)
+        self.count += 1
+        self.report.replacements.append(
+            Replacement(
+                pattern="fused_softmax_dropout",
+                nodes=[sm.name, *[n.name for n in reversed(chain)]],
+                targets=[
+                    short_target(n.target)
+                    for n in (sm, *reversed(chain))
+                    if n.target is not operator.getitem
+                ],
+                inputs={"x": describe_value(_val(x))}
+                | ({"mask": describe_value(_val(mask))} if mask is not None else {}),
+                scalars={
+                    "p": p,
+                    "scale": scale,
+                    "writes_probs": bool(others),
+                    "writes_keep": bool(keeps),
+                },
+            )
+        )
+
+    def softmax_backwards(self) -> None:
+        """In backward graphs, ``tile::softmax_backward`` absorbs the dropout backward
+        before it (``native_dropout_backward(g, keep, c)`` or ``mul(mul(g, c), keep)``) and
+        the softmax prologue's scale after it (``mul(dx, scale)``):
+        ``tile::scale_mask_softmax_backward`` reads ``g``, ``keep`` and the probabilities
+        once and writes ``dx`` once."""
+        tile = torch.ops.tile
+        for sb in list(self.graph.nodes):
+            if sb.op != "call_function" or sb.target is not tile.softmax_backward.default:
+                continue
+            grad, out, dim, in_dtype = sb.args[:4]
+            vg, vo = _val(grad), _val(out)
+            if not (_is_tensor_node(grad) and vg.dtype == vo.dtype == in_dtype):
+                continue
+            consumed: list[fx.Node] = []
+            g, keep, drop_scale = grad, None, 1.0
+            if _single_use(grad) and grad.target is aten.native_dropout_backward.default:
+                g, keep, drop_scale = grad.args[:3]
+                consumed.append(grad)
+            elif _single_use(grad) and grad.target is aten.mul.Tensor:
+                a, b = grad.args[:2]
+                k = next(
+                    (t for t in (a, b) if _is_tensor_node(t) and _val(t).dtype == torch.bool), None
+                )
+                m = b if k is a else a
+                if (
+                    k is not None
+                    and _single_use(m)
+                    and m.target is aten.mul.Tensor
+                    and _is_tensor_node(m.args[0])
+                    and isinstance(m.args[1], float)
+                ):
+                    g, keep, drop_scale = m.args[0], k, m.args[1]
+                    consumed += [grad, m]
+            if keep is not None and not (
+                self._same(_val(keep).shape, vg.shape)
+                and self._same(_val(g).shape, vg.shape)
+                and _val(g).dtype == vg.dtype
+                and _val(keep).dtype == torch.bool
+                and isinstance(drop_scale, float)
+            ):
+                g, keep, drop_scale, consumed = grad, None, 1.0, []
+            scale, tail = 1.0, None
+            if len(sb.users) == 1:
+                (u,) = sb.users
+                c = u.args[1] if u.target is aten.mul.Tensor and len(u.args) == 2 else None
+                if u.args[0] is sb and isinstance(c, (int, float)) and not isinstance(c, bool):
+                    scale, tail = float(c), u
+            if keep is None and tail is None:
+                continue
+            with self.graph.inserting_before(sb):
+                fused = self.graph.call_function(
+                    tile.scale_mask_softmax_backward.default,
+                    (g, out, scale, dim, in_dtype, False, keep, float(drop_scale)),
+                )
+                self._meta(fused)
+            (tail or sb).replace_all_uses_with(fused)
+            for n in [tail, sb, *consumed]:
+                if n is not None and not n.users:
+                    self.graph.erase_node(n)
+            self.count += 1
+            names = [n for n in (*reversed(consumed), sb, tail) if n is not None]
+            self.report.replacements.append(
+                Replacement(
+                    pattern="fused_softmax_backward",
+                    nodes=[n.name for n in names],
+                    targets=[short_target(n.target) for n in names],
+                    inputs={"grad": describe_value(vg), "out": describe_value(vo)},
+                    scalars={"scale": scale, "dropout": keep is not None},
+                )
+            )
