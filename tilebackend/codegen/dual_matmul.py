@@ -201,26 +201,10 @@ def _render(expr: Any, bools: tuple[bool, ...], leaf_dtypes=None) -> str:
     )
 
 
-_kernels: dict[tuple, Any] = {}
-
-
 def kernel_for(expr: Any, bools: tuple[bool, ...] = (), leaf_dtypes=None):
     """The ``@triton.jit`` kernel for ``expr`` (a node or its string) with these extras;
-    its source is written and cached by :func:`.fused_matmul.load_source`."""
-    expr = _parse(expr)
-    memo = (
-        expr,
-        tuple(bools),
-        tuple(sorted((leaf_dtypes or {}).items())),
-        fused_matmul.generated_dir(),
-    )
-    k = _kernels.get(memo)
-    if k is None:
-        src = _render(expr, tuple(bools), leaf_dtypes)
-        k = _kernels[memo] = fused_matmul.load_source(
-            "dual_mm_epilogue", src
-        ).dual_mm_epilogue_kernel
-    return k
+    its source is written and cached as :mod:`.fused_matmul`'s are."""
+    return fused_matmul.generated_kernel("dual_mm_epilogue", _render, expr, bools, leaf_dtypes)
 
 
 # --- what is tuned -------------------------------------------------------------------
@@ -252,18 +236,7 @@ def config_space(
     dtype: torch.dtype = torch.float16, precision: str = "tf32"
 ) -> list[autotune.Config]:
     """Every config tried for ``dtype`` inputs at ``precision`` (before shape pruning)."""
-    if dtype == torch.float32 and precision == "ieee":
-        space = _SPACE_FMA
-    elif dtype.itemsize >= 4:
-        space = tuple((bm, bn, max(16, bk // 2), gm, w, s) for bm, bn, bk, gm, w, s in _SPACE_MMA)
-    else:
-        space = _SPACE_MMA
-    return [
-        autotune.Config.make(
-            num_warps=w, num_stages=s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm
-        )
-        for bm, bn, bk, gm, w, s in space
-    ]
+    return _mm.configs_from(_SPACE_MMA, _SPACE_FMA, dtype, precision)
 
 
 def heuristic_config(

@@ -241,14 +241,22 @@ _kernels: dict[tuple, Any] = {}
 
 def kernel_for(expr: Any, bools: tuple[bool, ...] = (), leaf_dtypes=None):
     """The ``@triton.jit`` kernel for ``expr`` (a node or its string) with these extras."""
+    return generated_kernel("mm_epilogue", _render, expr, bools, leaf_dtypes)
+
+
+def generated_kernel(name: str, render, expr: Any, bools=(), leaf_dtypes=None):
+    """The ``{name}_kernel`` of the module ``render(expr, bools, leaf_dtypes)`` writes,
+    loaded by :func:`load_source` and kept in memory per (template, expression, extras,
+    dtypes, folder).  Shared by the generated GEMM templates."""
     if isinstance(expr, str):
         expr = pointwise.loads(expr)
     expr = pointwise.canonical(expr)
-    memo = (expr, tuple(bools), tuple(sorted((leaf_dtypes or {}).items())), generated_dir())
+    leaf_key = tuple(sorted((leaf_dtypes or {}).items()))
+    memo = (name, expr, tuple(bools), leaf_key, generated_dir())
     k = _kernels.get(memo)
     if k is None:
-        src = _render(expr, tuple(bools), leaf_dtypes)
-        k = _kernels[memo] = load_source("mm_epilogue", src).mm_epilogue_kernel
+        src = render(expr, tuple(bools), leaf_dtypes)
+        k = _kernels[memo] = getattr(load_source(name, src), f"{name}_kernel")
     return k
 
 

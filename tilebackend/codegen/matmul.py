@@ -227,12 +227,19 @@ def config_space(
     dtype: torch.dtype = torch.float16, precision: str = "tf32"
 ) -> list[autotune.Config]:
     """Every config tried for ``dtype`` inputs at ``precision`` (before shape pruning)."""
+    return configs_from(_SPACE_MMA, _SPACE_FMA, dtype, precision)
+
+
+def configs_from(space_mma, space_fma, dtype: torch.dtype, precision: str) -> list[autotune.Config]:
+    """Configs from ``(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)`` tables:
+    ``space_fma`` for fp32 at ``"ieee"`` precision, else ``space_mma`` (BLOCK_K halved for
+    4-byte inputs, the same shared memory per stage).  Shared by the GEMM templates."""
     if dtype == torch.float32 and precision == "ieee":
-        space = _SPACE_FMA
+        space = space_fma
     elif dtype.itemsize >= 4:
-        space = tuple((bm, bn, max(16, bk // 2), gm, w, s) for bm, bn, bk, gm, w, s in _SPACE_MMA)
+        space = tuple((bm, bn, max(16, bk // 2), gm, w, s) for bm, bn, bk, gm, w, s in space_mma)
     else:
-        space = _SPACE_MMA
+        space = space_mma
     return [
         autotune.Config.make(
             num_warps=w, num_stages=s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm
