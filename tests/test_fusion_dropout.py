@@ -206,3 +206,23 @@ def test_plain_softmax_dropout_fp16_and_explain_of_a_refused_p(poison):
         )
     assert "fused_softmax_dropout" not in report.counts
     assert any("not in (0, 1)" in s.reason for s in report.skipped), str(report)
+
+
+def test_dynamic_shapes_one_graph_no_guards(poison):
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": "eager"})
+    compiled = torch.compile(attention_probs, backend=backend, dynamic=True)
+    for shape in [(2, 3, 5, 7), (3, 2, 6, 11)]:
+        x = torch.randn(*shape, requires_grad=True)
+        mask = torch.randn(shape[0], 1, shape[2], shape[3])
+        with _common.count_launches() as launches:
+            y = compiled(x, mask)
+            y.sum().backward()
+        assert dict(launches) == {"scale_mask_softmax_dropout_fwd": 1, "scale_mask_softmax_bwd": 1}
+        keep = y.detach() != 0
+        ref = torch.softmax(x.detach() * 0.125 + mask, -1) * keep / (1 - P)
+        torch.testing.assert_close(y, ref)
+    # one compile served both shapes, and no fusion decision added a guard
+    assert len([g for g in backend.report.graphs if g.name == "forward"]) == 1
+    assert all(not g.guards_added for g in backend.report.graphs)
+    assert any(g.symbolic for g in backend.report.graphs)
