@@ -477,3 +477,15 @@ def test_add_norm_fake_and_fallback(device, monkeypatch, clean_failures):
 
 def test_pointwise_module_exports():
     assert set(pointwise.__all__) <= set(dir(pointwise))
+
+
+@pytest.mark.parametrize("block_n", [4, 16])  # looped (4 < 9) and one block per row
+def test_scale_mask_softmax_nan_row_is_nan(poison, device, block_n):
+    """A NaN makes its row NaN, as eager's; the looped max must not drop it (a GPU's
+    ``max`` ignores NaN unless asked to propagate it)."""
+    x = torch.randn(3, 9, device=device)
+    x[1, 4] = float("nan")
+    mask = torch.zeros(1, 9, device=device)
+    y = fused_softmax.scale_mask_softmax_fwd(x, 0.5, mask, -1, block_n=block_n)
+    torch.testing.assert_close(y, torch.softmax(x * 0.5 + mask, -1), equal_nan=True)
+    assert y[1].isnan().all() and not y[[0, 2]].isnan().any()

@@ -166,11 +166,11 @@ def _scale_mask_softmax_fwd_kernel(
         d = tl.zeros([BLOCK_N], tl.float32)
         for start in range(0, N, BLOCK_N):
             z = _scores(x_row, m_row, start + cols, x_sn, m_sn, scale, N, MASK_MODE)
-            m_new = tl.maximum(m, z)
-            d = tl.where(m_new > -float("inf"), d * tl.exp(m - m_new) + tl.exp(z - m_new), 0.0)
+            m_new = tl.maximum(m, z, propagate_nan=tl.PropagateNan.ALL)  # a NaN stays
+            d = tl.where(m_new == -float("inf"), 0.0, d * tl.exp(m - m_new) + tl.exp(z - m_new))
             m = m_new
         row_max = tl.max(m, axis=0)
-        row_sum = tl.sum(tl.where(m > -float("inf"), d * tl.exp(m - row_max), 0.0), axis=0)
+        row_sum = tl.sum(tl.where(m == -float("inf"), 0.0, d * tl.exp(m - row_max)), axis=0)
         for start in range(0, N, BLOCK_N):
             offs = start + cols
             z = _scores(x_row, m_row, offs, x_sn, m_sn, scale, N, MASK_MODE)

@@ -134,12 +134,12 @@ def _softmax_fwd_looped_kernel(
         x = tl.load(x_row + offs.to(tl.int64) * x_sn, mask=offs < N, other=-float("inf")).to(
             tl.float32
         )
-        m_new = tl.maximum(m, x)
+        m_new = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)  # a NaN stays
         # a lane that has seen only -inf keeps d = 0 (avoids exp(-inf - -inf) = NaN)
-        d = tl.where(m_new > -float("inf"), d * tl.exp(m - m_new) + tl.exp(x - m_new), 0.0)
+        d = tl.where(m_new == -float("inf"), 0.0, d * tl.exp(m - m_new) + tl.exp(x - m_new))
         m = m_new
     row_max = tl.max(m, axis=0)
-    row_sum = tl.sum(tl.where(m > -float("inf"), d * tl.exp(m - row_max), 0.0), axis=0)
+    row_sum = tl.sum(tl.where(m == -float("inf"), 0.0, d * tl.exp(m - row_max)), axis=0)
     # an all -inf row: row_max = -inf, x - row_max = NaN below, like ATen
     log_sum = tl.log(row_sum)
     # pass 2: write
