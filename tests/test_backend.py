@@ -232,6 +232,27 @@ def test_inductor_fallback_on_cpu(poison):
     assert report.graphs[0].fallback == "inductor"
 
 
+@pytest.mark.parametrize("fallback", ["eager", "inductor"])
+def test_training_softmax_with_dtype_upcast(poison, fallback):
+    """``softmax(x.half(), dtype=float32)`` in a training graph: the graph rewritten before
+    autograd must stay differentiable ATen whatever the fallback (Inductor's decompositions
+    would leave ``prims.convert_element_type``, which has no autograd formula)."""
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    fn = lambda x: torch.softmax(x.half() * 2, -1, dtype=torch.float32)  # noqa: E731
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": fallback})
+    with _common.count_launches() as launches:
+        out = torch.compile(fn, backend=backend)(x)
+        out.sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    ref = fn(xr)
+    ref.sum().backward()
+    # fp16 tolerances: Inductor keeps x.half() * 2 in fp32 registers (so does Inductor alone)
+    torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-3, rtol=1e-3)
+    assert launches["softmax_fwd"] == 1 and launches["softmax_bwd"] == 1, dict(launches)
+
+
 def test_dynamic_first_compile_traces_patterns_and_survives_restarts(poison):
     """Patterns traced for the first time inside a dynamic compile (Dynamo may restart
     analysis to specialise a float): every size runs the kernels, one graph, and the

@@ -162,13 +162,12 @@ class TileBackend:
         if fallback == "auto":
             fallback = "inductor" if _is_gpu_graph(example_inputs) else "eager"
         last_report = self.report
-        table_key = "inductor" if fallback == "inductor" else "eager"
         start = len(self.report.graphs)
         try:
             with settings.use(self.settings):
                 if _needs_autograd(example_inputs) and not self.settings.verify:
                     # (verify checks the graphs after partitioning, where it can run them)
-                    gm = self._pre_autograd(gm, example_inputs, patterns, table_key, fallback)
+                    gm = self._pre_autograd(gm, example_inputs, patterns, fallback)
                 if fallback == "inductor":
                     compiled = self._compile_inductor(gm, example_inputs, patterns)
                 else:
@@ -232,12 +231,16 @@ class TileBackend:
             )
             return gm, 0
 
-    def _pre_autograd(self, gm, example_inputs, patterns, table_key: str, fallback: str):
+    def _pre_autograd(self, gm, example_inputs, patterns, fallback: str):
         """Training graphs: rewrite the forward *before* autograd, so the tile ops'
         own backward formulas are used and a matched region's intermediates need not be
         saved.  AOTAutograd traces the forward to functional ATen (as for inference), we
         rewrite it, and the rewritten ATen graph is what the real compile differentiates.
-        Any doubt (grad-mode changes inside the graph, aliasing outputs) keeps ``gm``."""
+        Any doubt (grad-mode changes inside the graph, aliasing outputs) keeps ``gm``.
+
+        The trace uses no decompositions whatever the fallback: the graph must stay
+        differentiable ATen (Inductor's table yields ``prims`` ops with no autograd
+        formula, e.g. a softmax with ``dtype=``); the real compile decomposes later."""
         if any(n.op == "call_function" and n.target in _GRAD_MODE_OPS for n in gm.graph.nodes):
             return gm
         captured: list[fx.GraphModule] = []
@@ -253,7 +256,7 @@ class TileBackend:
                     example_inputs,
                     fw_compiler=capture,
                     inference_compiler=capture,
-                    decompositions=decomposition_table(table_key, patterns),
+                    decompositions=decomposition_table("eager", patterns),
                     keep_inference_input_mutations=True,
                 )
         except _compat.dynamo_control_flow():
@@ -269,7 +272,7 @@ class TileBackend:
             return gm
         aten_gm = captured[0]
         before = len(self.report.graphs)
-        new = self._rewrite(aten_gm, PRE_AUTOGRAD, patterns, table_key, fallback)
+        new = self._rewrite(aten_gm, PRE_AUTOGRAD, patterns, "eager", fallback)
         if not self.report.graphs[before].replacements:
             self.report.graphs.pop(before)
             return gm

@@ -236,8 +236,9 @@ class SoftmaxFusions(FuserBase):
 
     def softmax_backwards(self) -> None:
         """In backward graphs, ``tile::softmax_backward`` absorbs the dropout backward
-        before it (``native_dropout_backward(g, keep, c)`` or ``mul(mul(g, c), keep)``) and
-        the softmax prologue's scale after it (``mul(dx, scale)``):
+        before it (``native_dropout_backward(g, keep, c)``, or Inductor's decompositions of
+        it: ``mul(mul(g, c), keep)``, ``mul(g, mul(keep.to(float), c))``) and the softmax
+        prologue's scale after it (``mul(dx, scale)``):
         ``tile::scale_mask_softmax_backward`` reads ``g``, ``keep`` and the probabilities
         once and writes ``dx`` once."""
         tile = torch.ops.tile
@@ -254,20 +255,10 @@ class SoftmaxFusions(FuserBase):
                 g, keep, drop_scale = grad.args[:3]
                 consumed.append(grad)
             elif _single_use(grad) and grad.target is aten.mul.Tensor:
-                a, b = grad.args[:2]
-                k = next(
-                    (t for t in (a, b) if _is_tensor_node(t) and _val(t).dtype == torch.bool), None
-                )
-                m = b if k is a else a
-                if (
-                    k is not None
-                    and _single_use(m)
-                    and m.target is aten.mul.Tensor
-                    and _is_tensor_node(m.args[0])
-                    and isinstance(m.args[1], float)
-                ):
-                    g, keep, drop_scale = m.args[0], k, m.args[1]
-                    consumed += [grad, m]
+                found = _dropout_grad(grad)
+                if found is not None:
+                    g, keep, drop_scale, absorbed = found
+                    consumed += [grad, *absorbed]
             if keep is not None and not (
                 self._same(_val(keep).shape, vg.shape)
                 and self._same(_val(g).shape, vg.shape)
@@ -305,3 +296,39 @@ class SoftmaxFusions(FuserBase):
                     scalars={"scale": scale, "dropout": keep is not None},
                 )
             )
+
+
+_CASTS = (torch.ops.prims.convert_element_type.default, aten._to_copy.default)
+
+
+def _dropout_grad(grad: fx.Node):
+    """``(g, keep, c, absorbed nodes)`` when ``grad`` is a dropout's backward written
+    out, ``mul(mul(g, c), keep)`` or ``mul(g, mul(keep[.to(float)], c))`` (either operand
+    order) with a bool ``keep``; else None."""
+
+    def is_bool(n):
+        return _is_tensor_node(n) and _val(n).dtype == torch.bool
+
+    def scaled(n, what):  # mul(x, c) with a single use and x accepted by what -> (x, c)
+        if _single_use(n) and n.target is aten.mul.Tensor and isinstance(n.args[1], float):
+            return (n.args[0], n.args[1]) if what(n.args[0]) else None
+        return None
+
+    def keep_of(n):  # keep, or keep cast to a float dtype -> (keep, [cast])
+        if is_bool(n):
+            return n, []
+        if _single_use(n) and n.target in _CASTS and is_bool(n.args[0]):
+            return n.args[0], [n]
+        return None
+
+    a, b = grad.args[:2]
+    for k, m in ((a, b), (b, a)):
+        if is_bool(k):  # mul(mul(g, c), keep)
+            hit = scaled(m, _is_tensor_node)
+            if hit is not None:
+                return hit[0], k, hit[1], [m]
+        hit = scaled(k, lambda n: keep_of(n) is not None)  # mul(g, mul(keep, c))
+        if hit is not None and _is_tensor_node(m):
+            keep, casts = keep_of(hit[0])
+            return m, keep, hit[1], [k, *casts]
+    return None
