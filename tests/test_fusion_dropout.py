@@ -19,12 +19,20 @@ def _seed(device, value=1234):
     return torch.tensor([value], dtype=torch.int64, device=device)
 
 
-@pytest.mark.parametrize(
-    "dtype, atol, rtol",
-    [(torch.float32, 1e-6, 1e-5), (torch.float16, 1e-3, 1e-3), (torch.bfloat16, 8e-3, 1e-2)],
+FP32, FP16, BF16 = (
+    (torch.float32, 1e-6, 1e-5),
+    (torch.float16, 1e-3, 1e-3),
+    (torch.bfloat16, 8e-3, 1e-2),
 )
-@pytest.mark.parametrize("mask_kind", ["none", "additive", "bool"])
-@pytest.mark.parametrize("block_n", [None, 16])  # one block per row / looped row
+
+
+@pytest.mark.parametrize(
+    "dtype, atol, rtol, mask_kind, block_n",  # block_n None: a row in one block; 16: looped
+    [(*dt, "additive", None) for dt in (FP32, FP16, BF16)]
+    + [(*FP32, kind, None) for kind in ("none", "bool")]
+    + [(*FP32, kind, 16) for kind in ("none", "additive", "bool")]
+    + [(*BF16, "bool", 16)],
+)
 def test_dropout_kernel(poison, device, dtype, atol, rtol, mask_kind, block_n):
     x = torch.randn(3, 4, 37, device=device, dtype=dtype)
     mask = {
