@@ -151,7 +151,8 @@ def test_llama_mlp_dual_gemm_under_dynamic_shapes(poison):
 
 def test_swiglu_gemm_result_used_outside_keeps_two_launches(poison):
     """h1 is also returned: it must be written, so the pair is not fused and the gate
-    fuses into the second GEMM's epilogue as before."""
+    fuses into the second GEMM's epilogue as before; ``silu(h1)`` then fuses into the
+    first GEMM, which also writes h1."""
     w1, w3 = torch.randn(16, 8), torch.randn(16, 8)
     x = torch.randn(5, 16)
 
@@ -161,7 +162,7 @@ def test_swiglu_gemm_result_used_outside_keeps_two_launches(poison):
 
     graph, launches = _run(fn, x)
     assert "fused_dual_mm_epilogue" not in graph.counts, str(graph)
-    assert dict(launches) == {"mm": 1, "mm_epilogue": 1}, dict(launches)
+    assert dict(launches) == {"mm_epilogue_multi": 1, "mm_epilogue": 1}, dict(launches)
     (why,) = [s.reason for s in graph.skipped if "dual GEMM" in s.reason]
     assert "not fused" in why, why
 
@@ -277,3 +278,83 @@ def test_softmax_prologue_respects_alpha(poison):
     x, m = torch.randn(2, 5, 5), torch.randn(2, 5, 5)
     graph, _ = _run(lambda x, m: torch.softmax(torch.add(x * 0.5, m, alpha=2.0), -1), x, m)
     assert "fused_scale_mask_softmax" not in graph.counts  # alpha != 1: not this shape
+
+
+# --- training forwards: the epilogue also writes what the backward saves ---------------
+
+
+@pytest.mark.parametrize("fallback", ["eager", "inductor"])
+@pytest.mark.parametrize(
+    "act",
+    [
+        pytest.param(gelu_tanh, id="gpt2_gelu_written_out"),
+        pytest.param(lambda h: F.gelu(h, approximate="tanh"), id="gelu_tanh"),
+        pytest.param(lambda h: F.silu(h) * 0.5, id="silu_scaled"),
+    ],
+)
+def test_training_forward_epilogue_writes_saved_values(poison, fallback, act):
+    torch.manual_seed(0)
+    lin1, lin2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+
+    def fn(x):
+        return lin2(act(lin1(x)))
+
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": fallback})
+    compiled = torch.compile(fn, backend=backend)
+    with _common.count_launches() as launches:
+        out = compiled(x)
+    out.square().sum().backward()
+    params = [*lin1.parameters(), *lin2.parameters()]
+    got = [p.grad.clone() for p in params] + [x.grad.clone()]
+    for p in params:
+        p.grad = None
+    x.grad = None
+    ref = fn(x)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    for g, p in zip(got, [*params, x]):
+        torch.testing.assert_close(g, p.grad, atol=1e-4, rtol=1e-4)
+
+    (fwd,) = [g for g in backend.report.graphs if g.name == "forward"]
+    (r,) = [r for r in fwd.replacements if r.pattern == "fused_mm_epilogue"]
+    assert 1 <= r.scalars["extra_outputs"] <= 4, str(fwd)
+    assert "tile.mm_epilogue_multi" in fwd.code, fwd.code
+    for op in ("aten.tanh", "aten.pow", "aten.silu", "aten.gelu", "aten.mul"):
+        assert op not in fwd.code, (op, fwd.code)
+    # the forward: lin1 + its epilogue is one kernel, lin2 a plain GEMM
+    assert launches["mm_epilogue_multi"] == 1 and "mm_epilogue" not in launches, dict(launches)
+
+
+def test_open_epilogue_value_used_before_the_fused_op_could_run(poison):
+    """The GEMM result is read (by a sum) before the residual the epilogue needs exists:
+    the kernel that would also write it cannot run early enough, so nothing is fused."""
+    lin = torch.nn.Linear(16, 24)
+    x = torch.randn(4, 16)
+
+    def fn(x):
+        h = lin(x)
+        s = h.sum()
+        r = x.sum(-1, keepdim=True)
+        return torch.relu(h) + r, s
+
+    graph, launches = _run(fn, x)
+    assert "mm_epilogue_multi" not in launches and "mm_epilogue" not in launches, dict(launches)
+    assert any("before the fused op could run" in s.reason for s in graph.skipped), str(graph)
+
+
+def test_open_epilogue_writes_the_gemm_result(poison):
+    """Inference too: the GEMM result is returned, so the region is not closed."""
+    lin = torch.nn.Linear(16, 24)
+    x = torch.randn(7, 16)
+
+    def fn(x):
+        h = lin(x)
+        return h, torch.tanh(h * 2.0)
+
+    graph, launches = _run(fn, x)
+    assert dict(launches) == {"mm_epilogue_multi": 1}, dict(launches)
+    (r,) = [r for r in graph.replacements if r.pattern == "fused_mm_epilogue"]
+    assert r.scalars["extra_outputs"] == 1, str(graph)
+    assert "aten.tanh" not in graph.code and "aten.mul" not in graph.code, graph.code

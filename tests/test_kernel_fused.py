@@ -489,3 +489,107 @@ def test_scale_mask_softmax_nan_row_is_nan(poison, device, block_n):
     y = fused_softmax.scale_mask_softmax_fwd(x, 0.5, mask, -1, block_n=block_n)
     torch.testing.assert_close(y, torch.softmax(x * 0.5 + mask, -1), equal_nan=True)
     assert y[1].isnan().all() and not y[[0, 2]].isnan().any()
+
+
+# --- GEMM + epilogue with several results (tile::mm_epilogue_multi) -------------------------
+
+_GELU_INNER = GELU_TANH[2][1][1]  # sqrt(2 / pi) * (ACC + 0.044715 * ACC ** 3)
+
+
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float32, 1e-4), (torch.float16, 1e-2)], ids=["fp32", "fp16"]
+)
+@pytest.mark.parametrize("M", [1, 7, 13])
+def test_mm_epilogue_multi_writes_every_result(poison, gen_dir, device, dtype, tol, M):
+    """GPT-2's training forward: the sink and what the backward saves (the GEMM result,
+    ``0.5 * h``, the tanh, ``1 + tanh``), plus a bool mask and an fp16 cast."""
+    from tilebackend.codegen import fused_matmul_multi
+
+    K, N = 19, 17
+    x = torch.randn(M, K, device=device).to(dtype)
+    w = torch.randn(N, K, device=device).to(dtype)
+    bias = torch.randn(N, device=device).to(dtype)
+    resid = torch.randn(1, N, device=device).to(dtype)
+    exprs = [
+        ("add", GELU_TANH, "IN0"),
+        "ACC",
+        ("mul", "ACC", 0.5),
+        ("tanh", _GELU_INNER),
+        ("gt", "ACC", 0.0),
+    ]
+    with _common.count_launches() as n:
+        outs = torch.ops.tile.mm_epilogue_multi(
+            x, w.t(), bias, [resid], [pw.dumps(e) for e in exprs]
+        )
+    assert dict(n) == {"mm_epilogue_multi": 1}, dict(n)
+    h = x.double() @ w.double().t() + bias.double()
+    refs = [
+        F.gelu(h, approximate="tanh") + resid.double(),
+        h,
+        0.5 * h,
+        torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h**3)),
+    ]
+    assert len(outs) == 5
+    for out, ref in zip(outs, refs):
+        assert out.shape == (M, N) and out.dtype == dtype and out.is_contiguous()
+        assert not out.isnan().any()
+        torch.testing.assert_close(out.double(), ref, atol=tol * 4, rtol=tol)
+    mask = outs[4]
+    assert mask.dtype == torch.bool and mask.shape == (M, N)
+    near_zero = outs[1].double().abs() < tol  # where rounding may flip the sign
+    assert torch.equal(mask[~near_zero], (h > 0)[~near_zero])
+    # the reference (the fallback) computes the same results
+    ref_outs = fused_matmul_multi.reference(x, w.t(), bias, [resid], [pw.dumps(e) for e in exprs])
+    assert [o.dtype for o in ref_outs] == [o.dtype for o in outs]
+
+
+def test_mm_epilogue_multi_cast_result_and_n_d_input(poison, gen_dir, device):
+    """An fp16 cast as a result of an fp32 GEMM (its own dtype), over a 3-D input."""
+    x = torch.randn(2, 7, 16, device=device)
+    w = torch.randn(17, 16, device=device)
+    exprs = [("relu", "ACC"), ("to", "ACC", "float16"), ("to", ("sigmoid", "ACC"), "float16")]
+    outs = torch.ops.tile.mm_epilogue_multi(x, w.t(), None, [], [pw.dumps(e) for e in exprs])
+    h = x @ w.t()
+    assert [o.dtype for o in outs] == [torch.float32, torch.float16, torch.float16]
+    assert all(o.shape == (2, 7, 17) for o in outs)
+    torch.testing.assert_close(outs[0], torch.relu(h), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(outs[1], h.half(), atol=1e-2, rtol=1e-3)
+    torch.testing.assert_close(outs[2], torch.sigmoid(h).half(), atol=1e-3, rtol=1e-3)
+
+
+def test_mm_epilogue_multi_source_shares_subtrees(gen_dir):
+    from tilebackend.codegen import fused_matmul_multi
+
+    exprs = [GELU_TANH, "ACC", ("tanh", _GELU_INNER)]
+    k1 = fused_matmul_multi.kernel_for(exprs)
+    k2 = fused_matmul_multi.kernel_for([pw.dumps(e) for e in exprs])
+    assert k1 is k2
+    (path,) = gen_dir.glob("mm_epilogue_multi_*.py")
+    src = path.read_text()
+    compile(src, str(path), "exec")
+    assert "def mm_epilogue_multi_kernel" in src and "out2_ptr" in src and "out3_ptr" not in src
+    # the tanh is printed once, shared by the sink and the third result
+    assert src.count("tl.exp(-2.0 * tl.abs(") == 1, src
+
+
+def test_mm_epilogue_multi_refusals_and_grad(device):
+    from tilebackend.codegen import fused_matmul_multi
+
+    x = torch.randn(5, 8, device=device)
+    w = torch.randn(8, 6, device=device)
+    one = pw.dumps(("relu", "ACC"))
+    assert "expects 2 to 5" in fused_matmul_multi.check(x, w, None, [], [one])
+    assert "expects 2 to 5" in fused_matmul_multi.check(x, w, None, [], [one] * 6)
+    assert "IN0" in fused_matmul_multi.check(x, w, None, [], [one, '["add","ACC","IN0"]'])
+    # float64 is refused: the op computes the reference
+    outs = torch.ops.tile.mm_epilogue_multi(x.double(), w.double(), None, [], [one, '"ACC"'])
+    torch.testing.assert_close(outs[1], x.double() @ w.double())
+    # autograd through every result
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    outs = torch.ops.tile.mm_epilogue_multi(xg, wg, None, [], [one, '["mul","ACC",3.0]'])
+    (outs[0].sum() + outs[1].square().sum()).backward()
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    h = xr @ wr
+    (torch.relu(h).sum() + (3.0 * h).square().sum()).backward()
+    torch.testing.assert_close(xg.grad, xr.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(wg.grad, wr.grad, atol=1e-4, rtol=1e-4)

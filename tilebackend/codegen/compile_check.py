@@ -22,6 +22,7 @@ MODULES = (
     "rms_norm",
     "matmul",
     "fused_matmul",
+    "fused_matmul_multi",
     "dual_matmul",
     "fused_softmax",
     "fused_norm",

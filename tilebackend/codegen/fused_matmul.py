@@ -76,12 +76,12 @@ from tilebackend.codegen.matmul import gemm_mainloop, grouped_tile
 
 
 @triton.jit
-def mm_epilogue_kernel(
+def {kname}_kernel(
     a_ptr,  # [M, K], any strides
     b_ptr,  # [K, N], any strides
     bias_ptr,  # [M, N] through broadcast strides; unread unless HAS_BIAS
     out_ptr,  # [M, N], row stride stride_om, column stride stride_on
-{in_ptrs}    M,
+{out_ptrs}{in_ptrs}    M,
     N,
     K,
     L1,  # rows of M are (i0, i1) with i1 < L1: extras' rows are i0 * s0 + i1 * s1
@@ -124,16 +124,18 @@ def mm_epilogue_kernel(
 {body}
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, {result}.to(out_ptr.dtype.element_ty), mask=mask)
-'''
+{stores}'''
 
 
 def _render_extras(expr: Any, bools: tuple[bool, ...], ind: str = "    "):
     """The template parts that read the extras ``IN0..`` (shared with :mod:`.dual_matmul`):
-    ``(pointer args, stride args, load statements, leaf names, bool leaves)``."""
+    ``(pointer args, stride args, load statements, leaf names, bool leaves)``.  ``expr``
+    may be a list of expressions (:mod:`.fused_matmul_multi`): the leaves any one reads."""
     n = len(bools)
     in_ptrs = "".join(f"{ind}in{i}_ptr,\n" for i in range(n))
     in_strides = "".join(f"{ind}in{i}_s0,\n{ind}in{i}_s1,\n{ind}in{i}_sn,\n" for i in range(n))
-    used = pointwise.input_leaves(expr)
+    exprs = expr if isinstance(expr, list) else [expr]
+    used = set().union(*map(pointwise.input_leaves, exprs))
     loads = []
     leaves = {}
     bool_leaves = []
@@ -167,6 +169,9 @@ def _render(expr: Any, bools: tuple[bool, ...], leaf_dtypes=None) -> str:
     in_ptrs, in_strides, loads, leaves, bool_leaves = _render_extras(expr, bools)
     body, res = _render_expression(expr, {"ACC": "acc", **leaves}, bool_leaves, leaf_dtypes)
     return _TEMPLATE.format(
+        kname="mm_epilogue",
+        out_ptrs="",
+        stores="",
         expr=pointwise.dumps(expr),
         bools=list(bools),
         dtypes={k: str(v) for k, v in (leaf_dtypes or {}).items()},
@@ -247,12 +252,16 @@ def kernel_for(expr: Any, bools: tuple[bool, ...] = (), leaf_dtypes=None):
 def generated_kernel(name: str, render, expr: Any, bools=(), leaf_dtypes=None):
     """The ``{name}_kernel`` of the module ``render(expr, bools, leaf_dtypes)`` writes,
     loaded by :func:`load_source` and kept in memory per (template, expression, extras,
-    dtypes, folder).  Shared by the generated GEMM templates."""
-    if isinstance(expr, str):
-        expr = pointwise.loads(expr)
-    expr = pointwise.canonical(expr)
+    dtypes, folder).  Shared by the generated GEMM templates; ``expr`` may be a list of
+    expressions (a template with several results)."""
+
+    def parse(e):
+        return pointwise.canonical(pointwise.loads(e) if isinstance(e, str) else e)
+
+    expr = [parse(e) for e in expr] if isinstance(expr, list) else parse(expr)
     leaf_key = tuple(sorted((leaf_dtypes or {}).items()))
-    memo = (name, expr, tuple(bools), leaf_key, generated_dir())
+    expr_key = tuple(expr) if isinstance(expr, list) else expr
+    memo = (name, expr_key, tuple(bools), leaf_key, generated_dir())
     k = _kernels.get(memo)
     if k is None:
         src = render(expr, tuple(bools), leaf_dtypes)

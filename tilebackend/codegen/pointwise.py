@@ -302,11 +302,27 @@ def print_triton(
     ``exp2(p * log2(|x|))`` with the sign of an odd integer power, NaN for a negative base
     and a non-integer power).
     """
+    lines, (res,), (const,) = print_triton_many(
+        [expr], leaves, bool_leaves, prefix, use_libdevice, leaf_dtypes
+    )
+    return lines, res, const
+
+
+def print_triton_many(
+    exprs: Sequence[Any],
+    leaves: Mapping[str, str],
+    bool_leaves: Sequence[str] = (),
+    prefix: str = "_e",
+    use_libdevice: bool | None = None,
+    leaf_dtypes: Mapping[str, torch.dtype] | None = None,
+) -> tuple[list[str], list[str], list[bool]]:
+    """:func:`print_triton` for several expressions over the same leaves, in one body:
+    a sub-tree they share is computed once.  Returns ``(lines, result names, is_constant
+    flags)``, one name and flag per expression, in order."""
     if use_libdevice is None:
         from .._compat import interpret_mode
 
         use_libdevice = not interpret_mode()
-    e0 = canonical(expr)
     dtype_of = _dtype_of(leaf_dtypes) if leaf_dtypes is not None else None
     lines: list[str] = []
     memo: dict[Any, tuple[str, bool]] = {}  # sub-tree -> (name or literal, is_bool)
@@ -409,10 +425,15 @@ def print_triton(
         memo[e] = r
         return r
 
-    res = go(e0)
-    if res[1]:
-        res = fresh(f"{res[0]}.to(tl.float32)")
-    return lines, res[0], not input_leaves(e0)
+    results, constants = [], []
+    for expr in exprs:
+        e0 = canonical(expr)
+        res = go(e0)
+        if res[1]:
+            res = fresh(f"{res[0]}.to(tl.float32)")
+        results.append(res[0])
+        constants.append(not input_leaves(e0))
+    return lines, results, constants
 
 
 def _pow_const(a: str, p: float, fresh: Callable, use_libdevice: bool) -> tuple[str, bool]:

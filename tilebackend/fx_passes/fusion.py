@@ -5,7 +5,10 @@
   are in the region or are *extra inputs* that broadcast to the output; the region ends
   at one sink whose value leaves it.  An intermediate used outside the region must still
   be written, so it bounds the region.  The ops become one expression
-  (``codegen.pointwise``) generated into ``tile::mm_epilogue``'s kernel.
+  (``codegen.pointwise``) generated into ``tile::mm_epilogue``'s kernel.  When no such
+  closed region exists (a training forward returns the GEMM result and intermediates the
+  backward saves), ``tile::mm_epilogue_multi``'s kernel computes the whole region and
+  writes the sink and up to four of those values too.
 * **dual GEMM epilogues**: two GEMMs of one ``a`` (same weight shape) whose results are
   used only by one pointwise region, like SwiGLU's ``silu(x @ W1) * (x @ W3)``, become
   ``tile::dual_mm_epilogue`` (one kernel, two accumulators: ``ACC`` and ``ACC1`` of the
@@ -117,7 +120,13 @@ class _Fuser(MatmulFusions, SoftmaxFusions):
 
 def fuse(gm: fx.GraphModule, report: GraphReport) -> int:
     """Run every fusion on ``gm`` in place; return how many regions were fused."""
-    from ..codegen import dual_matmul, fused_matmul, fused_norm, fused_softmax  # noqa: F401
+    from ..codegen import (  # noqa: F401  (registers the ops)
+        dual_matmul,
+        fused_matmul,
+        fused_matmul_multi,
+        fused_norm,
+        fused_softmax,
+    )
 
     f = _Fuser(gm, report)
     f.residual_norms()

@@ -4,6 +4,7 @@ kernel, and two GEMMs of one input with their shared epilogue as one dual-GEMM k
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch
@@ -44,57 +45,99 @@ class MatmulFusions(FuserBase):
         return gemm
 
     def matmul_epilogues(self) -> None:
-        from ..codegen import fused_matmul, pointwise
+        """Fuse each GEMM's closed epilogue region (``tile::mm_epilogue``); then, for the
+        GEMMs left without one (a training forward saves intermediates for the backward),
+        the region that also writes the values used elsewhere (``tile::mm_epilogue_multi``,
+        :meth:`_fuse_open`)."""
+        from ..codegen import pointwise
 
+        open_candidates = []
         for gemm in list(self.graph.nodes):
             parts = self._gemm_parts(gemm)
             if parts is None:
                 continue
-            a, b, bias = parts
             root = self._gemm_root(gemm)
             region, sink, extras, why = self._grow([root], pointwise)
             if sink is None:
-                if why:
-                    self._note(gemm, why)
+                open_candidates.append((gemm, parts, root if region else None, why))
                 continue
-            try:
-                expr, leaves = self._expression([root], region, sink, extras, pointwise)
-            except pointwise.ExprError as e:
-                self._note(gemm, f"epilogue not expressible: {e}")
-                continue
-            extra_nodes, why = self._extra_inputs(gemm, sink, leaves)
-            if extra_nodes is None:
+            self._fuse_closed(gemm, parts, root, region, sink, extras)
+        for gemm, parts, root, why in open_candidates:
+            root = root or self._view_root(gemm)
+            if root is not None:
+                why = self._fuse_open(gemm, parts, root, pointwise)
+            if why:
                 self._note(gemm, why)
-                continue
-            hinted = [shapes.hinted(_val(x)) for x in (a, b, bias)]
-            expr_s = pointwise.dumps(expr)
-            reason = fused_matmul.check(*hinted, self._extra_values(extra_nodes), expr_s)
-            if reason is not None:
-                self._note(gemm, f"fused epilogue refused: {reason}")
-                continue
-            self._splice(
-                torch.ops.tile.mm_epilogue.default,
-                (a, b, bias, expr_s),
-                [gemm],
-                [root],
-                region,
-                sink,
-                extra_nodes,
+
+    def _fuse_closed(self, gemm, parts, root, region, sink, extras) -> None:
+        """Fuse the closed ``region`` into ``gemm`` as one ``tile::mm_epilogue`` (or note
+        why not)."""
+        from ..codegen import fused_matmul, pointwise
+
+        a, b, bias = parts
+        try:
+            expr, leaves = self._expression([root], region, sink, extras, pointwise)
+        except pointwise.ExprError as e:
+            self._note(gemm, f"epilogue not expressible: {e}")
+            return
+        extra_nodes, why = self._extra_inputs(gemm, sink, leaves)
+        if extra_nodes is None:
+            self._note(gemm, why)
+            return
+        hinted = [shapes.hinted(_val(x)) for x in (a, b, bias)]
+        expr_s = pointwise.dumps(expr)
+        reason = fused_matmul.check(*hinted, self._extra_values(extra_nodes), expr_s)
+        if reason is not None:
+            self._note(gemm, f"fused epilogue refused: {reason}")
+            return
+        self._splice(
+            torch.ops.tile.mm_epilogue.default,
+            (a, b, bias, expr_s),
+            [gemm],
+            [root],
+            region,
+            sink,
+            extra_nodes,
+        )
+        self.report.replacements.append(
+            Replacement(
+                pattern="fused_mm_epilogue",
+                nodes=[gemm.name, *(n.name for n in region)],
+                targets=["mm", *[short_target(n.target) for n in region]],
+                inputs={"a": describe_value(_val(a)), "b": describe_value(_val(b))},
+                scalars={"expr": expr_s},
             )
-            self.report.replacements.append(
-                Replacement(
-                    pattern="fused_mm_epilogue",
-                    nodes=[gemm.name, *(n.name for n in region)],
-                    targets=["mm", *[short_target(n.target) for n in region]],
-                    inputs={"a": describe_value(_val(a)), "b": describe_value(_val(b))},
-                    scalars={"expr": expr_s},
-                )
-            )
+        )
 
     def _grow(self, roots: list[fx.Node], pointwise):
         """Absorb pointwise users of the region grown from ``roots`` (one GEMM result, or
         the two of a dual GEMM); return (region, sink, extras, why).  Every user of every
-        root must end up in the region."""
+        root must end up in the region.  When no closed region exists, ``sink`` is None and
+        ``region`` is every pointwise node grown (empty when there was none)."""
+        region, why = self._grow_region(roots, pointwise)
+        if not region:
+            return [], None, [], why
+        # the sink: the latest node whose ancestors in the region let nothing else escape
+        for sink in reversed(region):
+            members = self._ancestors_within(sink, set(region)) | {sink}
+            closed = all(
+                all(u in members for u in n.users) for n in members if n is not sink
+            ) and all(u in members for r in roots for u in r.users)
+            if closed:
+                kept = [n for n in region if n in members]
+                return kept, sink, self._leaves(roots, kept), why
+        return region, None, [], why or "every candidate region has an intermediate used outside it"
+
+    @staticmethod
+    def _leaves(roots, kept) -> list[fx.Node]:
+        """The region's inputs other than the roots, in first-use order."""
+        extras = [a for n in kept for a in n.all_input_nodes if a not in kept and a not in roots]
+        return list(dict.fromkeys(extras))
+
+    def _grow_region(self, roots: list[fx.Node], pointwise):
+        """Every pointwise node reachable from ``roots`` whose other inputs are not computed
+        from them by other ops, with the shape of the roots, in graph order; and why
+        growing stopped somewhere (or None)."""
         region: list[fx.Node] = []
         inside = set(roots)
         downstream = set().union(*(_descendants(r) for r in roots))
@@ -128,26 +171,9 @@ class MatmulFusions(FuserBase):
             region.append(u)
             inside.add(u)
             frontier.extend(u.users)
-        if not region:
-            return [], None, [], why
         order = self._order()
         region.sort(key=order.__getitem__)
-        # the sink: the latest node whose ancestors in the region let nothing else escape
-        for sink in reversed(region):
-            members = self._ancestors_within(sink, set(region)) | {sink}
-            closed = all(
-                all(u in members for u in n.users) for n in members if n is not sink
-            ) and all(u in members for r in roots for u in r.users)
-            if closed:
-                kept = [n for n in region if n in members]
-                extras = [
-                    a
-                    for n in kept
-                    for a in n.all_input_nodes
-                    if a not in members and a not in roots
-                ]
-                return kept, sink, list(dict.fromkeys(extras)), why
-        return [], None, [], why or "every candidate region has an intermediate used outside it"
+        return region, why
 
     @staticmethod
     def _ancestors_within(node: fx.Node, allowed: set[fx.Node]) -> set[fx.Node]:
@@ -164,6 +190,12 @@ class MatmulFusions(FuserBase):
     def _expression(self, roots, region, sink, extras, pointwise):
         """The region as one expression over ``roots`` (``ACC``, and ``ACC1`` for a dual
         GEMM) and ``extras`` (``IN0``..); returns (expression, extras in ``INk`` order)."""
+        (expr,), leaves = self._expressions(roots, region, [sink], extras, pointwise)
+        return expr, leaves
+
+    def _expressions(self, roots, region, outputs, extras, pointwise):
+        """:meth:`_expression` for several ``outputs`` (nodes of the region, or roots)
+        over the same leaves: (expressions, extras in ``INk`` order)."""
         env: dict[fx.Node, Any] = dict(zip(roots, ("ACC", "ACC1")))
         leaves: list[fx.Node] = []
         for e in extras:
@@ -181,7 +213,7 @@ class MatmulFusions(FuserBase):
             args = [conv(a) for a in n.args]
             kwargs = {k: conv(v) for k, v in n.kwargs.items()}
             env[n] = pointwise.from_aten(n.target, args, kwargs)
-        return env[sink], leaves
+        return [env[o] for o in outputs], leaves
 
     def _extra_inputs(self, gemm, sink, leaves):
         """How each extra reaches the fused op: ``(kind, node, shape)``, kind ``"as_is"`` or
@@ -235,6 +267,127 @@ class MatmulFusions(FuserBase):
                 self._meta(out)
         sink.replace_all_uses_with(out)
         dead = dict.fromkeys([*region, *roots, *gemms, *also])  # a root is its gemm w/o view
+        for n in sorted(dead, key=self._order().__getitem__, reverse=True):
+            if not n.users:
+                graph.erase_node(n)
+        self.count += 1
+
+    def _view_root(self, gemm: fx.Node) -> fx.Node | None:
+        """The view back to N-d among the users of a GEMM that has other users too (a
+        training forward saving the 2-D result), else None."""
+        if len(gemm.users) < 2:
+            return None
+        for u in gemm.users:
+            if u.target in _VIEWS and self.facts.prove_eq(_val(u).shape[-1], _val(gemm).shape[-1]):
+                return u
+        return None
+
+    def _fuse_open(self, gemm, parts, root, pointwise) -> str | None:
+        """Fuse the region grown from ``root`` although some of its values (the GEMM
+        result included) are used outside it, as in a training forward whose backward
+        saves them: one ``tile::mm_epilogue_multi`` writes the sink and each such value
+        (at most ``MAX_EXTRA_OUTPUTS``).  Returns None, or why it was not fused."""
+        from ..codegen import fused_matmul, fused_matmul_multi
+
+        a, b, bias = parts
+        region, why = self._grow_region([root], pointwise)
+        if not region:
+            return why
+        sink = region[-1]  # the latest node; what does not feed it stays outside
+        members = self._ancestors_within(sink, set(region)) | {sink}
+        kept = [n for n in region if n in members]
+        inside = members | {root}
+        # the values written besides the sink: the GEMM's own 2-D result when a user
+        # other than ``root`` reads it, then the region's values read outside it
+        outputs = [n for n in dict.fromkeys((gemm, root)) if set(n.users) - inside]
+        outputs += [n for n in kept if n is not sink and set(n.users) - members]
+        if not outputs:
+            return "the region has no sink"
+        if len(outputs) > fused_matmul_multi.MAX_EXTRA_OUTPUTS:
+            names = ", ".join(n.name for n in outputs)
+            return f"{len(outputs)} values of the region are used outside it ({names})"
+        out_shape = _val(sink).shape
+        for n in outputs:
+            shape = _val(gemm).shape if n is gemm else out_shape
+            if not self._same(_val(n).shape, shape):
+                return f"{n.name} {tuple(_val(n).shape)} does not have the output's shape"
+        written = [sink, *(root if n is gemm else n for n in outputs)]  # gemm's is ACC too
+        try:
+            exprs, leaves = self._expressions(
+                [root], kept, written, self._leaves([root], kept), pointwise
+            )
+        except pointwise.ExprError as e:
+            return f"epilogue not expressible: {e}"
+        extra_nodes, why = self._extra_inputs(gemm, sink, leaves)
+        if extra_nodes is None:
+            return why
+        # the fused op goes before the first node it replaces that follows all its inputs;
+        # every outside use of a value it writes must come after that point
+        order = self._order()
+        inputs = [x for x in (a, b, bias, *leaves) if isinstance(x, fx.Node)]
+        last_input = max(order[x] for x in inputs)
+        anchor = min((n for n in (gemm, root, *kept) if order[n] > last_input), key=order.get)
+        for n in outputs:
+            early = [u for u in n.users if u not in inside and order[u] <= order[anchor]]
+            if early:
+                return f"{n.name} is used by {early[0].name} before the fused op could run"
+        hinted = [shapes.hinted(_val(x)) for x in (a, b, bias)]
+        ex_vals = self._extra_values(extra_nodes)
+        exprs_s = [pointwise.dumps(e) for e in exprs]
+        reason = fused_matmul_multi.check(*hinted, ex_vals, exprs_s)
+        if reason is not None:
+            return f"fused epilogue refused: {reason}"
+        leaf_dtypes = fused_matmul._leaf_dtypes(hinted[0], ex_vals)
+        for n, e in zip([sink, *outputs], exprs):
+            if pointwise.infer_dtype(e, leaf_dtypes) != _val(n).dtype:
+                return f"{n.name}'s dtype {_val(n).dtype} is not its expression's"
+        self._splice_multi(
+            gemm, (a, b, bias), root, kept, [sink, *outputs], exprs_s, anchor, extra_nodes
+        )
+        self.report.replacements.append(
+            Replacement(
+                pattern="fused_mm_epilogue",
+                nodes=[gemm.name, *(n.name for n in kept)],
+                targets=["mm", *[short_target(n.target) for n in kept]],
+                inputs={"a": describe_value(_val(a)), "b": describe_value(_val(b))},
+                scalars={
+                    "expr": exprs_s[0],
+                    "extra_outputs": len(outputs),
+                    "also_writes": [n.name for n in outputs],
+                },
+            )
+        )
+        return None
+
+    def _splice_multi(self, gemm, parts, root, region, results, exprs, anchor, extra_nodes):
+        """Insert ``tile::mm_epilogue_multi(*parts, extras, exprs)`` before ``anchor``; each
+        of ``results`` (the sink, then the values also used elsewhere) is replaced by its
+        output (viewed back to N-d when ``root`` is a view), and what it replaces erased."""
+        graph = self.graph
+        with graph.inserting_before(anchor):
+            extras = []
+            for kind, e, shape in extra_nodes:
+                if kind == "view":
+                    v = graph.call_function(aten.view.default, (e, shape))
+                    self._meta(v)
+                    extras.append(v)
+                else:
+                    extras.append(e)
+            fused = graph.call_function(
+                torch.ops.tile.mm_epilogue_multi.default, (*parts, extras, exprs)
+            )
+            self._meta(fused)
+            news = []
+            for i in range(len(results)):
+                out = graph.call_function(operator.getitem, (fused, i))
+                self._meta(out)
+                if root is not gemm and results[i] is not gemm:
+                    out = graph.call_function(aten.view.default, (out, list(root.args[1])))
+                    self._meta(out)
+                news.append(out)
+        for n, new in zip(results, news):
+            n.replace_all_uses_with(new)
+        dead = dict.fromkeys([*region, root, gemm])
         for n in sorted(dead, key=self._order().__getitem__, reverse=True):
             if not n.users:
                 graph.erase_node(n)
