@@ -563,44 +563,33 @@ SPEC_EXPR = (
 
 def sm90_specs() -> list[dict]:
     """One spec per (dtype, precision, config) of matmul's space for :data:`SPEC_EXPR`."""
+    return epilogue_specs("mm_epilogue", kernel_for(SPEC_EXPR, (False, True)))
+
+
+def epilogue_specs(name: str, fn: Any, out_ptrs: tuple[tuple[str, bool], ...] = ()) -> list[dict]:
+    """sm_90 specs of a generated epilogue kernel ``fn`` whose extras are one float and
+    one bool input: one per (dtype, precision, config) of matmul's space.  ``out_ptrs``
+    are more output pointers ``(name, is_bool)`` after ``out_ptr`` (multi-output)."""
     unit = ("stride_ak", "stride_bn", "stride_cn", "stride_on", "in0_sn", "in1_sn")
-    ints = (
-        "M",
-        "N",
-        "K",
-        "L1",
-        "stride_am",
-        "stride_ak",
-        "stride_bk",
-        "stride_bn",
-        "stride_cm",
-        "stride_cn",
-        "stride_om",
-        "stride_on",
-        "in0_s0",
-        "in0_s1",
-        "in0_sn",
-        "in1_s0",
-        "in1_s1",
-        "in1_sn",
-    )
-    fn = kernel_for(SPEC_EXPR, (False, True))
+    ints = ("M", "N", "K", "L1", "stride_am", "stride_ak", "stride_bk", "stride_bn")
+    ints += ("stride_cm", "stride_cn", "stride_om", "stride_on")
+    ints += ("in0_s0", "in0_s1", "in0_sn", "in1_s0", "in1_s1", "in1_sn")
     specs = []
     for dtype, precision in _mm.SM90_VARIANTS:
         tname = _common.triton_dtype_name(dtype)
         ptr = "*" + tname
         sig = {"a_ptr": ptr, "b_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr}
+        sig.update({n: "*u8" if is_bool else ptr for n, is_bool in out_ptrs})
         sig.update({"in0_ptr": ptr, "in1_ptr": "*u8"})
         sig.update({n: "i32" for n in ints if n not in unit})
         for cfg in _mm.config_space(dtype, precision):
-            name = (
-                f"mm_epilogue_{tname}_{precision}_"
-                f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
-                f"_g{cfg['GROUP_M']}_w{cfg.num_warps}_s{cfg.num_stages}"
-            )
             specs.append(
                 {
-                    "name": name,
+                    "name": (
+                        f"{name}_{tname}_{precision}_"
+                        f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
+                        f"_g{cfg['GROUP_M']}_w{cfg.num_warps}_s{cfg.num_stages}"
+                    ),
                     "fn": fn,
                     "signature": dict(sig),
                     "constexprs": {

@@ -303,57 +303,5 @@ SPEC_EXPRS = (
 
 def sm90_specs() -> list[dict]:
     """One spec per (dtype, precision, config) of matmul's space for :data:`SPEC_EXPRS`."""
-    unit = ("stride_ak", "stride_bn", "stride_cn", "stride_on", "in0_sn", "in1_sn")
-    ints = (
-        "M",
-        "N",
-        "K",
-        "L1",
-        "stride_am",
-        "stride_ak",
-        "stride_bk",
-        "stride_bn",
-        "stride_cm",
-        "stride_cn",
-        "stride_om",
-        "stride_on",
-        "in0_s0",
-        "in0_s1",
-        "in0_sn",
-        "in1_s0",
-        "in1_s1",
-        "in1_sn",
-    )
-    fn = kernel_for(SPEC_EXPRS, (False, True))
-    specs = []
-    for dtype, precision in _mm.SM90_VARIANTS:
-        tname = _common.triton_dtype_name(dtype)
-        ptr = "*" + tname
-        sig = {"a_ptr": ptr, "b_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr}
-        sig.update({"out1_ptr": ptr, "out2_ptr": ptr, "out3_ptr": ptr, "out4_ptr": "*u8"})
-        sig.update({"in0_ptr": ptr, "in1_ptr": "*u8"})
-        sig.update({n: "i32" for n in ints if n not in unit})
-        for cfg in _mm.config_space(dtype, precision):
-            name = (
-                f"mm_epilogue_multi_{tname}_{precision}_"
-                f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
-                f"_g{cfg['GROUP_M']}_w{cfg.num_warps}_s{cfg.num_stages}"
-            )
-            specs.append(
-                {
-                    "name": name,
-                    "fn": fn,
-                    "signature": dict(sig),
-                    "constexprs": {
-                        **{u: 1 for u in unit},
-                        "HAS_BIAS": True,
-                        "INPUT_PRECISION": precision,
-                        "EVEN_K": False,
-                        **dict(cfg.kwargs),
-                    },
-                    "divisible": ["M", "N", "K", "stride_am", "stride_bk", "stride_om", "in0_s1"],
-                    "num_warps": cfg.num_warps,
-                    "num_stages": cfg.num_stages,
-                }
-            )
-    return specs
+    outs = (("out1_ptr", False), ("out2_ptr", False), ("out3_ptr", False), ("out4_ptr", True))
+    return _fm.epilogue_specs("mm_epilogue_multi", kernel_for(SPEC_EXPRS, (False, True)), outs)
