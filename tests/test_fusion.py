@@ -358,3 +358,38 @@ def test_open_epilogue_writes_the_gemm_result(poison):
     (r,) = [r for r in graph.replacements if r.pattern == "fused_mm_epilogue"]
     assert r.scalars["extra_outputs"] == 1, str(graph)
     assert "aten.tanh" not in graph.code and "aten.mul" not in graph.code, graph.code
+
+
+@pytest.mark.parametrize(
+    "act",
+    [
+        lambda h: F.gelu(h),
+        lambda h: F.gelu(h, approximate="tanh"),
+        torch.tanh,
+        torch.sigmoid,
+    ],
+    ids=["gelu", "gelu_tanh", "tanh", "sigmoid"],
+)
+def test_activation_backward_fuses_into_the_dgrad_gemm(poison, act):
+    """The backward graph's ``gelu_backward`` / ``tanh_backward`` / ``sigmoid_backward``
+    after the GEMM that computes the activation's output gradient is its epilogue."""
+    torch.manual_seed(0)
+    lin1, lin2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+    params = [*lin1.parameters(), *lin2.parameters()]
+
+    def fn(x):
+        return lin2(act(lin1(x)))
+
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": "eager"})
+    torch.compile(fn, backend=backend)(x).square().sum().backward()
+    got = [p.grad.clone() for p in params] + [x.grad.clone()]
+    for p in [*params, x]:
+        p.grad = None
+    fn(x).square().sum().backward()
+    for g, p in zip(got, [*params, x]):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+    (bwd,) = [g for g in backend.report.graphs if g.name == "backward"]
+    assert "_backward.default" not in bwd.code.replace("tile.", ""), bwd.code
+    assert bwd.counts.get("fused_mm_epilogue") == 1, str(backend.report)

@@ -593,3 +593,27 @@ def test_mm_epilogue_multi_refusals_and_grad(device):
     (torch.relu(h).sum() + (3.0 * h).square().sum()).backward()
     torch.testing.assert_close(xg.grad, xr.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(wg.grad, wr.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "op, kwargs, saved",
+    [
+        (torch.ops.aten.gelu_backward.default, {}, lambda x: x),
+        (torch.ops.aten.gelu_backward.default, {"approximate": "tanh"}, lambda x: x),
+        (torch.ops.aten.tanh_backward.default, {}, torch.tanh),
+        (torch.ops.aten.sigmoid_backward.default, {}, torch.sigmoid),
+    ],
+    ids=["gelu_bwd", "gelu_tanh_bwd", "tanh_bwd", "sigmoid_bwd"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_backward_ops_written_out_match_aten(poison, gen_dir, op, kwargs, saved, dtype):
+    """Activation backwards (what a backward graph applies to the dgrad GEMM's result)
+    become expressions: through the generated kernel they match ATen's own op."""
+    grad = torch.randn(7, 13).to(dtype)
+    other = saved(torch.randn(7, 13) * 3).to(dtype)
+    expr = pw.from_aten(op, ["ACC", "IN0"], kwargs)
+    out = _printer_kernel_run(expr, {"ACC": grad, "IN0": other})
+    ref = op(grad.double(), other.double(), **kwargs).to(dtype)
+    assert out.dtype == op(grad, other, **kwargs).dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)

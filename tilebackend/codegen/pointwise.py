@@ -614,6 +614,10 @@ def _aten_kinds() -> dict[Any, str]:
         "where.Scalar": "where",
         "masked_fill.Scalar": "masked_fill",
         "_to_copy.default": "to",
+        # backward-only ops, written out in the nodes above (see from_aten)
+        "tanh_backward.default": "tanh_backward",
+        "sigmoid_backward.default": "sigmoid_backward",
+        "gelu_backward.default": "gelu_backward",
     }
     out: dict[Any, str] = {}
     for name, kind in table.items():
@@ -679,12 +683,39 @@ def from_aten(target: Any, args: Sequence[Any], kwargs: Mapping[str, Any] | None
     if kind == "masked_fill":
         _no_kwargs(target, kwargs)
         return canonical(("where", a[1], a[2], a[0]))
+    if kind == "gelu_backward":
+        approx = kwargs.pop("approximate", a[2] if len(a) > 2 else "none")
+        _no_kwargs(target, kwargs)
+        return canonical(("mul", a[0], _gelu_derivative(a[1], approx)))
+    if kind == "tanh_backward":  # grad * (1 - y^2), y = tanh(x)
+        _no_kwargs(target, kwargs)
+        return canonical(("mul", a[0], ("sub", 1.0, ("mul", a[1], a[1]))))
+    if kind == "sigmoid_backward":  # grad * (1 - y) * y, y = sigmoid(x)
+        _no_kwargs(target, kwargs)
+        return canonical(("mul", ("mul", a[0], ("sub", 1.0, a[1])), a[1]))
     _no_kwargs(target, kwargs)
     if kind == "where":
         return canonical(("where", a[0], a[1], a[2]))
     if kind in BINARY:
         return canonical((kind, a[0], a[1]))
     return canonical((kind, a[0]))
+
+
+def _gelu_derivative(x: Any, approximate: str) -> Any:
+    """d gelu(x) / dx as a node, ATen's formulas (``gelu_backward``)."""
+    if approximate == "tanh":
+        beta, kappa = math.sqrt(2.0 / math.pi), 0.044715
+        inner = ("mul", ("add", x, ("mul", ("mul", ("mul", x, x), x), kappa)), beta)
+        t = ("tanh", inner)
+        left_d = ("mul", ("add", t, 1.0), 0.5)
+        right_d = ("mul", ("mul", x, 0.5), ("sub", 1.0, ("mul", t, t)))
+        right_d = ("mul", right_d, ("mul", ("add", ("mul", ("mul", x, x), 3.0 * kappa), 1.0), beta))
+        return ("add", left_d, right_d)
+    if approximate != "none":
+        raise ExprError(f"gelu_backward: approximate={approximate!r} is not supported")
+    cdf = ("mul", ("add", ("erf", ("mul", x, math.sqrt(0.5))), 1.0), 0.5)
+    pdf = ("mul", ("exp", ("mul", ("mul", x, x), -0.5)), 1.0 / math.sqrt(2.0 * math.pi))
+    return ("add", cdf, ("mul", x, pdf))
 
 
 def _no_kwargs(target, kwargs) -> None:
