@@ -367,8 +367,10 @@ def test_open_epilogue_writes_the_gemm_result(poison):
         lambda h: F.gelu(h, approximate="tanh"),
         torch.tanh,
         torch.sigmoid,
+        F.silu,
+        torch.relu,
     ],
-    ids=["gelu", "gelu_tanh", "tanh", "sigmoid"],
+    ids=["gelu", "gelu_tanh", "tanh", "sigmoid", "silu", "relu"],
 )
 def test_activation_backward_fuses_into_the_dgrad_gemm(poison, act):
     """The backward graph's ``gelu_backward`` / ``tanh_backward`` / ``sigmoid_backward``

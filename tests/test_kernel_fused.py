@@ -602,8 +602,9 @@ def test_mm_epilogue_multi_refusals_and_grad(device):
         (torch.ops.aten.gelu_backward.default, {"approximate": "tanh"}, lambda x: x),
         (torch.ops.aten.tanh_backward.default, {}, torch.tanh),
         (torch.ops.aten.sigmoid_backward.default, {}, torch.sigmoid),
+        (torch.ops.aten.silu_backward.default, {}, lambda x: x),
     ],
-    ids=["gelu_bwd", "gelu_tanh_bwd", "tanh_bwd", "sigmoid_bwd"],
+    ids=["gelu_bwd", "gelu_tanh_bwd", "tanh_bwd", "sigmoid_bwd", "silu_bwd"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_backward_ops_written_out_match_aten(poison, gen_dir, op, kwargs, saved, dtype):
@@ -617,3 +618,12 @@ def test_backward_ops_written_out_match_aten(poison, gen_dir, op, kwargs, saved,
     assert out.dtype == op(grad, other, **kwargs).dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+def test_relu_backward_written_out_matches_aten(poison, gen_dir):
+    grad, x = torch.randn(7, 13), torch.randn(7, 13)
+    x[0, :3] = 0.0  # at the threshold: ReLU's gradient is 0 there
+    op = torch.ops.aten.threshold_backward.default
+    expr = pw.from_aten(op, ["ACC", "IN0", 0])
+    out = _printer_kernel_run(expr, {"ACC": grad, "IN0": x})
+    torch.testing.assert_close(out, op(grad, x, 0))

@@ -618,6 +618,8 @@ def _aten_kinds() -> dict[Any, str]:
         "tanh_backward.default": "tanh_backward",
         "sigmoid_backward.default": "sigmoid_backward",
         "gelu_backward.default": "gelu_backward",
+        "silu_backward.default": "silu_backward",
+        "threshold_backward.default": "threshold_backward",
     }
     out: dict[Any, str] = {}
     for name, kind in table.items():
@@ -693,6 +695,13 @@ def from_aten(target: Any, args: Sequence[Any], kwargs: Mapping[str, Any] | None
     if kind == "sigmoid_backward":  # grad * (1 - y) * y, y = sigmoid(x)
         _no_kwargs(target, kwargs)
         return canonical(("mul", ("mul", a[0], ("sub", 1.0, a[1])), a[1]))
+    if kind == "silu_backward":  # grad * s * (1 + x * (1 - s)), s = sigmoid(x)
+        _no_kwargs(target, kwargs)
+        s = ("sigmoid", a[1])
+        return canonical(("mul", a[0], ("mul", s, ("add", ("mul", a[1], ("sub", 1.0, s)), 1.0))))
+    if kind == "threshold_backward":  # ReLU's: 0 where x <= threshold, else grad
+        _no_kwargs(target, kwargs)
+        return canonical(("where", ("le", a[1], float(a[2])), 0.0, a[0]))
     _no_kwargs(target, kwargs)
     if kind == "where":
         return canonical(("where", a[0], a[1], a[2]))

@@ -86,9 +86,14 @@ class MatmulFusions(FuserBase):
             return
         hinted = [shapes.hinted(_val(x)) for x in (a, b, bias)]
         expr_s = pointwise.dumps(expr)
-        reason = fused_matmul.check(*hinted, self._extra_values(extra_nodes), expr_s)
+        ex_vals = self._extra_values(extra_nodes)
+        reason = fused_matmul.check(*hinted, ex_vals, expr_s)
         if reason is not None:
             self._note(gemm, f"fused epilogue refused: {reason}")
+            return
+        got = pointwise.infer_dtype(expr, fused_matmul._leaf_dtypes(hinted[0], ex_vals))
+        if got != _val(sink).dtype:  # never a silently different result dtype
+            self._note(gemm, f"{sink.name}'s dtype {_val(sink).dtype} is not its expression's")
             return
         self._splice(
             torch.ops.tile.mm_epilogue.default,
