@@ -613,7 +613,9 @@ def test_backward_ops_written_out_match_aten(poison, gen_dir, op, kwargs, saved,
     grad = torch.randn(7, 13).to(dtype)
     other = saved(torch.randn(7, 13) * 3).to(dtype)
     expr = pw.from_aten(op, ["ACC", "IN0"], kwargs)
-    out = _printer_kernel_run(expr, {"ACC": grad, "IN0": other})
+    with _common.count_launches() as n:
+        out = _printer_kernel_run(expr, {"ACC": grad, "IN0": other})
+    assert n["mm_epilogue"] == 1  # the generated kernel ran, not the ATen fallback
     ref = op(grad.double(), other.double(), **kwargs).to(dtype)
     assert out.dtype == op(grad, other, **kwargs).dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-3
@@ -625,5 +627,7 @@ def test_relu_backward_written_out_matches_aten(poison, gen_dir):
     x[0, :3] = 0.0  # at the threshold: ReLU's gradient is 0 there
     op = torch.ops.aten.threshold_backward.default
     expr = pw.from_aten(op, ["ACC", "IN0", 0])
-    out = _printer_kernel_run(expr, {"ACC": grad, "IN0": x})
+    with _common.count_launches() as n:
+        out = _printer_kernel_run(expr, {"ACC": grad, "IN0": x})
+    assert n["mm_epilogue"] == 1
     torch.testing.assert_close(out, op(grad, x, 0))
