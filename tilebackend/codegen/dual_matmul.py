@@ -23,8 +23,6 @@ bias broadcasts to ``[M, N]`` (``[N]`` or ``[M, N]``), each extra broadcasts to 
 
 from __future__ import annotations
 
-import hashlib
-import math
 from typing import Any
 
 import torch
@@ -34,6 +32,7 @@ import triton.language as tl
 from .._compat import interpret_mode
 from ..exc import KernelError
 from . import _common, autotune, fused_matmul, pointwise
+from . import epilogue_host as _host
 from . import matmul as _mm
 
 __all__ = [
@@ -49,6 +48,7 @@ __all__ = [
 ]
 
 KERNEL_NAMES = ("dual_mm_epilogue",)
+_ACCS = ("ACC", "ACC1")
 
 # --- the main loop ----------------------------------------------------------------------
 
@@ -267,9 +267,7 @@ def _parse(expr: Any) -> Any:
 
 
 def _leaf_dtypes(a, extras) -> dict[str, torch.dtype]:
-    d = {"ACC": a.dtype, "ACC1": a.dtype}
-    d.update({f"IN{i}": e.dtype for i, e in enumerate(extras)})
-    return d
+    return _host.leaf_dtypes(a, extras, _ACCS)
 
 
 def check(a: Any, b0: Any, b1: Any, bias0: Any, bias1: Any, extras: Any, expr: Any) -> str | None:
@@ -278,64 +276,8 @@ def check(a: Any, b0: Any, b1: Any, bias0: Any, bias1: Any, extras: Any, expr: A
         e = _parse(expr)
     except pointwise.ExprError as err:
         return f"expression: {err}"
-    extras = list(extras)
-    for leaf in pointwise.input_leaves(e):
-        if leaf.startswith("IN") and int(leaf[2:]) >= len(extras):
-            return f"expression reads {leaf} but only {len(extras)} extra input(s) are given"
-    tensors = {"a": a, "b0": b0, "b1": b1}
-    for name, t in (("bias0", bias0), ("bias1", bias1)):
-        if t is not None:
-            tensors[name] = t
-    for name, t in tensors.items():
-        r = _common.device_reason(t) or _common.dtype_reason(t)
-        if r:
-            return f"{name}: {r}"
-    for i, t in enumerate(extras):
-        r = _common.device_reason(t) or _common.dtype_reason(t, fused_matmul._EXTRA_DTYPES)
-        if r:
-            return f"IN{i}: {r}"
-    devices = {t.device for t in (*tensors.values(), *extras)}
-    if len(devices) > 1:
-        return f"tensors are on different devices ({', '.join(sorted(map(str, devices)))})"
-    if any(t.dtype != a.dtype for t in tensors.values()):
-        return "a, b0, b1 and the biases must have one dtype"
-    if a.dim() < 1 or b0.dim() != 2 or b1.dim() != 2:
-        return (
-            f"expects a [*, K] and b0, b1 [K, N], got {tuple(a.shape)}, "
-            f"{tuple(b0.shape)} and {tuple(b1.shape)}"
-        )
-    if tuple(b0.shape) != tuple(b1.shape):
-        return f"b0 {tuple(b0.shape)} and b1 {tuple(b1.shape)} differ in shape"
-    if a.shape[-1] != b0.shape[0]:
-        return f"inner sizes differ: a {tuple(a.shape)} @ b {tuple(b0.shape)}"
-    try:
-        out_dtype = pointwise.infer_dtype(e, _leaf_dtypes(a, extras))
-    except pointwise.ExprError as err:
-        return f"expression: {err}"
-    if out_dtype not in _common.SUPPORTED_DTYPES:
-        return f"the expression's result dtype {out_dtype} is not supported"
-    base = (*a.shape[:-1], b0.shape[-1])
-    try:
-        shape = fused_matmul._out_shape(a, b0, extras)
-    except RuntimeError:
-        return "extra inputs do not broadcast to the output"
-    if shape != base:
-        return f"extra inputs broadcast the output {base} to {shape} (not supported)"
-    for name, bias in (("bias0", bias0), ("bias1", bias1)):
-        if bias is None:
-            continue
-        if bias.dim() > 2 or (bias.dim() == 2 and a.dim() != 2):
-            return f"{name} of shape {tuple(bias.shape)} is not [N] or [M, N]"
-        try:
-            torch.broadcast_shapes(bias.shape, (math.prod(a.shape[:-1]), b0.shape[-1]))
-        except RuntimeError:
-            return f"{name} of shape {tuple(bias.shape)} does not broadcast to the output"
-    if a.shape[-1] == 0:
-        return "K == 0"
-    limit = fused_matmul._INT32_MAX
-    if max(a.numel(), b0.numel(), b1.numel(), math.prod(shape)) > limit:
-        return "too large for 32-bit indexing"
-    return None
+    bs, biases = {"b0": b0, "b1": b1}, {"bias0": bias0, "bias1": bias1}
+    return _host.check_operands(a, bs, biases, list(extras), [e], _ACCS)
 
 
 def reference(a, b0, b1, bias0, bias1, extras, expr) -> torch.Tensor:
@@ -348,20 +290,12 @@ def reference(a, b0, b1, bias0, bias1, extras, expr) -> torch.Tensor:
         accs.append(acc if bias is None else acc + bias)
     leaves = {"ACC": accs[0], "ACC1": accs[1], **{f"IN{i}": t for i, t in enumerate(extras)}}
     out = pointwise.evaluate(e, leaves)
-    shape = fused_matmul._out_shape(a, b0, extras)
+    shape = _host.out_shape(a, b0, extras)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape:
         out = torch.as_tensor(out, device=a.device).expand(shape)
     if any(out is t for t in extras):  # EXPR = INk: a custom op must not alias an input
         out = out.clone()
     return out.contiguous()
-
-
-def _bias_args(bias, M: int, N: int, unused: torch.Tensor):
-    """A bias as the kernel reads it: ``[M, N]`` through broadcast strides."""
-    if bias is None:
-        return unused, (0, 0)  # never read (HAS_BIAS* is False)
-    full = bias.expand(M, N)
-    return full, full.stride()
 
 
 def dual_matmul_epilogue(
@@ -384,81 +318,19 @@ def dual_matmul_epilogue(
     if reason:
         raise KernelError(kernel="dual_mm_epilogue", reason=reason)
     e = _parse(expr)
-    leaf_dtypes = _leaf_dtypes(a, extras)
-    out_dtype = pointwise.infer_dtype(e, leaf_dtypes)
-    K, N = a.shape[-1], b0.shape[-1]
-    lead = tuple(a.shape[:-1])
-    M = math.prod(lead)
-    out = _common.empty((*lead, N), out_dtype, a.device)
-    if M == 0 or N == 0:
-        return out
-    a2 = a.reshape(M, K)  # a view when the leading dims fold (else one copy)
-    out2 = out.view(M, N)
-    bias0_2, bias0_strides = _bias_args(bias0, M, N, out2)
-    bias1_2, bias1_strides = _bias_args(bias1, M, N, out2)
-    lead = lead or (1,)
-    bools, ex_args, ex_strides = fused_matmul._extra_args(extras, lead, N)
-    has_cast = fused_matmul._has_cast(e)
-    kernel = kernel_for(e, bools, leaf_dtypes if has_cast else None)
-    precision = _mm._input_precision(a.dtype)
-
-    def launch(cfg: autotune.Config) -> None:
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        kernel[grid](
-            a2,
-            b0,
-            b1,
-            bias0_2,
-            bias1_2,
-            out2,
-            *ex_args,
-            M,
-            N,
-            K,
-            lead[-1],
-            *a2.stride(),
-            *b0.stride(),
-            *b1.stride(),
-            *bias0_strides,
-            *bias1_strides,
-            *out2.stride(),
-            *ex_strides,
-            HAS_BIAS0=bias0 is not None,
-            HAS_BIAS1=bias1 is not None,
-            INPUT_PRECISION=precision,
-            EVEN_K=K % cfg["BLOCK_K"] == 0,
-            **cfg.as_kwargs(),
-        )
-
-    bucket = autotune.bucket
-    key = (
-        a.dtype,
-        out_dtype,
-        bucket(M),
-        bucket(N),
-        bucket(K),
-        bias0 is not None,
-        bias1 is not None,
-        precision,
-        a2.stride(-1) == 1,
-        b0.stride(-1) == 1,
-        b1.stride(-1) == 1,
-        hashlib.sha256(pointwise.dumps(e).encode()).hexdigest()[:12],
-        bools,
-        tuple(leaf_dtypes.values()) if has_cast else (),
-    )
-    configs = _mm.prune_configs(config_space(a.dtype, precision), M, N, K)
-    heuristic = heuristic_config(M, N, K, a.dtype, precision)
-    cfg = autotune.select(
+    (out,) = _host.launch(
         "dual_mm_epilogue",
-        key,
-        configs,
-        heuristic,
-        launch,
-        outputs=lambda: (out,),
-        fn=(kernel, dual_gemm_mainloop),
+        lambda bools, dts: kernel_for(e, bools, dts),
+        a,
+        [b0, b1],
+        [bias0, bias1],
+        extras,
+        [e],
+        accs=_ACCS,
+        space=config_space,
+        heuristic=heuristic_config,
+        jit_fns=(dual_gemm_mainloop,),
     )
-    launch(cfg)
     return out
 
 
@@ -490,34 +362,19 @@ def dual_mm_epilogue_op(a, b0, b1, bias0, bias1, extras, expr):
 def _(a, b0, b1, bias0, bias1, extras, expr):
     extras = list(extras)
     dtype = pointwise.infer_dtype(pointwise.loads(expr), _leaf_dtypes(a, extras))
-    return a.new_empty(fused_matmul._out_shape(a, b0, extras), dtype=dtype)
+    return a.new_empty(_host.out_shape(a, b0, extras), dtype=dtype)
 
 
 def _setup(ctx, inputs, output):
     a, b0, b1, bias0, bias1, extras, expr = inputs
-    ctx.expr = expr
-    ctx.n_extras = len(extras)
+    ctx.args = (expr,)
     ctx.save_for_backward(a, b0, b1, bias0, bias1, *extras)
 
 
 def _backward(ctx, grad):
     """Recompute the forward with eager ops under autograd and differentiate it (the
     fused op only runs in graphs whose autograd is done: this is for direct calls)."""
-    saved = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    with torch.enable_grad():
-        leaves = [
-            t.detach().requires_grad_(t.is_floating_point()) if t is not None else None
-            for t in saved
-        ]
-        out = reference(*leaves[:5], leaves[5:], ctx.expr)
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        grads = torch.autograd.grad(out, wanted, grad, allow_unused=True)
-    it = iter(grads)
-    g = [next(it) if (t is not None and t.requires_grad) else None for t in leaves]
-    ga, gb0, gb1, gbias0, gbias1 = (g[i] if need[i] else None for i in range(5))
-    gextras = [g[5 + i] if need[5] else None for i in range(ctx.n_extras)]
-    return ga, gb0, gb1, gbias0, gbias1, gextras, None
+    return tuple(_host.recompute_backward(ctx, [grad], reference, 5))
 
 
 torch.library.register_autograd("tile::dual_mm_epilogue", _backward, setup_context=_setup)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -37,10 +36,10 @@ from types import ModuleType
 from typing import Any
 
 import torch
-import triton
 
 from ..exc import KernelError
-from . import _common, autotune, pointwise, tuning_cache
+from . import _common, pointwise, tuning_cache
+from . import epilogue_host as _host
 from . import matmul as _mm
 
 log = logging.getLogger("tilebackend")
@@ -55,8 +54,6 @@ __all__ = [
 ]
 
 KERNEL_NAMES = ("mm_epilogue",)
-_INT32_MAX = 2**31 - 1
-_EXTRA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.bool)
 
 # --- the template -------------------------------------------------------------------
 
@@ -271,83 +268,31 @@ def generated_kernel(name: str, render, expr: Any, bools=(), leaf_dtypes=None):
 
 # --- host -----------------------------------------------------------------------------
 
-
-def _out_shape(a, b, extras) -> tuple[int, ...]:
-    return tuple(torch.broadcast_shapes((*a.shape[:-1], b.shape[-1]), *(e.shape for e in extras)))
-
-
-def _has_cast(e) -> bool:
-    return '"to"' in pointwise.dumps(e)
+_out_shape = _host.out_shape
+_has_cast = _host.has_cast
+_EXTRA_DTYPES = _host.EXTRA_DTYPES
 
 
 def _leaf_dtypes(a, extras) -> dict[str, torch.dtype]:
-    d = {"ACC": a.dtype}
-    d.update({f"IN{i}": e.dtype for i, e in enumerate(extras)})
-    return d
+    return _host.leaf_dtypes(a, extras)
+
+
+def _parse(expr: Any) -> Any:
+    return pointwise.loads(expr) if isinstance(expr, str) else pointwise.canonical(expr)
 
 
 def check(a: Any, b: Any, bias: Any, extras: Any, expr: Any) -> str | None:
     """Why ``matmul_epilogue`` cannot run the tile kernel for these inputs, or None."""
     try:
-        e = pointwise.loads(expr) if isinstance(expr, str) else pointwise.canonical(expr)
+        e = _parse(expr)
     except pointwise.ExprError as err:
         return f"expression: {err}"
-    extras = list(extras)
-    for leaf in pointwise.input_leaves(e):
-        if leaf == "ACC1":
-            return "expression reads ACC1, a second GEMM (that is tile::dual_mm_epilogue)"
-        if leaf != "ACC" and int(leaf[2:]) >= len(extras):
-            return f"expression reads {leaf} but only {len(extras)} extra input(s) are given"
-    tensors = {"a": a, "b": b}
-    if bias is not None:
-        tensors["bias"] = bias
-    for name, t in tensors.items():
-        r = _common.device_reason(t) or _common.dtype_reason(t)
-        if r:
-            return f"{name}: {r}"
-    for i, t in enumerate(extras):
-        r = _common.device_reason(t) or _common.dtype_reason(t, _EXTRA_DTYPES)
-        if r:
-            return f"IN{i}: {r}"
-    devices = {t.device for t in (*tensors.values(), *extras)}
-    if len(devices) > 1:
-        return f"tensors are on different devices ({', '.join(sorted(map(str, devices)))})"
-    if b.dtype != a.dtype or (bias is not None and bias.dtype != a.dtype):
-        return "a, b and bias must have one dtype"
-    if a.dim() < 1 or b.dim() != 2:
-        return f"expects a [*, K] and b [K, N], got {tuple(a.shape)} and {tuple(b.shape)}"
-    if a.shape[-1] != b.shape[0]:
-        return f"inner sizes differ: a {tuple(a.shape)} @ b {tuple(b.shape)}"
-    try:
-        out_dtype = pointwise.infer_dtype(e, _leaf_dtypes(a, extras))
-    except pointwise.ExprError as err:
-        return f"expression: {err}"
-    if out_dtype not in _common.SUPPORTED_DTYPES:
-        return f"the expression's result dtype {out_dtype} is not supported"
-    base = (*a.shape[:-1], b.shape[-1])
-    try:
-        shape = _out_shape(a, b, extras)
-    except RuntimeError:
-        return "extra inputs do not broadcast to the output"
-    if shape != base:
-        return f"extra inputs broadcast the output {base} to {shape} (not supported)"
-    if bias is not None:
-        if bias.dim() > 2 or (bias.dim() == 2 and a.dim() != 2):
-            return f"bias of shape {tuple(bias.shape)} is not [N] or [M, N]"
-        try:
-            torch.broadcast_shapes(bias.shape, (math.prod(a.shape[:-1]), b.shape[-1]))
-        except RuntimeError:
-            return f"bias of shape {tuple(bias.shape)} does not broadcast to the output"
-    if a.shape[-1] == 0:
-        return "K == 0"
-    if a.numel() > _INT32_MAX or b.numel() > _INT32_MAX or math.prod(shape) > _INT32_MAX:
-        return "too large for 32-bit indexing"
-    return None
+    return _host.check_operands(a, {"b": b}, {"bias": bias}, list(extras), [e])
 
 
 def reference(a, b, bias, extras, expr) -> torch.Tensor:
     """Eager: ``addmm`` / ``matmul`` in the input dtype, then the expression with eager ops."""
-    e = pointwise.loads(expr) if isinstance(expr, str) else pointwise.canonical(expr)
+    e = _parse(expr)
     acc = torch.matmul(a, b)
     if bias is not None:
         acc = acc + bias
@@ -356,34 +301,6 @@ def reference(a, b, bias, extras, expr) -> torch.Tensor:
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != _out_shape(a, b, extras):
         out = torch.as_tensor(out, device=a.device).expand(_out_shape(a, b, extras))
     return out.contiguous()
-
-
-def _row_strides(t: torch.Tensor, lead: tuple[int, ...], n: int):
-    """``t`` broadcast to ``[*lead, n]`` and its (s0, s1, sn): row ``(i0, i1)`` (``i1`` over
-    the last leading dim, ``i0`` over the others folded) starts at ``i0 * s0 + i1 * s1``.
-    When the outer leading dims do not fold into one stride, a contiguous copy."""
-    full = t.expand(*lead, n)
-    for _ in range(2):
-        st = full.stride()
-        dims = [(size, st[i]) for i, size in enumerate(lead[:-1]) if size != 1]
-        if all(dims[j][1] == dims[j + 1][1] * dims[j + 1][0] for j in range(len(dims) - 1)):
-            return full, (dims[-1][1] if dims else 0), st[-2], st[-1]
-        full = full.contiguous()
-    raise AssertionError("a contiguous tensor folds")
-
-
-def _extra_args(extras, lead: tuple[int, ...], n: int):
-    """``(bools, tensors, strides)`` that pass ``extras`` to a generated kernel: each read
-    as ``[*lead, n]`` through (s0, s1, sn) (see :func:`_row_strides`), bools as uint8."""
-    bools = tuple(t.dtype == torch.bool for t in extras)
-    args, strides = [], []
-    for t in extras:
-        full, s0, s1, sn = _row_strides(t, lead, n)
-        if t.dtype == torch.bool:
-            full = full.view(torch.uint8)
-        args.append(full)
-        strides += [s0, s1, sn]
-    return bools, args, strides
 
 
 def matmul_epilogue(
@@ -403,72 +320,10 @@ def matmul_epilogue(
     reason = check(a, b, bias, extras, expr)
     if reason:
         raise KernelError(kernel="mm_epilogue", reason=reason)
-    e = pointwise.loads(expr) if isinstance(expr, str) else pointwise.canonical(expr)
-    out_dtype = pointwise.infer_dtype(e, _leaf_dtypes(a, extras))
-    K, N = a.shape[-1], b.shape[-1]
-    lead = tuple(a.shape[:-1])
-    M = math.prod(lead)
-    out = _common.empty((*lead, N), out_dtype, a.device)
-    if M == 0 or N == 0:
-        return out
-    a2 = a.reshape(M, K)  # a view when the leading dims fold (else one copy)
-    out2 = out.view(M, N)
-    if bias is not None:
-        bias2 = bias.expand(M, N)
-        bias_strides = bias2.stride()
-    else:
-        bias2, bias_strides = out2, (0, 0)
-    lead = lead or (1,)
-    L1 = lead[-1]
-    bools, ex_args, ex_strides = _extra_args(extras, lead, N)
-    leaf_dtypes = _leaf_dtypes(a, extras)
-    kernel = kernel_for(e, bools, leaf_dtypes if _has_cast(e) else None)
-    precision = _mm._input_precision(a.dtype)
-
-    def launch(cfg: autotune.Config) -> None:
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        kernel[grid](
-            a2,
-            b,
-            bias2,
-            out2,
-            *ex_args,
-            M,
-            N,
-            K,
-            L1,
-            *a2.stride(),
-            *b.stride(),
-            *bias_strides,
-            *out2.stride(),
-            *ex_strides,
-            HAS_BIAS=bias is not None,
-            INPUT_PRECISION=precision,
-            EVEN_K=K % cfg["BLOCK_K"] == 0,
-            **cfg.as_kwargs(),
-        )
-
-    bucket = autotune.bucket
-    key = (
-        a.dtype,
-        out_dtype,
-        bucket(M),
-        bucket(N),
-        bucket(K),
-        bias is not None,
-        precision,
-        a2.stride(-1) == 1,
-        b.stride(-1) == 1,
-        hashlib.sha256(pointwise.dumps(e).encode()).hexdigest()[:12],
-        bools,
-        tuple(leaf_dtypes.values()) if _has_cast(e) else (),
+    e = _parse(expr)
+    (out,) = _host.launch(
+        "mm_epilogue", lambda bools, dts: kernel_for(e, bools, dts), a, [b], [bias], extras, [e]
     )
-    configs = _mm.prune_configs(_mm.config_space(a.dtype, precision), M, N, K)
-    heuristic = _mm.heuristic_config(M, N, K, a.dtype, precision)
-    cfg = autotune.select(
-        "mm_epilogue", key, configs, heuristic, launch, outputs=lambda: (out,), fn=kernel
-    )
-    launch(cfg)
     return out
 
 
@@ -503,28 +358,13 @@ def _(a, b, bias, extras, expr):
 
 def _setup(ctx, inputs, output):
     a, b, bias, extras, expr = inputs
-    ctx.expr = expr
-    ctx.n_extras = len(extras)
+    ctx.args = (expr,)
     ctx.save_for_backward(a, b, bias, *extras)
 
 
 def _backward(ctx, grad):
     """Recompute the forward with eager ops under autograd and differentiate it."""
-    a, b, bias, *extras = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    with torch.enable_grad():
-        leaves = [
-            t.detach().requires_grad_(t.is_floating_point()) if t is not None else None
-            for t in (a, b, bias, *extras)
-        ]
-        out = reference(leaves[0], leaves[1], leaves[2], leaves[3:], ctx.expr)
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        grads = torch.autograd.grad(out, wanted, grad, allow_unused=True)
-    it = iter(grads)
-    g = [next(it) if (t is not None and t.requires_grad) else None for t in leaves]
-    ga, gb, gbias = (g[i] if need[i] else None for i in range(3))
-    gextras = [g[3 + i] if need[3] else None for i in range(ctx.n_extras)]
-    return ga, gb, gbias, gextras, None
+    return tuple(_host.recompute_backward(ctx, [grad], reference, 3))
 
 
 torch.library.register_autograd("tile::mm_epilogue", _backward, setup_context=_setup)

@@ -16,17 +16,14 @@ Shapes are :mod:`.fused_matmul`'s: every result is ``a.shape[:-1] + (N,)``, cont
 
 from __future__ import annotations
 
-import hashlib
-import math
 from typing import Any
 
 import torch
-import triton
 
 from ..exc import KernelError
-from . import _common, autotune, pointwise
+from . import _common, pointwise
+from . import epilogue_host as _host
 from . import fused_matmul as _fm
-from . import matmul as _mm
 
 __all__ = ["MAX_EXTRA_OUTPUTS", "check", "kernel_for", "matmul_epilogue_multi", "reference"]
 
@@ -89,7 +86,7 @@ def kernel_for(exprs, bools: tuple[bool, ...] = (), leaf_dtypes=None):
 
 
 def _out_dtypes(es: list[Any], a, extras) -> list[torch.dtype]:
-    leaf_dtypes = _fm._leaf_dtypes(a, extras)
+    leaf_dtypes = _host.leaf_dtypes(a, extras)
     return [pointwise.infer_dtype(e, leaf_dtypes) for e in es]
 
 
@@ -98,19 +95,15 @@ def check(a: Any, b: Any, bias: Any, extras: Any, exprs: Any) -> str | None:
     exprs, extras = list(exprs), list(extras)
     if not 2 <= len(exprs) <= MAX_EXTRA_OUTPUTS + 1:
         return f"expects 2 to {MAX_EXTRA_OUTPUTS + 1} expressions, got {len(exprs)}"
-    reason = _fm.check(a, b, bias, extras, exprs[0])
+    try:
+        es = _parse(exprs)
+        dtypes = _out_dtypes(es, a, extras)
+    except pointwise.ExprError as err:
+        return f"expression: {err}"
+    reason = _host.check_operands(a, {"b": b}, {"bias": bias}, extras, es)
     if reason is not None:
         return reason
-    for i, expr in enumerate(exprs[1:], 1):
-        try:
-            e = pointwise.loads(expr) if isinstance(expr, str) else pointwise.canonical(expr)
-            leaves = pointwise.input_leaves(e)
-            dtype = pointwise.infer_dtype(e, _fm._leaf_dtypes(a, extras))
-        except pointwise.ExprError as err:
-            return f"expression {i}: {err}"
-        for leaf in leaves:
-            if leaf == "ACC1" or (leaf != "ACC" and int(leaf[2:]) >= len(extras)):
-                return f"expression {i} reads {leaf}, which is not an input"
+    for i, dtype in enumerate(dtypes[1:], 1):
         if dtype not in _OUT_DTYPES:
             return f"result {i}'s dtype {dtype} is not supported"
     return None
@@ -124,7 +117,7 @@ def reference(a, b, bias, extras, exprs) -> list[torch.Tensor]:
     if bias is not None:
         acc = acc + bias
     leaves = {"ACC": acc, **{f"IN{i}": t for i, t in enumerate(extras)}}
-    shape = _fm._out_shape(a, b, extras)
+    shape = _host.out_shape(a, b, extras)
     outs = []
     for e, dtype in zip(es, _out_dtypes(es, a, extras)):
         out = pointwise.evaluate(e, leaves)
@@ -149,77 +142,15 @@ def matmul_epilogue_multi(
     if reason:
         raise KernelError(kernel="mm_epilogue_multi", reason=reason)
     es = _parse(exprs)
-    out_dtypes = _out_dtypes(es, a, extras)
-    K, N = a.shape[-1], b.shape[-1]
-    lead = tuple(a.shape[:-1])
-    M = math.prod(lead)
-    outs = [_common.empty((*lead, N), dt, a.device) for dt in out_dtypes]
-    if M == 0 or N == 0:
-        return outs
-    a2 = a.reshape(M, K)  # a view when the leading dims fold (else one copy)
-    # [M, N] views; bool results are written as uint8
-    outs2 = [
-        o.view(M, N).view(torch.uint8) if o.dtype == torch.bool else o.view(M, N) for o in outs
-    ]
-    if bias is not None:
-        bias2 = bias.expand(M, N)
-        bias_strides = bias2.stride()
-    else:
-        bias2, bias_strides = outs2[0], (0, 0)
-    lead = lead or (1,)
-    L1 = lead[-1]
-    bools, ex_args, ex_strides = _fm._extra_args(extras, lead, N)
-    leaf_dtypes = _fm._leaf_dtypes(a, extras)
-    has_cast = any(_fm._has_cast(e) for e in es)
-    kernel = kernel_for(es, bools, leaf_dtypes if has_cast else None)
-    precision = _mm._input_precision(a.dtype)
-
-    def launch(cfg: autotune.Config) -> None:
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        kernel[grid](
-            a2,
-            b,
-            bias2,
-            *outs2,  # the sink, then each extra result
-            *ex_args,
-            M,
-            N,
-            K,
-            L1,
-            *a2.stride(),
-            *b.stride(),
-            *bias_strides,
-            *outs2[0].stride(),
-            *ex_strides,
-            HAS_BIAS=bias is not None,
-            INPUT_PRECISION=precision,
-            EVEN_K=K % cfg["BLOCK_K"] == 0,
-            **cfg.as_kwargs(),
-        )
-
-    bucket = autotune.bucket
-    text = "\n".join(pointwise.dumps(e) for e in es)
-    key = (
-        a.dtype,
-        tuple(out_dtypes),
-        bucket(M),
-        bucket(N),
-        bucket(K),
-        bias is not None,
-        precision,
-        a2.stride(-1) == 1,
-        b.stride(-1) == 1,
-        hashlib.sha256(text.encode()).hexdigest()[:12],
-        bools,
-        tuple(leaf_dtypes.values()) if has_cast else (),
+    return _host.launch(
+        "mm_epilogue_multi",
+        lambda bools, dts: kernel_for(es, bools, dts),
+        a,
+        [b],
+        [bias],
+        extras,
+        es,
     )
-    configs = _mm.prune_configs(_mm.config_space(a.dtype, precision), M, N, K)
-    heuristic = _mm.heuristic_config(M, N, K, a.dtype, precision)
-    cfg = autotune.select(
-        "mm_epilogue_multi", key, configs, heuristic, launch, outputs=lambda: outs, fn=kernel
-    )
-    launch(cfg)
-    return outs
 
 
 # --- custom op ------------------------------------------------------------------------
@@ -247,40 +178,19 @@ def mm_epilogue_multi_op(a, b, bias, extras, exprs):
 @mm_epilogue_multi_op.register_fake
 def _(a, b, bias, extras, exprs):
     extras = list(extras)
-    shape = _fm._out_shape(a, b, extras)
+    shape = _host.out_shape(a, b, extras)
     return [a.new_empty(shape, dtype=dt) for dt in _out_dtypes(_parse(exprs), a, extras)]
 
 
 def _setup(ctx, inputs, output):
     a, b, bias, extras, exprs = inputs
-    ctx.exprs = list(exprs)
-    ctx.n_extras = len(extras)
+    ctx.args = (list(exprs),)
     ctx.save_for_backward(a, b, bias, *extras)
 
 
 def _backward(ctx, grads):
     """Recompute the forward with eager ops under autograd and differentiate it."""
-    a, b, bias, *extras = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    with torch.enable_grad():
-        leaves = [
-            t.detach().requires_grad_(t.is_floating_point()) if t is not None else None
-            for t in (a, b, bias, *extras)
-        ]
-        outs = reference(leaves[0], leaves[1], leaves[2], leaves[3:], ctx.exprs)
-        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        if pairs and wanted:
-            got = torch.autograd.grad(
-                [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True
-            )
-        else:
-            got = [None] * len(wanted)
-    it = iter(got)
-    g = [next(it) if (t is not None and t.requires_grad) else None for t in leaves]
-    ga, gb, gbias = (g[i] if need[i] else None for i in range(3))
-    gextras = [g[3 + i] if need[3] else None for i in range(ctx.n_extras)]
-    return ga, gb, gbias, gextras, None
+    return tuple(_host.recompute_backward(ctx, grads, reference, 3))
 
 
 torch.library.register_autograd("tile::mm_epilogue_multi", _backward, setup_context=_setup)

@@ -250,20 +250,24 @@ class MatmulFusions(FuserBase):
             vals.append(_Reshaped(v, shape) if kind == "view" else v)
         return vals
 
+    def _insert_extras(self, extra_nodes) -> list:
+        """The graph nodes of a region's extra inputs (a view node inserted where an extra
+        is read reshaped); call inside ``graph.inserting_before``."""
+        extras = []
+        for kind, e, shape in extra_nodes:
+            if kind == "view":
+                e = self.graph.call_function(aten.view.default, (e, shape))
+                self._meta(e)
+            extras.append(e)
+        return extras
+
     def _splice(self, op, args, gemms, roots, region, sink, extra_nodes, also=()) -> None:
         """Insert ``op(*args[:-1], extras, args[-1])`` (the extras go before the expression)
         for the region, viewed back to N-d when the first root is a view, and erase what it
         replaces (``also``: more nodes that may be dead now)."""
         graph = self.graph
         with graph.inserting_before(sink):
-            extras = []
-            for kind, e, shape in extra_nodes:
-                if kind == "view":
-                    v = graph.call_function(aten.view.default, (e, shape))
-                    self._meta(v)
-                    extras.append(v)
-                else:
-                    extras.append(e)
+            extras = self._insert_extras(extra_nodes)
             fused = graph.call_function(op, (*args[:-1], extras, args[-1]))
             self._meta(fused)
             out = fused
@@ -370,14 +374,7 @@ class MatmulFusions(FuserBase):
         output (viewed back to N-d when ``root`` is a view), and what it replaces erased."""
         graph = self.graph
         with graph.inserting_before(anchor):
-            extras = []
-            for kind, e, shape in extra_nodes:
-                if kind == "view":
-                    v = graph.call_function(aten.view.default, (e, shape))
-                    self._meta(v)
-                    extras.append(v)
-                else:
-                    extras.append(e)
+            extras = self._insert_extras(extra_nodes)
             fused = graph.call_function(
                 torch.ops.tile.mm_epilogue_multi.default, (*parts, extras, exprs)
             )

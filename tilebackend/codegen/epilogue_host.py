@@ -1,0 +1,295 @@
+"""The host side shared by the generated GEMM-epilogue templates: :mod:`.fused_matmul`
+(one result), :mod:`.fused_matmul_multi` (several results) and :mod:`.dual_matmul` (two
+GEMMs over one ``A``).
+
+Each template differs in its kernel source and its B operands; checking the operands,
+laying out the arguments, tuning and launching, and the backward of the custom op are
+the same, and live here once:
+
+- :func:`check_operands`: why the tile kernel cannot take these inputs (or None).
+- :func:`launch`: allocate the results, fold the leading dims, pass the extras through
+  broadcast strides, build the tuning key, select a config and launch.
+- :func:`recompute_backward`: the autograd formula of the custom ops (recompute the
+  forward with eager ops under autograd and differentiate it).
+
+Every template's kernel takes its arguments in one order: ``a``, the B operands, the
+biases, the results, the extras; then ``M, N, K, L1``; the strides in the same order
+(every result has the first result's strides; an extra has three, see
+:func:`row_strides`); then one ``HAS_BIAS*`` flag per bias, ``INPUT_PRECISION``,
+``EVEN_K`` and the config's block sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import triton
+
+from . import _common, autotune, pointwise
+from . import matmul as _mm
+
+__all__ = [
+    "EXTRA_DTYPES",
+    "check_operands",
+    "extra_args",
+    "has_cast",
+    "launch",
+    "leaf_dtypes",
+    "out_shape",
+    "recompute_backward",
+    "row_strides",
+]
+
+INT32_MAX = 2**31 - 1
+#: dtypes an extra input may have (a bool extra is read as uint8)
+EXTRA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.bool)
+
+
+def out_shape(a, b, extras) -> tuple[int, ...]:
+    """``a.shape[:-1] + (N,)`` broadcast with every extra's shape."""
+    return tuple(torch.broadcast_shapes((*a.shape[:-1], b.shape[-1]), *(e.shape for e in extras)))
+
+
+def has_cast(e) -> bool:
+    """Whether an expression has a ``to`` node (its printing then needs the leaf dtypes)."""
+    return '"to"' in pointwise.dumps(e)
+
+
+def leaf_dtypes(a, extras, accs: Sequence[str] = ("ACC",)) -> dict[str, torch.dtype]:
+    """The eager dtype of each leaf: the GEMM results are in ``a``'s dtype."""
+    d = {acc: a.dtype for acc in accs}
+    d.update({f"IN{i}": e.dtype for i, e in enumerate(extras)})
+    return d
+
+
+def check_operands(
+    a: Any,
+    bs: dict[str, Any],
+    biases: dict[str, Any],
+    extras: list,
+    exprs: list[Any],
+    accs: Sequence[str] = ("ACC",),
+) -> str | None:
+    """Why a GEMM-epilogue kernel cannot take ``a @ B + bias`` for each ``B`` of ``bs`` (all
+    ``[K, N]``, one shape) with its bias, then ``exprs`` (parsed) over ``accs`` and the
+    extras; or None.  The first expression is the result whose dtype must be a float one
+    (the others are :mod:`.fused_matmul_multi`'s extra results, checked there)."""
+    for i, e in enumerate(exprs):
+        which = "expression" if len(exprs) == 1 else f"expression {i}"
+        for leaf in sorted(pointwise.input_leaves(e)):
+            if leaf in accs:
+                continue
+            if leaf.startswith("ACC"):
+                return f"{which} reads {leaf}, a second GEMM (that is tile::dual_mm_epilogue)"
+            if int(leaf[2:]) >= len(extras):
+                return f"{which} reads {leaf} but only {len(extras)} extra input(s) are given"
+    tensors = {"a": a, **bs, **{k: t for k, t in biases.items() if t is not None}}
+    for name, t in tensors.items():
+        r = _common.device_reason(t) or _common.dtype_reason(t)
+        if r:
+            return f"{name}: {r}"
+    for i, t in enumerate(extras):
+        r = _common.device_reason(t) or _common.dtype_reason(t, EXTRA_DTYPES)
+        if r:
+            return f"IN{i}: {r}"
+    devices = {t.device for t in (*tensors.values(), *extras)}
+    if len(devices) > 1:
+        return f"tensors are on different devices ({', '.join(sorted(map(str, devices)))})"
+    if any(t.dtype != a.dtype for t in tensors.values()):
+        return f"{', '.join(tensors)} must have one dtype"
+    b = next(iter(bs.values()))
+    if a.dim() < 1 or any(t.dim() != 2 for t in bs.values()):
+        got = ", ".join(f"{n} {tuple(t.shape)}" for n, t in tensors.items() if n in ("a", *bs))
+        return f"expects a [*, K] and {', '.join(bs)} [K, N], got {got}"
+    if any(tuple(t.shape) != tuple(b.shape) for t in bs.values()):
+        return f"{' and '.join(f'{n} {tuple(t.shape)}' for n, t in bs.items())} differ in shape"
+    if a.shape[-1] != b.shape[0]:
+        return f"inner sizes differ: a {tuple(a.shape)} @ b {tuple(b.shape)}"
+    try:
+        dtype = pointwise.infer_dtype(exprs[0], leaf_dtypes(a, extras, accs))
+    except pointwise.ExprError as err:
+        return f"expression: {err}"
+    if dtype not in _common.SUPPORTED_DTYPES:
+        return f"the expression's result dtype {dtype} is not supported"
+    base = (*a.shape[:-1], b.shape[-1])
+    try:
+        shape = out_shape(a, b, extras)
+    except RuntimeError:
+        return "extra inputs do not broadcast to the output"
+    if shape != base:
+        return f"extra inputs broadcast the output {base} to {shape} (not supported)"
+    for name, bias in biases.items():
+        if bias is None:
+            continue
+        if bias.dim() > 2 or (bias.dim() == 2 and a.dim() != 2):
+            return f"{name} of shape {tuple(bias.shape)} is not [N] or [M, N]"
+        try:
+            torch.broadcast_shapes(bias.shape, (math.prod(a.shape[:-1]), b.shape[-1]))
+        except RuntimeError:
+            return f"{name} of shape {tuple(bias.shape)} does not broadcast to the output"
+    if a.shape[-1] == 0:
+        return "K == 0"
+    if max(a.numel(), *(t.numel() for t in bs.values()), math.prod(shape)) > INT32_MAX:
+        return "too large for 32-bit indexing"
+    return None
+
+
+def row_strides(t: torch.Tensor, lead: tuple[int, ...], n: int):
+    """``t`` broadcast to ``[*lead, n]`` and its (s0, s1, sn): row ``(i0, i1)`` (``i1`` over
+    the last leading dim, ``i0`` over the others folded) starts at ``i0 * s0 + i1 * s1``.
+    When the outer leading dims do not fold into one stride, a contiguous copy."""
+    full = t.expand(*lead, n)
+    for _ in range(2):
+        st = full.stride()
+        dims = [(size, st[i]) for i, size in enumerate(lead[:-1]) if size != 1]
+        if all(dims[j][1] == dims[j + 1][1] * dims[j + 1][0] for j in range(len(dims) - 1)):
+            return full, (dims[-1][1] if dims else 0), st[-2], st[-1]
+        full = full.contiguous()
+    raise AssertionError("a contiguous tensor folds")
+
+
+def extra_args(extras, lead: tuple[int, ...], n: int):
+    """``(bools, tensors, strides)`` that pass ``extras`` to a generated kernel: each read
+    as ``[*lead, n]`` through (s0, s1, sn) (see :func:`row_strides`), bools as uint8."""
+    bools = tuple(t.dtype == torch.bool for t in extras)
+    args, strides = [], []
+    for t in extras:
+        full, s0, s1, sn = row_strides(t, lead, n)
+        if t.dtype == torch.bool:
+            full = full.view(torch.uint8)
+        args.append(full)
+        strides += [s0, s1, sn]
+    return bools, args, strides
+
+
+def _bias_arg(bias, M: int, N: int, unused: torch.Tensor):
+    """A bias as the kernels read it: ``[M, N]`` through broadcast strides."""
+    if bias is None:
+        return unused, (0, 0)  # never read (its HAS_BIAS flag is False)
+    full = bias.expand(M, N)
+    return full, full.stride()
+
+
+def launch(
+    name: str,
+    kernel_for: Callable[[tuple[bool, ...], dict | None], Any],
+    a: torch.Tensor,
+    bs: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    extras: list[torch.Tensor],
+    exprs: list[Any],
+    *,
+    accs: Sequence[str] = ("ACC",),
+    space: Callable[[torch.dtype, str], list[autotune.Config]] = _mm.config_space,
+    heuristic: Callable[..., autotune.Config] = _mm.heuristic_config,
+    jit_fns: tuple = (),
+) -> list[torch.Tensor]:
+    """Run a generated GEMM-epilogue kernel: one result per expression of ``exprs``
+    (parsed, already checked), each ``a.shape[:-1] + (N,)`` in its expression's dtype,
+    contiguous (a bool result is written as uint8).
+
+    ``kernel_for(bools, leaf_dtypes)`` gives the ``@triton.jit`` kernel for the extras'
+    kinds (``leaf_dtypes`` is None unless an expression casts); the flags are
+    ``HAS_BIAS`` for one bias, ``HAS_BIAS0, HAS_BIAS1, ...`` for several.  ``space`` and
+    ``heuristic`` are the template's tuning space and first guess; ``jit_fns`` are the
+    ``@triton.jit`` helpers its source calls (for the tuning key)."""
+    ldt = leaf_dtypes(a, extras, accs)
+    out_dtypes = [pointwise.infer_dtype(e, ldt) for e in exprs]
+    K, N = a.shape[-1], bs[0].shape[-1]
+    lead = tuple(a.shape[:-1])
+    M = math.prod(lead)
+    outs = [_common.empty((*lead, N), dt, a.device) for dt in out_dtypes]
+    if M == 0 or N == 0:
+        return outs
+    a2 = a.reshape(M, K)  # a view when the leading dims fold (else one copy)
+    outs2 = [o.view(M, N) for o in outs]
+    outs2 = [o.view(torch.uint8) if o.dtype == torch.bool else o for o in outs2]
+    bias_args = [_bias_arg(bias, M, N, outs2[0]) for bias in biases]
+    lead = lead or (1,)
+    bools, ex_args, ex_strides = extra_args(extras, lead, N)
+    cast = any(has_cast(e) for e in exprs)
+    kernel = kernel_for(bools, ldt if cast else None)
+    precision = _mm._input_precision(a.dtype)
+    flags = ["HAS_BIAS"] if len(biases) == 1 else [f"HAS_BIAS{i}" for i in range(len(biases))]
+    has_bias = {f: bias is not None for f, bias in zip(flags, biases)}
+    tensors = [a2, *bs, *(t for t, _ in bias_args), *outs2, *ex_args]
+    strides = [*a2.stride()]
+    for t in bs:
+        strides += t.stride()
+    for _, st in bias_args:
+        strides += st
+    strides += [*outs2[0].stride(), *ex_strides]
+
+    def run(cfg: autotune.Config) -> None:
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        kernel[grid](
+            *tensors,
+            M,
+            N,
+            K,
+            lead[-1],
+            *strides,
+            **has_bias,
+            INPUT_PRECISION=precision,
+            EVEN_K=K % cfg["BLOCK_K"] == 0,
+            **cfg.as_kwargs(),
+        )
+
+    bucket = autotune.bucket
+    text = "\n".join(pointwise.dumps(e) for e in exprs)
+    key = (
+        a.dtype,
+        tuple(out_dtypes),
+        bucket(M),
+        bucket(N),
+        bucket(K),
+        tuple(has_bias.values()),
+        precision,
+        a2.stride(-1) == 1,
+        tuple(t.stride(-1) == 1 for t in bs),
+        hashlib.sha256(text.encode()).hexdigest()[:12],
+        bools,
+        tuple(ldt.values()) if cast else (),
+    )
+    configs = _mm.prune_configs(space(a.dtype, precision), M, N, K)
+    first = heuristic(M, N, K, a.dtype, precision)
+    cfg = autotune.select(
+        name, key, configs, first, run, outputs=lambda: outs, fn=(kernel, *jit_fns)
+    )
+    run(cfg)
+    return outs
+
+
+def recompute_backward(
+    ctx, grads: Sequence[torch.Tensor | None], reference: Callable[..., Any], n_fixed: int
+) -> list:
+    """Gradients of a GEMM-epilogue custom op whose ``ctx.saved_tensors`` are its
+    ``n_fixed`` leading tensor arguments (None where absent) then its extras, with
+    ``ctx.args`` the non-tensor arguments after the extras: the forward is recomputed
+    with ``reference(*fixed, extras, *ctx.args)`` under autograd and differentiated.
+    Returns one gradient per input of the op (None for the non-tensor ones)."""
+    need = ctx.needs_input_grad
+    with torch.enable_grad():
+        leaves = [
+            t.detach().requires_grad_(t.is_floating_point()) if t is not None else None
+            for t in ctx.saved_tensors
+        ]
+        outs = reference(*leaves[:n_fixed], leaves[n_fixed:], *ctx.args)
+        outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        if pairs and wanted:
+            got = torch.autograd.grad(
+                [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True
+            )
+        else:
+            got = [None] * len(wanted)
+    it = iter(got)
+    g = [next(it) if (t is not None and t.requires_grad) else None for t in leaves]
+    fixed = [g[i] if need[i] else None for i in range(n_fixed)]
+    extras = [gi if need[n_fixed] else None for gi in g[n_fixed:]]
+    return [*fixed, extras, *(None for _ in ctx.args)]
