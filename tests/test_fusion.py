@@ -369,8 +369,31 @@ def test_open_epilogue_writes_the_gemm_result(poison):
         torch.sigmoid,
         F.silu,
         torch.relu,
+        F.hardswish,
+        F.hardsigmoid,
+        F.mish,
+        lambda h: F.softplus(h, beta=2.0, threshold=4.0),
+        lambda h: F.elu(h, alpha=0.5),
+        F.selu,
+        lambda h: F.leaky_relu(h, 0.1),
+        lambda h: F.hardtanh(h, -0.5, 0.75),
     ],
-    ids=["gelu", "gelu_tanh", "tanh", "sigmoid", "silu", "relu"],
+    ids=[
+        "gelu",
+        "gelu_tanh",
+        "tanh",
+        "sigmoid",
+        "silu",
+        "relu",
+        "hardswish",
+        "hardsigmoid",
+        "mish",
+        "softplus",
+        "elu",
+        "selu",
+        "leaky_relu",
+        "hardtanh",
+    ],
 )
 def test_activation_backward_fuses_into_the_dgrad_gemm(poison, act):
     """The backward graph's ``gelu_backward`` / ``tanh_backward`` / ``sigmoid_backward``
@@ -399,3 +422,55 @@ def test_activation_backward_fuses_into_the_dgrad_gemm(poison, act):
     (bwd,) = [g for g in backend.report.graphs if g.name == "backward"]
     assert "_backward.default" not in bwd.code.replace("tile.", ""), bwd.code
     assert bwd.counts.get("fused_mm_epilogue") == 1, str(backend.report)
+
+
+@pytest.mark.parametrize(
+    "act1, act2, names",
+    [
+        (F.mish, lambda h: F.softplus(h, beta=2.0, threshold=3.0), ("mish", "softplus")),
+        (F.hardswish, lambda h: F.leaky_relu(h, 0.2), ("hardswish", "leaky_relu")),
+        (lambda h: F.elu(h, alpha=0.7), lambda h: h.clamp(-1.0, 1.5), ("elu", "clamp")),
+    ],
+    ids=["mish_softplus", "hardswish_leaky_relu", "elu_clamp"],
+)
+def test_mlp_with_new_activations_trains_fused(poison, act1, act2, names):
+    """A 2-layer MLP with an activation after each GEMM, in training: both forward GEMMs
+    take their activation as the epilogue (no ATen activation left in the forward graph),
+    the first activation's backward is the dgrad GEMM's epilogue; forward and grads match
+    eager."""
+    torch.manual_seed(0)
+    lin1, lin2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 24)
+    params = [*lin1.parameters(), *lin2.parameters()]
+
+    def fn(x):
+        return act2(lin2(act1(lin1(x))))
+
+    x = (torch.randn(3, 5, 16) * 2).requires_grad_()
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": "eager"})
+    compiled = torch.compile(fn, backend=backend)
+    with _common.count_launches() as fwd_launches:
+        out = compiled(x)
+    with _common.count_launches() as bwd_launches:
+        out.square().sum().backward()
+    got = [p.grad.clone() for p in params] + [x.grad.clone()]
+    for p in [*params, x]:
+        p.grad = None
+    ref = fn(x)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    for g, p in zip(got, [*params, x]):
+        torch.testing.assert_close(g, p.grad, atol=1e-4, rtol=1e-4)
+
+    graphs = {g.name: g for g in backend.report.graphs}
+    fwd, bwd = graphs["forward"], graphs["backward"]
+    fused = [r for r in fwd.replacements if r.pattern == "fused_mm_epilogue"]
+    assert len(fused) == 2, str(fwd)
+    for name in names:
+        assert f"aten.{name}." not in fwd.code, (name, fwd.code)
+    assert sum(fwd_launches[k] for k in ("mm_epilogue", "mm_epilogue_multi")) == 2, dict(
+        fwd_launches
+    )
+    assert f"aten.{names[0]}_backward" not in bwd.code, bwd.code
+    assert bwd.counts.get("fused_mm_epilogue", 0) >= 1, str(bwd)
+    assert bwd_launches["mm_epilogue"] + bwd_launches["mm_epilogue_multi"] >= 1, dict(bwd_launches)

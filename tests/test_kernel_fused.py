@@ -84,6 +84,13 @@ CASES = [
     (("mul", ("to", ("mul", "ACC", 3.0), "bfloat16"), 1.0), None),
     (("add", ("to", "IN1", "float32"), "ACC"), None),
     (GELU_TANH, None),
+    (("log1p", ("abs", "ACC")), None),
+    (("expm1", "ACC"), None),
+    (("sin", "ACC"), None),
+    (("cos", "ACC"), None),
+    (("sign", "ACC"), None),
+    (("where", ("logical_and", ("gt", "ACC", 0.0), "IN1"), "ACC", "IN0"), None),
+    (("where", ("logical_or", "IN1", ("lt", "ACC", -0.5)), "ACC", 1.0), None),
 ]
 
 
@@ -144,6 +151,15 @@ def test_dtype_rules():
     assert pw.infer_dtype(("where", "IN1", "ACC", 0.0), d) == f16
     assert pw.infer_dtype(("to", "IN0", "bfloat16"), d) == torch.bfloat16
     assert pw.infer_dtype(("exp", "IN1"), d) == f32
+    for k in ("log1p", "expm1", "sin", "cos"):
+        assert pw.infer_dtype((k, "IN1"), d) == f32
+        assert pw.infer_dtype((k, "ACC"), d) == f16
+    assert pw.infer_dtype(("sign", "ACC"), d) == f16
+    assert pw.infer_dtype(("sign", "IN1"), d) == b
+    assert pw.infer_dtype(("logical_and", "ACC", "IN1"), d) == b
+    assert pw.infer_dtype(("logical_or", "ACC", 0.0), d) == b
+    assert pw.infer_dtype(pw.from_aten(torch.ops.aten.hardswish.default, ["ACC"]), d) == f16
+    assert pw.infer_dtype(pw.from_aten(torch.ops.aten.clamp.Tensor, ["ACC", "IN0"]), d) == f32
 
 
 def test_format_roundtrip_and_errors():
@@ -205,6 +221,21 @@ def test_aten_mapping():
     )
     with pytest.raises(pw.ExprError):
         pw.from_aten(aten.mm.default, ["ACC", "IN0"], {})
+    # activations: scalars positional or by name, ATen's defaults
+    assert pw.from_aten(aten.clamp.default, ["ACC"], {"max": 2}) == ("minimum", "ACC", 2.0)
+    assert pw.from_aten(aten.hardtanh.default, ["ACC"]) == pw.from_aten(
+        aten.clamp.default, ["ACC", -1.0, 1.0]
+    )
+    assert pw.from_aten(aten.leaky_relu.default, ["ACC"]) == pw.from_aten(
+        aten.leaky_relu.default, ["ACC"], {"negative_slope": 0.01}
+    )
+    assert pw.from_aten(aten.softplus.default, ["ACC"])[0] == "where"
+    with pytest.raises(pw.ExprError):  # eager raises too
+        pw.from_aten(aten.clamp.default, ["ACC", None, None])
+    with pytest.raises(pw.ExprError):  # eager raises: in-place backward, negative slope
+        pw.from_aten(aten.leaky_relu_backward.default, ["ACC", "IN0", -0.1, True])
+    with pytest.raises(pw.ExprError):  # a tensor where ATen takes a scalar
+        pw.from_aten(aten.hardtanh.default, ["ACC", "IN0", 1.0])
 
 
 # --- GEMM + epilogue ------------------------------------------------------------------------
@@ -620,6 +651,119 @@ def test_backward_ops_written_out_match_aten(poison, gen_dir, op, kwargs, saved,
     assert out.dtype == op(grad, other, **kwargs).dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+_A = torch.ops.aten
+#: (id, op, args, kwargs, saved): tensors as leaves, ``ACC`` the GEMM result (the forward
+#: activation's input, or a backward's output gradient), ``IN0`` a saved tensor made by
+#: ``saved`` from values at / around the thresholds, ``IN1`` another tensor
+ACTIVATION_OPS = [
+    ("clamp", _A.clamp.default, ["ACC", -0.5, 2.0], {}, None),
+    ("clamp_max_only", _A.clamp.default, ["ACC"], {"max": 1.5}, None),
+    ("clamp_min_only", _A.clamp.default, ["ACC", -1.0], {}, None),
+    ("clamp_tensor", _A.clamp.Tensor, ["ACC", "IN0"], {"max": "IN1"}, None),
+    ("hardtanh", _A.hardtanh.default, ["ACC"], {}, None),
+    ("hardtanh_2_3", _A.hardtanh.default, ["ACC", -2.0, 3.0], {}, None),
+    ("leaky_relu", _A.leaky_relu.default, ["ACC"], {}, None),
+    ("leaky_relu_0.2", _A.leaky_relu.default, ["ACC", 0.2], {}, None),
+    ("elu", _A.elu.default, ["ACC"], {}, None),
+    ("elu_selu", _A.elu.default, ["ACC", 1.6732632423543772, 1.0507009873554805, 1.0], {}, None),
+    ("elu_input_scale", _A.elu.default, ["ACC", 1.5, 1.0, 0.5], {}, None),
+    ("softplus", _A.softplus.default, ["ACC"], {}, None),
+    ("softplus_beta2_thr5", _A.softplus.default, ["ACC", 2.0, 5.0], {}, None),
+    ("hardswish", _A.hardswish.default, ["ACC"], {}, None),
+    ("hardsigmoid", _A.hardsigmoid.default, ["ACC"], {}, None),
+    ("mish", _A.mish.default, ["ACC"], {}, None),
+    ("log1p", _A.log1p.default, ["ACC"], {}, None),
+    ("expm1", _A.expm1.default, ["ACC"], {}, None),
+    ("sin", _A.sin.default, ["ACC"], {}, None),
+    ("cos", _A.cos.default, ["ACC"], {}, None),
+    ("sign", _A.sign.default, ["ACC"], {}, None),
+    ("logical_and", _A.logical_and.default, ["ACC", "IN0"], {}, None),
+    ("logical_or", _A.logical_or.default, ["ACC", "IN0"], {}, None),
+    ("hardtanh_bwd", _A.hardtanh_backward.default, ["ACC", "IN0", -1.0, 1.0], {}, None),
+    ("leaky_relu_bwd", _A.leaky_relu_backward.default, ["ACC", "IN0", 0.01, False], {}, None),
+    (
+        "leaky_relu_bwd_result",
+        _A.leaky_relu_backward.default,
+        ["ACC", "IN0", 0.2, True],
+        {},
+        lambda s: _A.leaky_relu.default(s, 0.2),
+    ),
+    ("elu_bwd", _A.elu_backward.default, ["ACC", 1.0, 1.0, 1.0, False, "IN0"], {}, None),
+    (
+        "elu_bwd_result",
+        _A.elu_backward.default,
+        ["ACC", 1.5, 1.0507, 0.5, True, "IN0"],
+        {},
+        lambda s: _A.elu.default(s, 1.5, 1.0507, 0.5),
+    ),
+    ("hardswish_bwd", _A.hardswish_backward.default, ["ACC", "IN0"], {}, None),
+    ("hardsigmoid_bwd", _A.hardsigmoid_backward.default, ["ACC", "IN0"], {}, None),
+    ("softplus_bwd", _A.softplus_backward.default, ["ACC", "IN0", 1.0, 20.0], {}, None),
+    ("softplus_bwd_beta2", _A.softplus_backward.default, ["ACC", "IN0", 2.0, 5.0], {}, None),
+    ("mish_bwd", _A.mish_backward.default, ["ACC", "IN0"], {}, None),
+]
+# values at and around the ops' thresholds (19 = N: one exact GEMM row, one saved row)
+_EDGES = [-25.0, -20.0, -6.0, -3.0, -2.5, -1.0, -0.5, 0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
+_EDGES += [6.0, 10.0, 20.0, 25.0]
+
+
+@pytest.mark.parametrize(
+    "op, args, kwargs, saved",
+    [c[1:] for c in ACTIVATION_OPS],
+    ids=[c[0] for c in ACTIVATION_OPS],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_activation_ops_in_gemm_epilogue_match_aten(
+    poison, gen_dir, op, args, kwargs, saved, dtype
+):
+    """Each activation (and its backward) from ``from_aten`` runs as the generated GEMM
+    epilogue (odd sizes) and matches the ATen op applied to the eager GEMM result."""
+    M, K, N = 13, 17, 19
+    a = torch.randn(M, K) * 0.7
+    b = torch.randn(K, N)
+    a[:, 0] = 0.0
+    a[1] = 0.0
+    a[1, 0] = 1.0  # row 1 of the result is b[0] exactly: the threshold values
+    b[0] = torch.tensor(_EDGES)
+    a[0] = float("nan")  # a NaN row
+    s = torch.randn(M, N) * 4
+    s[1] = torch.tensor(_EDGES)  # the saved tensor at the thresholds (not NaN: for a NaN
+    s[2, ::2] = 0.0  # saved input ATen's CPU vector and scalar paths disagree)
+    if saved is not None:
+        s = saved(s)
+    s1 = torch.randn(M, N) + 1.0
+    a, b, s, s1 = (t.to(dtype) for t in (a, b, s, s1))
+    expr = pw.from_aten(op, args, kwargs)
+    extras = [s, s1][: len(pw.input_leaves(expr) - {"ACC"})]
+    is_bool = pw.infer_dtype(expr, {"ACC": dtype, "IN0": dtype, "IN1": dtype}) == torch.bool
+    if is_bool:  # the GEMM kernels store float results: read the bool as 0.0 / 1.0
+        expr = ("to", expr, "float32")
+    with _common.count_launches() as n:
+        out = torch.ops.tile.mm_epilogue(a, b, None, extras, pw.dumps(expr))
+    assert n["mm_epilogue"] == 1  # the generated kernel ran, not the ATen fallback
+
+    def call(acc, ins):
+        env = {"ACC": acc, "IN0": ins[0], "IN1": ins[1]}
+        sub = [env.get(v, v) if isinstance(v, str) else v for v in args]
+        return op(
+            *sub, **{k: env.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
+        )
+
+    eager = call((a.double() @ b.double()).to(dtype), [s, s1])
+    assert out.shape == (M, N)
+    ref = call(a.double() @ b.double(), [s.double(), s1.double()])
+    if is_bool:
+        assert eager.dtype == ref.dtype == torch.bool
+        assert torch.equal(out, ref.float())
+        return
+    assert out.dtype == eager.dtype
+    assert out[2:].isfinite().any()
+    tol = 1e-4 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(
+        out.double(), ref.to(dtype).double(), atol=tol, rtol=tol, equal_nan=True
+    )
 
 
 def test_relu_backward_written_out_matches_aten(poison, gen_dir):

@@ -14,11 +14,17 @@ Expression format (plain nested tuples; JSON lists once serialised):
 * nodes ``(kind, *operands)``:
 
   - unary: ``neg exp log tanh sigmoid relu silu erf rsqrt sqrt abs reciprocal
-    logical_not``;
-  - binary: ``add sub mul div pow maximum minimum lt le gt ge eq ne`` (``pow``'s exponent
-    may be a constant or an expression);
+    logical_not log1p expm1 sin cos sign``;
+  - binary: ``add sub mul div pow maximum minimum lt le gt ge eq ne logical_and
+    logical_or`` (``pow``'s exponent may be a constant or an expression);
   - ``("gelu", x, "none" | "tanh")``, ``("where", cond, a, b)``, ``("to", x, dtype)``
     with ``dtype`` a name: ``"float32" "float16" "bfloat16" "bool"``.
+
+Other ATen activations have no node of their own: :func:`from_aten` writes them out with
+ATen's formulas (``clamp`` / ``hardtanh`` as ``maximum`` / ``minimum``, which keep NaN;
+``leaky_relu elu softplus hardswish hardsigmoid mish`` and the ``*_backward`` ops of these
+and of ``gelu tanh sigmoid silu`` and ReLU's ``threshold_backward``).  For a NaN saved
+input the backwards follow ATen's scalar / CUDA formulas (ATen's CPU vector path differs).
 
 The same sub-expression written twice (``x`` in ``x * x * x``) is one value: the printer
 emits each distinct sub-tree once.  :func:`dumps` gives the canonical string (compact JSON,
@@ -31,8 +37,9 @@ GPT-2's written-out tanh-GELU over the GEMM accumulator is::
 Dtype rules (what the *result* dtype is, as eager computes it): tensor-tensor operands
 promote with ``torch.promote_types``; a Python constant never widens a tensor of its own
 category (``fp16_tensor * 0.5`` is fp16) but lifts a bool / int tensor to float32;
-floating functions (``exp`` .. ``rsqrt``, ``div``) of a bool / int give float32;
-comparisons and ``logical_not`` give bool; ``where`` promotes its two branches; ``to``
+floating functions (``exp`` .. ``rsqrt``, ``log1p expm1 sin cos``, ``div``) of a bool /
+int give float32; comparisons and ``logical_not / _and / _or`` give bool; ``sign`` keeps
+its operand's dtype; ``where`` promotes its two branches; ``to``
 gives its dtype.  ``ACC``'s dtype is the GEMM output's (its input dtype).
 
 Numerics of the generated code: every value is computed in fp32 (bools as ``int1``); an
@@ -83,6 +90,11 @@ UNARY = (
     "abs",
     "reciprocal",
     "logical_not",
+    "log1p",
+    "expm1",
+    "sin",
+    "cos",
+    "sign",
 )
 BINARY = (
     "add",
@@ -98,10 +110,27 @@ BINARY = (
     "ge",
     "eq",
     "ne",
+    "logical_and",
+    "logical_or",
 )
 _COMPARE = ("lt", "le", "gt", "ge", "eq", "ne")
+_LOGICAL = ("logical_not", "logical_and", "logical_or")
 #: unary ops that give a float result for a bool / int input (eager's int-to-float rule)
-_FLOAT_UNARY = ("exp", "log", "tanh", "sigmoid", "silu", "erf", "rsqrt", "sqrt", "reciprocal")
+_FLOAT_UNARY = (
+    "exp",
+    "log",
+    "tanh",
+    "sigmoid",
+    "silu",
+    "erf",
+    "rsqrt",
+    "sqrt",
+    "reciprocal",
+    "log1p",
+    "expm1",
+    "sin",
+    "cos",
+)
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -234,7 +263,7 @@ def _dtype_of(leaf_dtypes: Mapping[str, torch.dtype]) -> Callable[[Any], torch.d
         kind = e[0]
         if kind == "to":
             r = DTYPE_NAMES[e[2]]
-        elif kind in _COMPARE or kind == "logical_not":
+        elif kind in _COMPARE or kind in _LOGICAL:
             r = torch.bool
         elif kind == "where":
             r = _promote(go(e[2]), go(e[3]))
@@ -346,6 +375,25 @@ def print_triton_many(
         t = fresh(f"tl.exp(-2.0 * tl.abs({x}))")[0]
         return f"tl.where({x} < 0.0, -1.0, 1.0) * (1.0 - {t}) / (1.0 + {t})"
 
+    def log1p(x: str) -> str:
+        if use_libdevice:
+            return f"libdevice.log1p({x})"
+        # Goldberg: log(u) * x / (u - 1), u = 1 + x, exact where u rounds to 1 (or is inf)
+        u = fresh(f"1.0 + {x}")[0]
+        exact = f'({u} == 1.0) | ({u} == float("inf"))'
+        return f"tl.where({exact}, {x}, tl.log({u}) * ({x} / ({u} - 1.0)))"
+
+    def expm1(x: str) -> str:
+        if use_libdevice:
+            return f"libdevice.expm1({x})"
+        # Kahan: (u - 1) * x / log(u), u = exp(x); x where u rounds to 1, -1 / inf as is
+        u = fresh(f"tl.exp({x})")[0]
+        d = fresh(f"{u} - 1.0")[0]
+        return (
+            f'tl.where({u} == 1.0, {x}, tl.where(({d} == -1.0) | ({u} == float("inf")), '
+            f"{d}, {d} * {x} / tl.log({u})))"
+        )
+
     def gpow(a: str, b: str) -> str:
         if use_libdevice:
             return f"libdevice.pow({a}, {b})"
@@ -389,6 +437,11 @@ def print_triton_many(
             r = fresh(f"{as_f(go(e[1]))} {op} {as_f(go(e[2]))}", True)
         elif kind == "logical_not":
             r = fresh(f"{as_b(go(e[1]))} == 0", True)
+        elif kind in ("logical_and", "logical_or"):
+            op = "&" if kind == "logical_and" else "|"
+            r = fresh(f"({as_b(go(e[1]))}) {op} ({as_b(go(e[2]))})", True)
+        elif kind == "sign" and go(e[1])[1]:  # sign of a bool is itself
+            r = go(e[1])
         elif kind in BINARY:
             a, b = as_f(go(e[1])), e[2]
             if kind == "pow" and isinstance(b, float):
@@ -420,8 +473,16 @@ def print_triton_many(
                 "sqrt": f"tl.sqrt({x})",
                 "abs": f"tl.abs({x})",
                 "reciprocal": f"1.0 / {x}",
+                "log1p": None,
+                "expm1": None,
+                "sin": f"libdevice.sin({x})" if use_libdevice else f"tl.sin({x})",
+                "cos": f"libdevice.cos({x})" if use_libdevice else f"tl.cos({x})",
+                # torch.sign: -1 / 0 / 1, and 0 for NaN and -0.0 ((0 < x) - (x < 0))
+                "sign": f"tl.where({x} > 0.0, 1.0, tl.where({x} < 0.0, -1.0, 0.0))",
             }[kind]
-            r = fresh(code if code is not None else tanh(x))
+            if code is None:
+                code = {"tanh": tanh, "log1p": log1p, "expm1": expm1}[kind](x)
+            r = fresh(code)
         memo[e] = r
         return r
 
@@ -541,6 +602,8 @@ _BIN: dict[str, Callable[[Any, Any], Any]] = {
     "ge": lambda a, b: a >= b,
     "eq": lambda a, b: a == b,
     "ne": lambda a, b: a != b,
+    "logical_and": lambda a, b: torch.logical_and(_t(a), _t(b)),
+    "logical_or": lambda a, b: torch.logical_or(_t(a), _t(b)),
 }
 _UN: dict[str, Callable[[Any], Any]] = {
     "neg": torch.neg,
@@ -556,6 +619,11 @@ _UN: dict[str, Callable[[Any], Any]] = {
     "abs": torch.abs,
     "reciprocal": torch.reciprocal,
     "logical_not": torch.logical_not,
+    "log1p": torch.log1p,
+    "expm1": torch.expm1,
+    "sin": torch.sin,
+    "cos": torch.cos,
+    "sign": torch.sign,
 }
 
 
@@ -607,7 +675,24 @@ def _aten_kinds() -> dict[Any, str]:
         "abs.default": "abs",
         "reciprocal.default": "reciprocal",
         "logical_not.default": "logical_not",
+        "logical_and.default": "logical_and",
+        "logical_or.default": "logical_or",
+        "log1p.default": "log1p",
+        "expm1.default": "expm1",
+        "sin.default": "sin",
+        "cos.default": "cos",
+        "sign.default": "sign",
         "gelu.default": "gelu",
+        # activations, written out in the nodes above (see from_aten)
+        "clamp.default": "clamp",
+        "clamp.Tensor": "clamp",
+        "hardtanh.default": "hardtanh",
+        "leaky_relu.default": "leaky_relu",
+        "elu.default": "elu",
+        "softplus.default": "softplus",
+        "hardswish.default": "hardswish",
+        "hardsigmoid.default": "hardsigmoid",
+        "mish.default": "mish",
         "where.self": "where",
         "where.ScalarSelf": "where",
         "where.ScalarOther": "where",
@@ -620,6 +705,13 @@ def _aten_kinds() -> dict[Any, str]:
         "gelu_backward.default": "gelu_backward",
         "silu_backward.default": "silu_backward",
         "threshold_backward.default": "threshold_backward",
+        "hardtanh_backward.default": "hardtanh_backward",
+        "leaky_relu_backward.default": "leaky_relu_backward",
+        "elu_backward.default": "elu_backward",
+        "hardswish_backward.default": "hardswish_backward",
+        "hardsigmoid_backward.default": "hardsigmoid_backward",
+        "softplus_backward.default": "softplus_backward",
+        "mish_backward.default": "mish_backward",
     }
     out: dict[Any, str] = {}
     for name, kind in table.items():
@@ -649,7 +741,10 @@ def from_aten(target: Any, args: Sequence[Any], kwargs: Mapping[str, Any] | None
 
     Tensor arguments must be given as expressions (leaves or nodes); scalars as Python
     numbers.  Handles ``alpha`` (add / sub / rsub), ``approximate`` (gelu), the dtype of
-    ``_to_copy`` / ``convert_element_type`` (a ``torch.dtype``), ``masked_fill``.  Raises
+    ``_to_copy`` / ``convert_element_type`` (a ``torch.dtype``), ``masked_fill``, and the
+    scalar arguments of the activations written out in nodes (``clamp`` / ``hardtanh`` as
+    ``maximum`` / ``minimum``, ``leaky_relu elu softplus hardswish hardsigmoid mish`` and
+    their ``*_backward`` ops, ATen's formulas).  Raises
     :class:`ExprError` for an unsupported target or argument (e.g. ``div`` with a
     rounding mode, ``_to_copy`` to another device, a dtype with no node).
     """
@@ -702,12 +797,192 @@ def from_aten(target: Any, args: Sequence[Any], kwargs: Mapping[str, Any] | None
     if kind == "threshold_backward":  # ReLU's: 0 where x <= threshold, else grad
         _no_kwargs(target, kwargs)
         return canonical(("where", ("le", a[1], float(a[2])), 0.0, a[0]))
+    if kind in _ACTIVATIONS:
+        names, build = _ACTIVATIONS[kind]
+        vals = []
+        for i, (name, default) in enumerate(names):
+            v = kwargs.pop(name, a[i] if i < len(a) else default)
+            if v is _REQUIRED:
+                raise ExprError(f"{target}: argument {name!r} is missing")
+            vals.append(v)
+        _no_kwargs(target, kwargs)
+        return canonical(build(*vals))
     _no_kwargs(target, kwargs)
     if kind == "where":
         return canonical(("where", a[0], a[1], a[2]))
     if kind in BINARY:
         return canonical((kind, a[0], a[1]))
     return canonical((kind, a[0]))
+
+
+_REQUIRED = object()
+
+
+def _scalar(v: Any, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ExprError(f"{what} must be a Python number, got {v!r}")
+    return float(v)
+
+
+def _scale(x: Any, c: float) -> Any:
+    """``x * c``, no node for ``c == 1`` (exact)."""
+    return x if c == 1.0 else ("mul", x, c)
+
+
+def _clamp(x: Any, lo: Any, hi: Any) -> Any:
+    """``clamp``: ``min(max(x, lo), hi)``, NaN in ``x`` or a bound propagates (like
+    eager); a None bound is left out."""
+    if lo is None and hi is None:
+        raise ExprError("clamp: at least one of min / max must be given")
+    if lo is not None:
+        x = ("maximum", x, lo if isinstance(lo, (str, tuple)) else _scalar(lo, "clamp min"))
+    if hi is not None:
+        x = ("minimum", x, hi if isinstance(hi, (str, tuple)) else _scalar(hi, "clamp max"))
+    return x
+
+
+def _hardtanh(x, lo, hi):
+    return _clamp(x, _scalar(lo, "min_val"), _scalar(hi, "max_val"))
+
+
+def _leaky_relu(x, slope):  # x > 0 ? x : x * slope
+    return ("where", ("gt", x, 0.0), x, ("mul", x, _scalar(slope, "negative_slope")))
+
+
+def _elu(x, alpha, scale, input_scale):
+    # ATen: x <= 0 ? expm1(x * input_scale) * alpha * scale : x * scale
+    alpha, scale, ins = (_scalar(v, "elu scalar") for v in (alpha, scale, input_scale))
+    neg = _scale(("expm1", _scale(x, ins)), alpha * scale)
+    return ("where", ("le", x, 0.0), neg, _scale(x, scale))
+
+
+def _softplus(x, beta, threshold):
+    # ATen: x * beta > threshold ? x : log1p(exp(x * beta)) / beta
+    beta, threshold = _scalar(beta, "beta"), _scalar(threshold, "threshold")
+    xb = _scale(x, beta)
+    sp = ("log1p", ("exp", xb))
+    return ("where", ("gt", xb, threshold), x, sp if beta == 1.0 else ("div", sp, beta))
+
+
+def _hardsigmoid(x):  # min(max(x + 3, 0), 6) / 6
+    return ("div", ("minimum", ("maximum", ("add", x, 3.0), 0.0), 6.0), 6.0)
+
+
+def _hardswish(x):  # x * min(max(x + 3, 0), 6) / 6
+    return ("div", ("mul", x, ("minimum", ("maximum", ("add", x, 3.0), 0.0), 6.0)), 6.0)
+
+
+def _mish(x):  # x * tanh(log1p(exp(x))): no softplus threshold, as ATen
+    return ("mul", x, ("tanh", ("log1p", ("exp", x))))
+
+
+def _hardtanh_backward(g, x, lo, hi):  # x <= lo || x >= hi ? 0 : g (NaN x: g)
+    lo, hi = _scalar(lo, "min_val"), _scalar(hi, "max_val")
+    return ("where", ("le", x, lo), 0.0, ("where", ("ge", x, hi), 0.0, g))
+
+
+def _leaky_relu_backward(g, x, slope, self_is_result):  # x > 0 ? g : g * slope
+    slope = _scalar(slope, "negative_slope")
+    if self_is_result and slope < 0:
+        raise ExprError("leaky_relu_backward: self_is_result with a negative slope (eager raises)")
+    return ("where", ("gt", x, 0.0), g, ("mul", g, slope))
+
+
+def _elu_backward(g, alpha, scale, input_scale, is_result, y):
+    alpha, scale, ins = (_scalar(v, "elu scalar") for v in (alpha, scale, input_scale))
+    neg_coef = alpha * scale
+    if is_result:  # y <= 0 ? g * input_scale * (y + alpha * scale) : g * scale
+        if alpha < 0:
+            raise ExprError("elu_backward: is_result with a negative alpha (eager raises)")
+        neg = ("mul", _scale(g, ins), ("add", y, neg_coef))
+    else:  # x <= 0 ? g * input_scale * alpha * scale * exp(x * input_scale) : g * scale
+        neg = ("mul", _scale(g, ins * neg_coef), ("exp", _scale(y, ins)))
+    return ("where", ("le", y, 0.0), neg, _scale(g, scale))
+
+
+def _hardswish_backward(g, x):  # x <= -3 ? 0 : x < 3 ? g * (x / 3 + 0.5) : g
+    mid = ("mul", g, ("add", ("div", x, 3.0), 0.5))
+    return ("where", ("le", x, -3.0), 0.0, ("where", ("lt", x, 3.0), mid, g))
+
+
+def _hardsigmoid_backward(g, x):  # -3 < x < 3 ? g / 6 : 0 (NaN x: 0)
+    inside = ("where", ("lt", x, 3.0), ("mul", g, 1.0 / 6.0), 0.0)
+    return ("where", ("gt", x, -3.0), inside, 0.0)
+
+
+def _softplus_backward(g, x, beta, threshold):
+    # ATen: z = exp(x * beta); x * beta > threshold ? g : g * z / (z + 1)
+    beta, threshold = _scalar(beta, "beta"), _scalar(threshold, "threshold")
+    xb = _scale(x, beta)
+    z = ("exp", xb)
+    return ("where", ("gt", xb, threshold), g, ("div", ("mul", g, z), ("add", z, 1.0)))
+
+
+def _mish_backward(g, x):
+    # ATen: g * (t + x * sigmoid(x) * (1 - t * t)), t = tanh(log1p(exp(x)))
+    t = ("tanh", ("log1p", ("exp", x)))
+    inner = ("mul", ("mul", x, ("sigmoid", x)), ("sub", 1.0, ("mul", t, t)))
+    return ("mul", g, ("add", t, inner))
+
+
+#: kind -> ((argument name, default), ...), builder: ATen activations written out
+_ACTIVATIONS: dict[str, tuple[tuple[tuple[str, Any], ...], Callable[..., Any]]] = {
+    "clamp": ((("self", _REQUIRED), ("min", None), ("max", None)), _clamp),
+    "hardtanh": ((("self", _REQUIRED), ("min_val", -1.0), ("max_val", 1.0)), _hardtanh),
+    "leaky_relu": ((("self", _REQUIRED), ("negative_slope", 0.01)), _leaky_relu),
+    "elu": (
+        (("self", _REQUIRED), ("alpha", 1.0), ("scale", 1.0), ("input_scale", 1.0)),
+        _elu,
+    ),
+    "softplus": ((("self", _REQUIRED), ("beta", 1.0), ("threshold", 20.0)), _softplus),
+    "hardswish": ((("self", _REQUIRED),), _hardswish),
+    "hardsigmoid": ((("self", _REQUIRED),), _hardsigmoid),
+    "mish": ((("self", _REQUIRED),), _mish),
+    "hardtanh_backward": (
+        (
+            ("grad_output", _REQUIRED),
+            ("self", _REQUIRED),
+            ("min_val", _REQUIRED),
+            ("max_val", _REQUIRED),
+        ),
+        _hardtanh_backward,
+    ),
+    "leaky_relu_backward": (
+        (
+            ("grad_output", _REQUIRED),
+            ("self", _REQUIRED),
+            ("negative_slope", _REQUIRED),
+            ("self_is_result", _REQUIRED),
+        ),
+        _leaky_relu_backward,
+    ),
+    "elu_backward": (
+        (
+            ("grad_output", _REQUIRED),
+            ("alpha", _REQUIRED),
+            ("scale", _REQUIRED),
+            ("input_scale", _REQUIRED),
+            ("is_result", _REQUIRED),
+            ("self_or_result", _REQUIRED),
+        ),
+        _elu_backward,
+    ),
+    "hardswish_backward": ((("grad_output", _REQUIRED), ("self", _REQUIRED)), _hardswish_backward),
+    "hardsigmoid_backward": (
+        (("grad_output", _REQUIRED), ("self", _REQUIRED)),
+        _hardsigmoid_backward,
+    ),
+    "softplus_backward": (
+        (
+            ("grad_output", _REQUIRED),
+            ("self", _REQUIRED),
+            ("beta", _REQUIRED),
+            ("threshold", _REQUIRED),
+        ),
+        _softplus_backward,
+    ),
+    "mish_backward": ((("grad_output", _REQUIRED), ("self", _REQUIRED)), _mish_backward),
+}
 
 
 def _gelu_derivative(x: Any, approximate: str) -> Any:
