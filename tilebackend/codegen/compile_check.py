@@ -26,6 +26,7 @@ MODULES = (
     "dual_matmul",
     "fused_softmax",
     "fused_norm",
+    "dropout",
 )
 
 

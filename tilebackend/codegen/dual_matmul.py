@@ -289,8 +289,8 @@ def reference(a, b0, b1, bias0, bias1, extras, expr) -> torch.Tensor:
         acc = torch.matmul(a, b)
         accs.append(acc if bias is None else acc + bias)
     leaves = {"ACC": accs[0], "ACC1": accs[1], **{f"IN{i}": t for i, t in enumerate(extras)}}
-    out = pointwise.evaluate(e, leaves)
     shape = _host.out_shape(a, b0, extras)
+    out = pointwise.evaluate(e, leaves, shape)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape:
         out = torch.as_tensor(out, device=a.device).expand(shape)
     if any(out is t for t in extras):  # EXPR = INk: a custom op must not alias an input

@@ -78,8 +78,10 @@ def check_operands(
     ``[K, N]``, one shape) with its bias, then ``exprs`` (parsed) over ``accs`` and the
     extras; or None.  The first expression is the result whose dtype must be a float one
     (the others are :mod:`.fused_matmul_multi`'s extra results, checked there)."""
+    seeds: set[str] = set()
     for i, e in enumerate(exprs):
         which = "expression" if len(exprs) == 1 else f"expression {i}"
+        seeds |= pointwise.seed_leaves(e)
         for leaf in sorted(pointwise.input_leaves(e)):
             if leaf in accs:
                 continue
@@ -92,8 +94,16 @@ def check_operands(
         r = _common.device_reason(t) or _common.dtype_reason(t)
         if r:
             return f"{name}: {r}"
+    values = set().union(*map(pointwise.value_leaves, exprs))
     for i, t in enumerate(extras):
-        r = _common.device_reason(t) or _common.dtype_reason(t, EXTRA_DTYPES)
+        if f"IN{i}" in seeds:
+            if f"IN{i}" in values:
+                return f"IN{i} is read both as a rand seed and as a value"
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.numel() != 1:
+                return f"IN{i}, a rand seed, is not a one-element int64 tensor"
+            r = _common.device_reason(t)
+        else:
+            r = _common.device_reason(t) or _common.dtype_reason(t, EXTRA_DTYPES)
         if r:
             return f"IN{i}: {r}"
     devices = {t.device for t in (*tensors.values(), *extras)}
@@ -117,7 +127,7 @@ def check_operands(
         return f"the expression's result dtype {dtype} is not supported"
     base = (*a.shape[:-1], b.shape[-1])
     try:
-        shape = out_shape(a, b, extras)
+        shape = out_shape(a, b, [t for i, t in enumerate(extras) if f"IN{i}" not in seeds])
     except RuntimeError:
         return "extra inputs do not broadcast to the output"
     if shape != base:

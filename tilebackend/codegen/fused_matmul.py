@@ -54,6 +54,8 @@ __all__ = [
 ]
 
 KERNEL_NAMES = ("mm_epilogue",)
+#: the name of the flat-index block the templates define when an expression has ``rand``
+RAND_INDEX = "rand_idx"
 
 # --- the template -------------------------------------------------------------------
 
@@ -133,11 +135,18 @@ def _render_extras(expr: Any, bools: tuple[bool, ...], ind: str = "    "):
     in_strides = "".join(f"{ind}in{i}_s0,\n{ind}in{i}_s1,\n{ind}in{i}_sn,\n" for i in range(n))
     exprs = expr if isinstance(expr, list) else [expr]
     used = set().union(*map(pointwise.input_leaves, exprs))
+    seeds = set().union(*map(pointwise.seed_leaves, exprs))
     loads = []
+    if seeds:  # rand's counter: the element's flat index in the [M, N] result
+        loads.append(f"{ind}{RAND_INDEX} = offs_m[:, None] * N + offs_n[None, :]")
     leaves = {}
     bool_leaves = []
     for i in range(n):
         if f"IN{i}" not in used:
+            continue
+        if f"IN{i}" in seeds:  # a one-element int64 seed, read once
+            loads.append(f"{ind}in{i} = tl.load(in{i}_ptr)")
+            leaves[f"IN{i}"] = f"in{i}"
             continue
         ptrs = (
             f"in{i}_ptr + (row0 * in{i}_s0 + row1 * in{i}_s1)[:, None] + cols[None, :] * in{i}_sn"
@@ -153,7 +162,9 @@ def _render_extras(expr: Any, bools: tuple[bool, ...], ind: str = "    "):
 
 def _render_expression(expr: Any, leaves, bool_leaves, leaf_dtypes=None, ind: str = "    "):
     """The printed expression as template text: ``(indented body, result name)``."""
-    lines, res, const = pointwise.print_triton(expr, leaves, bool_leaves, leaf_dtypes=leaf_dtypes)
+    lines, res, const = pointwise.print_triton(
+        expr, leaves, bool_leaves, leaf_dtypes=leaf_dtypes, index=RAND_INDEX
+    )
     if const:
         lines.append(f"_res = tl.zeros((BLOCK_M, BLOCK_N), tl.float32) + {res}")
         res = "_res"
@@ -297,7 +308,7 @@ def reference(a, b, bias, extras, expr) -> torch.Tensor:
     if bias is not None:
         acc = acc + bias
     leaves = {"ACC": acc, **{f"IN{i}": t for i, t in enumerate(extras)}}
-    out = pointwise.evaluate(e, leaves)
+    out = pointwise.evaluate(e, leaves, _out_shape(a, b, extras))
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != _out_shape(a, b, extras):
         out = torch.as_tensor(out, device=a.device).expand(_out_shape(a, b, extras))
     return out.contiguous()

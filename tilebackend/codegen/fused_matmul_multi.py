@@ -48,7 +48,7 @@ def _render(exprs: list[Any], bools: tuple[bool, ...], leaf_dtypes=None) -> str:
     ind = "    "
     in_ptrs, in_strides, loads, leaves, bool_leaves = _fm._render_extras(list(exprs), bools)
     lines, results, constants = pointwise.print_triton_many(
-        exprs, {"ACC": "acc", **leaves}, bool_leaves, leaf_dtypes=leaf_dtypes
+        exprs, {"ACC": "acc", **leaves}, bool_leaves, leaf_dtypes=leaf_dtypes, index=_fm.RAND_INDEX
     )
     for i, const in enumerate(constants):
         if const:  # a constant result: broadcast to the tile
@@ -120,7 +120,7 @@ def reference(a, b, bias, extras, exprs) -> list[torch.Tensor]:
     shape = _host.out_shape(a, b, extras)
     outs = []
     for e, dtype in zip(es, _out_dtypes(es, a, extras)):
-        out = pointwise.evaluate(e, leaves)
+        out = pointwise.evaluate(e, leaves, shape)
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape:
             out = torch.as_tensor(out, device=a.device, dtype=dtype).expand(shape)
         outs.append(out.contiguous())

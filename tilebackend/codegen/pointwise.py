@@ -171,6 +171,10 @@ def canonical(expr: Any) -> Any:
             if len(ops) not in (1, 2) or approx not in ("none", "tanh"):
                 raise ExprError(f"'gelu' takes (x, 'none' | 'tanh'): {expr!r}")
             return ("gelu", canonical(ops[0]), approx)
+        if kind == "rand":
+            if len(ops) != 1 or not _is_leaf(ops[0]) or not ops[0].startswith("IN"):
+                raise ExprError(f"'rand' takes one seed input (an 'INk' leaf): {expr!r}")
+            return ("rand", ops[0])
         arity = 1 if kind in UNARY else 2 if kind in BINARY else 3 if kind == "where" else None
         if arity is None:
             raise ExprError(f"unknown node kind {kind!r}")
@@ -220,6 +224,46 @@ def input_leaves(expr: Any) -> set[str]:
     return out
 
 
+def seed_leaves(expr: Any) -> set[str]:
+    """The leaves that ``expr`` reads as a ``rand`` seed."""
+    out: set[str] = set()
+
+    def walk(e):
+        if isinstance(e, tuple):
+            if e[0] == "rand":
+                out.add(e[1])
+            else:
+                for o in e[1:]:
+                    walk(o)
+
+    walk(canonical(expr))
+    return out
+
+
+def value_leaves(expr: Any) -> set[str]:
+    """The leaves that ``expr`` reads as values (not as a ``rand`` seed)."""
+    out: set[str] = set()
+
+    def walk(e):
+        if isinstance(e, tuple):
+            if e[0] != "rand":
+                for o in e[1:]:
+                    walk(o)
+        elif _is_leaf(e):
+            out.add(e)
+
+    walk(canonical(expr))
+    return out
+
+
+def uniform_reference(seed: torch.Tensor, shape: Sequence[int], device: Any) -> torch.Tensor:
+    """``rand`` evaluated with eager ops: float32 uniform in [0, 1) of ``shape``, from a
+    CPU generator seeded with ``seed`` (the kernels' stream is Philox keyed by the seed
+    and the flat index: the same distribution, other numbers)."""
+    gen = torch.Generator().manual_seed(int(seed.reshape(-1)[0].item()) & (2**63 - 1))
+    return torch.rand(tuple(shape), generator=gen).to(device)
+
+
 # --- dtypes ----------------------------------------------------------------------------
 
 _WEAK = "weak"  # a Python constant's dtype: float category, never widens a tensor
@@ -263,6 +307,8 @@ def _dtype_of(leaf_dtypes: Mapping[str, torch.dtype]) -> Callable[[Any], torch.d
         kind = e[0]
         if kind == "to":
             r = DTYPE_NAMES[e[2]]
+        elif kind == "rand":
+            r = torch.float32
         elif kind in _COMPARE or kind in _LOGICAL:
             r = torch.bool
         elif kind == "where":
@@ -311,6 +357,7 @@ def print_triton(
     prefix: str = "_e",
     use_libdevice: bool | None = None,
     leaf_dtypes: Mapping[str, torch.dtype] | None = None,
+    index: str | None = None,
 ) -> tuple[list[str], str, bool]:
     """Triton statements computing ``expr``; returns ``(lines, result_name, is_constant)``.
 
@@ -332,7 +379,7 @@ def print_triton(
     and a non-integer power).
     """
     lines, (res,), (const,) = print_triton_many(
-        [expr], leaves, bool_leaves, prefix, use_libdevice, leaf_dtypes
+        [expr], leaves, bool_leaves, prefix, use_libdevice, leaf_dtypes, index
     )
     return lines, res, const
 
@@ -344,10 +391,15 @@ def print_triton_many(
     prefix: str = "_e",
     use_libdevice: bool | None = None,
     leaf_dtypes: Mapping[str, torch.dtype] | None = None,
+    index: str | None = None,
 ) -> tuple[list[str], list[str], list[bool]]:
     """:func:`print_triton` for several expressions over the same leaves, in one body:
     a sub-tree they share is computed once.  Returns ``(lines, result names, is_constant
-    flags)``, one name and flag per expression, in order."""
+    flags)``, one name and flag per expression, in order.
+
+    ``index`` names the block of each element's flat index in the result (int32), which
+    ``rand`` needs: ``tl.rand(seed, index)``, the seed leaf being a scalar int64 in scope;
+    without it an expression with ``rand`` raises :class:`ExprError`."""
     if use_libdevice is None:
         from .._compat import interpret_mode
 
@@ -409,7 +461,11 @@ def print_triton_many(
         if e in memo:
             return memo[e]
         kind = e[0]
-        if kind == "to":
+        if kind == "rand":
+            if index is None:
+                raise ExprError("'rand' needs the element index, which this kernel lacks")
+            r = fresh(f"tl.rand({leaves[e[1]]}, {index})")
+        elif kind == "to":
             x = go(e[1])
             src = dtype_of(e[1]) if dtype_of is not None else None
             if src in _ROUND and _NAME_OF[src] != e[2] and not x[1]:
@@ -529,11 +585,12 @@ def _pow_const(a: str, p: float, fresh: Callable, use_libdevice: bool) -> tuple[
 # --- eager evaluator (fallbacks and tests) --------------------------------------------
 
 
-def evaluate(expr: Any, leaves: Mapping[str, Any]) -> Any:
+def evaluate(expr: Any, leaves: Mapping[str, Any], shape: Sequence[int] | None = None) -> Any:
     """Evaluate ``expr`` with eager torch ops (eager's dtypes and rounding at every step).
 
     ``leaves`` maps ``"ACC"`` / ``"INk"`` to tensors.  This is what the kernels fall back
-    to, and the reference of the tests.
+    to, and the reference of the tests.  ``shape`` is the result's, which ``rand`` needs
+    (:func:`uniform_reference`).
     """
     import torch.nn.functional as F
 
@@ -547,7 +604,12 @@ def evaluate(expr: Any, leaves: Mapping[str, Any]) -> Any:
         if e in memo:
             return memo[e]
         kind = e[0]
-        if kind == "to":
+        if kind == "rand":
+            if shape is None:
+                raise ExprError("'rand' needs the result's shape")
+            seed = leaves[e[1]]
+            r = uniform_reference(seed, shape, seed.device)
+        elif kind == "to":
             r = _to(go(e[1]), DTYPE_NAMES[e[2]])
         elif kind == "gelu":
             r = F.gelu(_t(go(e[1])), approximate=e[2])
@@ -705,6 +767,7 @@ def _aten_kinds() -> dict[Any, str]:
         "gelu_backward.default": "gelu_backward",
         "silu_backward.default": "silu_backward",
         "threshold_backward.default": "threshold_backward",
+        "native_dropout_backward.default": "native_dropout_backward",
         "hardtanh_backward.default": "hardtanh_backward",
         "leaky_relu_backward.default": "leaky_relu_backward",
         "elu_backward.default": "elu_backward",
@@ -731,9 +794,21 @@ ATEN_KINDS: dict[Any, str] = _aten_kinds()
 _TO_COPY_OK = {"dtype", "layout", "device", "pin_memory", "memory_format", "non_blocking"}
 
 
+#: ``tile::dropout_keep(x, seed, p)``: ``rand(seed) > p`` over ``x``'s elements (the
+#: fusion pass's form of a dropout's keep mask, :mod:`.dropout`)
+_DROPOUT_KEEP = "tile.dropout_keep.default"
+
+
+def _kind(target: Any) -> str | None:
+    kind = ATEN_KINDS.get(target)
+    if kind is None and str(target) == _DROPOUT_KEEP:
+        return "dropout_keep"
+    return kind
+
+
 def is_pointwise(target: Any) -> bool:
     """True when ``target`` (an ATen OpOverload) has a node kind (see :func:`from_aten`)."""
-    return target in ATEN_KINDS
+    return _kind(target) is not None
 
 
 def from_aten(target: Any, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> Any:
@@ -749,7 +824,7 @@ def from_aten(target: Any, args: Sequence[Any], kwargs: Mapping[str, Any] | None
     rounding mode, ``_to_copy`` to another device, a dtype with no node).
     """
     kwargs = dict(kwargs or {})
-    kind = ATEN_KINDS.get(target)
+    kind = _kind(target)
     if kind is None:
         raise ExprError(f"{target} is not a supported pointwise op")
     a = list(args)
@@ -794,6 +869,12 @@ def from_aten(target: Any, args: Sequence[Any], kwargs: Mapping[str, Any] | None
         _no_kwargs(target, kwargs)
         s = ("sigmoid", a[1])
         return canonical(("mul", a[0], ("mul", s, ("add", ("mul", a[1], ("sub", 1.0, s)), 1.0))))
+    if kind == "native_dropout_backward":  # grad * keep * scale
+        _no_kwargs(target, kwargs)
+        return canonical(("mul", ("mul", a[0], a[1]), float(a[2])))
+    if kind == "dropout_keep":  # (x, seed, p): x only gives the shape
+        _no_kwargs(target, kwargs)
+        return canonical(("gt", ("rand", a[1]), float(a[2])))
     if kind == "threshold_backward":  # ReLU's: 0 where x <= threshold, else grad
         _no_kwargs(target, kwargs)
         return canonical(("where", ("le", a[1], float(a[2])), 0.0, a[0]))

@@ -20,13 +20,17 @@
   seed op kept) become ``tile::scale_mask_softmax_dropout``; in backward graphs the
   dropout's backward and the prologue's scale fold into
   ``tile::scale_mask_softmax_backward``.
+* **dropout after a GEMM**: each training dropout is first written as pointwise ops over
+  ``tile::dropout_keep`` (:mod:`.fusion_dropout`), so the matmul epilogue absorbs it;
+  the ones that did not fuse are put back afterwards.
 * **residual add + norm**: ``layer_norm(x + r)`` / ``rms_norm(x + r)`` become
   ``tile::add_layer_norm`` / ``tile::add_rms_norm``, which also write the sum when it is
   used later.
 
 It runs on graphs whose autograd is already done (inference, and the partitioned forward
 and backward graphs), after the anchors were replaced by the rewrite.  The matmul passes
-live in :mod:`.fusion_matmul`, the softmax ones in :mod:`.fusion_softmax`, the shared
+live in :mod:`.fusion_matmul`, the softmax ones in :mod:`.fusion_softmax`, the dropout
+lowering in :mod:`.fusion_dropout`, the shared
 base in :mod:`.fusion_core`; this module holds the norm pass and the order they run in.
 """
 
@@ -39,11 +43,12 @@ import torch.fx as fx
 
 from ..report import GraphReport, Replacement, describe_value, short_target
 from .fusion_core import _is_tensor_node, _val, aten
+from .fusion_dropout import DropoutLowering
 from .fusion_matmul import MatmulFusions
 from .fusion_softmax import SoftmaxFusions
 
 
-class _Fuser(MatmulFusions, SoftmaxFusions):
+class _Fuser(MatmulFusions, SoftmaxFusions, DropoutLowering):
     # --- residual add + norm -----------------------------------------------------------
 
     def residual_norms(self) -> None:
@@ -121,6 +126,7 @@ class _Fuser(MatmulFusions, SoftmaxFusions):
 def fuse(gm: fx.GraphModule, report: GraphReport) -> int:
     """Run every fusion on ``gm`` in place; return how many regions were fused."""
     from ..codegen import (  # noqa: F401  (registers the ops)
+        dropout,
         dual_matmul,
         fused_matmul,
         fused_matmul_multi,
@@ -133,9 +139,11 @@ def fuse(gm: fx.GraphModule, report: GraphReport) -> int:
     f.softmax_prologues()
     f.softmax_dropouts()
     f.softmax_backwards()
+    f.lower_dropouts()  # keep masks as pointwise ops: they fuse into GEMM epilogues
     f.dual_matmul_epilogues()  # first: a SwiGLU pair wins over one GEMM's epilogue
     f.matmul_epilogues()
-    if f.count:
+    f.restore_dropouts()  # where a lowered dropout did not fuse
+    if f.count or f.touched:
         gm.graph.lint()
         gm.recompile()
     return f.count

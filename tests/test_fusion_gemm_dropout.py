@@ -1,0 +1,182 @@
+"""Dropout after a GEMM (GPT-2's and BERT's residual dropouts in training) fused into the
+GEMM's epilogue: the keep mask is ``rand(seed, flat index) > p`` in the kernel, written
+with the output when the backward saves it; the numbers match eager given that mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import tilebackend
+from tilebackend.codegen import _common, dropout, fused_matmul, fused_matmul_multi, pointwise
+
+P = 0.25
+SCALE = 1.0 / (1.0 - P)
+OUT = ("mul", ("mul", "ACC", ("gt", ("rand", "IN0"), P)), SCALE)
+KEEP = ("gt", ("rand", "IN0"), P)
+tile = torch.ops.tile
+
+
+def _multi(a, b, bias, seed, exprs=(OUT, KEEP)):
+    return tile.mm_epilogue_multi(a, b, bias, [seed], [pointwise.dumps(e) for e in exprs])
+
+
+def _seed(device, value=1234):
+    return torch.tensor([value], dtype=torch.int64, device=device)
+
+
+@pytest.mark.parametrize(
+    "dtype, atol, rtol", [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3)]
+)
+def test_kernel_draws_the_standalone_ops_mask(poison, device, dtype, atol, rtol):
+    """The epilogue's keep mask is the one ``tile::dropout_keep`` draws for that seed (the
+    same Philox stream over the flat index), and the output is ``acc * keep / (1 - p)``."""
+    a = torch.randn(3, 13, 17, device=device, dtype=dtype)
+    b = torch.randn(17, 19, device=device, dtype=dtype)
+    bias = torch.randn(19, device=device, dtype=dtype)
+    with _common.count_launches() as launches:
+        out, keep = _multi(a, b, bias, _seed(device))
+        same = tile.dropout_keep(torch.empty(3, 13, 19, device=device), _seed(device), P)
+    assert launches["mm_epilogue_multi"] == 1 and launches["dropout_keep"] == 1
+    assert keep.dtype == torch.bool and keep.shape == (3, 13, 19)
+    assert torch.equal(keep, same)
+    acc = (a.float() @ b.float() + bias.float()).to(dtype)
+    expect = torch.where(keep, acc.float() * SCALE, 0.0).to(dtype)
+    torch.testing.assert_close(out, expect, atol=atol, rtol=rtol)
+    # the single-output kernel (the mask not needed): the same draws
+    with _common.count_launches() as launches:
+        only = tile.mm_epilogue(a, b, bias, [_seed(device)], pointwise.dumps(OUT))
+    assert launches["mm_epilogue"] == 1
+    torch.testing.assert_close(only, out, atol=0, rtol=0)
+    # about 1 - p kept; another seed, another mask
+    assert 0.6 < keep.float().mean().item() < 0.9
+    _, other = fused_matmul_multi.matmul_epilogue_multi(a, b, bias, [_seed(device, 7)], [OUT, KEEP])
+    assert not torch.equal(other, keep)
+
+
+def test_kernel_refuses_a_bad_seed(device):
+    a, b = torch.randn(4, 5, device=device), torch.randn(5, 6, device=device)
+    assert "int64" in fused_matmul.check(a, b, None, [torch.ones(1, device=device)], OUT)
+    two = torch.tensor([1, 2], device=device)
+    assert "one-element" in fused_matmul.check(a, b, None, [two], OUT)
+    both = ("add", ("rand", "IN0"), "IN0")
+    assert "both as a rand seed and as a value" in fused_matmul.check(
+        a, b, None, [_seed(device)], both
+    )
+    # no element index in a printer call that does not give one
+    with pytest.raises(pointwise.ExprError, match="index"):
+        pointwise.print_triton(KEEP, {"IN0": "s"})
+    with pytest.raises(pointwise.ExprError, match="shape"):
+        pointwise.evaluate(KEEP, {"IN0": _seed(device)})
+
+
+def test_reference_is_consistent_between_outputs(device):
+    """The eager fallback draws one mask for every output of the op."""
+    a, b = torch.randn(6, 5, device=device), torch.randn(5, 7, device=device)
+    out, keep = fused_matmul_multi.reference(a, b, None, [_seed(device)], [OUT, KEEP])
+    torch.testing.assert_close(out, torch.where(keep, (a @ b) * SCALE, 0.0))
+    assert torch.equal(dropout.reference(out, _seed(device), P), keep)
+
+
+class _Block(nn.Module):
+    """``dropout(linear(x))``, as GPT-2's ``resid_dropout(c_proj(h))``."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 24)
+        self.drop = nn.Dropout(P)
+
+    def forward(self, x):
+        return self.drop(self.proj(x))
+
+
+@pytest.mark.parametrize("fallback", ["eager", "inductor"])
+def test_training_dropout_after_linear_is_one_kernel(poison, fallback):
+    model = _Block().train()
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": fallback})
+    with _common.count_launches() as launches:
+        y = torch.compile(model, backend=backend)(x)
+        g = torch.randn_like(y)
+        y.backward(g)
+    fwd = next(r for r in backend.report.graphs if r.name == "forward")
+    assert fwd.counts.get("fused_mm_epilogue") == 1, str(backend.report)
+    assert "native_dropout.default" not in fwd.code and "inductor_random" not in fwd.code
+    assert launches["mm_epilogue_multi"] == 1, dict(launches)  # the output and its mask
+    # eager's numbers given the kernel's mask (no element of linear(x) is exactly 0)
+    lin = model.proj(x.detach())
+    keep = y.detach() != 0
+    assert 0.55 < keep.float().mean().item() < 0.95
+    torch.testing.assert_close(y.detach(), torch.where(keep, lin * SCALE, 0.0))
+    gl = torch.where(keep, g * SCALE, 0.0)
+    torch.testing.assert_close(x.grad, gl @ model.proj.weight, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        model.proj.weight.grad, gl.reshape(-1, 24).t() @ x.detach().reshape(-1, 16)
+    )
+    torch.testing.assert_close(model.proj.bias.grad, gl.sum((0, 1)))
+
+
+def test_manual_seed_repeats_and_calls_differ(poison):
+    model = _Block().train()
+    x = torch.randn(2, 5, 16)
+    torch._dynamo.reset()
+    f = torch.compile(model, backend=tilebackend.TileBackend(options={"fallback": "eager"}))
+    torch.manual_seed(5)
+    y1, y2 = f(x), f(x)
+    torch.manual_seed(5)
+    y3 = f(x)
+    assert torch.equal(y1, y3) and not torch.equal(y1, y2)
+
+
+def test_dropout_after_residual_add_and_before_layer_norm(poison):
+    """GPT-2's block: ``ln(dropout(c_proj(h)) + residual)``: the GEMM writes the output and
+    the mask; the add and the norm are the residual-norm kernel."""
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = _Block()
+            self.ln = nn.LayerNorm(24)
+
+        def forward(self, x, r):
+            return self.ln(self.block(x) + r)
+
+    model = Res().train()
+    x, r = torch.randn(2, 5, 16), torch.randn(2, 5, 24)
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": "eager"})
+    with _common.count_launches() as launches:
+        out = torch.compile(model, backend=backend)(x, r)
+        out.sum().backward()
+    counts = backend.report.counts
+    assert counts["fused_mm_epilogue"] == 1 and counts["fused_add_layer_norm"] == 1
+    assert launches["mm_epilogue_multi"] == 1 and launches["add_layer_norm_fwd"] == 1
+    assert torch.isfinite(out).all()
+
+
+def test_unfused_dropout_is_put_back(poison):
+    """A dropout with no GEMM before it keeps its own ATen op (no extra launches)."""
+
+    def f(x):
+        return torch.nn.functional.dropout(x.relu(), P, training=True)
+
+    x = torch.randn(4, 9)
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": "eager"})
+    with _common.count_launches() as launches:
+        y = torch.compile(f, backend=backend)(x)
+    assert launches["dropout_keep"] == 0
+    code = "\n".join(r.code for r in backend.report.graphs)
+    assert "native_dropout" in code and "dropout_keep" not in code
+    keep = y != 0
+    torch.testing.assert_close(y, torch.where(keep, x.relu() * SCALE, 0.0))
+
+
+def test_eval_mode_has_no_dropout(poison):
+    model = _Block().eval()
+    x = torch.randn(2, 3, 16)
+    torch._dynamo.reset()
+    y = torch.compile(model, backend=tilebackend.TileBackend(options={"fallback": "eager"}))(x)
+    torch.testing.assert_close(y, model.proj(x))
