@@ -73,6 +73,23 @@ def test_rms_norm_written_out(poison, style):
     assert report.counts == {name: 1}, str(report)
 
 
+def test_training_code_without_a_source_file(poison):
+    """Code with no source file (``exec``'d or generated) has no stack traces: the rewrite
+    must not give its nodes a None one, which AOT's backward tracing cannot join."""
+    ns = {"torch": torch}
+    exec("def f(x):\n    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)", ns)
+    x = torch.randn(4, 8, requires_grad=True)
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": "eager"})
+    with _common.count_launches() as launches:
+        torch.compile(ns["f"], backend=backend)(x).sum().backward()
+    got = x.grad.clone()
+    x.grad = None
+    ns["f"](x).sum().backward()
+    torch.testing.assert_close(got, x.grad, atol=1e-5, rtol=1e-5)
+    assert launches["rms_norm_fwd"] == 1 and launches["rms_norm_bwd"] == 1, dict(launches)
+
+
 def test_linear_nd_and_matmuls(poison):
     lin = torch.nn.Linear(11, 7)
     x = torch.randn(2, 3, 11)

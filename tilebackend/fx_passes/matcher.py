@@ -411,7 +411,9 @@ def apply(gm: fx.GraphModule, match: Match) -> list[fx.Node]:
             raise PatternError(
                 name=pattern.name, reason=f"replacement must call torch ops only, got {n.target}"
             )
-        n.meta["stack_trace"] = match.anchor.meta.get("stack_trace")
+        trace = match.anchor.meta.get("stack_trace")
+        if trace is not None:  # code with no source file (exec'd) has none: set no None
+            n.meta["stack_trace"] = trace
         _set_meta(n, fake_mode)
     for old, r in zip(match.outputs, results):
         if old is not None:
