@@ -131,6 +131,18 @@ def test_printer_matches_eager(gen_dir, expr, dtype):
     torch.testing.assert_close(out.double(), ref32.double(), atol=tol, rtol=tol, equal_nan=True)
 
 
+@pytest.mark.parametrize("p", [-3.0, -1.0, 5.0, 7.0])
+def test_odd_power_keeps_the_sign_of_zero(gen_dir, p):
+    """``(-0.0) ** -3`` is ``-inf`` in eager: the sign of a signed zero survives odd powers."""
+    a = torch.tensor([[0.0, 2.0, -0.5], [1.5, -3.0, 0.0]])  # ACC; its negation has -0.0
+    with _common.count_launches() as n:
+        out = _printer_kernel_run(("pow", ("neg", "ACC"), p), {"ACC": a})
+    assert n["mm_epilogue"] == 1
+    ref = (-a) ** p
+    torch.testing.assert_close(out, ref)
+    assert torch.equal(torch.signbit(out), torch.signbit(ref))
+
+
 def test_printer_cast_rounds_like_eager(gen_dir):
     # 1 + 2**-12 is not an fp16 value: the cast in the middle must round it away
     a = torch.full((2, 3), 1.0 + 2.0**-12)

@@ -576,8 +576,8 @@ def _pow_const(a: str, p: float, fresh: Callable, use_libdevice: bool) -> tuple[
         return fresh(f"libdevice.pow({a}, {_lit(p)})")
     mag = fresh(f"tl.exp2({_lit(p)} * tl.log2(tl.abs({a})))")[0]
     if p == int(p):
-        if int(p) % 2:
-            return fresh(f"tl.where({a} < 0.0, -{mag}, {mag})")
+        if int(p) % 2:  # the sign of ``a``, -0.0's included (1 / -0.0 is -inf)
+            return fresh(f"tl.where(({a} < 0.0) | (1.0 / {a} < 0.0), -{mag}, {mag})")
         return mag, False
     return fresh(f'tl.where({a} < 0.0, float("nan"), {mag})')
 
