@@ -8,9 +8,9 @@ dropout in the form the graph has it:
   ``keep = tile::dropout_keep(x, seed, p)``, ``out = x * keep * (1 / (1 - p))``, with a
   seed drawn from torch's generator (``aten.randint``, so ``torch.manual_seed`` repeats
   runs);
-- Inductor's decomposition ``inductor_random(shape, seed, "rand") > p`` becomes
-  ``tile::dropout_keep(x, seed, p)`` on its own seed (Inductor's numbers, drawn the
-  same way).
+- Inductor's decomposition ``inductor_random(shape, seed, "rand") > p`` (for fp16 / bf16
+  with the random numbers cast first) becomes ``tile::dropout_keep(x, seed, p)`` on its
+  own seed (Inductor's numbers, drawn the same way, compared in fp32).
 
 ``keep`` is a pointwise op of :mod:`..codegen.pointwise` (``rand(seed) > p``), so the
 epilogue pass absorbs it like any other; the mask the backward saves is written by the
@@ -40,6 +40,10 @@ class _Lowered:
     masked: fx.Node | None = None  # native: x * keep
     out: fx.Node | None = None  # native: x * keep * scale
     shape: list | None = None  # inductor: the random tensor's size argument
+    cast: tuple | None = None  # inductor: (target, args after the input, kwargs) of its cast
+
+
+_CASTS = (torch.ops.prims.convert_element_type.default, aten._to_copy.default)
 
 
 def _inductor_random():
@@ -99,7 +103,10 @@ class DropoutLowering(FuserBase):
         if mode != "rand" or len(rnd.users) != 1:
             return
         (gt,) = rnd.users
-        if gt.target is not aten.gt.Scalar or gt.args[0] is not rnd:
+        cast = None
+        if gt.target in _CASTS and len(gt.users) == 1:  # fp16 / bf16: rand cast first
+            cast, (gt,) = gt, gt.users
+        if gt.target is not aten.gt.Scalar or gt.args[0] is not (cast or rnd):
             return
         p = gt.args[1]
         if not isinstance(p, (int, float)) or not 0.0 < p < 1.0:
@@ -127,10 +134,13 @@ class DropoutLowering(FuserBase):
             )
             self._meta(keep)
         gt.replace_all_uses_with(keep)
-        self.graph.erase_node(gt)
-        self.graph.erase_node(rnd)
+        how = None if cast is None else (cast.target, cast.args[1:], dict(cast.kwargs))
+        for n in (gt, cast, rnd):
+            if n is not None:
+                self.graph.erase_node(n)
         self.touched = True
-        self._lowered.append(_Lowered("inductor", x, float(p), seed, keep, shape=list(shape)))
+        low = _Lowered("inductor", x, float(p), seed, keep, shape=list(shape), cast=how)
+        self._lowered.append(low)
 
     def restore_dropouts(self) -> None:
         """Put back the original dropout wherever its keep mask was not fused (an unfused
@@ -143,8 +153,12 @@ class DropoutLowering(FuserBase):
             if low.form == "inductor":
                 with graph.inserting_before(low.keep):
                     rnd = graph.call_function(_inductor_random(), (low.shape, low.seed, "rand"))
-                    gt = graph.call_function(aten.gt.Scalar, (rnd, low.p))
                     self._meta(rnd)
+                    if low.cast is not None:
+                        target, rest, kwargs = low.cast
+                        rnd = graph.call_function(target, (rnd, *rest), kwargs)
+                        self._meta(rnd)
+                    gt = graph.call_function(aten.gt.Scalar, (rnd, low.p))
                     self._meta(gt)
                 low.keep.replace_all_uses_with(gt)
                 graph.erase_node(low.keep)
