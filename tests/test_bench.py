@@ -123,9 +123,13 @@ def main_rows(device, out, *extra):
     return data, {(r["name"], r["provider"]): r for r in data["rows"]}
 
 
-def test_random_case_compares_the_kept_elements(device):
+@pytest.mark.parametrize(
+    "name, kernel",
+    [("attention_dropout", "scale_mask_softmax_dropout_fwd"), ("linear_dropout", "mm_epilogue")],
+)
+def test_random_case_compares_the_kept_elements(device, name, kernel):
     rows = []
-    case = kernels.select(kernels.anchor_cases("tiny"), ["attention_dropout"])[0]
+    case = kernels.select(kernels.anchor_cases("tiny"), [name])[0]
     kernels.run_case(
         case,
         ["eager", "tile_eager"],
@@ -138,7 +142,7 @@ def test_random_case_compares_the_kept_elements(device):
     )
     eager, tile = rows
     assert eager["status"] == tile["status"] == "ok", rows
-    assert tile["tile_launches"] == {"scale_mask_softmax_dropout_fwd": 1}, tile
+    assert tile["tile_launches"] == {kernel: 1}, tile
     assert tile["rel_err"] < 1e-5 and 0.0 < tile["dropped"] < 0.5
 
 

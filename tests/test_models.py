@@ -107,11 +107,14 @@ def test_hf_training_step_gradients_match_eager(poison, name):
 
 
 def test_gpt2_training_with_attention_dropout_fuses_and_repeats(poison):
-    """Attention dropout on: one kernel each way per layer; the same seed, the same step."""
+    """Attention and residual dropouts on: the attention's is one kernel each way per
+    layer, each residual one is drawn in its GEMM's epilogue (which also writes the mask);
+    the same seed, the same step."""
     model = _model("gpt2", "eager").train()
     for m in model.modules():
-        if hasattr(m, "attn_dropout"):
-            m.attn_dropout.p = 0.1
+        for name in ("attn_dropout", "resid_dropout", "dropout"):
+            if isinstance(getattr(m, name, None), torch.nn.Dropout):
+                getattr(m, name).p = 0.1
     ids = torch.randint(0, VOCAB, (2, 7))
     torch._dynamo.reset()
     backend = tilebackend.TileBackend(options={"fallback": "eager"})
@@ -127,6 +130,17 @@ def test_gpt2_training_with_attention_dropout_fuses_and_repeats(poison):
     assert counts["fused_softmax_dropout"] == 2 and counts["fused_softmax_backward"] == 2
     assert launches["scale_mask_softmax_dropout_fwd"] == 2, dict(launches)
     assert launches["scale_mask_softmax_bwd"] == 2, dict(launches)
+    # c_proj of the attention and of the MLP, per layer: dropout in the epilogue
+    drawn = [
+        r
+        for g in backend.report.graphs
+        for r in g.replacements
+        if r.pattern == "fused_mm_epilogue" and '"rand"' in str(r.scalars.get("expr"))
+    ]
+    assert len(drawn) == 4 and all(r.scalars.get("extra_outputs") for r in drawn)
+    fwd = [g for g in backend.report.graphs if g.name == "forward"]
+    assert fwd and not any("native_dropout.default" in g.code for g in fwd)
+    assert launches["mm_epilogue_multi"] >= 4 and launches["dropout_keep"] == 0
     for n, g in grads[0].items():
         assert torch.isfinite(g).all(), n
         torch.testing.assert_close(grads[1][n], g, atol=0, rtol=0, msg=n)

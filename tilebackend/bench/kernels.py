@@ -152,13 +152,7 @@ def attention_dropout_case(b: int, h: int, t: int, s: int, p: float = 0.1) -> Ke
 
     def errors(out, args):
         x, mask = args
-        ref = torch.softmax(x.float() / math.sqrt(64) + mask.float(), dim=-1)
-        live, keep = ref > 0, out != 0
-        diff = (out.float() - ref / (1 - p)).abs()[keep]
-        scale = ref.max().item() / (1 - p)
-        err = diff.max().item() if diff.numel() else 0.0
-        dropped = 1.0 - (keep & live).sum().item() / max(live.sum().item(), 1)
-        return {"max_abs_err": err, "rel_err": err / scale if scale else err, "dropped": dropped}
+        return _dropout_errors(out, torch.softmax(x.float() / math.sqrt(64) + mask.float(), -1), p)
 
     return KernelCase(
         name=f"attention_dropout_{b}x{h}x{t}x{s}",
@@ -168,6 +162,48 @@ def attention_dropout_case(b: int, h: int, t: int, s: int, p: float = 0.1) -> Ke
         make=make,
         flops=0,
         nbytes=2.0 * b * h * t * s + b * t * s,
+        errors=errors,
+    )
+
+
+def _dropout_errors(out: torch.Tensor, ref: torch.Tensor, p: float) -> dict:
+    """Errors of ``dropout(ref, p)`` whose random draws are the provider's own: on the
+    elements kept, against ``ref / (1 - p)`` (fp32); and the share dropped of the
+    elements ``ref`` leaves nonzero."""
+    live, keep = ref != 0, out != 0
+    diff = (out.float() - ref / (1 - p)).abs()[keep]
+    scale = ref.abs().max().item() / (1 - p)
+    err = diff.max().item() if diff.numel() else 0.0
+    dropped = 1.0 - (keep & live).sum().item() / max(live.sum().item(), 1)
+    return {"max_abs_err": err, "rel_err": err / scale if scale else err, "dropped": dropped}
+
+
+def linear_dropout_case(m: int, k: int, n: int, p: float = 0.1) -> KernelCase:
+    """GPT-2's residual dropout in training: ``dropout(x @ W^T + b, p)``, drawn in the
+    GEMM's epilogue by tile (errors as :func:`attention_dropout_case`'s)."""
+
+    def make(device, dtype):
+        x = _randn(m, k, device=device, dtype=dtype)
+        w = _randn(n, k, device=device, dtype=dtype, scale=k**-0.5)
+        b = _randn(n, device=device, dtype=dtype)
+
+        def linear_dropout(x, w, b):
+            return F.dropout(F.linear(x, w, b), p, training=True)
+
+        return linear_dropout, (x, w, b)
+
+    def errors(out, args):
+        x, w, b = (t.float() for t in args)
+        return _dropout_errors(out, F.linear(x, w, b), p)
+
+    return KernelCase(
+        name=f"linear_dropout_{m}x{k}x{n}",
+        family="mm",
+        bound="compute",
+        shape=f"dropout({m}x{k} @ W[{n}x{k}]^T + b, {p})",
+        make=make,
+        flops=2.0 * m * n * k,
+        nbytes=0,
         errors=errors,
     )
 
@@ -251,6 +287,7 @@ def anchor_cases(profile: str = "anchor") -> list[KernelCase]:
         return [
             mm_case(4096, 4096, 4096),
             linear_bias_gelu_case(8192, 768, 3072),
+            linear_dropout_case(8192, 3072, 768),
             softmax_case(49152, 1024),
             scale_mask_softmax_case(4, 12, 1024, 1024),
             attention_dropout_case(4, 12, 1024, 1024),
@@ -262,6 +299,7 @@ def anchor_cases(profile: str = "anchor") -> list[KernelCase]:
     return [
         mm_case(32, 32, 32),
         linear_bias_gelu_case(16, 32, 48),
+        linear_dropout_case(16, 48, 32),
         softmax_case(16, 32),
         scale_mask_softmax_case(2, 2, 8, 8),
         attention_dropout_case(2, 2, 8, 8),
