@@ -39,3 +39,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and DEVICE != "cuda":
             item.add_marker(gpu)
+
+
+@pytest.fixture
+def gen_dir(tmp_path, monkeypatch):
+    """Generated kernel sources go to a fresh folder (``TILEBACKEND_DEBUG_DIR``)."""
+    monkeypatch.setenv("TILEBACKEND_DEBUG_DIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def clean_failures():
+    """Forget kernels that failed before and after the test (failure-injection tests)."""
+    from tilebackend.codegen import _common
+
+    _common.reset_failures()
+    yield
+    _common.reset_failures()

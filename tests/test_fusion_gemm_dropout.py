@@ -201,3 +201,28 @@ def test_eval_mode_has_no_dropout(poison):
     torch._dynamo.reset()
     y = torch.compile(model, backend=tilebackend.TileBackend(options={"fallback": "eager"}))(x)
     torch.testing.assert_close(y, model.proj(x))
+
+
+def test_one_randint_draws_every_seed(poison):
+    """Two fused dropouts (and a softmax's) draw their seeds in one ``randint`` launch,
+    and ``torch.manual_seed`` still repeats the step."""
+    l1, l2 = nn.Linear(16, 16), nn.Linear(16, 24)
+
+    def f(x):
+        h = torch.nn.functional.dropout(l1(x), P, training=True)
+        s = torch.nn.functional.dropout(torch.softmax(h * 0.5, -1), P, training=True)
+        return torch.nn.functional.dropout(l2(s), P, training=True)
+
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": "eager"})
+    compiled = torch.compile(f, backend=backend)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        with _common.count_launches() as launches:
+            outs.append(compiled(x))
+    assert torch.equal(outs[0], outs[1])
+    assert launches["mm_epilogue_multi"] == 2 and launches["scale_mask_softmax_dropout_fwd"] == 1
+    fwd = next(r for r in backend.report.graphs if r.name == "forward")
+    assert fwd.code.count("aten.randint") == 1, fwd.code

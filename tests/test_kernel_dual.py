@@ -22,19 +22,6 @@ DTYPES = pytest.mark.parametrize(
 )
 
 
-@pytest.fixture
-def gen_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("TILEBACKEND_DEBUG_DIR", str(tmp_path))
-    return tmp_path
-
-
-@pytest.fixture
-def clean_failures():
-    _common.reset_failures()
-    yield
-    _common.reset_failures()
-
-
 def _boom(*a, **k):
     raise RuntimeError("injected kernel failure")
 

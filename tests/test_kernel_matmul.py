@@ -409,13 +409,6 @@ def test_unsupported_inputs_fall_back_to_aten(poison, device):
     assert torch.equal(out, a @ b)
 
 
-@pytest.fixture
-def clean_failures():
-    _common.reset_failures()
-    yield
-    _common.reset_failures()
-
-
 def test_launch_failure_warns_once_and_falls_back(poison, device, monkeypatch, clean_failures):
     def broken(*args, **kwargs):
         raise RuntimeError("simulated compile failure")

@@ -143,6 +143,7 @@ def fuse(gm: fx.GraphModule, report: GraphReport) -> int:
     f.dual_matmul_epilogues()  # first: a SwiGLU pair wins over one GEMM's epilogue
     f.matmul_epilogues()
     f.restore_dropouts()  # where a lowered dropout did not fuse
+    f.merge_seeds()  # one randint for all the seeds the fused ops draw with
     if f.count or f.touched:
         gm.graph.lint()
         gm.recompile()

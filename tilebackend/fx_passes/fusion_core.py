@@ -14,6 +14,7 @@ from .matcher import _fake_mode_of, _set_meta
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+_SEED_META = "tilebackend_seed"
 
 
 def _val(n: Any) -> Any:
@@ -69,3 +70,45 @@ class FuserBase:
 
     def _meta(self, node: fx.Node) -> None:
         _set_meta(node, self.fake_mode)
+
+    def _new_seed(self, device) -> fx.Node:
+        """A one-element int64 seed drawn from torch's generator (``torch.manual_seed``
+        repeats a run), for a fused op that draws random numbers; insert it under
+        ``graph.inserting_before``.  :meth:`merge_seeds` later draws all of a graph's in
+        one call."""
+        seed = self.graph.call_function(
+            aten.randint.low, (0, 2**62, [1]), {"dtype": torch.int64, "device": device}
+        )
+        seed.meta[_SEED_META] = True
+        self._meta(seed)
+        return seed
+
+    def merge_seeds(self) -> None:
+        """Draw every seed of :meth:`_new_seed` in one ``randint`` (one launch, not one per
+        dropout): each becomes a one-element slice of it (and an unused one goes)."""
+        seeds = []
+        for n in list(self.graph.nodes):
+            if n.meta.get(_SEED_META):
+                if n.users:
+                    seeds.append(n)
+                else:  # its fused op was not made: don't draw for nothing
+                    self.graph.erase_node(n)
+        by_device: dict[Any, list[fx.Node]] = {}
+        for n in seeds:
+            by_device.setdefault(n.kwargs["device"], []).append(n)
+        for device, group in by_device.items():
+            if len(group) < 2:
+                continue
+            with self.graph.inserting_before(group[0]):
+                every = self.graph.call_function(
+                    aten.randint.low,
+                    (0, 2**62, [len(group)]),
+                    {"dtype": torch.int64, "device": device},
+                )
+                self._meta(every)
+                for i, n in enumerate(group):
+                    part = self.graph.call_function(aten.slice.Tensor, (every, 0, i, i + 1))
+                    self._meta(part)
+                    n.replace_all_uses_with(part)
+            for n in group:
+                self.graph.erase_node(n)

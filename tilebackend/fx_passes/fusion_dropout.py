@@ -78,15 +78,11 @@ class DropoutLowering(FuserBase):
             return
         graph = self.graph
         with graph.inserting_before(nd):
-            seed = graph.call_function(
-                aten.randint.low,
-                (0, 2**62, [1]),
-                {"dtype": torch.int64, "device": _val(x).device},
-            )
+            seed = self._new_seed(_val(x).device)
             keep = graph.call_function(torch.ops.tile.dropout_keep.default, (x, seed, float(p)))
             masked = graph.call_function(aten.mul.Tensor, (x, keep))
             out = graph.call_function(aten.mul.Tensor, (masked, 1.0 / (1.0 - float(p))))
-            for new in (seed, keep, masked, out):
+            for new in (keep, masked, out):
                 self._meta(new)
         if 0 in outs:
             outs[0].replace_all_uses_with(out)

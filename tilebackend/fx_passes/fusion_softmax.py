@@ -173,12 +173,7 @@ class SoftmaxFusions(FuserBase):
         others = [u for u in sm.users if u not in chain]
         if seed is None:  # native_dropout: draw a seed from torch's generator
             with graph.inserting_before(sm):
-                seed = graph.call_function(
-                    aten.randint.low,
-                    (0, 2**62, [1]),
-                    {"dtype": torch.int64, "device": _val(sm).device},
-                )
-                self._meta(seed)
+                seed = self._new_seed(_val(sm).device)
         else:  # Inductor's seed lookup: make it available where the softmax is
             order = self._order()
             for n in [*seed.all_input_nodes, seed]:
