@@ -517,7 +517,8 @@ def print_triton_many(
         else:
             x = as_f(go(e[1]))
             code = {
-                "neg": f"-{x}",
+                # x * -1, not -x: triton < 3.7 compiles -x as 0 - x, which loses -0.0
+                "neg": f"{x} * -1.0",
                 "exp": f"tl.exp({x})",
                 "log": f"tl.log({x})",
                 "tanh": None,
@@ -577,7 +578,7 @@ def _pow_const(a: str, p: float, fresh: Callable, use_libdevice: bool) -> tuple[
     mag = fresh(f"tl.exp2({_lit(p)} * tl.log2(tl.abs({a})))")[0]
     if p == int(p):
         if int(p) % 2:  # the sign of ``a``, -0.0's included (1 / -0.0 is -inf)
-            return fresh(f"tl.where(({a} < 0.0) | (1.0 / {a} < 0.0), -{mag}, {mag})")
+            return fresh(f"tl.where(({a} < 0.0) | (1.0 / {a} < 0.0), {mag} * -1.0, {mag})")
         return mag, False
     return fresh(f'tl.where({a} < 0.0, float("nan"), {mag})')
 
