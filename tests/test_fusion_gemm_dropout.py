@@ -4,6 +4,8 @@ with the output when the backward saves it; the numbers match eager given that m
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -226,3 +228,42 @@ def test_one_randint_draws_every_seed(poison):
     assert launches["mm_epilogue_multi"] == 2 and launches["scale_mask_softmax_dropout_fwd"] == 1
     fwd = next(r for r in backend.report.graphs if r.name == "forward")
     assert fwd.code.count("aten.randint") == 1, fwd.code
+
+
+@pytest.mark.parametrize("case", ["epilogue_took_the_input", "two_in_a_row"])
+def test_put_back_dropout_reads_the_current_input(poison, case):
+    """A dropout put back reads its input as the graph has it then: the epilogue pass may
+    have replaced that node (``mm + e`` fused, the dropout not), or a dropout before it
+    was put back too.  A stale node made the whole graph's fusion fail."""
+    if case == "epilogue_took_the_input":
+
+        def f(x, w, e, r):
+            y = r + torch.nn.functional.dropout(torch.mm(x, w) + e, 0.5, training=True)
+            return y, torch.nn.functional.layer_norm(y, (16,))
+
+        args = [torch.randn(13, 7), torch.randn(7, 16), torch.randn(13, 16), torch.randn(13, 16)]
+    else:
+
+        def f(x):
+            return torch.nn.functional.dropout(torch.nn.functional.dropout(x, 0.5, True), 0.3, True)
+
+        args = [torch.randn(6, 9)]
+    args = [a.requires_grad_() for a in args]
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": "eager"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "fusing the ... graph failed"
+        out = torch.compile(f, backend=backend)(*args)
+        out = out if isinstance(out, tuple) else (out,)
+        sum(o.sum() for o in out).backward()
+    assert not any("fusion failed" in n for g in backend.report.graphs for n in g.notes)
+    if case == "epilogue_took_the_input":
+        x, w, e, r = (a.detach() for a in args)
+        d = out[0].detach() - r
+        keep = d.abs() > 1e-6
+        torch.testing.assert_close(d[keep], ((x @ w + e) * 2)[keep], atol=1e-5, rtol=1e-5)
+        assert backend.report.counts.get("fused_mm_epilogue") == 1, str(backend.report)
+    else:
+        y, x = out[0].detach(), args[0].detach()
+        keep = y != 0
+        torch.testing.assert_close(y[keep], (x / 0.5 / 0.7)[keep])

@@ -163,8 +163,9 @@ class DropoutLowering(FuserBase):
                 continue
             if set(low.masked.users) != {low.out}:
                 continue
+            x = low.keep.args[0]  # not low.x: the epilogue pass may have replaced that node
             with graph.inserting_before(low.keep):
-                nd = graph.call_function(aten.native_dropout.default, (low.x, low.p, True))
+                nd = graph.call_function(aten.native_dropout.default, (x, low.p, True))
                 self._meta(nd)
                 g0 = graph.call_function(operator.getitem, (nd, 0))
                 g1 = graph.call_function(operator.getitem, (nd, 1))
