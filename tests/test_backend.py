@@ -164,6 +164,48 @@ def test_dynamic_shapes_one_graph(poison):
     assert names == ["forward, before autograd", "forward", "backward"], str(backend.report)
 
 
+class _ScaledAttentionRMS(torch.nn.Module):
+    """Floats as HF keeps them: an RMS norm's ``variance_epsilon``, an attention's
+    ``scaling``; ``dynamic=True`` makes them graph inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(16))
+        self.variance_epsilon = 1e-6
+        self.scaling = 0.25
+
+    def forward(self, x, mask):
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        h = self.weight * h
+        return torch.softmax(h @ h.transpose(-1, -2) * self.scaling + mask, -1)
+
+
+@pytest.mark.parametrize("specialize", [True, False])
+def test_dynamic_module_floats_are_specialized_with_a_guard(poison, specialize):
+    mod = _ScaledAttentionRMS()
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(
+        options={"fallback": "eager", "specialize_floats": specialize}
+    )
+    compiled = torch.compile(mod, backend=backend, dynamic=True)
+    with torch.no_grad():
+        for t, eps in ((9, 1e-6), (7, 1e-6), (5, 0.5)):
+            mod.variance_epsilon = eps  # a new value: the guard recompiles
+            x, mask = torch.randn(2, t, 16), torch.randn(1, t, t)
+            with _common.count_launches() as launches:
+                got = compiled(x, mask)
+            torch.testing.assert_close(got, mod(x, mask), atol=1e-5, rtol=1e-5)
+            if specialize:
+                assert launches["rms_norm_fwd"] == 1, str(backend.report)
+                assert launches["scale_mask_softmax_fwd"] == 1, str(backend.report)
+    names = " ".join(backend.report.specialized)
+    if specialize:
+        assert "variance_epsilon" in names and "scaling" in names
+        assert "specialized" in str(backend.report)
+    else:
+        assert not names and not any("rms" in k for k in backend.report.counts)
+
+
 def test_kernel_failure_falls_back_with_one_warning(monkeypatch):
     from tilebackend.codegen import softmax
 

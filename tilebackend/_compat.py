@@ -83,6 +83,51 @@ def isolated_tracing():
         yield
 
 
+def module_float_inputs(gm: Any) -> list[tuple[str, str, float]]:
+    """``(symbol, source name, value)`` of each float that Dynamo made a graph input
+    (``dynamic=True``: a 0-dim tensor read with ``.item()``) and that is an attribute of
+    an ``nn.Module`` (a hyperparameter: an eps, a scale).  Empty when this torch has no
+    such inputs or no way to specialise them (:func:`specialize_floats`)."""
+    try:
+        from torch._dynamo.exc import TensorifyScalarRestartAnalysis  # noqa: F401
+        from torch._dynamo.symbolic_convert import TensorifyState  # noqa: F401
+    except ImportError:
+        return []
+    found = []
+    for n in gm.graph.nodes:
+        if not (n.op == "call_method" and n.target == "item" and n.args):
+            continue
+        ph, val = n.args[0], n.meta.get("example_value")
+        source = getattr(getattr(ph, "meta", {}).get("grapharg"), "source", None)
+        if ph.op != "placeholder" or not isinstance(val, torch.SymFloat) or source is None:
+            continue
+        expr = val.node.expr
+        if not getattr(expr, "is_Symbol", False) or not _is_module_attribute(source):
+            continue
+        name = source.name() if callable(source.name) else source.name
+        found.append((str(expr), str(name), val.node.hint))
+    return found
+
+
+def _is_module_attribute(source: Any) -> bool:
+    gs = getattr(source, "guard_source", None)
+    gs = gs() if callable(gs) else gs
+    checks = ("is_unspecialized_nn_module", "is_specialized_nn_module", "is_nn_module")
+    return any(bool(getattr(gs, c, lambda: False)()) for c in checks) and hasattr(source, "member")
+
+
+def specialize_floats(symbols: list[str]) -> None:
+    """Make Dynamo re-trace the frame with these float symbols constant (its own
+    mechanism, which the tensorify pass uses: each value gets a guard).  Raises
+    Dynamo's restart exception, which the backend must let through."""
+    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+    from torch._dynamo.symbolic_convert import TensorifyState
+
+    for s in symbols:
+        TensorifyState.specialize(s)
+    raise TensorifyScalarRestartAnalysis
+
+
 def dynamo_control_flow() -> tuple[type[BaseException], ...]:
     """Exceptions Dynamo raises to restart or skip a frame: never swallow these."""
     import torch._dynamo.exc as exc

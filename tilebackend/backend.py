@@ -163,6 +163,7 @@ class TileBackend:
             fallback = "inductor" if _is_gpu_graph(example_inputs) else "eager"
         last_report = self.report
         start = len(self.report.graphs)
+        self._specialize_module_floats(gm)
         try:
             with settings.use(self.settings):
                 if _needs_autograd(example_inputs) and not self.settings.verify:
@@ -176,6 +177,22 @@ class TileBackend:
         except _compat.dynamo_control_flow():
             del self.report.graphs[start:]  # Dynamo retraces and calls us again
             raise
+
+    def _specialize_module_floats(self, gm: fx.GraphModule) -> None:
+        """Under ``dynamic=True`` a module's float attributes (an RMS norm's eps, an
+        attention's scaling) arrive as graph inputs, and a pattern needs them constant:
+        ask Dynamo to re-trace with them specialised (guarded: a new value recompiles).
+        Each float is asked for once (if Dynamo keeps it an input, so be it)."""
+        if not self.settings.specialize_floats:
+            return
+        asked = self.__dict__.setdefault("_floats_asked", set())
+        new = [(s, name, v) for s, name, v in _compat.module_float_inputs(gm) if name not in asked]
+        if not new:
+            return
+        for _, name, value in new:
+            asked.add(name)
+            self.report.specialized.append(f"{name} = {value!r}")
+        _compat.specialize_floats([s for s, _, _ in new])
 
     def _rewrite(self, gm: fx.GraphModule, name: str, patterns, table_key: str, fallback: str):
         from .fx_passes.rewrite import rewrite

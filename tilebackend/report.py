@@ -74,6 +74,8 @@ class GraphReport:
 @dataclasses.dataclass
 class Report:
     graphs: list[GraphReport] = dataclasses.field(default_factory=list)
+    #: module floats made constants at the backend's request (``dynamic=True``), guarded
+    specialized: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -103,5 +105,7 @@ class Report:
                 lines.append(f"  note      {n}")
             if not (g.replacements or g.skipped or g.notes):
                 lines.append("  (no candidates)")
+        for s in self.specialized:
+            lines.append(f"specialized {s} (a module's float: Dynamo re-traced it as a constant)")
         lines.append(f"counts: {self.counts}")
         return "\n".join(lines)

@@ -65,6 +65,11 @@ class Settings:
     #: Grow each tile anchor into its pointwise neighbours (matmul epilogues, softmax
     #: scale/mask prologues, residual add + norm).  env TILEBACKEND_FUSION
     fusion: bool = True
+    #: Under ``dynamic=True`` Dynamo makes a module's float attributes (an RMS norm's
+    #: ``eps``, an attention's ``scaling``) graph inputs, which no pattern can read as a
+    #: constant: ask Dynamo to re-trace with them constant (it guards each value, so a
+    #: changed one recompiles; the report lists them).  env TILEBACKEND_SPECIALIZE_FLOATS
+    specialize_floats: bool = True
 
     _CHOICES = {
         "fallback": ("auto", "inductor", "eager"),
@@ -88,6 +93,7 @@ class Settings:
             tuning=os.environ.get("TILEBACKEND_TUNING") or None,
             verify=_env_bool("TILEBACKEND_VERIFY", False),
             fusion=_env_bool("TILEBACKEND_FUSION", True),
+            specialize_floats=_env_bool("TILEBACKEND_SPECIALIZE_FLOATS", True),
         )._validated()
 
     @classmethod
