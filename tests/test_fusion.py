@@ -202,6 +202,25 @@ def test_scale_mask_softmax_is_one_kernel(poison, mask_kind):
     assert "aten.mul" not in graph.code and "aten.add" not in graph.code
 
 
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)], ids=["fp16", "bf16"]
+)
+def test_half_attention_softmax_in_float32_is_one_kernel(poison, dtype, tol):
+    """Llama's eager attention in half precision: ``softmax(s * c + mask, dtype=float32)
+    .to(s.dtype)``: the upcast, the prologue and the cast back are one kernel (fp32 math,
+    one rounding to the half result)."""
+    x = torch.randn(2, 3, 7, 7, dtype=dtype)
+    mask = torch.randn(2, 1, 7, 7, dtype=dtype)
+
+    def fn(x, m):
+        return F.softmax(x * 0.125 + m, dim=-1, dtype=torch.float32).to(x.dtype)
+
+    graph, launches = _run(fn, x, mask, atol=tol, rtol=tol)
+    assert graph.counts.get("fused_scale_mask_softmax") == 1, str(graph)
+    assert dict(launches) == {"scale_mask_softmax_fwd": 1}
+    assert "_to_copy" not in graph.code and "aten.add" not in graph.code
+
+
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 @pytest.mark.parametrize("sum_used", [False, True])
 def test_residual_add_norm_is_one_kernel(poison, norm, sum_used):

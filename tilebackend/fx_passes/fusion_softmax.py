@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import operator
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -13,6 +14,8 @@ import torch.fx as fx
 from ..report import Replacement, describe_value, short_target
 from . import shapes
 from .fusion_core import FuserBase, _is_tensor_node, _single_use, _val, aten
+
+_CASTS = (aten._to_copy.default, torch.ops.prims.convert_element_type.default)
 
 
 class SoftmaxFusions(FuserBase):
@@ -24,9 +27,13 @@ class SoftmaxFusions(FuserBase):
             if sm.op != "call_function" or sm.target is not tile.softmax.default:
                 continue
             x, dim, half_to_float = sm.args[:3]
-            if half_to_float:
+            # softmax(..., dtype=float32).to(half), Llama's eager attention in fp16 / bf16:
+            # the upcast (or half_to_float) and the cast back are absorbed when the fp32
+            # probabilities are used only by that cast: one kernel, half in and out
+            up, down = self._upcast_softmax(sm, x, half_to_float)
+            if half_to_float and down is None:
                 continue
-            scale, mask, mode, base, consumed = 1.0, None, None, x, []
+            scale, mask, mode, base, consumed = 1.0, None, None, up or x, []
             # x may be: add(s, mask) | masked_fill(s, mask, -inf) | s ; s = mul(y, c) | div(y, c)
             if (
                 _single_use(base)
@@ -58,6 +65,8 @@ class SoftmaxFusions(FuserBase):
                 base = base.args[0]
             if not consumed:
                 continue
+            if up is not None:
+                consumed.insert(0, x)  # the upcast, erased after the ops before it
             xv = _val(base)
             if mask is not None:
                 mv = _val(mask)
@@ -74,14 +83,15 @@ class SoftmaxFusions(FuserBase):
                     tile.scale_mask_softmax.default, (base, scale, mask, -1)
                 )
                 self._meta(fused)
+            result = down or sm  # the node the fused op stands for
             if (
-                not self._same(_val(fused).shape, _val(sm).shape)
-                or _val(fused).dtype != _val(sm).dtype
+                not self._same(_val(fused).shape, _val(result).shape)
+                or _val(fused).dtype != _val(result).dtype
             ):
                 self.graph.erase_node(fused)
                 continue
-            sm.replace_all_uses_with(fused)
-            for n in [sm, *consumed]:
+            result.replace_all_uses_with(fused)
+            for n in [*([down] if down is not None else []), sm, *consumed]:
                 if not n.users:
                     self.graph.erase_node(n)
             self.count += 1
@@ -95,6 +105,26 @@ class SoftmaxFusions(FuserBase):
                     scalars={"scale": scale, "mask_mode": mode or "none"},
                 )
             )
+
+    def _upcast_softmax(self, sm: fx.Node, x: Any, half_to_float: bool):
+        """For ``softmax(x16.float()).to(float16)`` (or ``half_to_float``): ``(x16, the
+        cast back)``; ``(None, cast back)`` for half_to_float; ``(None, None)`` when the
+        softmax is not that (or its fp32 result is used otherwise)."""
+        (down,) = sm.users if len(sm.users) == 1 else (None,)
+        if down is None or down.target not in _CASTS or len(down.args) < 1:
+            return None, None
+        if half_to_float:
+            src = x
+        elif _single_use(x) and x.target in _CASTS and _is_tensor_node(x.args[0]):
+            src = x.args[0]
+        else:
+            return None, None
+        half = (torch.float16, torch.bfloat16)
+        if _val(src).dtype not in half or _val(down).dtype != _val(src).dtype:
+            return None, None
+        if _val(sm).dtype != torch.float32:
+            return None, None
+        return (None if half_to_float else src), down
 
     # --- dropout after a softmax ------------------------------------------------------
 
