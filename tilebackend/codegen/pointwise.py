@@ -209,51 +209,34 @@ def loads(s: str) -> Any:
     return canonical(raw)
 
 
-def input_leaves(expr: Any) -> set[str]:
-    """The leaves (``"ACC"``, ``"ACC1"``, ``"IN0"``, ...) that ``expr`` reads."""
+def _leaves(expr: Any, seeds: bool, values: bool) -> set[str]:
+    """The leaves ``expr`` reads as ``rand`` seeds and / or as values."""
     out: set[str] = set()
 
-    def walk(e):
+    def walk(e, as_seed: bool):
         if isinstance(e, tuple):
             for o in e[1:]:
-                walk(o)
-        elif _is_leaf(e):
+                walk(o, e[0] == "rand")
+        elif _is_leaf(e) and (seeds if as_seed else values):
             out.add(e)
 
-    walk(canonical(expr))
+    walk(canonical(expr), False)
     return out
+
+
+def input_leaves(expr: Any) -> set[str]:
+    """The leaves (``"ACC"``, ``"ACC1"``, ``"IN0"``, ...) that ``expr`` reads."""
+    return _leaves(expr, seeds=True, values=True)
 
 
 def seed_leaves(expr: Any) -> set[str]:
     """The leaves that ``expr`` reads as a ``rand`` seed."""
-    out: set[str] = set()
-
-    def walk(e):
-        if isinstance(e, tuple):
-            if e[0] == "rand":
-                out.add(e[1])
-            else:
-                for o in e[1:]:
-                    walk(o)
-
-    walk(canonical(expr))
-    return out
+    return _leaves(expr, seeds=True, values=False)
 
 
 def value_leaves(expr: Any) -> set[str]:
     """The leaves that ``expr`` reads as values (not as a ``rand`` seed)."""
-    out: set[str] = set()
-
-    def walk(e):
-        if isinstance(e, tuple):
-            if e[0] != "rand":
-                for o in e[1:]:
-                    walk(o)
-        elif _is_leaf(e):
-            out.add(e)
-
-    walk(canonical(expr))
-    return out
+    return _leaves(expr, seeds=False, values=True)
 
 
 def uniform_reference(seed: torch.Tensor, shape: Sequence[int], device: Any) -> torch.Tensor:
