@@ -187,6 +187,47 @@ def test_swiglu_training_step_matches_eager(poison):
     assert any("dual GEMM" in s.reason for s in backend.report.skipped), str(backend.report)
 
 
+class _GateUpMLP(torch.nn.Module):
+    """Phi-3's MLP: one ``gate_up`` GEMM, chunked, then SwiGLU."""
+
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.gate_up = torch.nn.Linear(16, 48, bias=bias)
+        self.down = torch.nn.Linear(24, 16, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(up * F.silu(gate))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_gate_up_gemm_is_one_dual_kernel(poison, bias):
+    mlp = _GateUpMLP(bias)
+    x = torch.randn(2, 5, 16)
+    graph, launches = _run(mlp, x, atol=1e-5, rtol=1e-5)
+    assert graph.counts.get("fused_dual_mm_epilogue") == 1, str(graph)
+    assert dict(launches) == {"dual_mm_epilogue": 1, "mm": 1}, dict(launches)
+    assert "aten.split" not in graph.code and "aten.silu" not in graph.code
+
+
+def test_chunked_gate_up_gemm_trains(poison):
+    """In training the halves are saved for the backward: still right (two GEMMs of
+    the halves, the gate's epilogue fused), gradients as eager's."""
+    mlp = _GateUpMLP(True)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": "eager"})
+    with _common.count_launches() as launches:
+        torch.compile(mlp, backend=backend)(x).square().sum().backward()
+    got = [p.grad.clone() for p in mlp.parameters()] + [x.grad.clone()]
+    mlp.zero_grad()
+    x.grad = None
+    mlp(x).square().sum().backward()
+    for g, p in zip(got, [*mlp.parameters(), x], strict=True):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+    assert launches["mm_epilogue_multi"] == 1, dict(launches)
+
+
 @pytest.mark.parametrize("mask_kind", ["additive", "bool"])
 def test_scale_mask_softmax_is_one_kernel(poison, mask_kind):
     x = torch.randn(2, 3, 7, 7)

@@ -140,6 +140,7 @@ def fuse(gm: fx.GraphModule, report: GraphReport) -> int:
     f.softmax_dropouts()
     f.softmax_backwards()
     f.lower_dropouts()  # keep masks as pointwise ops: they fuse into GEMM epilogues
+    f.split_gemms()  # a gate_up GEMM chunked in two: two GEMMs of W's halves
     f.dual_matmul_epilogues()  # first: a SwiGLU pair wins over one GEMM's epilogue
     f.matmul_epilogues()
     f.restore_dropouts()  # where a lowered dropout did not fuse

@@ -395,6 +395,69 @@ class MatmulFusions(FuserBase):
                 graph.erase_node(n)
         self.count += 1
 
+    # --- a GEMM split in two halves ---------------------------------------------------
+
+    def split_gemms(self) -> None:
+        """``gate, up = linear(x, W_gate_up).chunk(2, -1)`` whose halves meet in a pointwise
+        op (Phi-3's SwiGLU) becomes two GEMMs over the column halves of ``W`` (views, no
+        copy), so :meth:`dual_matmul_epilogues` can run them as one dual GEMM."""
+        from ..codegen import pointwise
+
+        tile = torch.ops.tile
+        for gemm in list(self.graph.nodes):
+            parts = self._gemm_parts(gemm)
+            if parts is None:
+                continue
+            root = self._gemm_root(gemm)
+            halves = self._split_halves(root)
+            if halves is None or not self._meet_in_pointwise(list(halves), pointwise):
+                continue
+            a, b, bias = parts
+            n = _val(gemm).shape[-1]
+            h = n // 2
+            graph = self.graph
+            news = []
+            with graph.inserting_before(gemm):
+                for lo, hi in ((0, h), (h, n)):
+                    bh = graph.call_function(aten.slice.Tensor, (b, 1, lo, hi))
+                    self._meta(bh)
+                    if bias is None:
+                        g = graph.call_function(tile.mm.default, (a, bh))
+                    else:
+                        dim = _val(bias).dim() - 1
+                        biash = graph.call_function(aten.slice.Tensor, (bias, dim, lo, hi))
+                        self._meta(biash)
+                        g = graph.call_function(tile.addmm.default, (biash, a, bh))
+                    self._meta(g)
+                    if root is not gemm:
+                        g = graph.call_function(aten.view.default, (g, [*root.args[1][:-1], h]))
+                        self._meta(g)
+                    news.append(g)
+            split = halves[0].args[0]
+            for half, new in zip(halves, news):
+                half.replace_all_uses_with(new)
+            for node in dict.fromkeys((*halves, split, root, gemm)):
+                if not node.users:
+                    graph.erase_node(node)
+
+    def _split_halves(self, root: fx.Node):
+        """The two getitems of ``split(root, N / 2, -1)`` when that is ``root``'s only use
+        (static ``N``), else None."""
+        if len(root.users) != 1:
+            return None
+        (split,) = root.users
+        if split.target is not aten.split.Tensor or len(split.args) < 2:
+            return None
+        size, dim = split.args[1], split.args[2] if len(split.args) > 2 else 0
+        shape = _val(root).shape
+        n = shape[-1]
+        if not isinstance(n, int) or n % 2 or size != n // 2 or dim not in (-1, len(shape) - 1):
+            return None
+        outs = {u.args[1]: u for u in split.users if u.target is operator.getitem}
+        if len(outs) != len(split.users) or set(outs) != {0, 1}:
+            return None
+        return outs[0], outs[1]
+
     # --- dual GEMM epilogue ------------------------------------------------------------
 
     def dual_matmul_epilogues(self) -> None:
