@@ -186,8 +186,8 @@ def dual_mm_epilogue_kernel(
 def _render(expr: Any, bools: tuple[bool, ...], leaf_dtypes=None) -> str:
     """The module source of the kernel for ``expr`` with extras (``True`` = bool extra)."""
     in_ptrs, in_strides, loads, leaves, bool_leaves = fused_matmul._render_extras(expr, bools)
-    body, res = fused_matmul._render_expression(
-        expr, {"ACC": "acc0", "ACC1": "acc1", **leaves}, bool_leaves, leaf_dtypes
+    body, (res,) = fused_matmul._render_expressions(
+        [expr], {"ACC": "acc0", "ACC1": "acc1", **leaves}, bool_leaves, leaf_dtypes
     )
     return _TEMPLATE.format(
         expr=pointwise.dumps(expr),

@@ -160,35 +160,54 @@ def _render_extras(expr: Any, bools: tuple[bool, ...], ind: str = "    "):
     return in_ptrs, in_strides, "\n".join(loads), leaves, bool_leaves
 
 
-def _render_expression(expr: Any, leaves, bool_leaves, leaf_dtypes=None, ind: str = "    "):
-    """The printed expression as template text: ``(indented body, result name)``."""
-    lines, res, const = pointwise.print_triton(
-        expr, leaves, bool_leaves, leaf_dtypes=leaf_dtypes, index=RAND_INDEX
+def _render_expressions(exprs: list[Any], leaves, bool_leaves, leaf_dtypes=None, ind="    "):
+    """The printed expressions as template text, in one body (a shared sub-tree is
+    computed once): ``(indented body, result name of each)``; a constant result is
+    broadcast to the tile."""
+    lines, results, constants = pointwise.print_triton_many(
+        exprs, leaves, bool_leaves, leaf_dtypes=leaf_dtypes, index=RAND_INDEX
     )
-    if const:
-        lines.append(f"_res = tl.zeros((BLOCK_M, BLOCK_N), tl.float32) + {res}")
-        res = "_res"
-    return "\n".join(ind + ln for ln in lines) or f"{ind}pass", res
+    for i, const in enumerate(constants):
+        if const:
+            lines.append(f"_res{i} = tl.zeros((BLOCK_M, BLOCK_N), tl.float32) + {results[i]}")
+            results[i] = f"_res{i}"
+    return "\n".join(ind + ln for ln in lines) or f"{ind}pass", results
 
 
-def _render(expr: Any, bools: tuple[bool, ...], leaf_dtypes=None) -> str:
-    """The module source of the kernel for ``expr`` with extras (``True`` = bool extra);
-    ``leaf_dtypes`` lets casts round where eager's values were rounded."""
-    in_ptrs, in_strides, loads, leaves, bool_leaves = _render_extras(expr, bools)
-    body, res = _render_expression(expr, {"ACC": "acc", **leaves}, bool_leaves, leaf_dtypes)
+def render(kname: str, exprs: list[Any], bools: tuple[bool, ...], leaf_dtypes=None) -> str:
+    """The module source of the ``{kname}_kernel`` that stores each of ``exprs`` (the
+    first to ``out_ptr``, the others to ``out1_ptr``, ... with its strides), with extras
+    (``True`` = bool extra); ``leaf_dtypes`` lets casts round where eager's values were
+    rounded.  Shared by the one-result and the several-result templates."""
+    ind = "    "
+    in_ptrs, in_strides, loads, leaves, bool_leaves = _render_extras(exprs, bools)
+    body, results = _render_expressions(exprs, {"ACC": "acc", **leaves}, bool_leaves, leaf_dtypes)
+    out_ptrs = "".join(
+        f"{ind}out{i}_ptr,  # [M, N], the extra result {i}: strides of out_ptr\n"
+        for i in range(1, len(exprs))
+    )
+    stores = "".join(
+        f"{ind}out{i}_ptrs = out{i}_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on\n"
+        f"{ind}tl.store(out{i}_ptrs, {results[i]}.to(out{i}_ptr.dtype.element_ty), mask=mask)\n"
+        for i in range(1, len(exprs))
+    )
     return _TEMPLATE.format(
-        kname="mm_epilogue",
-        out_ptrs="",
-        stores="",
-        expr=pointwise.dumps(expr),
+        kname=kname,
+        out_ptrs=out_ptrs,
+        stores=stores,
+        expr=[pointwise.dumps(e) for e in exprs],
         bools=list(bools),
         dtypes={k: str(v) for k, v in (leaf_dtypes or {}).items()},
         in_ptrs=in_ptrs,
         in_strides=in_strides,
         loads=loads,
         body=body,
-        result=res,
+        result=results[0],
     )
+
+
+def _render(expr: Any, bools: tuple[bool, ...], leaf_dtypes=None) -> str:
+    return render("mm_epilogue", [expr], bools, leaf_dtypes)
 
 
 # --- generated-source cache ----------------------------------------------------------

@@ -45,38 +45,7 @@ def _parse(exprs) -> list[Any]:
 
 def _render(exprs: list[Any], bools: tuple[bool, ...], leaf_dtypes=None) -> str:
     """The module source of the kernel for ``exprs`` (first = the sink) with extras."""
-    ind = "    "
-    in_ptrs, in_strides, loads, leaves, bool_leaves = _fm._render_extras(list(exprs), bools)
-    lines, results, constants = pointwise.print_triton_many(
-        exprs, {"ACC": "acc", **leaves}, bool_leaves, leaf_dtypes=leaf_dtypes, index=_fm.RAND_INDEX
-    )
-    for i, const in enumerate(constants):
-        if const:  # a constant result: broadcast to the tile
-            lines.append(f"_res{i} = tl.zeros((BLOCK_M, BLOCK_N), tl.float32) + {results[i]}")
-            results[i] = f"_res{i}"
-    body = "\n".join(ind + ln for ln in lines) or f"{ind}pass"
-    out_ptrs = "".join(
-        f"{ind}out{i}_ptr,  # [M, N], the extra result {i}: strides of out_ptr\n"
-        for i in range(1, len(exprs))
-    )
-    stores = "".join(
-        f"{ind}out{i}_ptrs = out{i}_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on\n"
-        f"{ind}tl.store(out{i}_ptrs, {results[i]}.to(out{i}_ptr.dtype.element_ty), mask=mask)\n"
-        for i in range(1, len(exprs))
-    )
-    return _fm._TEMPLATE.format(
-        kname="mm_epilogue_multi",
-        out_ptrs=out_ptrs,
-        stores=stores,
-        expr=[pointwise.dumps(e) for e in exprs],
-        bools=list(bools),
-        dtypes={k: str(v) for k, v in (leaf_dtypes or {}).items()},
-        in_ptrs=in_ptrs,
-        in_strides=in_strides,
-        loads=loads,
-        body=body,
-        result=results[0],
-    )
+    return _fm.render("mm_epilogue_multi", list(exprs), bools, leaf_dtypes)
 
 
 def kernel_for(exprs, bools: tuple[bool, ...] = (), leaf_dtypes=None):
