@@ -150,6 +150,7 @@ class TileBackend:
             # torch.compile's max-autotune: search the whole tuning space on a cache miss
             self.settings = self.settings.with_options({"search": "exhaustive"})
         self.report = Report()
+        self._floats_asked: set[str] = set()  # see _specialize_module_floats
 
     # Dynamo entry
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
@@ -185,12 +186,12 @@ class TileBackend:
         Each float is asked for once (if Dynamo keeps it an input, so be it)."""
         if not self.settings.specialize_floats:
             return
-        asked = self.__dict__.setdefault("_floats_asked", set())
-        new = [(s, name, v) for s, name, v in _compat.module_float_inputs(gm) if name not in asked]
+        found = _compat.module_float_inputs(gm)
+        new = [(s, name, v) for s, name, v in found if name not in self._floats_asked]
         if not new:
             return
         for _, name, value in new:
-            asked.add(name)
+            self._floats_asked.add(name)
             self.report.specialized.append(f"{name} = {value!r}")
         _compat.specialize_floats([s for s, _, _ in new])
 

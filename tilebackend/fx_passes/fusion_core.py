@@ -15,6 +15,8 @@ from .matcher import _fake_mode_of, _set_meta
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 _SEED_META = "tilebackend_seed"
+#: dtype casts as graphs spell them (with no decompositions, and with Inductor's)
+_CASTS = (aten._to_copy.default, torch.ops.prims.convert_element_type.default)
 
 
 def _val(n: Any) -> Any:

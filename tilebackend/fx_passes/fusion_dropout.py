@@ -27,13 +27,12 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .fusion_core import FuserBase, _is_tensor_node, _val, aten
+from .fusion_core import _CASTS, FuserBase, _is_tensor_node, _val, aten
 
 
 @dataclass
 class _Lowered:
     form: str  # "native" or "inductor"
-    x: fx.Node
     p: float
     seed: fx.Node
     keep: fx.Node
@@ -41,9 +40,6 @@ class _Lowered:
     out: fx.Node | None = None  # native: x * keep * scale
     shape: list | None = None  # inductor: the random tensor's size argument
     cast: tuple | None = None  # inductor: (target, args after the input, kwargs) of its cast
-
-
-_CASTS = (torch.ops.prims.convert_element_type.default, aten._to_copy.default)
 
 
 def _inductor_random():
@@ -92,7 +88,7 @@ class DropoutLowering(FuserBase):
             graph.erase_node(g)
         graph.erase_node(nd)
         self.touched = True
-        self._lowered.append(_Lowered("native", x, float(p), seed, keep, masked, out))
+        self._lowered.append(_Lowered("native", float(p), seed, keep, masked, out))
 
     def _lower_inductor(self, rnd: fx.Node) -> None:
         shape, seed, mode = rnd.args[:3]
@@ -135,7 +131,7 @@ class DropoutLowering(FuserBase):
             if n is not None:
                 self.graph.erase_node(n)
         self.touched = True
-        low = _Lowered("inductor", x, float(p), seed, keep, shape=list(shape), cast=how)
+        low = _Lowered("inductor", float(p), seed, keep, shape=list(shape), cast=how)
         self._lowered.append(low)
 
     def restore_dropouts(self) -> None:
@@ -163,7 +159,7 @@ class DropoutLowering(FuserBase):
                 continue
             if set(low.masked.users) != {low.out}:
                 continue
-            x = low.keep.args[0]  # not low.x: the epilogue pass may have replaced that node
+            x = low.keep.args[0]  # as the graph has it now (the epilogue pass may replace it)
             with graph.inserting_before(low.keep):
                 nd = graph.call_function(aten.native_dropout.default, (x, low.p, True))
                 self._meta(nd)
@@ -175,7 +171,5 @@ class DropoutLowering(FuserBase):
             graph.erase_node(low.out)
             graph.erase_node(low.masked)
             low.keep.replace_all_uses_with(g1)
-            graph.erase_node(low.keep)
-            if not low.seed.users:
-                graph.erase_node(low.seed)
+            graph.erase_node(low.keep)  # its seed, now unused, goes in merge_seeds
         self._lowered = []

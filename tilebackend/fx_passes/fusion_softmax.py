@@ -13,9 +13,7 @@ import torch.fx as fx
 
 from ..report import Replacement, describe_value, short_target
 from . import shapes
-from .fusion_core import FuserBase, _is_tensor_node, _single_use, _val, aten
-
-_CASTS = (aten._to_copy.default, torch.ops.prims.convert_element_type.default)
+from .fusion_core import _CASTS, FuserBase, _is_tensor_node, _single_use, _val, aten
 
 
 class SoftmaxFusions(FuserBase):
@@ -111,7 +109,7 @@ class SoftmaxFusions(FuserBase):
         cast back)``; ``(None, cast back)`` for half_to_float; ``(None, None)`` when the
         softmax is not that (or its fp32 result is used otherwise)."""
         (down,) = sm.users if len(sm.users) == 1 else (None,)
-        if down is None or down.target not in _CASTS or len(down.args) < 1:
+        if down is None or down.target not in _CASTS:
             return None, None
         if half_to_float:
             src = x
@@ -321,9 +319,6 @@ class SoftmaxFusions(FuserBase):
                     scalars={"scale": scale, "dropout": keep is not None},
                 )
             )
-
-
-_CASTS = (torch.ops.prims.convert_element_type.default, aten._to_copy.default)
 
 
 def _dropout_grad(grad: fx.Node):
