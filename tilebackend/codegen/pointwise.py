@@ -51,6 +51,7 @@ This is Inductor's choice too: results are at least as accurate as eager's.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -153,7 +154,16 @@ def _is_leaf(e: Any) -> bool:
 
 
 def canonical(expr: Any) -> Any:
-    """``expr`` with lists as tuples, constants as floats, dtypes as names; validated."""
+    """``expr`` with lists as tuples, constants as floats, dtypes as names; validated.
+    Memoised for hashable expressions (the tile ops re-read theirs on every call)."""
+    try:
+        hash(expr)
+    except TypeError:  # lists: not memoised
+        return _canonical(expr)
+    return _canonical_memo(expr)
+
+
+def _canonical(expr: Any) -> Any:
     if isinstance(expr, (list, tuple)):
         if not expr or not isinstance(expr[0], str):
             raise ExprError(f"a node must start with its kind: {expr!r}")
@@ -190,6 +200,9 @@ def canonical(expr: Any) -> Any:
     raise ExprError(f"not an expression: {expr!r}")
 
 
+_canonical_memo = functools.lru_cache(maxsize=4096)(_canonical)
+
+
 def validate(expr: Any) -> Any:
     """Alias of :func:`canonical` (raises :class:`ExprError` when malformed)."""
     return canonical(expr)
@@ -202,6 +215,11 @@ def dumps(expr: Any) -> str:
 
 def loads(s: str) -> Any:
     """Parse a string made by :func:`dumps` (or hand-written JSON of the same shape)."""
+    return _loads(s) if isinstance(s, str) else _loads.__wrapped__(s)
+
+
+@functools.lru_cache(maxsize=4096)
+def _loads(s: str) -> Any:
     try:
         raw = json.loads(s)
     except (TypeError, ValueError) as e:
@@ -209,8 +227,13 @@ def loads(s: str) -> Any:
     return canonical(raw)
 
 
-def _leaves(expr: Any, seeds: bool, values: bool) -> set[str]:
+def _leaves(expr: Any, seeds: bool, values: bool) -> frozenset[str]:
     """The leaves ``expr`` reads as ``rand`` seeds and / or as values."""
+    return _leaves_of(canonical(expr), seeds, values)
+
+
+@functools.lru_cache(maxsize=4096)
+def _leaves_of(expr: Any, seeds: bool, values: bool) -> frozenset[str]:
     out: set[str] = set()
 
     def walk(e, as_seed: bool):
@@ -220,21 +243,21 @@ def _leaves(expr: Any, seeds: bool, values: bool) -> set[str]:
         elif _is_leaf(e) and (seeds if as_seed else values):
             out.add(e)
 
-    walk(canonical(expr), False)
-    return out
+    walk(expr, False)
+    return frozenset(out)
 
 
-def input_leaves(expr: Any) -> set[str]:
+def input_leaves(expr: Any) -> frozenset[str]:
     """The leaves (``"ACC"``, ``"ACC1"``, ``"IN0"``, ...) that ``expr`` reads."""
     return _leaves(expr, seeds=True, values=True)
 
 
-def seed_leaves(expr: Any) -> set[str]:
+def seed_leaves(expr: Any) -> frozenset[str]:
     """The leaves that ``expr`` reads as a ``rand`` seed."""
     return _leaves(expr, seeds=True, values=False)
 
 
-def value_leaves(expr: Any) -> set[str]:
+def value_leaves(expr: Any) -> frozenset[str]:
     """The leaves that ``expr`` reads as values (not as a ``rand`` seed)."""
     return _leaves(expr, seeds=False, values=True)
 
