@@ -135,11 +135,14 @@ def test_manual_seed_repeats_and_calls_differ(poison):
     x = torch.randn(2, 5, 16)
     torch._dynamo.reset()
     f = torch.compile(model, backend=tilebackend.TileBackend(options={"fallback": "eager"}))
-    torch.manual_seed(5)
-    y1, y2 = f(x), f(x)
-    torch.manual_seed(5)
-    y3 = f(x)
+    with _common.count_launches() as launches:
+        torch.manual_seed(5)
+        y1, y2 = f(x), f(x)
+        torch.manual_seed(5)
+        y3 = f(x)
     assert torch.equal(y1, y3) and not torch.equal(y1, y2)
+    # each call drew its mask in the GEMM's epilogue (the mask saved: multi-output)
+    assert launches["mm_epilogue_multi"] == 3 and launches["dropout_keep"] == 0, dict(launches)
 
 
 def test_dropout_after_residual_add_and_before_layer_norm(poison):
@@ -201,8 +204,10 @@ def test_eval_mode_has_no_dropout(poison):
     model = _Block().eval()
     x = torch.randn(2, 3, 16)
     torch._dynamo.reset()
-    y = torch.compile(model, backend=tilebackend.TileBackend(options={"fallback": "eager"}))(x)
+    with _common.count_launches() as launches:
+        y = torch.compile(model, backend=tilebackend.TileBackend(options={"fallback": "eager"}))(x)
     torch.testing.assert_close(y, model.proj(x))
+    assert dict(launches) == {"addmm": 1}, dict(launches)  # the tile GEMM, no dropout
 
 
 def test_one_randint_draws_every_seed(poison):
