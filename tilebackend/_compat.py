@@ -19,9 +19,31 @@ def interpret_mode() -> bool:
     """True when Triton runs kernels in its CPU interpreter.
 
     Triton reads ``TRITON_INTERPRET`` when ``@triton.jit`` decorates, so it must be set
-    when the process starts (before tilebackend's kernels are imported).
+    when the process starts (before tilebackend's kernels are imported); it is read here
+    once, on the first call (every tile-op call asks).
     """
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if not _interpret:
+        _interpret.append(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+    return _interpret[0]
+
+
+_interpret: list[bool] = []
+
+
+# --- custom ops (private) --------------------------------------------------------------
+
+
+def custom_op_parts(op: Any) -> tuple[Any, Any] | None:
+    """``(implementation, fake)`` of an op made by ``torch.library.custom_op`` (the
+    Python functions it was defined with), or None for any other op."""
+    from torch._library.custom_ops import OPDEFS
+
+    opdef = OPDEFS.get(op._schema.name)
+    impl = getattr(opdef, "_init_fn", None)
+    fake = getattr(opdef, "_abstract_fn", None)
+    if impl is None or fake is None:
+        return None
+    return impl, fake
 
 
 # --- AOTAutograd / Inductor (private) ------------------------------------------------

@@ -225,6 +225,10 @@ class TileBackend:
             return gm
         gr.code = work.code
         log.info("%s graph: %d replacement(s) %s", name, n, gr.counts)
+        if name != PRE_AUTOGRAD:  # (that one is differentiated next: it keeps tile::)
+            from .fx_passes.runtime import use_runtime_ops
+
+            use_runtime_ops(work)
         return work
 
     def _fuse(self, gm: fx.GraphModule, gr: GraphReport) -> tuple[fx.GraphModule, int]:

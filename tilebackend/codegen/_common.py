@@ -5,6 +5,7 @@ and compilation for a GPU target without a GPU (for tests of every config)."""
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -15,6 +16,7 @@ import torch
 
 from .. import settings
 from .._compat import interpret_mode
+from . import plans
 
 log = logging.getLogger("tilebackend")
 
@@ -55,6 +57,77 @@ def device_reason(t: Any) -> str | None:
     return f"device {dev.type!r} is not supported (cuda, or cpu with TRITON_INTERPRET=1)"
 
 
+def meta_key(args: Sequence[Any]) -> tuple:
+    """A hashable key of what a check reads from its arguments: a tensor's dtype, device,
+    shape and strides (never its values), lists and tuples item by item, anything else as
+    itself.  Raises TypeError for symbolic sizes or an unhashable argument."""
+    out: list[Any] = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append((a.dtype, a.device, a.shape, a.stride()))
+        elif isinstance(a, (list, tuple)):
+            out.append((len(a), meta_key(a)))
+        else:
+            out.append(a)
+    key = tuple(out)
+    hash(key)  # fail here (not in a dict) for symbolic sizes
+    return key
+
+
+_MISS = object()
+_MEMO_LIMIT = 4096
+
+
+def memo_reason(fn: Callable[..., str | None]) -> Callable[..., str | None]:
+    """Memoise a ``check``: why a kernel cannot take its arguments depends only on their
+    metadata (:func:`meta_key`) and on the interpreter mode, and every tile-op call asks
+    (the op, then the launcher).  Symbolic sizes are checked afresh each time."""
+    memo: dict[tuple, str | None] = {}
+
+    @functools.wraps(fn)
+    def check(*args: Any, **kwargs: Any) -> str | None:
+        try:
+            key = (interpret_mode(), meta_key(args), meta_key(sorted(kwargs.items())))
+        except TypeError:
+            return fn(*args, **kwargs)
+        hit = memo.get(key, _MISS)
+        if hit is _MISS:
+            if len(memo) >= _MEMO_LIMIT:
+                memo.clear()
+            hit = memo[key] = fn(*args, **kwargs)
+        return hit
+
+    check.cache_clear = memo.clear  # type: ignore[attr-defined]
+    return check
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for launch grids on the host (``triton.cdiv`` is a
+    ``ConstexprFunction`` since triton 3.7, several microseconds a call)."""
+    return -(-a // b)
+
+
+def broadcast_shapes(*shapes: Sequence[int]) -> tuple[int, ...]:
+    """``torch.broadcast_shapes`` for concrete sizes, without its symbolic-shape path
+    (a tenth of the cost; tile ops call it per launch).  Raises RuntimeError likewise."""
+    if not all(type(d) is int for s in shapes for d in s):  # symbolic: torch's own
+        return tuple(torch.broadcast_shapes(*shapes))
+    ndim = max((len(s) for s in shapes), default=0)
+    out = [1] * ndim
+    for s in shapes:
+        off = ndim - len(s)
+        for i, d in enumerate(s):
+            j = off + i
+            if d != out[j]:
+                if out[j] == 1:
+                    out[j] = d
+                elif d != 1:
+                    raise RuntimeError(
+                        f"shapes {', '.join(str(tuple(x)) for x in shapes)} do not broadcast"
+                    )
+    return tuple(out)
+
+
 def dtype_reason(t: Any, allowed=SUPPORTED_DTYPES) -> str | None:
     dt = getattr(t, "dtype", None)
     if dt not in allowed:
@@ -66,8 +139,18 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Allocate a kernel output; filled with NaN / a sentinel when poisoning is on."""
     if settings.current().poison_outputs:
         fill = float("nan") if dtype.is_floating_point else -7
-        return torch.full(shape, fill, dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+        t = torch.full(shape, fill, dtype=dtype, device=device)
+    else:
+        t = torch.empty(shape, dtype=dtype, device=device)
+    if plans.recording() is not None:
+        plans.on_alloc(t)
+    return t
+
+
+def launch(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> Any:
+    """``kernel[grid](*args, **kwargs)``; every tile kernel is launched through here, so
+    that :mod:`.plans` can record the launch."""
+    return plans.on_launch(kernel, grid, args, kwargs)
 
 
 def guarded(kernel: str, key: tuple, run: Callable[[], Any], fallback: Callable[[], Any]) -> Any:

@@ -41,7 +41,7 @@ from typing import Any
 
 from .. import settings
 from .._compat import interpret_mode
-from . import tuning_cache
+from . import plans, tuning_cache
 
 log = logging.getLogger("tilebackend")
 
@@ -58,17 +58,23 @@ class Config:
     kwargs: tuple[tuple[str, Any], ...]
     num_warps: int = 4
     num_stages: int = 2
+    _by_name: dict[str, Any] = dataclasses.field(
+        init=False, repr=False, compare=False, hash=False, default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        self._by_name.update(self.kwargs)
 
     @staticmethod
     def make(num_warps: int = 4, num_stages: int = 2, **kwargs: Any) -> Config:
         return Config(tuple(sorted(kwargs.items())), num_warps, num_stages)
 
     def __getitem__(self, name: str) -> Any:
-        return dict(self.kwargs)[name]
+        return self._by_name[name]
 
     def as_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``kernel[grid](..., **cfg.as_kwargs())``."""
-        d = dict(self.kwargs)
+        d = dict(self._by_name)
         if not interpret_mode():
             d["num_warps"] = self.num_warps
             d["num_stages"] = self.num_stages
@@ -263,6 +269,7 @@ def select(
         )
         return heuristic
     ck = ck or _cache_key(kernel, key, fn, run)
+    plans.not_replayable("it chose a config")  # (its timing launches are not the call's)
     payload = coordinate(
         lambda: _decide(kernel, key, ck, configs, heuristic, run, outputs, rotate, s)
     )

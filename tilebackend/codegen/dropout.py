@@ -42,6 +42,7 @@ def dropout_keep_kernel(
     tl.store(keep_ptr + offs, keep.to(tl.uint8), mask=offs < n)
 
 
+@_common.memo_reason
 def check(x, seed, p) -> str | None:
     """Why the kernel cannot make this keep mask, or None."""
     r = _common.device_reason(x)
@@ -69,8 +70,10 @@ def dropout_keep(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     keep = torch.empty(x.shape, dtype=torch.bool, device=x.device)
     n = keep.numel()
     if n:
-        grid = (triton.cdiv(n, _BLOCK),)
-        dropout_keep_kernel[grid](seed.reshape(1), keep.view(torch.uint8), n, p, BLOCK=_BLOCK)
+        grid = (_common.cdiv(n, _BLOCK),)
+        _common.launch(
+            dropout_keep_kernel, grid, seed.reshape(1), keep.view(torch.uint8), n, p, BLOCK=_BLOCK
+        )
     return keep
 
 

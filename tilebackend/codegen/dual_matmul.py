@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .._compat import interpret_mode
 from ..exc import KernelError
-from . import _common, autotune, fused_matmul, pointwise
+from . import _common, autotune, fused_matmul, plans, pointwise
 from . import epilogue_host as _host
 from . import matmul as _mm
 
@@ -270,6 +270,7 @@ def _leaf_dtypes(a, extras) -> dict[str, torch.dtype]:
     return _host.leaf_dtypes(a, extras, _ACCS)
 
 
+@_common.memo_reason
 def check(a: Any, b0: Any, b1: Any, bias0: Any, bias1: Any, extras: Any, expr: Any) -> str | None:
     """Why ``dual_matmul_epilogue`` cannot run the tile kernel for these inputs, or None."""
     try:
@@ -345,6 +346,7 @@ def dual_matmul_epilogue(
         "str expr) -> Tensor"
     ),
 )
+@plans.planned("tile::dual_mm_epilogue")
 def dual_mm_epilogue_op(a, b0, b1, bias0, bias1, extras, expr):
     """``EXPR(a @ b0 + bias0, a @ b1 + bias1, *extras)`` on one generated tile kernel
     (eager when it cannot run)."""

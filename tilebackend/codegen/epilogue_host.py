@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import triton
 
 from . import _common, autotune, pointwise
 from . import matmul as _mm
@@ -51,7 +50,7 @@ EXTRA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.bool)
 
 def out_shape(a, b, extras) -> tuple[int, ...]:
     """``a.shape[:-1] + (N,)`` broadcast with every extra's shape."""
-    return tuple(torch.broadcast_shapes((*a.shape[:-1], b.shape[-1]), *(e.shape for e in extras)))
+    return tuple(_common.broadcast_shapes((*a.shape[:-1], b.shape[-1]), *(e.shape for e in extras)))
 
 
 def has_cast(e) -> bool:
@@ -138,7 +137,7 @@ def check_operands(
         if bias.dim() > 2 or (bias.dim() == 2 and a.dim() != 2):
             return f"{name} of shape {tuple(bias.shape)} is not [N] or [M, N]"
         try:
-            torch.broadcast_shapes(bias.shape, (math.prod(a.shape[:-1]), b.shape[-1]))
+            _common.broadcast_shapes(bias.shape, (math.prod(a.shape[:-1]), b.shape[-1]))
         except RuntimeError:
             return f"{name} of shape {tuple(bias.shape)} does not broadcast to the output"
     if a.shape[-1] == 0:
@@ -235,8 +234,10 @@ def launch(
     strides += [*outs2[0].stride(), *ex_strides]
 
     def run(cfg: autotune.Config) -> None:
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        kernel[grid](
+        grid = (_common.cdiv(M, cfg["BLOCK_M"]) * _common.cdiv(N, cfg["BLOCK_N"]),)
+        _common.launch(
+            kernel,
+            grid,
             *tensors,
             M,
             N,
@@ -265,8 +266,7 @@ def launch(
         bools,
         tuple(ldt.values()) if cast else (),
     )
-    configs = _mm.prune_configs(space(a.dtype, precision), M, N, K)
-    first = heuristic(M, N, K, a.dtype, precision)
+    configs, first = _mm.tuning_choices(space, heuristic, a.dtype, precision, M, N, K)
     cfg = autotune.select(
         name, key, configs, first, run, outputs=lambda: outs, fn=(kernel, *jit_fns)
     )

@@ -24,6 +24,7 @@ is read through two row strides (the last leading dim and the rest folded), so a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -38,7 +39,7 @@ from typing import Any
 import torch
 
 from ..exc import KernelError
-from . import _common, pointwise, tuning_cache
+from . import _common, plans, pointwise, tuning_cache
 from . import epilogue_host as _host
 from . import matmul as _mm
 
@@ -220,9 +221,17 @@ _tmp_dir: list[str] = []
 def generated_dir() -> Path:
     """Where generated kernel sources are written: ``$TILEBACKEND_DEBUG_DIR``, else
     ``<tuning cache dir>/generated``."""
-    env = os.environ.get("TILEBACKEND_DEBUG_DIR")
-    if env:
-        return Path(env).expanduser()
+    env = os.environ.get
+    return _generated_dir(
+        env("TILEBACKEND_DEBUG_DIR"), env("TILEBACKEND_CACHE_DIR"), env("XDG_CACHE_HOME")
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _generated_dir(debug: str | None, *_cache_env: str | None) -> Path:
+    # (keyed by the variables the cache dir reads; Path.home() is a syscall per call)
+    if debug:
+        return Path(debug).expanduser()
     return tuning_cache.default_cache_dir() / "generated"
 
 
@@ -311,6 +320,7 @@ def _parse(expr: Any) -> Any:
     return pointwise.loads(expr) if isinstance(expr, str) else pointwise.canonical(expr)
 
 
+@_common.memo_reason
 def check(a: Any, b: Any, bias: Any, extras: Any, expr: Any) -> str | None:
     """Why ``matmul_epilogue`` cannot run the tile kernel for these inputs, or None."""
     try:
@@ -365,6 +375,7 @@ def matmul_epilogue(
     mutates_args=(),
     schema="(Tensor a, Tensor b, Tensor? bias, Tensor[] extras, str expr) -> Tensor",
 )
+@plans.planned("tile::mm_epilogue")
 def mm_epilogue_op(a, b, bias, extras, expr):
     """``EXPR(a @ b + bias, *extras)`` on a generated tile kernel (eager when it cannot run)."""
     extras = list(extras)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..exc import KernelError
-from . import _common, pointwise
+from . import _common, plans, pointwise
 from . import epilogue_host as _host
 from . import fused_matmul as _fm
 
@@ -59,6 +59,7 @@ def _out_dtypes(es: list[Any], a, extras) -> list[torch.dtype]:
     return [pointwise.infer_dtype(e, leaf_dtypes) for e in es]
 
 
+@_common.memo_reason
 def check(a: Any, b: Any, bias: Any, extras: Any, exprs: Any) -> str | None:
     """Why ``matmul_epilogue_multi`` cannot run the tile kernel for these inputs, or None."""
     exprs, extras = list(exprs), list(extras)
@@ -130,6 +131,7 @@ def matmul_epilogue_multi(
     mutates_args=(),
     schema="(Tensor a, Tensor b, Tensor? bias, Tensor[] extras, str[] exprs) -> Tensor[]",
 )
+@plans.planned("tile::mm_epilogue_multi")
 def mm_epilogue_multi_op(a, b, bias, extras, exprs):
     """``[EXPR(a @ b + bias, *extras) for EXPR in exprs]`` on one generated tile kernel
     (eager when it cannot run)."""

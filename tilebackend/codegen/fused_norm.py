@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
+from . import _common, plans
 from . import rms_norm as _rms
 from .autotune import Config
 from .layer_norm import (
@@ -156,11 +156,13 @@ def _pair_reason(x, residual) -> str | None:
     return None
 
 
+@_common.memo_reason
 def check_add_layer_norm(x, residual, normalized_shape, weight=None, bias=None) -> str | None:
     """Why ``add_layer_norm`` cannot use the tile kernel, or None."""
     return check_layer_norm(x, normalized_shape, weight, bias) or _pair_reason(x, residual)
 
 
+@_common.memo_reason
 def check_add_rms_norm(x, residual, normalized_shape, weight=None) -> str | None:
     """Why ``add_rms_norm`` cannot use the tile kernel, or None."""
     return _rms.check_rms_norm(x, normalized_shape, weight) or _pair_reason(x, residual)
@@ -202,7 +204,7 @@ def add_norm_fwd(
     b = bias.contiguous() if bias is not None else x2
 
     def run(cfg: Config):
-        _add_norm_fwd_kernel[(m,)](
+        _common.launch(_add_norm_fwd_kernel, (m,),
             x2, r2, out, total, w, b, rstd if rms else mean, rstd,
             stride_x, stride_r, n, float(eps),
             RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
@@ -239,6 +241,7 @@ def _eager_rms(x, residual, ns, weight, eps):
     schema="(Tensor x, Tensor residual, int[] normalized_shape, Tensor? weight, Tensor? bias, "
     "float eps) -> (Tensor, Tensor, Tensor, Tensor)",
 )
+@plans.planned("tile::add_layer_norm")
 def add_layer_norm_op(x, residual, normalized_shape, weight, bias, eps):
     """``(out, sum, mean, rstd)``: ``sum = x + residual``, ``out = layer_norm(sum)``."""
     ns = [int(v) for v in normalized_shape]
@@ -269,6 +272,7 @@ def _(x, residual, normalized_shape, weight, bias, eps):
     schema="(Tensor x, Tensor residual, int[] normalized_shape, Tensor? weight, float? eps) "
     "-> (Tensor, Tensor, Tensor)",
 )
+@plans.planned("tile::add_rms_norm")
 def add_rms_norm_op(x, residual, normalized_shape, weight, eps):
     """``(out, sum, rstd)``: ``sum = x + residual``, ``out = rms_norm(sum)``."""
     ns = [int(v) for v in normalized_shape]

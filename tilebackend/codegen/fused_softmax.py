@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common, autotune
+from . import _common, autotune, plans
 from .softmax import (
     MAX_ROWS,
     MAX_SINGLE_BLOCK,
@@ -271,6 +271,7 @@ def out_dtype(x: Tensor, mask: Tensor | None) -> torch.dtype:
     return torch.promote_types(x.dtype, mask.dtype)
 
 
+@_common.memo_reason
 def check(x, mask, dim) -> str | None:
     """Why the fused kernels cannot take ``x`` / ``mask`` over ``dim``, or None."""
     r = _common.device_reason(x) or _common.dtype_reason(x)
@@ -289,7 +290,7 @@ def check(x, mask, dim) -> str | None:
         if mask.device != x.device:
             return f"mask on {mask.device}, x on {x.device}"
         try:
-            shape = tuple(torch.broadcast_shapes(mask.shape, x.shape))
+            shape = tuple(_common.broadcast_shapes(mask.shape, x.shape))
         except RuntimeError:
             shape = None
         if shape != tuple(x.shape):
@@ -302,6 +303,7 @@ def check(x, mask, dim) -> str | None:
     return None
 
 
+@_common.memo_reason
 def check_bwd(grad, out, dim, input_dtype, keep=None) -> str | None:
     """Why the backward kernel cannot take (``grad``, ``out``, dropout ``keep``), or None."""
     r = check(grad, None, dim) or _common.device_reason(out) or _common.dtype_reason(out)
@@ -381,6 +383,7 @@ def scale_mask_softmax_dropout_fwd(
     return _fwd(x, scale, mask, dim, (float(p), seed, ds, write_probs, write_keep), block_n)
 
 
+@_common.memo_reason
 def check_dropout(x, mask, dim, p, seed) -> str | None:
     """Why the fused dropout kernel cannot take the case, or None."""
     r = check(x, mask, dim)
@@ -427,7 +430,7 @@ def _fwd(x, scale, mask, dim, dropout, block_n):
     drop = dropout is not None
 
     def launch(cfg: autotune.Config, single: bool):
-        _scale_mask_softmax_fwd_kernel[(rows,)](
+        _common.launch(_scale_mask_softmax_fwd_kernel, (rows,),
             y, x, m, n, g1, g2, *xs, *ys, *ms, float(scale),
             seed_arg, probs_arg, keep_arg, p, drop_scale,
             MASK_MODE=mode, DROPOUT=drop, WRITE_PROBS=write_probs, WRITE_KEEP=write_keep,
@@ -480,7 +483,7 @@ def scale_mask_softmax_bwd(
     k, ks = (ts[3], strides[3]) if drop else (out, strides[2])
 
     def launch(cfg: autotune.Config, single: bool):
-        _scale_mask_softmax_bwd_kernel[(rows,)](
+        _common.launch(_scale_mask_softmax_bwd_kernel, (rows,),
             dx, grad, out, n, g1, g2, *strides[0], *strides[1], *strides[2], float(scale),
             k, *ks, float(drop_scale),
             ZERO_NAN=zero_nan, DROPOUT=drop, SINGLE=single, **cfg.as_kwargs(),
@@ -508,6 +511,7 @@ def scale_mask_softmax_bwd(
     mutates_args=(),
     schema="(Tensor x, float scale, Tensor? mask, int dim=-1) -> Tensor",
 )
+@plans.planned("tile::scale_mask_softmax")
 def scale_mask_softmax_op(x, scale, mask, dim=-1):
     """``softmax(x * scale + mask, dim)``; a bool mask means ``masked_fill(mask, -inf)``."""
     if check(x, mask, dim) is not None:
@@ -542,6 +546,7 @@ def _reference_bwd(grad, out, scale, dim, input_dtype, zero_nan=False, keep=None
     schema="(Tensor grad, Tensor out, float scale, int dim, ScalarType input_dtype, "
     "bool zero_nan=False, Tensor? keep=None, float drop_scale=1.0) -> Tensor",
 )
+@plans.planned("tile::scale_mask_softmax_backward")
 def scale_mask_softmax_backward_op(
     grad, out, scale, dim, input_dtype, zero_nan=False, keep=None, drop_scale=1.0
 ):
@@ -621,6 +626,7 @@ def reference_dropout(x, scale, mask, dim, p, seed, write_probs, write_keep, dro
     schema="(Tensor x, float scale, Tensor? mask, int dim, float p, Tensor seed, "
     "bool write_probs, bool write_keep, float drop_scale) -> (Tensor, Tensor, Tensor)",
 )
+@plans.planned("tile::scale_mask_softmax_dropout")
 def scale_mask_softmax_dropout_op(
     x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale
 ):

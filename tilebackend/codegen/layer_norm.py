@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common, autotune
+from . import _common, autotune, plans
 from .autotune import Config
 
 __all__ = [
@@ -388,8 +388,8 @@ def partial_grid(m: int, device: torch.device, partials: bool) -> tuple[int, int
     """``(programs, rows_per_program)`` for a launch over row blocks: one row per program,
     or :func:`row_programs` blocks when per-program partial sums are kept."""
     g = row_programs(m, device) if partials else m
-    rpp = triton.cdiv(m, g)
-    return triton.cdiv(m, rpp), rpp
+    rpp = _common.cdiv(m, g)
+    return _common.cdiv(m, rpp), rpp
 
 
 def partial_buf(g: int, n: int, device: torch.device, want: bool) -> torch.Tensor | None:
@@ -429,6 +429,7 @@ def compile_spec(name: str, fn, cfg: Config, sig: dict[str, str], constexprs: di
 # --- public launchers --------------------------------------------------------------
 
 
+@_common.memo_reason
 def check_layer_norm(
     x: torch.Tensor,
     normalized_shape: Sequence[int],
@@ -471,7 +472,9 @@ def layer_norm_fwd(
 
     def run(cfg: Config):
         block = cfg["BLOCK_N"]
-        _layer_norm_fwd_kernel[(m,)](
+        _common.launch(
+            _layer_norm_fwd_kernel,
+            (m,),
             x2,
             out,
             w,
@@ -537,7 +540,9 @@ def layer_norm_bwd(
             g, rpp = partial_grid(m, x.device, want_dw or want_db)
             dw_part = partial_buf(g, n, x.device, want_dw)
             db_part = partial_buf(g, n, x.device, want_db)
-            _layer_norm_bwd_kernel[(g,)](
+            _common.launch(
+                _layer_norm_bwd_kernel,
+                (g,),
                 dy2,
                 x2,
                 w,
@@ -560,7 +565,9 @@ def layer_norm_bwd(
             )
         else:
             if want_dx:
-                _layer_norm_bwd_kernel[(m,)](
+                _common.launch(
+                    _layer_norm_bwd_kernel,
+                    (m,),
                     dy2,
                     x2,
                     w,
@@ -585,7 +592,9 @@ def layer_norm_bwd(
                 g, rpp = partial_grid(m, x.device, True)
                 dw_part = partial_buf(g, n, x.device, want_dw)
                 db_part = partial_buf(g, n, x.device, want_db)
-                _layer_norm_bwd_dwdb_kernel[(triton.cdiv(n, block), g)](
+                _common.launch(
+                    _layer_norm_bwd_dwdb_kernel,
+                    (_common.cdiv(n, block), g),
                     dy2,
                     x2,
                     mean1,
@@ -638,6 +647,7 @@ def _effective_mask(output_mask, weight, bias) -> list[bool]:
     schema="(Tensor input, SymInt[] normalized_shape, Tensor? weight, Tensor? bias, "
     "float eps) -> (Tensor, Tensor, Tensor)",
 )
+@plans.planned("tile::layer_norm")
 def layer_norm_op(input, normalized_shape, weight, bias, eps):
     """``aten.native_layer_norm`` on the tile kernel (ATen when the kernel cannot run)."""
     ns = [int(v) for v in normalized_shape]
@@ -667,6 +677,7 @@ def _(input, normalized_shape, weight, bias, eps):
     schema="(Tensor grad_out, Tensor input, SymInt[] normalized_shape, Tensor mean, "
     "Tensor rstd, Tensor? weight, Tensor? bias, bool[] output_mask) -> (Tensor, Tensor, Tensor)",
 )
+@plans.planned("tile::layer_norm_backward")
 def layer_norm_backward_op(
     grad_out, input, normalized_shape, mean, rstd, weight, bias, output_mask
 ):

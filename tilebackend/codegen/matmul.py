@@ -18,7 +18,9 @@ Layout of this file (Triton tutorial 03 / Liger Kernel style):
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,7 +29,7 @@ import triton.language as tl
 
 from .._compat import interpret_mode
 from ..exc import KernelError
-from . import _common, autotune
+from . import _common, autotune, plans
 
 __all__ = [
     "ACTIVATIONS",
@@ -234,18 +236,23 @@ def configs_from(space_mma, space_fma, dtype: torch.dtype, precision: str) -> li
     """Configs from ``(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)`` tables:
     ``space_fma`` for fp32 at ``"ieee"`` precision, else ``space_mma`` (BLOCK_K halved for
     4-byte inputs, the same shared memory per stage).  Shared by the GEMM templates."""
+    return list(_configs_from(space_mma, space_fma, dtype, precision))
+
+
+@functools.lru_cache(maxsize=256)
+def _configs_from(space_mma, space_fma, dtype: torch.dtype, precision: str):
     if dtype == torch.float32 and precision == "ieee":
         space = space_fma
     elif dtype.itemsize >= 4:
         space = tuple((bm, bn, max(16, bk // 2), gm, w, s) for bm, bn, bk, gm, w, s in space_mma)
     else:
         space = space_mma
-    return [
+    return tuple(
         autotune.Config.make(
             num_warps=w, num_stages=s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm
         )
         for bm, bn, bk, gm, w, s in space
-    ]
+    )
 
 
 def _limit(n: int, smallest: int) -> int:
@@ -275,6 +282,28 @@ def prune_configs(configs: list[autotune.Config], M: int, N: int, K: int) -> lis
         )
 
     return [min(configs, key=lambda c: (overshoot(c), c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_K"]))]
+
+
+def tuning_choices(
+    space: Callable[[torch.dtype, str], list[autotune.Config]],
+    heuristic: Callable[..., autotune.Config],
+    dtype: torch.dtype,
+    precision: str,
+    M: int,
+    N: int,
+    K: int,
+) -> tuple[list[autotune.Config], autotune.Config]:
+    """``(configs, first)``: a GEMM template's ``space`` pruned for ``M, N, K`` and its
+    ``heuristic`` config.  Memoised: every launch asks, and the answer depends only on
+    the arguments and the interpreter mode."""
+    configs, first = _tuning_choices(space, heuristic, dtype, precision, M, N, K, interpret_mode())
+    return list(configs), first
+
+
+@functools.lru_cache(maxsize=4096)
+def _tuning_choices(space, heuristic, dtype, precision, M, N, K, _interpret):
+    configs = tuple(prune_configs(space(dtype, precision), M, N, K))
+    return configs, heuristic(M, N, K, dtype, precision)
 
 
 def heuristic_config(
@@ -337,6 +366,7 @@ def _max_offset(t: torch.Tensor, dims: int) -> int:
     )
 
 
+@_common.memo_reason
 def check(a: Any, b: Any, bias: Any = None, activation: str = "none") -> str | None:
     """Why ``matmul(a, b, bias, activation=...)`` cannot run the tile kernel, or None.
 
@@ -371,7 +401,7 @@ def check(a: Any, b: Any, bias: Any = None, activation: str = "none") -> str | N
         if bias.dim() > len(out_shape):
             return f"bias of shape {tuple(bias.shape)} has more dims than the output {out_shape}"
         try:
-            if tuple(torch.broadcast_shapes(bias.shape, out_shape)) != out_shape:
+            if tuple(_common.broadcast_shapes(bias.shape, out_shape)) != out_shape:
                 raise RuntimeError
         except RuntimeError:
             return f"bias of shape {tuple(bias.shape)} does not broadcast to {out_shape}"
@@ -432,38 +462,43 @@ def matmul(
         return _host_result(a, b, bias, alpha, beta, activation)
 
     out = _common.empty((*a.shape[:-1], N), a.dtype, a.device)
-    # View everything as [BATCH, ., .]; a shared b or a broadcast bias gets stride 0.
-    a3 = a if batched else a.unsqueeze(0)
-    b3 = b.expand(batch, K, N) if b.dim() == 2 else b
-    out3 = out if batched else out.unsqueeze(0)
+    # Everything is read as [BATCH, ., .]: a 2-D operand gets batch stride 0, as does a
+    # shared b or a broadcast bias.  (Strides only: no views on the hot path.)
+    a_st = a.stride() if batched else (0, *a.stride())
+    b_st = b.stride() if b.dim() == 3 else (0, *b.stride())
+    out_st = out.stride() if batched else (0, *out.stride())
     has_bias = bias is not None and beta != 0.0
     if has_bias:
-        bias3 = bias.expand(out.shape)
-        bias3 = bias3 if batched else bias3.unsqueeze(0)
+        bias_st = bias.expand(out.shape).stride()
+        bias_st = bias_st if batched else (0, *bias_st)
     else:
-        bias3 = out3  # never read (HAS_BIAS is False)
-    bias_strides = bias3.stride() if has_bias else (0, 0, 0)
+        bias_st = (0, 0, 0)  # never read (HAS_BIAS is False)
+    bias_t = bias if has_bias else out
 
     precision = _input_precision(a.dtype)
 
     def launch(cfg: autotune.Config) -> None:
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        tiles = _common.cdiv(M, bm) * _common.cdiv(N, bn)
         for start in range(0, batch, _MAX_GRID_Y):
             stop = min(batch, start + _MAX_GRID_Y)
-            grid = (tiles, stop - start)
-            _matmul_kernel[grid](
-                a3[start:stop],
-                b3[start:stop],
-                bias3[start:stop],
-                out3[start:stop],
+            ptrs = (a, b, bias_t, out)
+            if start:  # the chunk's first matrix, through the batch strides
+                ptrs = tuple(
+                    t.as_strided((1,), (1,), t.storage_offset() + start * st[0])
+                    for t, st in zip(ptrs, (a_st, b_st, bias_st, out_st))
+                )
+            _common.launch(
+                _matmul_kernel,
+                (tiles, stop - start),
+                *ptrs,
                 M,
                 N,
                 K,
-                *a3.stride(),
-                *b3.stride(),
-                *bias_strides,
-                *out3.stride(),
+                *a_st,
+                *b_st,
+                *bias_st,
+                *out_st,
                 alpha,
                 beta,
                 HAS_BIAS=has_bias,
@@ -486,8 +521,7 @@ def matmul(
         a.stride(-1) == 1,  # A k-contiguous (else m-contiguous / strided)
         b.stride(-1) == 1,  # B n-contiguous (else k-contiguous, e.g. W.t())
     )
-    configs = prune_configs(config_space(a.dtype, precision), M, N, K)
-    heuristic = heuristic_config(M, N, K, a.dtype, precision)
+    configs, heuristic = tuning_choices(config_space, heuristic_config, a.dtype, precision, M, N, K)
     cfg = autotune.select("matmul", key, configs, heuristic, launch, outputs=lambda: (out,))
     launch(cfg)
     return out
@@ -503,6 +537,7 @@ def _define_mm(name: str, ndim: int):
     @torch.library.custom_op(
         f"tile::{name}", mutates_args=(), schema="(Tensor self, Tensor mat2) -> Tensor"
     )
+    @plans.planned(f"tile::{name}")
     def op(self: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
         reason = check(self, mat2) or (
             None if self.dim() == ndim == mat2.dim() else f"{name} needs {ndim}-D"
@@ -531,6 +566,7 @@ def _define_addmm(name: str, ndim: int, mat1: str, mat2: str):
         mutates_args=(),
         schema=f"(Tensor self, Tensor {mat1}, Tensor {mat2}, float beta=1, float alpha=1) -> Tensor",
     )
+    @plans.planned(f"tile::{name}")
     def op(
         self: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 1.0, alpha: float = 1.0
     ) -> torch.Tensor:
@@ -619,6 +655,7 @@ def _linear_act_launch(input, weight, bias, activation) -> torch.Tensor:
     mutates_args=(),
     schema="(Tensor input, Tensor weight, Tensor? bias, str activation) -> Tensor",
 )
+@plans.planned("tile::linear_act")
 def _linear_act(
     input: torch.Tensor,
     weight: torch.Tensor,

@@ -210,7 +210,12 @@ def validate(expr: Any) -> Any:
 
 def dumps(expr: Any) -> str:
     """The canonical string of ``expr`` (what ``tile::`` ops take as ``expr``)."""
-    return json.dumps(canonical(expr), separators=(",", ":"), allow_nan=True)
+    return _dumps(canonical(expr))
+
+
+@functools.lru_cache(maxsize=4096)
+def _dumps(expr: Any) -> str:
+    return json.dumps(expr, separators=(",", ":"), allow_nan=True)
 
 
 def loads(s: str) -> Any:
@@ -294,7 +299,16 @@ def _promote(a, b):
 
 def infer_dtype(expr: Any, leaf_dtypes: Mapping[str, torch.dtype]) -> torch.dtype:
     """The dtype eager gives ``expr`` when its leaves have ``leaf_dtypes``."""
-    return _dtype_of(leaf_dtypes)(canonical(expr))
+    e = canonical(expr)
+    try:
+        return _infer_memo(e, tuple(sorted(leaf_dtypes.items(), key=lambda kv: kv[0])))
+    except TypeError:  # unhashable (a list expression): not memoised
+        return _dtype_of(leaf_dtypes)(e)
+
+
+@functools.lru_cache(maxsize=4096)
+def _infer_memo(expr: Any, leaf_dtypes: tuple) -> torch.dtype:
+    return _dtype_of(dict(leaf_dtypes))(expr)
 
 
 def _dtype_of(leaf_dtypes: Mapping[str, torch.dtype]) -> Callable[[Any], torch.dtype]:

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
+from . import _common, plans
 from .autotune import Config
 from .layer_norm import (
     ROW_CONFIGS,
@@ -232,6 +232,7 @@ def _rstd_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+@_common.memo_reason
 def check_rms_norm(
     x: torch.Tensor, normalized_shape: Sequence[int], weight: torch.Tensor | None = None
 ) -> str | None:
@@ -267,7 +268,9 @@ def rms_norm_fwd(
     w = weight.contiguous() if weight is not None else x2
 
     def run(cfg: Config):
-        _rms_norm_fwd_kernel[(m,)](
+        _common.launch(
+            _rms_norm_fwd_kernel,
+            (m,),
             x2,
             out,
             w,
@@ -320,7 +323,9 @@ def rms_norm_bwd(
         if block >= n:
             g, rpp = partial_grid(m, x.device, want_dw)
             dw_part = partial_buf(g, n, x.device, want_dw)
-            _rms_norm_bwd_kernel[(g,)](
+            _common.launch(
+                _rms_norm_bwd_kernel,
+                (g,),
                 dy2,
                 x2,
                 w,
@@ -340,7 +345,9 @@ def rms_norm_bwd(
             )
         else:
             if want_dx:
-                _rms_norm_bwd_kernel[(m,)](
+                _common.launch(
+                    _rms_norm_bwd_kernel,
+                    (m,),
                     dy2,
                     x2,
                     w,
@@ -361,7 +368,9 @@ def rms_norm_bwd(
             if want_dw:
                 g, rpp = partial_grid(m, x.device, True)
                 dw_part = partial_buf(g, n, x.device, True)
-                _rms_norm_bwd_dw_kernel[(triton.cdiv(n, block), g)](
+                _common.launch(
+                    _rms_norm_bwd_dw_kernel,
+                    (_common.cdiv(n, block), g),
                     dy2,
                     x2,
                     rstd1,
@@ -437,6 +446,7 @@ def _aten_bwd(grad_out, x, normalized_shape, rstd, weight, mask):
     mutates_args=(),
     schema="(Tensor input, int[] normalized_shape, Tensor? weight, float? eps) -> (Tensor, Tensor)",
 )
+@plans.planned("tile::rms_norm")
 def rms_norm_op(input, normalized_shape, weight, eps):
     """``aten._fused_rms_norm`` on the tile kernel (ATen / eager when it cannot run)."""
     ns = [int(v) for v in normalized_shape]
@@ -462,6 +472,7 @@ def _(input, normalized_shape, weight, eps):
     schema="(Tensor grad_out, Tensor input, int[] normalized_shape, Tensor rstd, "
     "Tensor? weight, bool[] output_mask) -> (Tensor, Tensor)",
 )
+@plans.planned("tile::rms_norm_backward")
 def rms_norm_backward_op(grad_out, input, normalized_shape, rstd, weight, output_mask):
     """``aten._fused_rms_norm_backward`` on the tile kernel.  An entry whose
     ``output_mask`` is False (or dw without weight) is an empty ``(0,)`` tensor."""

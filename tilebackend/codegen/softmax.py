@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common, autotune
+from . import _common, autotune, plans
 
 Tensor = torch.Tensor
 
@@ -364,6 +364,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # --- host launchers --------------------------------------------------------------------
 
 
+@_common.memo_reason
 def check(x, dim) -> str | None:
     """Why the softmax kernels cannot take ``x`` (softmax over ``dim``), or None.
 
@@ -384,6 +385,7 @@ def check(x, dim) -> str | None:
     return None
 
 
+@_common.memo_reason
 def check_bwd(grad, out, dim, input_dtype) -> str | None:
     """Why the backward kernels cannot take (``grad``, ``out``) over ``dim`` for a forward
     input of ``input_dtype``, or None."""
@@ -447,7 +449,7 @@ def softmax_fwd(
     name = "log_softmax_fwd" if log else "softmax_fwd"
 
     def launch(kernel, cfg: autotune.Config):
-        kernel[(rows,)](y, x, n, g1, g2, *xs, *ys, LOG=int(log), **cfg.as_kwargs())
+        _common.launch(kernel, (rows,), y, x, n, g1, g2, *xs, *ys, LOG=int(log), **cfg.as_kwargs())
 
     _select_and_launch(name, x.dtype, out_dtype, n, xs[3] == 1, block_n, launch, fwd=True)
     return y
@@ -484,7 +486,21 @@ def softmax_bwd(
     name = "log_softmax_bwd" if log else "softmax_bwd"
 
     def launch(kernel, cfg: autotune.Config):
-        kernel[(rows,)](dx, grad, out, n, g1, g2, *dxs, *dys, *ys, LOG=int(log), **cfg.as_kwargs())
+        _common.launch(
+            kernel,
+            (rows,),
+            dx,
+            grad,
+            out,
+            n,
+            g1,
+            g2,
+            *dxs,
+            *dys,
+            *ys,
+            LOG=int(log),
+            **cfg.as_kwargs(),
+        )
 
     contiguous = dys[3] == 1 and ys[3] == 1
     _select_and_launch(name, grad.dtype, dx_dtype, n, contiguous, block_n, launch, fwd=False)
@@ -560,19 +576,30 @@ def _bwd_impl(grad: Tensor, out: Tensor, dim: int, input_dtype: torch.dtype, log
     )
 
 
-@torch.library.custom_op("tile::softmax", mutates_args=())
+@torch.library.custom_op(
+    "tile::softmax", mutates_args=(), schema="(Tensor x, int dim, bool half_to_float) -> Tensor"
+)
+@plans.planned("tile::softmax")
 def softmax_op(x: Tensor, dim: int, half_to_float: bool) -> Tensor:
     """Mirrors ``aten::_softmax(Tensor self, int dim, bool half_to_float) -> Tensor``."""
     return _fwd_impl(x, dim, half_to_float, log=False)
 
 
-@torch.library.custom_op("tile::log_softmax", mutates_args=())
+@torch.library.custom_op(
+    "tile::log_softmax", mutates_args=(), schema="(Tensor x, int dim, bool half_to_float) -> Tensor"
+)
+@plans.planned("tile::log_softmax")
 def log_softmax_op(x: Tensor, dim: int, half_to_float: bool) -> Tensor:
     """Mirrors ``aten::_log_softmax(Tensor self, int dim, bool half_to_float) -> Tensor``."""
     return _fwd_impl(x, dim, half_to_float, log=True)
 
 
-@torch.library.custom_op("tile::softmax_backward", mutates_args=())
+@torch.library.custom_op(
+    "tile::softmax_backward",
+    mutates_args=(),
+    schema="(Tensor grad_output, Tensor output, int dim, ScalarType input_dtype) -> Tensor",
+)
+@plans.planned("tile::softmax_backward")
 def softmax_backward_op(
     grad_output: Tensor, output: Tensor, dim: int, input_dtype: torch.dtype
 ) -> Tensor:
@@ -581,7 +608,12 @@ def softmax_backward_op(
     return _bwd_impl(grad_output, output, dim, input_dtype, log=False)
 
 
-@torch.library.custom_op("tile::log_softmax_backward", mutates_args=())
+@torch.library.custom_op(
+    "tile::log_softmax_backward",
+    mutates_args=(),
+    schema="(Tensor grad_output, Tensor output, int dim, ScalarType input_dtype) -> Tensor",
+)
+@plans.planned("tile::log_softmax_backward")
 def log_softmax_backward_op(
     grad_output: Tensor, output: Tensor, dim: int, input_dtype: torch.dtype
 ) -> Tensor:
