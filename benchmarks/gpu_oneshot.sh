@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot GPU run for an H100/H200 box (works offline; installs nothing):
 #   1. the GPU tests (pytest -m gpu, and the kernel test files on cuda), time-capped
-#   2. kernel benchmarks at the anchors' shapes (eager / inductor / tile)
+#   2. kernel benchmarks at the anchors' shapes (eager / inductor / tile), then the host
+#      time per tile-op call (benchmarks/host_overhead.py)
 #   3. model benchmarks (GPT-2, Llama-style, BERT, ViT; GPT-2 training step)
 #   4. (full run, time permitting) kernel size sweeps and inductor max-autotune
 #   5. the comparison table, printed LAST (tile vs eager vs inductor, and vs the anchors
@@ -110,6 +111,14 @@ T=$(cap $([ $QUICK = 1 ] && echo 60 || echo 80) 100)
 say "kernel benchmarks (cap ${T}s)"
 timeout -k 5 "$T" $BENCH --what kernels --no-sweeps $Q --time-budget $((T > 15 ? T - 10 : 5)) $EXTRA \
   2>&1 | tee "$OUT/bench_kernels.log" | grep -E "^\[bench\]|Error|error" | grep -v "^\[bench\] wrote"
+
+# --- 2b. host time per tile-op call (a few seconds) -------------------------------------
+T=$(cap 20 90)
+if [ "$T" -gt 5 ]; then
+  say "host time per call (cap ${T}s)"
+  timeout -k 5 "$T" $PY benchmarks/host_overhead.py --device "$DEV" --json "$OUT/host_overhead.json" \
+    2>&1 | tee "$OUT/host_overhead.log"
+fi
 
 # --- 3. models --------------------------------------------------------------------------
 if [ $QUICK = 1 ]; then

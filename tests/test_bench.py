@@ -202,3 +202,35 @@ def test_results_merge_and_anchor_table(tmp_path):
     cells = line.split()
     assert cells[-6:] == ["2.00", "1.20", "0.0800", "0.0500", "1.25", "1.00"]
     assert "anchor 4000 (0.88x)" in table
+
+
+def test_host_overhead_script(device, tmp_path):
+    """benchmarks/host_overhead.py runs (in its own process: on CPU it stubs the
+    interpreter's launches) and writes one row per op with the three timings."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "host_overhead.py"
+    out = tmp_path / "host.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1" if device == "cpu" else "0"}
+    res = subprocess.run(
+        [sys.executable, str(script), "--device", device, "--calls", "3", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(out.read_text())
+    assert [r["op"] for r in rows] == [
+        "addmm",
+        "gelu(addmm)",
+        "layer_norm",
+        "add + layer_norm",
+        "softmax",
+    ]
+    for r in rows:
+        assert r["aten_us"] > 0 and r["tile_rt_us"] > 0 and r["tile_us"] > 0, r
+    assert "| addmm |" in res.stdout
