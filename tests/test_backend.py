@@ -350,3 +350,41 @@ def test_options_reach_kernels_at_run_time_forward_and_backward():
     with unittest.mock.patch.object(_common, "empty", spy):
         compiled(x).sum().backward()
     assert seen and all(seen), seen
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune", "default"])
+def test_mode_options_reach_the_inductor_fallback(poison, monkeypatch, mode):
+    """``mode=`` compiles the Inductor fallback's graph with that mode's Inductor options
+    (CUDA graphs for reduce-overhead, which Inductor skips for CPU graphs), and the tile
+    kernels still run."""
+    from tilebackend import _compat
+
+    seen: list[dict] = []
+    compile_fx = _compat.inductor_compile_fx
+
+    def spy(*args, config_patches=None, **kwargs):
+        seen.append(dict(config_patches or {}))
+        return compile_fx(*args, config_patches=config_patches, **kwargs)
+
+    monkeypatch.setattr(_compat, "inductor_compile_fx", spy)
+    ln = torch.nn.LayerNorm(16)
+    x = torch.randn(3, 16)
+    backend = tilebackend.TileBackend(mode=mode, options={"fallback": "inductor"})
+    fn = torch.compile(lambda x: torch.softmax(ln(x).relu(), -1), backend=backend)
+    with _common.count_launches() as n:
+        out = fn(x)
+    assert dict(n) == {"layer_norm_fwd": 1, "softmax_fwd": 1}, dict(n)
+    torch.testing.assert_close(out, torch.softmax(ln(x).relu(), -1), atol=1e-5, rtol=1e-5)
+    assert seen == [torch._inductor.list_mode_options(mode)]
+    if mode != "default":
+        assert seen[0]["triton.cudagraphs"] is True
+
+
+def test_cuda_graph_mode_with_eager_fallback_warns_once(poison):
+    backend = tilebackend.TileBackend(mode="reduce-overhead", options={"fallback": "eager"})
+    fn = torch.compile(lambda x: torch.softmax(x * 2, -1), backend=backend)
+    with pytest.warns(RuntimeWarning, match="without them"):
+        fn(torch.randn(3, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fn(torch.randn(4, 7))  # a recompile does not warn again

@@ -73,12 +73,24 @@ def default_partition():
     return dp
 
 
-def inductor_compile_fx(gm, example_inputs, inner_compile, decompositions):
+def inductor_compile_fx(gm, example_inputs, inner_compile, decompositions, config_patches=None):
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(
-        gm, example_inputs, inner_compile=inner_compile, decompositions=decompositions
+        gm,
+        example_inputs,
+        inner_compile=inner_compile,
+        decompositions=decompositions,
+        config_patches=config_patches or None,
     )
+
+
+def inductor_mode_options(mode: str) -> dict[str, Any]:
+    """Inductor's config for ``torch.compile``'s ``mode`` (e.g. CUDA graphs for
+    ``"reduce-overhead"``)."""
+    from torch._inductor import list_mode_options
+
+    return dict(list_mode_options(mode))
 
 
 def inductor_compile_fx_inner():

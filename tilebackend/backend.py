@@ -25,6 +25,9 @@ log = logging.getLogger("tilebackend")
 
 PRE_AUTOGRAD = "forward, before autograd"
 MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
+#: modes whose Inductor options turn CUDA graphs on (the Inductor fallback applies each
+#: mode's options to the graph it compiles around the tile ops)
+CUDA_GRAPH_MODES = ("max-autotune", "reduce-overhead")
 
 #: The report of the most recent compile by any TileBackend (for debugging).
 last_report: Report | None = None
@@ -151,6 +154,7 @@ class TileBackend:
             self.settings = self.settings.with_options({"search": "exhaustive"})
         self.report = Report()
         self._floats_asked: set[str] = set()  # see _specialize_module_floats
+        self._warned_mode = False
 
     # Dynamo entry
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
@@ -162,6 +166,14 @@ class TileBackend:
         fallback = self.settings.fallback
         if fallback == "auto":
             fallback = "inductor" if _is_gpu_graph(example_inputs) else "eager"
+        if fallback == "eager" and self.mode in CUDA_GRAPH_MODES and not self._warned_mode:
+            self._warned_mode = True
+            warnings.warn(
+                f"tilebackend: mode={self.mode!r} runs CUDA graphs through the Inductor "
+                "fallback; with fallback='eager' the graphs run without them",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         last_report = self.report
         start = len(self.report.graphs)
         self._specialize_module_floats(gm)
@@ -357,6 +369,7 @@ class TileBackend:
             example_inputs,
             inner_compile=inner,
             decompositions=decomposition_table("inductor", patterns),
+            config_patches=_compat.inductor_mode_options(self.mode),
         )
 
 
