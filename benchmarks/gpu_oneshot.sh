@@ -137,8 +137,16 @@ else
   say "model benchmarks SKIPPED: no time left"
 fi
 
-# --- 4. sweeps and max-autotune (full run, if time is left) ------------------------------
+# --- 4. CUDA graphs, sweeps and max-autotune (full run, if time is left) -----------------
 if [ $QUICK = 0 ]; then
+  T=$(cap 60 60)
+  if [ "$T" -gt 40 ]; then
+    say "GPT-2 inference with CUDA graphs, tile vs inductor (cap ${T}s)"
+    timeout -k 5 "$T" $BENCH --what models --models gpt2 --train= \
+      --providers inductor_cudagraphs,tile_cudagraphs --no-warm-compile --time-budget $((T - 8)) $EXTRA \
+      --ckpt-root "${TMPDIR:-/tmp}" 2>&1 | tee "$OUT/bench_cudagraphs.log" \
+      | grep -E "^\[bench\]|Error" | grep -v "^\[bench\] wrote"
+  fi
   T=$(cap 40 12)
   if [ "$T" -gt 20 ]; then
     say "kernel sweeps (cap ${T}s)"

@@ -388,3 +388,20 @@ def test_cuda_graph_mode_with_eager_fallback_warns_once(poison):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fn(torch.randn(4, 7))  # a recompile does not warn again
+
+
+def test_graph_plain_inductor_compiled_first_still_gets_tile_kernels(poison):
+    """AOTAutograd's cache is keyed by the Dynamo graph, not by our inner compile: with
+    it on, a graph plain Inductor had compiled (this process or any sharing the cache
+    dir) was loaded from Inductor's artifact and the tile backend did nothing."""
+    fn = lambda x: torch.softmax(x * 0.375, -1)  # noqa: E731
+    x = torch.randn(4, 29)
+    torch._dynamo.reset()
+    torch.compile(fn)(x)  # plain Inductor: its artifact lands in the caches
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": "inductor"})
+    with _common.count_launches() as n:
+        out = torch.compile(fn, backend=backend)(x)
+    torch.testing.assert_close(out, fn(x), atol=1e-5, rtol=1e-5)
+    assert dict(n) == {"scale_mask_softmax_fwd": 1}, dict(n)
+    assert backend.report.counts == {"softmax": 1, "fused_scale_mask_softmax": 1}

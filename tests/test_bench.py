@@ -234,3 +234,26 @@ def test_host_overhead_script(device, tmp_path):
     for r in rows:
         assert r["aten_us"] > 0 and r["tile_rt_us"] > 0 and r["tile_us"] > 0, r
     assert "| addmm |" in res.stdout
+
+
+def test_cuda_graph_providers(device):
+    """inductor_cudagraphs / tile_cudagraphs compile (Inductor skips CUDA graphs for CPU
+    graphs), the tile one with mode=reduce-overhead, and get their own table lines."""
+    import torch
+
+    from tilebackend.codegen import _common
+
+    fn = lambda x: torch.softmax(x * 0.5, -1)  # noqa: E731
+    x = torch.randn(4, 33, device=device)
+    for provider in ("inductor_cudagraphs", "tile_cudagraphs"):
+        compiled, backend = common.compile_provider(provider, fn)
+        with _common.count_launches() as n:
+            torch.testing.assert_close(compiled(x), fn(x), atol=1e-5, rtol=1e-5)
+        if provider == "tile_cudagraphs":
+            assert backend.mode == "reduce-overhead" and dict(n) == {"scale_mask_softmax_fwd": 1}
+    rows = [
+        {"suite": "model", "name": "gpt2_infer", "provider": p, "status": "ok", "ms": ms}
+        for p, ms in (("inductor_cudagraphs", 2.0), ("tile_cudagraphs", 1.6))
+    ]
+    table = output.comparison_table(rows)
+    assert "with CUDA graphs" in table and "tile/ind   1.25" in table, table

@@ -74,15 +74,23 @@ def default_partition():
 
 
 def inductor_compile_fx(gm, example_inputs, inner_compile, decompositions, config_patches=None):
+    """Inductor's ``compile_fx`` around our ``inner_compile``, with AOTAutograd's cache off.
+
+    That cache is keyed by the Dynamo graph and the configs, not by ``inner_compile``:
+    left on, a graph that plain Inductor compiled before (in any process sharing the
+    cache dir) is loaded from Inductor's artifact, and our rewrite never runs.  (Graphs
+    with tile ops bypass Inductor's FX graph cache, so ours are never stored there.)"""
+    import torch._functorch.config as functorch_config
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(
-        gm,
-        example_inputs,
-        inner_compile=inner_compile,
-        decompositions=decompositions,
-        config_patches=config_patches or None,
-    )
+    with functorch_config.patch(enable_autograd_cache=False):
+        return compile_fx(
+            gm,
+            example_inputs,
+            inner_compile=inner_compile,
+            decompositions=decompositions,
+            config_patches=config_patches or None,
+        )
 
 
 def inductor_mode_options(mode: str) -> dict[str, Any]:

@@ -20,6 +20,8 @@ PROVIDERS: dict[str, str] = {
     "inductor_max_autotune": 'torch.compile(mode="max-autotune")',
     "tile": 'torch.compile(backend="tile", options={"fallback": "inductor"})',
     "tile_eager": 'torch.compile(backend="tile", options={"fallback": "eager"})',
+    "inductor_cudagraphs": 'torch.compile(mode="reduce-overhead") (CUDA graphs)',
+    "tile_cudagraphs": 'torch.compile(backend="tile", mode="reduce-overhead") (CUDA graphs)',
 }
 #: providers that compile for a long time (skipped first when the time budget runs low)
 HEAVY = {"inductor_max_autotune"}
@@ -50,12 +52,15 @@ def compile_provider(provider: str, obj: Any, tile_options: dict | None = None):
         return torch.compile(obj, dynamic=False), None
     if provider == "inductor_max_autotune":
         return torch.compile(obj, mode="max-autotune", dynamic=False), None
-    if provider in ("tile", "tile_eager"):
+    if provider == "inductor_cudagraphs":
+        return torch.compile(obj, mode="reduce-overhead", dynamic=False), None
+    if provider in ("tile", "tile_eager", "tile_cudagraphs"):
         from ..backend import TileBackend
 
         options = dict(tile_options or {})
-        options["fallback"] = "inductor" if provider == "tile" else "eager"
-        backend = TileBackend(options=options)
+        options["fallback"] = "eager" if provider == "tile_eager" else "inductor"
+        mode = "reduce-overhead" if provider == "tile_cudagraphs" else None
+        backend = TileBackend(mode=mode, options=options)
         return torch.compile(obj, backend=backend, dynamic=False), backend
     raise ValueError(f"unknown provider {provider!r}")
 

@@ -41,7 +41,15 @@ CSV_FIELDS = [
     "tokens",
     "error",
 ]
-KERNEL_PROVIDER_ORDER = ["eager", "inductor", "inductor_max_autotune", "tile", "tile_eager"]
+KERNEL_PROVIDER_ORDER = [
+    "eager",
+    "inductor",
+    "inductor_max_autotune",
+    "inductor_cudagraphs",
+    "tile",
+    "tile_eager",
+    "tile_cudagraphs",
+]
 
 
 def key(row: dict) -> tuple[str, str, str]:
@@ -379,6 +387,17 @@ def comparison_table(rows: Sequence[dict], anchors: dict | None = None, anchor_f
                 + " ".join(cells)
                 + f" {_fmt(t_e, '.2f'):>10} {_fmt(t_i, '.2f'):>8} {_fmt(ae, '.4f'):>9}"
                 f" {_fmt(ai, '.4f'):>8} {_fmt(ratio, '.2f'):>9} {_fmt(t_ai, '.2f'):>12}"
+            )
+    graphs = _by_name(r for r in rows if r.get("provider", "").endswith("_cudagraphs"))
+    if graphs:
+        out.append("-" * len(head))
+        out.append("with CUDA graphs (mode=reduce-overhead): tile vs Inductor")
+        for name, provs in graphs.items():
+            t = (provs.get("tile_cudagraphs") or {}).get("ms")
+            i = (provs.get("inductor_cudagraphs") or {}).get("ms")
+            out.append(
+                f"{name[:44]:44} inductor {_fmt(i, '.4f'):>10} tile {_fmt(t, '.4f'):>10}"
+                f"  tile/ind {_fmt(i / t if i and t else None, '.2f'):>6}"
             )
     errs = [r for r in rows if r.get("status") == "error"]
     if errs:
