@@ -34,13 +34,15 @@ from torch.overrides import TorchFunctionMode
 
 from .. import settings
 
-__all__ = ["Plan", "planned", "recording", "stats"]
+__all__ = ["Plan", "planned", "recording", "stats", "why_not"]
 
 _tls = threading.local()
 _LIMIT = 4096
 
-#: How calls were served, by op name: "plain", "recorded", "replayed", "unplannable".
+#: How calls were served, by (op name, "plain" | "recorded" | "replayed" | "unplannable").
 stats: collections.Counter[tuple[str, str]] = collections.Counter()
+#: Why the last unplannable call of each op was not recorded (debugging).
+why_not: dict[str, str] = {}
 
 # Tensor functions a recorded call may run on the host: metadata, views, allocation.
 _ALLOWED = frozenset(
@@ -314,6 +316,7 @@ def _record(name, fn, args, inputs, key, plans, s) -> Any:
     if any(t.numel() == 0 for t in inputs):
         plans[key] = None
         stats[(name, "unplannable")] += 1
+        why_not[name] = "an empty input"
         return fn(*args)
     before = collections.Counter(_common.launch_counts)
     rec = _Recording()
@@ -329,7 +332,8 @@ def _record(name, fn, args, inputs, key, plans, s) -> Any:
     try:
         plans[key] = _make_plan(rec, inputs, result, counts, s)
         stats[(name, "recorded")] += 1
-    except ValueError:
+    except ValueError as e:
         plans[key] = None
         stats[(name, "unplannable")] += 1
+        why_not[name] = str(e)
     return result
