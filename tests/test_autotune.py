@@ -627,3 +627,41 @@ def test_tuned_config_never_slower_than_heuristic():
     with settings.use(settings.Settings(autotune="off")):
         t_heur = triton.testing.do_bench(lambda: matmul.matmul(a, b), return_mode="median")
     assert t_tuned <= t_heur * 1.10, (d.config, t_tuned, t_heur)
+
+
+@pytest.mark.parametrize("aten_faster", [True, False])
+def test_plain_gemm_times_cublas_as_a_baseline(monkeypatch, aten_faster):
+    """On a GPU the plain GEMM's tuning also times ATen's GEMM (first, whatever the
+    search), and uses it only when it measured faster; its calls are then replayed
+    from launch plans like a kernel's.  (The GPU path simulated: timings faked.)"""
+    import triton.testing
+
+    from tilebackend.codegen import _common, plans
+    from tilebackend.codegen import matmul as mm
+
+    timed: list[bool] = []  # per timing: did ATen's GEMM run?
+
+    def do_bench(fn, **kw):
+        before = _common.launch_counts["aten_gemm"]
+        fn()
+        ran_aten = _common.launch_counts["aten_gemm"] > before
+        timed.append(ran_aten)
+        return (0.5 if ran_aten else 1.0) if aten_faster else (2.0 if ran_aten else 1.0)
+
+    monkeypatch.setattr(autotune, "interpret_mode", lambda: False)
+    monkeypatch.setattr(mm, "interpret_mode", lambda: False)
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    a, b, bias = torch.randn(8, 16), torch.randn(16, 24), torch.randn(24)
+    with settings.use(settings.Settings(poison_outputs=True)):
+        for i in range(4):  # plain, recorded, replayed x2
+            a = a + i
+            with _common.count_launches() as n:
+                out = torch.ops.tile.addmm(bias, a, b)
+            torch.testing.assert_close(out, torch.addmm(bias, a, b), atol=1e-4, rtol=1e-4)
+            if i:
+                want = {"addmm": 1, "aten_gemm": 1} if aten_faster else {"addmm": 1}
+                assert dict(n) == want, (i, dict(n))
+    (d,) = [d for k, d in autotune.decisions.items() if k[0] == "matmul"]
+    assert (d.config == mm.ATEN_CONFIG) == aten_faster, d
+    assert d.source == "tuned" and timed.count(True) == 1 and timed[1] is True, timed
+    assert plans.stats[("tile::addmm", "replayed")] >= 2

@@ -153,6 +153,12 @@ def launch(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> Any:
     return plans.on_launch(kernel, grid, args, kwargs)
 
 
+def host_op(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` for a host op that writes into tensors it is given
+    (``out=``), recorded by :mod:`.plans` like a launch."""
+    return plans.on_call(fn, args, kwargs)
+
+
 def guarded(kernel: str, key: tuple, run: Callable[[], Any], fallback: Callable[[], Any]) -> Any:
     """Run a tile kernel; if it fails to compile or launch, warn once and use ATen.
 

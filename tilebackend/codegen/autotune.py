@@ -46,6 +46,8 @@ from . import plans, tuning_cache
 log = logging.getLogger("tilebackend")
 
 QUICK_MAX_CANDIDATES = 4  # the heuristic config + 3 neighbours
+#: a config with this parameter runs a library kernel instead of ours (a baseline)
+EXTERN = "EXTERN"
 QUICK_BUDGET_S = 2.0
 EXHAUSTIVE_LIMIT = 32  # spaces up to this size are timed in full by "exhaustive"
 _BENCH_ARGS = {"quick": (5, 25), "exhaustive": (10, 50)}  # do_bench warmup / rep (ms)
@@ -71,6 +73,9 @@ class Config:
 
     def __getitem__(self, name: str) -> Any:
         return self._by_name[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._by_name.get(name, default)
 
     def as_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``kernel[grid](..., **cfg.as_kwargs())``."""
@@ -583,13 +588,17 @@ def search(
         return min(timings, key=lambda c: (timings[c], c != heuristic)) if timings else None
 
     h_ms = measure(heuristic)
-    rest = [c for c in space if c != heuristic]
+    # baselines (a config with EXTERN, e.g. cuBLAS for a plain GEMM) are timed first,
+    # whatever the strategy: the pick is then never slower than them
+    baselines = [c for c in space if c != heuristic and c.get(EXTERN) is not None]
+    rest = [c for c in space if c != heuristic and c.get(EXTERN) is None]
     if strategy == "quick":
         order: Any = iter(neighbours(heuristic, rest, max(max_candidates - 1, 0)))
     elif len(space) <= EXHAUSTIVE_LIMIT:
         order = iter(neighbours(heuristic, rest))
     else:
         order = _sample_then_local(heuristic, rest, random.Random(seed), best)
+    order = itertools.chain(baselines, order)
     for cfg in order:
         if clock() >= deadline:
             break

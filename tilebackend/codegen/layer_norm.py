@@ -398,15 +398,29 @@ def partial_buf(g: int, n: int, device: torch.device, want: bool) -> torch.Tenso
 
 
 def sum_partials(part: torch.Tensor | None, param: torch.Tensor | None) -> torch.Tensor | None:
-    """The per-program partial sums reduced to a grad shaped like ``param``."""
-    return part.sum(0).to(param.dtype).view(param.shape) if part is not None else None
+    """The per-program partial sums reduced (in fp32) to a grad shaped like ``param``.
+    (Through :func:`~._common.host_op` into allocated tensors, so that a launch plan
+    can replay it.)"""
+    if part is None:
+        return None
+    n = part.shape[1]
+    total = _common.empty((n,), torch.float32, part.device)
+    _common.host_op(torch.sum, part, 0, out=total)
+    if param.dtype != torch.float32:
+        grad = _common.empty((n,), param.dtype, part.device)
+        _common.host_op(torch.Tensor.copy_, grad, total)
+        total = grad
+    return total.view(param.shape)
 
 
 def fill_masked(res, x: torch.Tensor, *params: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """Custom ops cannot return None: a masked-off grad is an empty ``(0,)`` tensor
     (``res`` is ``(dx, *param_grads)``)."""
     like = (x, *(p if p is not None else x for p in params))
-    return tuple(r if r is not None else t.new_empty((0,)) for r, t in zip(res, like, strict=True))
+    return tuple(
+        r if r is not None else _common.empty((0,), t.dtype, t.device)
+        for r, t in zip(res, like, strict=True)
+    )
 
 
 def signature(t: str, spec: str) -> dict[str, str]:

@@ -124,13 +124,21 @@ def on_alloc(t: torch.Tensor) -> None:
 
 def on_launch(kernel: Any, grid: Any, args: tuple, kwargs: dict) -> Any:
     """Launch ``kernel[grid](*args, **kwargs)``, noting it when recording."""
+    if callable(grid) or recording() is None:
+        return kernel[grid](*args, **kwargs)
+    return on_call(kernel[grid], args, kwargs)
+
+
+def on_call(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """``fn(*args, **kwargs)``: a launch, or a host op that writes its results into tensors
+    it is given (``out=``); noted when recording, its tensors mapped like a kernel's."""
     rec = recording()
     if rec is None:
-        return kernel[grid](*args, **kwargs)
-    rec.launches.append((kernel, grid, args, kwargs))
+        return fn(*args, **kwargs)
+    rec.launches.append((fn, args, kwargs))
     rec.in_launch = True
     try:
-        return kernel[grid](*args, **kwargs)
+        return fn(*args, **kwargs)
     finally:
         rec.in_launch = False
 
@@ -150,10 +158,11 @@ _MISSING = object()
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """A recorded call: allocations ``(shape, dtype, device)``, launches ``(kernel, grid,
-    arguments, tensor slots, kwargs)`` (the arguments with None where a tensor goes; a
-    slot is ``(position, from an input?, index, dtype to view it as or None)``), the
-    result's spec and the counter increments."""
+    """A recorded call: allocations ``(shape, dtype, device)``, launches ``(callable,
+    arguments, tensor slots, keywords)`` (the callable is ``kernel[grid]`` or a host op;
+    the arguments have None where a tensor goes; a slot is ``(position, from an input?,
+    index, dtype to view it as or None)``; keywords are ``()`` or ``(constants, tensor
+    slots)``), the result's spec and the counter increments."""
 
     allocs: tuple[tuple[tuple[int, ...], torch.dtype, torch.device], ...]
     launches: tuple[tuple[Any, Any, tuple, dict], ...]
@@ -165,12 +174,18 @@ class Plan:
         from . import _common  # (it imports this module)
 
         outs = [_common.empty(s, dt, dev) for s, dt, dev in self.allocs]
-        for kernel, grid, template, slots, kwargs in self.launches:
+        for fn, template, slots, kwargs in self.launches:
             args = list(template)
             for pos, from_input, i, dt in slots:
                 t = inputs[i] if from_input else outs[i]
                 args[pos] = t if dt is None else t.view(dt)
-            kernel[grid](*args, **kwargs)
+            if kwargs:
+                kw = dict(kwargs[0])
+                for name, from_input, i in kwargs[1]:
+                    kw[name] = inputs[i] if from_input else outs[i]
+                fn(*args, **kw)
+            else:
+                fn(*args)
         for name, n in self.counts:
             _common.launch_counts[name] += n
         return _build(self.result, outs)
@@ -231,9 +246,7 @@ def _make_plan(rec: _Recording, inputs: list[torch.Tensor], result: Any, counts,
         return next(iter(found))
 
     launches = []
-    for kernel, grid, args, kwargs in rec.launches:
-        if callable(grid) or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
-            raise ValueError("a callable grid or a tensor keyword")
+    for fn, args, kwargs in rec.launches:
         template, slots = [], []
         for pos, a in enumerate(args):
             if isinstance(a, torch.Tensor):
@@ -243,7 +256,18 @@ def _make_plan(rec: _Recording, inputs: list[torch.Tensor], result: Any, counts,
                 template.append(None)
             else:
                 template.append(a)
-        launches.append((kernel, grid, tuple(template), tuple(slots), dict(kwargs)))
+        consts, tensor_kw = {}, []
+        for name, v in kwargs.items():
+            if isinstance(v, torch.Tensor):
+                kind, i = source(v)
+                base = inputs[i] if kind == _IN else rec.allocs[i]
+                if v.dtype != base.dtype or v.shape != base.shape or v.stride() != base.stride():
+                    raise ValueError(f"keyword {name} is a view")
+                tensor_kw.append((name, kind == _IN, i))
+            else:
+                consts[name] = v
+        kw = (consts, tuple(tensor_kw)) if (consts or tensor_kw) else ()
+        launches.append((fn, tuple(template), tuple(slots), kw))
     index = {id(t): i for i, t in enumerate(rec.allocs)}
 
     def spec(r: Any) -> Any:
