@@ -405,3 +405,24 @@ def test_graph_plain_inductor_compiled_first_still_gets_tile_kernels(poison):
     torch.testing.assert_close(out, fn(x), atol=1e-5, rtol=1e-5)
     assert dict(n) == {"scale_mask_softmax_fwd": 1}, dict(n)
     assert backend.report.counts == {"softmax": 1, "fused_scale_mask_softmax": 1}
+
+
+def test_inductor_fallback_graphs_are_cached_by_inductor(poison):
+    """Our graphs go through Inductor's FX graph cache: the decomposition table we pass
+    pickles stably (an OpOverload does not, and every tile graph bypassed the cache), so
+    a second compile of the same graph is a hit, and still runs the tile kernels."""
+    from torch._dynamo.utils import counters
+
+    fn = lambda x: torch.softmax(x * 0.625, -1) + 1  # noqa: E731
+    x = torch.randn(3, 23)
+    for _ in range(2):
+        torch._dynamo.reset()
+        counters.clear()
+        backend = tilebackend.TileBackend(options={"fallback": "inductor"})
+        with _common.count_launches() as n:
+            out = torch.compile(fn, backend=backend)(x)
+        torch.testing.assert_close(out, fn(x), atol=1e-5, rtol=1e-5)
+        assert dict(n) == {"scale_mask_softmax_fwd": 1}, dict(n)
+        assert backend.report.counts == {"softmax": 1, "fused_scale_mask_softmax": 1}
+        assert counters["inductor"]["fxgraph_cache_bypass"] == 0, dict(counters["inductor"])
+    assert counters["inductor"]["fxgraph_cache_hit"] == 1, dict(counters["inductor"])

@@ -53,12 +53,28 @@ def decomposition_table(key: str, patterns: Sequence[Any] = ()) -> dict:
     if key == "inductor":
         keep = set(_anchor_ops())
         packets = {k.overloadpacket for k in keep}
-        table = {
-            op: fn
+        table = DecompositionTable(
+            (op, fn)
             for op, fn in _compat.inductor_decomposition_table().items()
             if op not in keep and getattr(op, "overloadpacket", None) not in packets
-        }
+        )
     return table
+
+
+class DecompositionTable(dict):
+    """Inductor's decomposition table minus our anchors, with a stable pickle.
+
+    Inductor hashes its compile inputs by pickling them, this table included, and an
+    ``OpOverload`` does not pickle: every graph with tile ops bypassed Inductor's FX graph
+    cache, and a warm compile redid all of Inductor's work.  The table pickles as its
+    sorted op names (the functions are torch's, covered by the key's torch version)."""
+
+    def __reduce__(self):
+        return (_decomposition_table_named, (tuple(sorted(map(str, self))),))
+
+
+def _decomposition_table_named(names: tuple[str, ...]) -> tuple[str, ...]:
+    return names  # (only ever unpickled from a cache key: the names are the identity)
 
 
 def _anchor_ops() -> list:
