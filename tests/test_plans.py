@@ -197,3 +197,22 @@ def test_compiled_graph_calls_the_twins(device, monkeypatch):
     assert len(handed) == 2  # forward and backward
     for code in handed:
         assert "tile_rt." in code and "torch.ops.tile." not in code, code
+
+
+def test_tf32_flag_is_part_of_the_key(scoped, device):
+    """fp32 GEMMs take their precision from torch's TF32 flag at call time: a plan
+    recorded under one value must not serve the other."""
+    a, b = torch.randn(4, 8, device=device), torch.randn(8, 5, device=device)
+    old = torch.backends.cuda.matmul.allow_tf32
+    deltas = []
+    try:
+        for flag in (False, True, False):
+            torch.backends.cuda.matmul.allow_tf32 = flag
+            before = _served("tile::mm")
+            for _ in range(3):
+                torch.testing.assert_close(torch.ops.tile.mm(a, b), a @ b, atol=1e-5, rtol=1e-5)
+            deltas.append(_delta(before, "tile::mm"))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    fresh = {"plain": 1, "recorded": 1, "replayed": 1}
+    assert deltas == [fresh, fresh, {"replayed": 3}], deltas

@@ -298,12 +298,15 @@ def planned(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
         @functools.wraps(fn)
         def op(*args: Any, **kwargs: Any) -> Any:
+            from . import _common
+
             if kwargs or recording() is not None:
                 return fn(*args, **kwargs)
             s = settings.current()
             inputs: list[torch.Tensor] = []
             try:
-                key = (*_signature(args, inputs, {}, []), id(s))
+                # (the TF32 flag picks fp32 GEMMs' precision: a constant of the launch)
+                key = (*_signature(args, inputs, {}, []), id(s), _common.tf32_allowed())
                 hash(key)
             except (TypeError, RuntimeError):  # symbolic sizes, no storage (fake/meta)
                 return fn(*args)
