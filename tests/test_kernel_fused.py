@@ -774,3 +774,40 @@ def test_relu_backward_written_out_matches_aten(poison, gen_dir):
         out = _printer_kernel_run(expr, {"ACC": grad, "IN0": x})
     assert n["mm_epilogue"] == 1
     torch.testing.assert_close(out, op(grad, x, 0))
+
+
+@pytest.mark.parametrize("cfg", fused_norm.ROWS_CONFIGS, ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize(
+    "m, n, affine",
+    [(37, 29, True), (5, 1, True), (9, 1024, False), (16, 100, True)],
+    ids=str,
+)
+def test_add_norm_several_rows_per_program(poison, device, cfg, rms, m, n, affine):
+    """The multi-row kernel (ROWS rows per program; timed on a GPU for many short rows),
+    forced: rows not a multiple of ROWS, a one-element row, a full block, strided x."""
+    base = torch.randn(m, n + 3, device=device)
+    x = base[:, :n]  # row stride n + 3
+    r = torch.randn(m, n, device=device)
+    w = torch.randn(n, device=device) if affine else None
+    b = torch.randn(n, device=device) if affine and not rms else None
+    with _common.count_launches():
+        out, s, mean, rstd = fused_norm.add_norm_fwd(x, r, [n], w, b, 1e-5, rms=rms, config=cfg)
+    s_ref = x + r
+    assert torch.equal(s, s_ref)
+    if rms:
+        ref = F.rms_norm(s_ref.double(), [n], None if w is None else w.double(), 1e-5)
+    else:
+        wd = None if w is None else w.double()
+        ref = F.layer_norm(s_ref.double(), [n], wd, None if b is None else b.double(), 1e-5)
+        torch.testing.assert_close(mean.double().squeeze(-1), s_ref.double().mean(-1))
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    var = s_ref.double().pow(2).mean(-1) if rms else s_ref.double().var(-1, unbiased=False)
+    torch.testing.assert_close(rstd.double().squeeze(-1), (var + 1e-5).rsqrt(), rtol=1e-5, atol=0)
+
+
+def test_add_norm_multi_row_configs_only_for_many_short_rows():
+    many, short = fused_norm.MANY_ROWS, fused_norm.ROWS_CONFIGS[0]["BLOCK_N"]
+    assert set(fused_norm.ROWS_CONFIGS) <= set(fused_norm._space(many, 768))
+    assert not set(fused_norm.ROWS_CONFIGS) & set(fused_norm._space(many - 1, 768))
+    assert not set(fused_norm.ROWS_CONFIGS) & set(fused_norm._space(many, short + 1))

@@ -138,7 +138,69 @@ def _add_norm_fwd_kernel(
     tl.store(Rstd + row, rstd)
 
 
-_CONFIGS: tuple[Config, ...] = ROW_CONFIGS
+@triton.jit
+def _add_norm_rows_kernel(
+    X,  # *T [M, N]: row stride stride_x, column stride 1
+    R,  # *T [M, N] residual: row stride stride_r, column stride 1
+    Y,  # *T [M, N] normalised output, contiguous
+    S,  # *T [M, N] x + residual, contiguous
+    W,  # *T [N] weight (read only if HAS_WEIGHT)
+    B,  # *T [N] bias (read only if HAS_BIAS; never with RMS)
+    Mean,  # *fp32 [M] (written unless RMS)
+    Rstd,  # *fp32 [M]
+    M,
+    stride_x,
+    stride_r,
+    N,
+    eps,  # fp32
+    RMS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # >= N: each row in registers
+    ROWS: tl.constexpr,  # rows per program (short rows: fewer, fuller programs)
+):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < N
+    mask = rmask[:, None] & cmask[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+    s = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
+    tl.store(S + rows[:, None] * N + cols[None, :], s, mask=mask)
+    s = s.to(tl.float32)
+    if RMS:
+        diff = s  # (masked lanes are 0)
+    else:
+        mean = tl.sum(s, axis=1) / N
+        diff = tl.where(mask, s - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / N + eps)
+    y = diff * rstd[:, None]
+    if HAS_WEIGHT:
+        y = y * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    if not RMS:
+        tl.store(Mean + rows, mean, mask=rmask)
+    tl.store(Rstd + rows, rstd, mask=rmask)
+
+
+#: Several short rows per program (the row in registers): for many rows of at most
+#: 1024 elements (GPT-2 / BERT's 768), fewer and fuller programs.  Timed beside the
+#: one-row configs; the heuristic stays one row per program.
+ROWS_CONFIGS: tuple[Config, ...] = tuple(
+    Config.make(num_warps=w, num_stages=1, BLOCK_N=1024, ROWS=r)
+    for r, w in ((2, 4), (4, 8), (8, 8))
+)
+MANY_ROWS = 2048  # below this, every row gets its own program (parallelism first)
+_CONFIGS: tuple[Config, ...] = ROW_CONFIGS + ROWS_CONFIGS
+
+
+def _space(m: int, n: int) -> tuple[Config, ...]:
+    """The configs for ``m`` rows of ``n``: multi-row ones only for many short rows."""
+    many = m >= MANY_ROWS
+    return tuple(c for c in _CONFIGS if c.get("ROWS", 1) == 1 or (many and n <= c["BLOCK_N"]))
 
 
 # --- host --------------------------------------------------------------------------------
@@ -204,6 +266,16 @@ def add_norm_fwd(
     b = bias.contiguous() if bias is not None else x2
 
     def run(cfg: Config):
+        rows = cfg.get("ROWS", 1)
+        if rows > 1:
+            assert n <= cfg["BLOCK_N"], (n, cfg)
+            _common.launch(_add_norm_rows_kernel, (_common.cdiv(m, rows),),
+                x2, r2, out, total, w, b, rstd if rms else mean, rstd,
+                m, stride_x, stride_r, n, float(eps),
+                RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                **cfg.as_kwargs(),
+            )  # fmt: skip
+            return
         _common.launch(_add_norm_fwd_kernel, (m,),
             x2, r2, out, total, w, b, rstd if rms else mean, rstd,
             stride_x, stride_r, n, float(eps),
@@ -212,8 +284,9 @@ def add_norm_fwd(
         )  # fmt: skip
 
     name = "add_rms_norm_fwd" if rms else "add_layer_norm_fwd"
-    key = (x.dtype, weight is not None, bias is not None)
-    run(pick_config(name, _CONFIGS, n, key, run, config, fn=_add_norm_fwd_kernel))
+    key = (x.dtype, weight is not None, bias is not None, m >= MANY_ROWS)
+    fns = (_add_norm_fwd_kernel, _add_norm_rows_kernel)
+    run(pick_config(name, _space(m, n), n, key, run, config, fn=fns))
     return out, total, mean, rstd
 
 
@@ -368,8 +441,30 @@ def sm90_specs() -> list[dict]:
             t,
             "X:T R:T Y:T S:T W:T B:T Mean:*fp32 Rstd:*fp32 stride_x:i32 stride_r:i32 N:i32 eps:fp32",
         )
+        rows_sig = signature(
+            t,
+            "X:T R:T Y:T S:T W:T B:T Mean:*fp32 Rstd:*fp32 M:i32 stride_x:i32 stride_r:i32 "
+            "N:i32 eps:fp32",
+        )
         for rms in (False, True):
-            for cfg in _CONFIGS:
+            kind = "rms" if rms else "layer"
+            for cfg in ROWS_CONFIGS:
+                specs.append(
+                    compile_spec(
+                        f"add_{kind}_norm_rows[{t[1:]},{cfg}]",
+                        _add_norm_rows_kernel,
+                        cfg,
+                        dict(rows_sig),
+                        {
+                            "RMS": rms,
+                            "HAS_WEIGHT": True,
+                            "HAS_BIAS": not rms,
+                            "BLOCK_N": cfg["BLOCK_N"],
+                            "ROWS": cfg["ROWS"],
+                        },
+                    )
+                )
+            for cfg in ROW_CONFIGS:
                 for single in (True, False):
                     kind = "rms" if rms else "layer"
                     specs.append(
