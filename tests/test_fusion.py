@@ -534,3 +534,37 @@ def test_mlp_with_new_activations_trains_fused(poison, act1, act2, names):
     assert f"aten.{names[0]}_backward" not in bwd.code, bwd.code
     assert bwd.counts.get("fused_mm_epilogue", 0) >= 1, str(bwd)
     assert bwd_launches["mm_epilogue"] + bwd_launches["mm_epilogue_multi"] >= 1, dict(bwd_launches)
+
+
+@pytest.mark.parametrize("order", ["x_plus_pos", "pos_plus_x"])
+def test_embedding_sum_with_broadcast_positions_fuses_into_add_layer_norm(poison, order):
+    """BERT / DistilBERT / ALBERT / ELECTRA embeddings: ``LayerNorm(tokens + positions)``
+    with the position embeddings ``[1, S, H]`` shared by the batch: one add+norm kernel,
+    in inference and (gradients too, the positions' summed over the batch) in training."""
+    emb, pos = torch.nn.Embedding(50, 32), torch.nn.Embedding(16, 32)
+    ln = torch.nn.LayerNorm(32)
+
+    def f(ids):
+        p = pos(torch.arange(ids.shape[1]).unsqueeze(0))
+        e = emb(ids)
+        return ln(e + p if order == "x_plus_pos" else p + e)
+
+    ids = torch.randint(0, 50, (3, 7))
+    graph, launches = _run(f, ids, atol=1e-5, rtol=1e-5)
+    assert graph.counts.get("fused_add_layer_norm") == 1, str(graph)
+    assert dict(launches) == {"add_layer_norm_fwd": 1}, dict(launches)
+    assert "aten.add.Tensor" not in graph.code, graph.code
+
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": "eager"})
+    out = torch.compile(f, backend=backend)(ids)
+    out.square().sum().backward()
+    params = [emb.weight, pos.weight, ln.weight, ln.bias]
+    got = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    f(ids).square().sum().backward()
+    for g, p in zip(got, params, strict=True):
+        torch.testing.assert_close(g, p.grad, atol=1e-4, rtol=1e-4)
+    (fwd,) = [g for g in backend.report.graphs if g.name == "forward"]
+    assert fwd.counts.get("fused_add_layer_norm") == 1, str(fwd)

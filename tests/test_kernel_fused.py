@@ -811,3 +811,42 @@ def test_add_norm_multi_row_configs_only_for_many_short_rows():
     assert set(fused_norm.ROWS_CONFIGS) <= set(fused_norm._space(many, 768))
     assert not set(fused_norm.ROWS_CONFIGS) & set(fused_norm._space(many - 1, 768))
     assert not set(fused_norm.ROWS_CONFIGS) & set(fused_norm._space(many, short + 1))
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("rshape", [(1, 5, 24), (5, 24), (24,)], ids=str)
+@pytest.mark.parametrize("cfg", [None, fused_norm.ROWS_CONFIGS[1]], ids=["one_row", "rows"])
+def test_add_norm_residual_broadcast_over_leading_dims(poison, device, rms, rshape, cfg):
+    """BERT's embeddings: ``layer_norm(x + position_embeddings)`` with the residual
+    ``[1, S, H]`` repeated over the batch (row i adds residual row i % S)."""
+    x = torch.randn(3, 5, 24, device=device, requires_grad=True)
+    r = torch.randn(*rshape, device=device, requires_grad=True)
+    w = torch.randn(24, device=device, requires_grad=True)
+    assert fused_norm.check_add_layer_norm(x, r, [24], w) is None
+    if cfg is not None:
+        with torch.no_grad():
+            out, s, _, _ = fused_norm.add_norm_fwd(x, r, [24], w, None, 1e-5, rms, config=cfg)
+    else:
+        with _common.count_launches() as n:
+            if rms:
+                out, s, _ = torch.ops.tile.add_rms_norm(x, r, [24], w, 1e-5)
+            else:
+                out, s, _, _ = torch.ops.tile.add_layer_norm(x, r, [24], w, None, 1e-5)
+        assert n == {f"add_{'rms' if rms else 'layer'}_norm_fwd": 1}, n
+    s_ref = x + r
+    norm = F.rms_norm if rms else F.layer_norm
+    ref = norm(s_ref, [24], w, eps=1e-5)
+    torch.testing.assert_close(s, s_ref)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    if cfg is None:  # the op's autograd reduces the residual's gradient to its shape
+        g = torch.randn_like(out)
+        got = torch.autograd.grad((out * g).sum() + s.sum(), [x, r, w])
+        want = torch.autograd.grad((ref * g).sum() + s_ref.sum(), [x, r, w])
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_add_norm_rejects_other_broadcasts(device):
+    x = torch.randn(3, 5, 24, device=device)
+    assert "broadcast" in fused_norm.check_add_layer_norm(x, torch.randn(3, 1, 24), [24])
+    assert "broadcast" in fused_norm.check_add_layer_norm(x, torch.randn(1, 24), [5, 24])

@@ -54,7 +54,8 @@ def _logits(model, ids):
         (
             "bert",
             "sdpa",
-            {"layer_norm": 5, "addmm": 12, "fused_add_layer_norm": 4, "fused_mm_epilogue": 2},
+            # (the embeddings' LayerNorm(tokens + positions [1, S, H]) is an add+norm too)
+            {"layer_norm": 5, "addmm": 12, "fused_add_layer_norm": 5, "fused_mm_epilogue": 2},
         ),
         (
             "llama",

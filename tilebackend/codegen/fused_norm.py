@@ -48,7 +48,7 @@ KERNEL_NAMES = ("add_layer_norm_fwd", "add_rms_norm_fwd")
 @triton.jit
 def _add_norm_fwd_kernel(
     X,  # *T [M, N]: row stride stride_x, column stride 1
-    R,  # *T [M, N] residual: row stride stride_r, column stride 1
+    R,  # *T [R_ROWS, N] residual (row i of x adds row i % R_ROWS): row stride stride_r
     Y,  # *T [M, N] normalised output, contiguous
     S,  # *T [M, N] x + residual, contiguous
     W,  # *T [N] weight (read only if HAS_WEIGHT)
@@ -57,6 +57,7 @@ def _add_norm_fwd_kernel(
     Rstd,  # *fp32 [M]
     stride_x,
     stride_r,
+    R_ROWS,  # rows of the residual: M, or fewer when it broadcasts over leading dims
     N,
     eps,  # fp32
     RMS: tl.constexpr,  # RMS norm (no mean) instead of layer norm
@@ -67,7 +68,7 @@ def _add_norm_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     X += row * stride_x
-    R += row * stride_r
+    R += (row % R_ROWS) * stride_r
     Y += row * N
     S += row * N
     if SINGLE_BLOCK:
@@ -141,7 +142,7 @@ def _add_norm_fwd_kernel(
 @triton.jit
 def _add_norm_rows_kernel(
     X,  # *T [M, N]: row stride stride_x, column stride 1
-    R,  # *T [M, N] residual: row stride stride_r, column stride 1
+    R,  # *T [R_ROWS, N] residual (row i of x adds row i % R_ROWS): row stride stride_r
     Y,  # *T [M, N] normalised output, contiguous
     S,  # *T [M, N] x + residual, contiguous
     W,  # *T [N] weight (read only if HAS_WEIGHT)
@@ -151,6 +152,7 @@ def _add_norm_rows_kernel(
     M,
     stride_x,
     stride_r,
+    R_ROWS,  # rows of the residual (see above)
     N,
     eps,  # fp32
     RMS: tl.constexpr,
@@ -165,7 +167,7 @@ def _add_norm_rows_kernel(
     cmask = cols < N
     mask = rmask[:, None] & cmask[None, :]
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-    r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+    r = tl.load(R + (rows % R_ROWS)[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
     s = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
     tl.store(S + rows[:, None] * N + cols[None, :], s, mask=mask)
     s = s.to(tl.float32)
@@ -206,11 +208,16 @@ def _space(m: int, n: int) -> tuple[Config, ...]:
 # --- host --------------------------------------------------------------------------------
 
 
-def _pair_reason(x, residual) -> str | None:
+def _pair_reason(x, residual, normalized_shape) -> str | None:
     if not isinstance(residual, torch.Tensor):
         return "residual is not a tensor"
-    if residual.shape != x.shape:
-        return f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}"
+    if residual.shape != x.shape and not broadcasts_over_leading_dims(
+        residual.shape, x.shape, len(normalized_shape)
+    ):
+        return (
+            f"residual shape {tuple(residual.shape)} is neither x's {tuple(x.shape)} nor "
+            "a broadcast of it over leading dims"
+        )
     if residual.dtype != x.dtype:
         return f"residual dtype {residual.dtype} != x dtype {x.dtype}"
     if residual.device != x.device:
@@ -218,16 +225,30 @@ def _pair_reason(x, residual) -> str | None:
     return None
 
 
+def broadcasts_over_leading_dims(small, big, k: int) -> bool:
+    """Whether a residual of shape ``small`` adds to ``big`` by repeating whole trailing
+    blocks: ``small`` is (after leading 1s) a suffix of ``big`` that spans at least the
+    ``k`` normalized dims (BERT's position embeddings ``[1, S, H]`` on ``[B, S, H]``)."""
+    small, big = list(small), list(big)
+    while small and small[0] == 1 and len(small) > k:
+        small.pop(0)
+    return k <= len(small) <= len(big) and small == big[len(big) - len(small) :]
+
+
 @_common.memo_reason
 def check_add_layer_norm(x, residual, normalized_shape, weight=None, bias=None) -> str | None:
     """Why ``add_layer_norm`` cannot use the tile kernel, or None."""
-    return check_layer_norm(x, normalized_shape, weight, bias) or _pair_reason(x, residual)
+    return check_layer_norm(x, normalized_shape, weight, bias) or _pair_reason(
+        x, residual, normalized_shape
+    )
 
 
 @_common.memo_reason
 def check_add_rms_norm(x, residual, normalized_shape, weight=None) -> str | None:
     """Why ``add_rms_norm`` cannot use the tile kernel, or None."""
-    return _rms.check_rms_norm(x, normalized_shape, weight) or _pair_reason(x, residual)
+    return _rms.check_rms_norm(x, normalized_shape, weight) or _pair_reason(
+        x, residual, normalized_shape
+    )
 
 
 def add_norm_fwd(
@@ -261,7 +282,8 @@ def add_norm_fwd(
     if m == 0:
         return out, total, mean, rstd
     x2, stride_x = as_rows(x, m, n)
-    r2, stride_r = as_rows(residual, m, n)
+    r_rows = residual.numel() // n  # (m, or fewer when the residual broadcasts)
+    r2, stride_r = as_rows(residual, r_rows, n)
     w = weight.contiguous() if weight is not None else x2
     b = bias.contiguous() if bias is not None else x2
 
@@ -271,14 +293,14 @@ def add_norm_fwd(
             assert n <= cfg["BLOCK_N"], (n, cfg)
             _common.launch(_add_norm_rows_kernel, (_common.cdiv(m, rows),),
                 x2, r2, out, total, w, b, rstd if rms else mean, rstd,
-                m, stride_x, stride_r, n, float(eps),
+                m, stride_x, stride_r, r_rows, n, float(eps),
                 RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                 **cfg.as_kwargs(),
             )  # fmt: skip
             return
         _common.launch(_add_norm_fwd_kernel, (m,),
             x2, r2, out, total, w, b, rstd if rms else mean, rstd,
-            stride_x, stride_r, n, float(eps),
+            stride_x, stride_r, r_rows, n, float(eps),
             RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             SINGLE_BLOCK=cfg["BLOCK_N"] >= n, **cfg.as_kwargs(),
         )  # fmt: skip
@@ -377,9 +399,10 @@ def _plus(a, b):
 
 
 def _ln_setup(ctx, inputs, output):
-    _x, _r, ns, weight, bias, _eps = inputs
+    _x, r, ns, weight, bias, _eps = inputs
     _out, total, mean, rstd = output
     ctx.ns = list(ns)
+    ctx.residual_shape = r.shape
     ctx.save_for_backward(total, weight, bias, mean, rstd)
 
 
@@ -397,7 +420,7 @@ def _ln_backward(ctx, g_out, g_sum, _g_mean, _g_rstd):
     ds = _plus(ds, g_sum) if need_s else None
     return (
         ds if need[0] else None,
-        ds if need[1] else None,
+        ds.sum_to_size(ctx.residual_shape) if need[1] else None,
         None,
         dw if mask[1] else None,
         db if mask[2] else None,
@@ -406,9 +429,10 @@ def _ln_backward(ctx, g_out, g_sum, _g_mean, _g_rstd):
 
 
 def _rms_setup(ctx, inputs, output):
-    _x, _r, ns, weight, _eps = inputs
+    _x, r, ns, weight, _eps = inputs
     _out, total, rstd = output
     ctx.ns = list(ns)
+    ctx.residual_shape = r.shape
     ctx.save_for_backward(total, weight, rstd)
 
 
@@ -422,7 +446,8 @@ def _rms_backward(ctx, g_out, g_sum, _g_rstd):
         dx, dw = torch.ops.tile.rms_norm_backward(g_out, total, ctx.ns, rstd, weight, mask)
         ds = dx if mask[0] else None
     ds = _plus(ds, g_sum) if need_s else None
-    return ds if need[0] else None, ds if need[1] else None, None, dw if mask[1] else None, None
+    dr = ds.sum_to_size(ctx.residual_shape) if need[1] else None
+    return ds if need[0] else None, dr, None, dw if mask[1] else None, None
 
 
 torch.library.register_autograd("tile::add_layer_norm", _ln_backward, setup_context=_ln_setup)
@@ -439,12 +464,13 @@ def sm90_specs() -> list[dict]:
         t = "*" + _common.triton_dtype_name(dt)
         sig = signature(
             t,
-            "X:T R:T Y:T S:T W:T B:T Mean:*fp32 Rstd:*fp32 stride_x:i32 stride_r:i32 N:i32 eps:fp32",
+            "X:T R:T Y:T S:T W:T B:T Mean:*fp32 Rstd:*fp32 stride_x:i32 stride_r:i32 R_ROWS:i32 "
+            "N:i32 eps:fp32",
         )
         rows_sig = signature(
             t,
             "X:T R:T Y:T S:T W:T B:T Mean:*fp32 Rstd:*fp32 M:i32 stride_x:i32 stride_r:i32 "
-            "N:i32 eps:fp32",
+            "R_ROWS:i32 N:i32 eps:fp32",
         )
         for rms in (False, True):
             kind = "rms" if rms else "layer"

@@ -51,6 +51,15 @@ from .fusion_softmax import SoftmaxFusions
 class _Fuser(MatmulFusions, SoftmaxFusions, DropoutLowering):
     # --- residual add + norm -----------------------------------------------------------
 
+    def _repeats(self, small, big, k: int) -> bool:
+        """``small`` broadcasts to ``big`` by repeating whole trailing blocks that span the
+        ``k`` normalized dims (proven for every size; what ``tile::add_*_norm`` takes)."""
+        small = list(small)
+        while len(small) > k and self.facts.prove_eq(small[0], 1) is True:
+            small.pop(0)
+        n = len(small)
+        return k <= n <= len(big) and self._same(small, list(big)[len(big) - n :])
+
     def residual_norms(self) -> None:
         tile = torch.ops.tile
         for norm in list(self.graph.nodes):
@@ -69,9 +78,12 @@ class _Fuser(MatmulFusions, SoftmaxFusions, DropoutLowering):
             if not (_is_tensor_node(x) and _is_tensor_node(r)) or s.kwargs.get("alpha", 1) != 1:
                 continue
             vx, vr, vs = _val(x), _val(r), _val(s)
+            if self._same(vr.shape, vs.shape) and not self._same(vx.shape, vs.shape):
+                x, r, vx, vr = r, x, vr, vx  # the full-size operand is x
+            k = len(norm.args[1])
             if not (
-                self._same(vx.shape, vr.shape)
-                and self._same(vx.shape, vs.shape)
+                self._same(vx.shape, vs.shape)
+                and (self._same(vx.shape, vr.shape) or self._repeats(vr.shape, vx.shape, k))
                 and vx.dtype == vr.dtype == vs.dtype
             ):
                 continue
