@@ -216,3 +216,19 @@ def test_tf32_flag_is_part_of_the_key(scoped, device):
         torch.backends.cuda.matmul.allow_tf32 = old
     fresh = {"plain": 1, "recorded": 1, "replayed": 1}
     assert deltas == [fresh, fresh, {"replayed": 3}], deltas
+
+
+def test_a_callable_grid_is_not_replayed(device):
+    calls = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *a, **k: calls.append(grid)
+
+    rec = plans._Recording()
+    plans._tls.rec = rec
+    try:
+        plans.on_launch(Kernel(), lambda meta: (1,), (), {})
+    finally:
+        plans._tls.rec = None
+    assert len(calls) == 1 and rec.why == "a callable grid" and not rec.launches

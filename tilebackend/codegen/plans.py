@@ -124,7 +124,11 @@ def on_alloc(t: torch.Tensor) -> None:
 
 def on_launch(kernel: Any, grid: Any, args: tuple, kwargs: dict) -> Any:
     """Launch ``kernel[grid](*args, **kwargs)``, noting it when recording."""
-    if callable(grid) or recording() is None:
+    rec = recording()
+    if rec is None:
+        return kernel[grid](*args, **kwargs)
+    if callable(grid):  # (a grid of the launch's meta-parameters: not recorded)
+        rec.forbid("a callable grid")
         return kernel[grid](*args, **kwargs)
     return on_call(kernel[grid], args, kwargs)
 
