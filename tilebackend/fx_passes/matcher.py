@@ -165,9 +165,21 @@ def _variants_cached(pattern: Pattern, table_key: str) -> tuple[TracedPattern, .
     table = decomposition_table(table_key)
     seen: dict[str, TracedPattern] = {}
     for dt in pattern.dtypes:
-        tp = trace_pattern(pattern, dt, table)
-        seen.setdefault(tp.signature(), tp)
+        seen.setdefault((tp := _traced(pattern, dt, table_key, table)).signature(), tp)
     return tuple(seen.values())
+
+
+def _traced(pattern: Pattern, dtype: torch.dtype, table_key: str, table) -> TracedPattern:
+    """One traced variant: from the on-disk pattern cache, else traced (and stored)."""
+    from . import pattern_cache
+
+    key = pattern_cache.key(pattern, dtype, table_key, table) if pattern_cache.enabled() else None
+    tp = pattern_cache.load(key) if key else None
+    if tp is None:
+        tp = trace_pattern(pattern, dtype, table)
+        if key:
+            pattern_cache.store(key, tp)
+    return tp
 
 
 def variants(pattern: Pattern, table_key: str) -> tuple[TracedPattern, ...]:
