@@ -104,3 +104,21 @@ def test_off_switch(fresh, monkeypatch):
     for p in _traced_patterns():
         matcher.variants(p, "eager")
     assert not fresh.exists() or not any(fresh.iterdir())
+
+
+def test_user_patterns_are_not_cached(fresh):
+    """A user's search function may call code the key cannot see: traced each process."""
+
+    class UserPattern:
+        name = "mine"
+        scalars: dict = {}
+
+        @staticmethod
+        def search(x):
+            return x * 2
+
+        @staticmethod
+        def example_inputs(dtype):
+            return [torch.randn(2, 3, dtype=dtype)]
+
+    assert pattern_cache.key(UserPattern, torch.float32, "eager", {}) is None

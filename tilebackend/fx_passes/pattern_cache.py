@@ -5,10 +5,11 @@ Tracing a search function to ATen the way AOTAutograd lowers models takes a full
 a third of a small model's compile).  A traced variant is a small graph; it is written
 as JSON under ``<tuning cache dir>/patterns/`` and read back by later processes.
 
-The key covers everything the trace depends on: the pattern's name, the source file of
-its search function (any edit retraces), its scalars and example inputs (shapes and
-dtypes), the dtype, the decomposition table's ops, and the torch and tilebackend
-versions.  A file is used only if the graph rebuilt from it prints exactly as the traced
+Only the built-in patterns are cached (a user's search function may depend on code the
+key cannot see).  The key covers everything their trace depends on: the pattern's name,
+the source file of its search function (any edit retraces), its scalars and example
+inputs (shapes and dtypes), the dtype, the decomposition table's ops, and the torch and
+tilebackend versions.  A file is used only if the graph rebuilt from it prints exactly as the traced
 one did (its signature is stored); anything unreadable, stale or different is ignored
 and traced afresh (logged, never raised).  ``TILEBACKEND_PATTERN_CACHE=0`` turns it off.
 """
@@ -51,8 +52,8 @@ def key(pattern: Any, dtype: torch.dtype, table_key: str, table: dict | None) ->
     from ..codegen.tuning_cache import _file_hash
 
     code = getattr(pattern.search, "__code__", None)
-    if code is None or not os.path.isfile(code.co_filename):
-        return None
+    if code is None or not _ours(code.co_filename):
+        return None  # (a user's pattern may call code elsewhere: traced each process)
     try:
         examples = [
             (tuple(t.shape), str(t.dtype)) if isinstance(t, torch.Tensor) else repr(t)
@@ -74,6 +75,16 @@ def key(pattern: Any, dtype: torch.dtype, table_key: str, table: dict | None) ->
         __version__,
     ]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
+
+
+def _ours(filename: str) -> bool:
+    """Whether a search function is one of tilebackend's own (built-in patterns): only
+    their traces are cached, since only their dependencies are covered by the key."""
+    package = Path(__file__).resolve().parents[1]
+    try:
+        return os.path.isfile(filename) and Path(filename).resolve().is_relative_to(package)
+    except OSError:
+        return False
 
 
 # --- encoding -------------------------------------------------------------------------
