@@ -265,6 +265,21 @@ def test_backend_found_without_import():
     assert "torch.Size([4, 8])" in res.stdout
 
 
+def test_demo_runs_tile_kernels_in_a_fresh_process(device):
+    """The README's main job, as a user runs it (no TRITON_INTERPRET: the demo sets it
+    after asking whether it is set).  An interpreter flag cached before the demo set it
+    once made every kernel refuse the CPU tensors, silently."""
+    if device != "cpu":
+        pytest.skip("the CPU path of the demo")
+    code = "from tilebackend.__main__ import main; main(['demo', '--seq', '8'])"
+    res = _run_py(code, interpret=False)
+    assert res.returncode == 0, res.stderr
+    launches = next(line for line in res.stdout.splitlines() if "launches in one forward" in line)
+    assert "'addmm'" in launches and "'add_layer_norm_fwd'" in launches, res.stdout
+    err = float(res.stdout.split("max |tile - eager| = ")[1].split()[0])
+    assert err < 1e-4, res.stdout
+
+
 def test_cpu_without_interpreter_falls_back_correctly():
     code = (
         "import torch, tilebackend\n"

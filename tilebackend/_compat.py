@@ -19,15 +19,10 @@ def interpret_mode() -> bool:
     """True when Triton runs kernels in its CPU interpreter.
 
     Triton reads ``TRITON_INTERPRET`` when ``@triton.jit`` decorates, so it must be set
-    when the process starts (before tilebackend's kernels are imported); it is read here
-    once, on the first call (every tile-op call asks).
+    before tilebackend's kernel modules are imported (the demo sets it itself, after
+    asking).  Read on every call, never cached: a replayed launch plan does not ask.
     """
-    if not _interpret:
-        _interpret.append(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
-    return _interpret[0]
-
-
-_interpret: list[bool] = []
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # --- custom ops (private) --------------------------------------------------------------
