@@ -33,6 +33,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .. import settings
+from . import _common  # (which imports this module: only its attributes are used, later)
 
 __all__ = ["Plan", "planned", "recording", "stats", "why_not"]
 
@@ -175,8 +176,6 @@ class Plan:
     settings: Any
 
     def run(self, inputs: list[torch.Tensor]) -> Any:
-        from . import _common  # (it imports this module)
-
         outs = [_common.empty(s, dt, dev) for s, dt, dev in self.allocs]
         for fn, template, slots, kwargs in self.launches:
             args = list(template)
@@ -302,8 +301,6 @@ def planned(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
         @functools.wraps(fn)
         def op(*args: Any, **kwargs: Any) -> Any:
-            from . import _common
-
             if kwargs or recording() is not None:
                 return fn(*args, **kwargs)
             s = settings.current()
@@ -342,8 +339,6 @@ def planned(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
 
 def _record(name, fn, args, inputs, key, plans, s) -> Any:
-    from . import _common
-
     if any(t.numel() == 0 for t in inputs):
         plans[key] = None
         stats[(name, "unplannable")] += 1
