@@ -114,7 +114,10 @@ def measure(device: str = "cpu", calls: int = 300, reps: int = 5) -> list[dict]:
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     rows = []
-    with settings.use(settings.Settings.from_env()), torch.no_grad():  # as a compiled graph
+    # as a compiled graph runs them (a settings scope); configs are not timed (the host
+    # work does not depend on them, and tuning would take the time budget)
+    scope = settings.Settings.from_env().with_options({"autotune": "off"})
+    with settings.use(scope), torch.no_grad():
         for name, aten_fn, op, args in _cases(device, dtype):
             rt = runtime_ops.twin(op)
             rows.append(
