@@ -57,21 +57,35 @@ def device_reason(t: Any) -> str | None:
     return f"device {dev.type!r} is not supported (cuda, or cpu with TRITON_INTERPRET=1)"
 
 
-def meta_key(args: Sequence[Any]) -> tuple:
+def meta_key(args: Sequence[Any], inputs: list[torch.Tensor] | None = None) -> tuple:
     """A hashable key of what a check reads from its arguments: a tensor's dtype, device,
     shape and strides (never its values), lists and tuples item by item, anything else as
-    itself.  Raises TypeError for symbolic sizes or an unhashable argument."""
+    itself.  Raises TypeError for symbolic sizes or an unhashable argument.
+
+    With ``inputs`` (a list), the tensors are also collected there in order and each is
+    keyed by its aliasing too (the index of the first input with its data pointer), as
+    :mod:`.plans` needs; that reads data pointers (RuntimeError for fake tensors)."""
+    ptrs: dict[int, int] | None = {} if inputs is not None else None
+    key = _meta(args, inputs, ptrs)
+    hash(key)  # fail here (not in a dict) for symbolic sizes
+    return key
+
+
+def _meta(args: Sequence[Any], inputs: list | None, ptrs: dict | None) -> tuple:
     out: list[Any] = []
     for a in args:
         if isinstance(a, torch.Tensor):
-            out.append((a.dtype, a.device, a.shape, a.stride()))
+            if inputs is None:
+                out.append((a.dtype, a.device, a.shape, a.stride()))
+            else:
+                alias = ptrs.setdefault(a.data_ptr(), len(inputs))
+                out.append((a.dtype, a.device, a.shape, a.stride(), alias))
+                inputs.append(a)
         elif isinstance(a, (list, tuple)):
-            out.append((len(a), meta_key(a)))
+            out.append((len(a), _meta(a, inputs, ptrs)))
         else:
             out.append(a)
-    key = tuple(out)
-    hash(key)  # fail here (not in a dict) for symbolic sizes
-    return key
+    return tuple(out)
 
 
 _MISS = object()

@@ -5,8 +5,8 @@ folding shapes, laying out strides, choosing the config, building the grid) depe
 on its arguments' metadata and the settings in force, and costs far more than the launch
 (tens of microseconds a call).  So :func:`planned` wraps an op's implementation:
 
-1. The first call with a given :func:`~._common.meta_key` (plus the inputs' aliasing and
-   the settings) runs the implementation as is (it may autotune).
+1. The first call with a given :func:`~._common.meta_key` (with the inputs' aliasing),
+   settings and TF32 flag runs the implementation as is (it may autotune).
 2. The second call runs it too, and records what it does: its allocations (through
    :func:`~._common.empty`), its kernel launches (through :func:`~._common.launch`),
    each kernel argument as a constant, an input or an allocation, and the counters.
@@ -94,7 +94,7 @@ class _Recording(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.allocs: list[torch.Tensor] = []
-        self.launches: list[tuple[Any, Any, tuple, dict]] = []
+        self.launches: list[tuple[Callable[..., Any], tuple, dict]] = []  # (fn, args, kwargs)
         self.why: str | None = None
         self.in_launch = False
 
@@ -170,7 +170,7 @@ class Plan:
     slots)``), the result's spec and the counter increments."""
 
     allocs: tuple[tuple[tuple[int, ...], torch.dtype, torch.device], ...]
-    launches: tuple[tuple[Any, Any, tuple, dict], ...]
+    launches: tuple[tuple[Callable[..., Any], tuple, tuple, tuple], ...]
     result: Any
     counts: tuple[tuple[str, int], ...]
     settings: Any
@@ -207,22 +207,6 @@ def _build(spec: Any, outs: list[torch.Tensor]) -> Any:
     return spec[1]  # "const"
 
 
-def _signature(args: Any, inputs: list, ptrs: dict, out: list) -> list:
-    """:func:`~._common.meta_key` of ``args`` plus their aliasing, in one pass: each tensor
-    also gets the index of the first input with its data pointer; ``inputs`` collects
-    the tensors in order.  Raises TypeError / RuntimeError for symbolic or fake ones."""
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            p = a.data_ptr()
-            out.append((a.dtype, a.device, a.shape, a.stride(), ptrs.setdefault(p, len(inputs))))
-            inputs.append(a)
-        elif isinstance(a, (list, tuple)):
-            out.append((len(a), tuple(_signature(a, inputs, ptrs, []))))
-        else:
-            out.append(a)
-    return out
-
-
 def _make_plan(rec: _Recording, inputs: list[torch.Tensor], result: Any, counts, s) -> Plan:
     """The plan of a finished recording; raises ValueError when it is not replayable."""
     if rec.why is not None:
@@ -242,31 +226,31 @@ def _make_plan(rec: _Recording, inputs: list[torch.Tensor], result: Any, counts,
         if t.numel():
             where[t.data_ptr()].append((_OUT, i))
 
-    def source(t: torch.Tensor) -> tuple[int, int]:
-        found = {(k, i) for k, i in where.get(t.data_ptr(), ())}
+    def source(t: torch.Tensor) -> tuple[bool, int, torch.Tensor]:
+        """``(from an input?, index, that input or allocation)`` of a kernel argument."""
+        found = set(where.get(t.data_ptr(), ()))
         if t.numel() == 0 or len(found) != 1:
             raise ValueError("a kernel argument is not an input or an allocation")
-        return next(iter(found))
+        kind, i = next(iter(found))
+        return kind == _IN, i, inputs[i] if kind == _IN else rec.allocs[i]
 
     launches = []
     for fn, args, kwargs in rec.launches:
         template, slots = [], []
         for pos, a in enumerate(args):
             if isinstance(a, torch.Tensor):
-                kind, i = source(a)
-                base = inputs[i] if kind == _IN else rec.allocs[i]
-                slots.append((pos, kind == _IN, i, None if a.dtype == base.dtype else a.dtype))
+                from_input, i, base = source(a)
+                slots.append((pos, from_input, i, None if a.dtype == base.dtype else a.dtype))
                 template.append(None)
             else:
                 template.append(a)
         consts, tensor_kw = {}, []
         for name, v in kwargs.items():
             if isinstance(v, torch.Tensor):
-                kind, i = source(v)
-                base = inputs[i] if kind == _IN else rec.allocs[i]
+                from_input, i, base = source(v)
                 if v.dtype != base.dtype or v.shape != base.shape or v.stride() != base.stride():
                     raise ValueError(f"keyword {name} is a view")
-                tensor_kw.append((name, kind == _IN, i))
+                tensor_kw.append((name, from_input, i))
             else:
                 consts[name] = v
         kw = (consts, tuple(tensor_kw)) if (consts or tensor_kw) else ()
@@ -296,8 +280,8 @@ def planned(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     (see the module docstring).  ``name`` labels :data:`stats`."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        plans: dict[tuple, Plan | None] = {}  # None: seen once, or not replayable
-        seen: set[tuple] = set()
+        plans: dict[tuple, Plan | None] = {}  # None: not replayable
+        seen: set[tuple] = set()  # keys called once (the next call records)
 
         @functools.wraps(fn)
         def op(*args: Any, **kwargs: Any) -> Any:
@@ -307,8 +291,7 @@ def planned(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             inputs: list[torch.Tensor] = []
             try:
                 # (the TF32 flag picks fp32 GEMMs' precision: a constant of the launch)
-                key = (*_signature(args, inputs, {}, []), id(s), _common.tf32_allowed())
-                hash(key)
+                key = (_common.meta_key(args, inputs), id(s), _common.tf32_allowed())
             except (TypeError, RuntimeError):  # symbolic sizes, no storage (fake/meta)
                 return fn(*args)
             plan = plans.get(key, _MISSING)
@@ -344,19 +327,15 @@ def _record(name, fn, args, inputs, key, plans, s) -> Any:
         stats[(name, "unplannable")] += 1
         why_not[name] = "an empty input"
         return fn(*args)
-    before = collections.Counter(_common.launch_counts)
     rec = _Recording()
     _tls.rec = rec
     try:
-        with rec:
+        with _common.count_launches() as counts, rec:
             result = fn(*args)
     finally:
         _tls.rec = None
-    counts = tuple(
-        (k, v - before.get(k, 0)) for k, v in _common.launch_counts.items() if v != before.get(k, 0)
-    )
     try:
-        plans[key] = _make_plan(rec, inputs, result, counts, s)
+        plans[key] = _make_plan(rec, inputs, result, tuple(counts.items()), s)
         stats[(name, "recorded")] += 1
     except ValueError as e:
         plans[key] = None
