@@ -15,6 +15,7 @@ adds the incoming gradient of ``sum``; ``x`` and ``residual`` get the same gradi
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -225,14 +226,16 @@ def _pair_reason(x, residual, normalized_shape) -> str | None:
     return None
 
 
-def broadcasts_over_leading_dims(small, big, k: int) -> bool:
+def broadcasts_over_leading_dims(small, big, k: int, same=operator.eq) -> bool:
     """Whether a residual of shape ``small`` adds to ``big`` by repeating whole trailing
     blocks: ``small`` is (after leading 1s) a suffix of ``big`` that spans at least the
-    ``k`` normalized dims (BERT's position embeddings ``[1, S, H]`` on ``[B, S, H]``)."""
+    ``k`` normalized dims (BERT's position embeddings ``[1, S, H]`` on ``[B, S, H]``).
+    ``same(a, b)`` compares two sizes (the fusion pass proves it for symbolic ones)."""
     small, big = list(small), list(big)
-    while small and small[0] == 1 and len(small) > k:
+    while len(small) > k and same(small[0], 1):
         small.pop(0)
-    return k <= len(small) <= len(big) and small == big[len(big) - len(small) :]
+    n = len(small)
+    return k <= n <= len(big) and all(map(same, small, big[len(big) - n :]))
 
 
 @_common.memo_reason

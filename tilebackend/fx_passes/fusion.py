@@ -41,6 +41,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from ..codegen.fused_norm import broadcasts_over_leading_dims
 from ..report import GraphReport, Replacement, describe_value, short_target
 from .fusion_core import _is_tensor_node, _val, aten
 from .fusion_dropout import DropoutLowering
@@ -52,13 +53,10 @@ class _Fuser(MatmulFusions, SoftmaxFusions, DropoutLowering):
     # --- residual add + norm -----------------------------------------------------------
 
     def _repeats(self, small, big, k: int) -> bool:
-        """``small`` broadcasts to ``big`` by repeating whole trailing blocks that span the
-        ``k`` normalized dims (proven for every size; what ``tile::add_*_norm`` takes)."""
-        small = list(small)
-        while len(small) > k and self.facts.prove_eq(small[0], 1) is True:
-            small.pop(0)
-        n = len(small)
-        return k <= n <= len(big) and self._same(small, list(big)[len(big) - n :])
+        """The residual broadcast ``tile::add_*_norm`` takes, proven for every size."""
+        return broadcasts_over_leading_dims(
+            small, big, k, same=lambda a, b: self.facts.prove_eq(a, b) is True
+        )
 
     def residual_norms(self) -> None:
         tile = torch.ops.tile
