@@ -21,6 +21,19 @@ def gelu_tanh(x):  # GPT-2's NewGELUActivation, written out
     )
 
 
+def _grads_like_eager(leaves, eager, atol, rtol):
+    """The gradients a compiled run left on ``leaves`` match eager's: they are taken and
+    cleared, then ``eager().square().sum()`` is differentiated.  Returns eager's output."""
+    got = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    ref = eager()
+    ref.square().sum().backward()
+    for g, t in zip(got, leaves, strict=True):
+        torch.testing.assert_close(g, t.grad, atol=atol, rtol=rtol)
+    return ref
+
+
 def _run(fn, *args, atol=1e-4, rtol=1e-4):
     torch._dynamo.reset()
     backend = tilebackend.TileBackend(options={"fallback": "eager"})
@@ -177,12 +190,7 @@ def test_swiglu_training_step_matches_eager(poison):
     backend = tilebackend.TileBackend(options={"fallback": "eager"})
     compiled = torch.compile(mlp, backend=backend)
     compiled(x).square().sum().backward()
-    got = [p.grad.clone() for p in mlp.parameters()] + [x.grad.clone()]
-    mlp.zero_grad()
-    x.grad = None
-    mlp(x).square().sum().backward()
-    for g, p in zip(got, [*mlp.parameters(), x], strict=True):
-        torch.testing.assert_close(g, p.grad, atol=1e-4, rtol=1e-4)
+    _grads_like_eager([*mlp.parameters(), x], lambda: mlp(x), atol=1e-4, rtol=1e-4)
     assert "fused_dual_mm_epilogue" not in backend.report.counts, str(backend.report)
     assert any("dual GEMM" in s.reason for s in backend.report.skipped), str(backend.report)
 
@@ -219,12 +227,7 @@ def test_chunked_gate_up_gemm_trains(poison):
     backend = tilebackend.TileBackend(options={"fallback": "eager"})
     with _common.count_launches() as launches:
         torch.compile(mlp, backend=backend)(x).square().sum().backward()
-    got = [p.grad.clone() for p in mlp.parameters()] + [x.grad.clone()]
-    mlp.zero_grad()
-    x.grad = None
-    mlp(x).square().sum().backward()
-    for g, p in zip(got, [*mlp.parameters(), x], strict=True):
-        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+    _grads_like_eager([*mlp.parameters(), x], lambda: mlp(x), atol=1e-5, rtol=1e-4)
     assert launches["mm_epilogue_multi"] == 1, dict(launches)
 
 
@@ -309,13 +312,7 @@ def test_fused_training_step_matches_eager(poison):
     with _common.count_launches() as launches:
         compiled(x).square().sum().backward()
     params = [*mlp.parameters(), *ln.parameters()]
-    got = [p.grad.clone() for p in params] + [x.grad.clone()]
-    for p in params:
-        p.grad = None
-    x.grad = None
-    fn(x).square().sum().backward()
-    for g, p in zip(got, [*params, x]):
-        torch.testing.assert_close(g, p.grad, atol=1e-4, rtol=1e-4)
+    _grads_like_eager([*params, x], lambda: fn(x), atol=1e-4, rtol=1e-4)
     assert launches["layer_norm_bwd"] >= 1 or launches["add_layer_norm_fwd"] >= 1
 
 
@@ -367,15 +364,8 @@ def test_training_forward_epilogue_writes_saved_values(poison, fallback, act):
         out = compiled(x)
     out.square().sum().backward()
     params = [*lin1.parameters(), *lin2.parameters()]
-    got = [p.grad.clone() for p in params] + [x.grad.clone()]
-    for p in params:
-        p.grad = None
-    x.grad = None
-    ref = fn(x)
-    ref.square().sum().backward()
+    ref = _grads_like_eager([*params, x], lambda: fn(x), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
-    for g, p in zip(got, [*params, x]):
-        torch.testing.assert_close(g, p.grad, atol=1e-4, rtol=1e-4)
 
     (fwd,) = [g for g in backend.report.graphs if g.name == "forward"]
     (r,) = [r for r in fwd.replacements if r.pattern == "fused_mm_epilogue"]
@@ -473,12 +463,7 @@ def test_activation_backward_fuses_into_the_dgrad_gemm(poison, act):
     with _common.count_launches() as launches:  # the backward alone
         out.square().sum().backward()
     assert launches["mm_epilogue"] == 1, dict(launches)
-    got = [p.grad.clone() for p in params] + [x.grad.clone()]
-    for p in [*params, x]:
-        p.grad = None
-    fn(x).square().sum().backward()
-    for g, p in zip(got, [*params, x]):
-        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+    _grads_like_eager([*params, x], lambda: fn(x), atol=1e-5, rtol=1e-4)
     (bwd,) = [g for g in backend.report.graphs if g.name == "backward"]
     assert "_backward.default" not in bwd.code.replace("tile.", ""), bwd.code
     assert bwd.counts.get("fused_mm_epilogue") == 1, str(backend.report)
@@ -513,14 +498,8 @@ def test_mlp_with_new_activations_trains_fused(poison, act1, act2, names):
         out = compiled(x)
     with _common.count_launches() as bwd_launches:
         out.square().sum().backward()
-    got = [p.grad.clone() for p in params] + [x.grad.clone()]
-    for p in [*params, x]:
-        p.grad = None
-    ref = fn(x)
-    ref.square().sum().backward()
+    ref = _grads_like_eager([*params, x], lambda: fn(x), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-    for g, p in zip(got, [*params, x]):
-        torch.testing.assert_close(g, p.grad, atol=1e-4, rtol=1e-4)
 
     graphs = {g.name: g for g in backend.report.graphs}
     fwd, bwd = graphs["forward"], graphs["backward"]
@@ -560,11 +539,6 @@ def test_embedding_sum_with_broadcast_positions_fuses_into_add_layer_norm(poison
     out = torch.compile(f, backend=backend)(ids)
     out.square().sum().backward()
     params = [emb.weight, pos.weight, ln.weight, ln.bias]
-    got = [p.grad.clone() for p in params]
-    for p in params:
-        p.grad = None
-    f(ids).square().sum().backward()
-    for g, p in zip(got, params, strict=True):
-        torch.testing.assert_close(g, p.grad, atol=1e-4, rtol=1e-4)
+    _grads_like_eager(params, lambda: f(ids), atol=1e-4, rtol=1e-4)
     (fwd,) = [g for g in backend.report.graphs if g.name == "forward"]
     assert fwd.counts.get("fused_add_layer_norm") == 1, str(fwd)
