@@ -791,8 +791,8 @@ def test_add_norm_several_rows_per_program(poison, device, cfg, rms, m, n, affin
     r = torch.randn(m, n, device=device)
     w = torch.randn(n, device=device) if affine else None
     b = torch.randn(n, device=device) if affine and not rms else None
-    with _common.count_launches():
-        out, s, mean, rstd = fused_norm.add_norm_fwd(x, r, [n], w, b, 1e-5, rms=rms, config=cfg)
+    # (the launcher itself: no ATen fallback behind it; poisoned outputs catch a gap)
+    out, s, mean, rstd = fused_norm.add_norm_fwd(x, r, [n], w, b, 1e-5, rms=rms, config=cfg)
     s_ref = x + r
     assert torch.equal(s, s_ref)
     if rms:

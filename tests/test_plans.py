@@ -90,7 +90,9 @@ def test_aliasing_is_part_of_the_key(scoped, device):
         torch.ops.tile.dual_mm_epilogue(a, w, w, None, None, [], expr)
     w1 = torch.randn(8, 7, device=device)
     for _ in range(3):
-        out = torch.ops.tile.dual_mm_epilogue(a, w, w1, None, None, [], expr)
+        with _common.count_launches() as n:
+            out = torch.ops.tile.dual_mm_epilogue(a, w, w1, None, None, [], expr)
+        assert dict(n) == {"dual_mm_epilogue": 1}, dict(n)
         torch.testing.assert_close(
             out, torch.nn.functional.silu(a @ w) * (a @ w1), atol=1e-4, rtol=1e-4
         )
@@ -104,7 +106,9 @@ def test_host_copy_is_not_replayed(scoped, device):
     before = _served("tile::rms_norm")
     for _ in range(3):
         x = x + 1
-        out, _ = torch.ops.tile.rms_norm(x, [16], w, 1e-6)
+        with _common.count_launches() as n:
+            out, _ = torch.ops.tile.rms_norm(x, [16], w, 1e-6)
+        assert dict(n) == {"rms_norm_fwd": 1}, dict(n)  # the kernel, after a host copy
         ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert _delta(before, "tile::rms_norm") == {"plain": 1, "unplannable": 1}
@@ -115,7 +119,9 @@ def test_failing_replay_falls_back_to_the_full_path(scoped, device, monkeypatch)
     for _ in range(2):
         torch.ops.tile.mm(a, b)
     monkeypatch.setattr(plans.Plan, "run", lambda self, inputs: 1 / 0)
-    out = torch.ops.tile.mm(a, b)  # the plan raises: the implementation runs
+    with _common.count_launches() as n:
+        out = torch.ops.tile.mm(a, b)  # the plan raises: the implementation runs
+    assert dict(n) == {"mm": 1}, dict(n)
     torch.testing.assert_close(out, a @ b, atol=1e-5, rtol=1e-5)
 
 
@@ -181,7 +187,9 @@ def test_compiled_graph_calls_the_twins(device, monkeypatch):
     cf = torch.compile(f, backend=backend)
     x = torch.randn(5, 16, device=device, requires_grad=True)
     for _ in range(3):  # the third call replays
-        out = cf(x)
+        with _common.count_launches() as n:
+            out = cf(x)
+        assert dict(n) == {"mm_epilogue_multi": 1, "layer_norm_fwd": 1}, dict(n)
     out.square().sum().backward()
     got = [p.grad.clone() for p in (*lin.parameters(), *ln.parameters())] + [x.grad.clone()]
     for p in (*lin.parameters(), *ln.parameters(), x):
