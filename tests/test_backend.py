@@ -327,6 +327,46 @@ def test_training_softmax_with_dtype_upcast(poison, fallback):
     assert launches["softmax_fwd"] == 1 and launches["softmax_bwd"] == 1, dict(launches)
 
 
+class _CachedKeyAttention(torch.nn.Module):
+    """GPT-2's attention with an empty KV cache, on the CPU's math SDPA path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(64, 192)
+        self.register_buffer("past", torch.zeros(2, 4, 0, 16))
+
+    def forward(self, x):
+        q, k, _ = self.qkv(x).split(64, dim=-1)
+        q = q.view(2, 8, 4, 16).transpose(1, 2)
+        k = torch.cat([self.past, k.view(2, 8, 4, 16).transpose(1, 2)], -2)
+        return ((q * 0.5) @ (k.transpose(-2, -1) * 0.5)).sum(-1)
+
+
+@pytest.mark.parametrize("fallback", ["eager", "inductor"])
+def test_training_graph_views_survive_the_fallbacks_decompositions(poison, fallback):
+    """The graph rewritten before autograd held ``view``s legal for eager's strides;
+    Inductor's ``cat`` of an empty tensor and ``k`` keeps ``k``'s transposed layout, and
+    the real compile's retrace raised "Cannot view a tensor ..." (GPT-2 training on CPU
+    with the Inductor fallback).  Those views are reshapes now."""
+    model = _CachedKeyAttention()
+    x = torch.randn(2, 8, 64, requires_grad=True)
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": fallback})
+    with _common.count_launches() as launches:
+        out = torch.compile(model, backend=backend)(x)
+        out.square().sum().backward()
+    assert launches["addmm"] == 1 and launches["bmm"] >= 1, dict(launches)
+    assert backend.report.graphs[0].name == "forward, before autograd"
+    got = [t.grad.clone() for t in (x, *model.parameters())]
+    for t in (x, *model.parameters()):
+        t.grad = None
+    ref = model(x)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for g, t in zip(got, (x, *model.parameters()), strict=True):
+        torch.testing.assert_close(g, t.grad, atol=1e-4, rtol=1e-4)
+
+
 def test_dynamic_first_compile_traces_patterns_and_survives_restarts(poison):
     """Patterns traced for the first time inside a dynamic compile (Dynamo may restart
     analysis to specialise a float): every size runs the kernels, one graph, and the

@@ -126,6 +126,24 @@ def _is_gpu_graph(example_inputs: Sequence[Any]) -> bool:
     return any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in example_inputs)
 
 
+def _views_as_reshapes(gm: fx.GraphModule) -> None:
+    """Make the pre-autograd graph's ``view``s ``reshape``s.
+
+    Each ``view`` was legal for the strides eager gave its input in our trace; the real
+    compile retraces the graph with the fallback's decompositions, which need not give
+    the same strides (Inductor's ``cat`` of an empty tensor and ``k`` returns ``k``'s
+    transposed layout), and a ``view`` of those raises.  The graph is functional, so a
+    ``reshape`` (a view where one is possible, else a copy) computes the same values."""
+    view, reshape = torch.ops.aten.view.default, torch.ops.aten.reshape.default
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is view:
+            node.target = reshape
+            changed = True
+    if changed:
+        gm.recompile()
+
+
 def _copy_gm(gm: fx.GraphModule) -> fx.GraphModule:
     g = fx.Graph()
     out = g.graph_copy(gm.graph, {})
@@ -326,6 +344,7 @@ class TileBackend:
         if not self.report.graphs[before].replacements:
             self.report.graphs.pop(before)
             return gm
+        _views_as_reshapes(new)
         return new
 
     def _maybe_verify(self, original, new, compiled, patterns, table_key: str):
