@@ -68,17 +68,21 @@ def default_partition():
     return dp
 
 
-def inductor_compile_fx(gm, example_inputs, inner_compile, decompositions, config_patches=None):
-    """Inductor's ``compile_fx`` around our ``inner_compile``, with AOTAutograd's cache off.
+def inductor_compile_fx(
+    gm, example_inputs, inner_compile, decompositions, config_patches=None, cache_tag=None
+):
+    """Inductor's ``compile_fx`` around our ``inner_compile``.
 
-    That cache is keyed by the Dynamo graph and the configs, not by ``inner_compile``:
-    left on, a graph that plain Inductor compiled before (in any process sharing the
-    cache dir) is loaded from Inductor's artifact, and our rewrite never runs.  (Graphs
-    with tile ops bypass Inductor's FX graph cache, so ours are never stored there.)"""
+    AOTAutograd's cache is keyed by the Dynamo graph and the configs, not by
+    ``inner_compile``: a graph that plain Inductor compiled before (in any process
+    sharing the cache dir) would be loaded from Inductor's artifact, and our rewrite
+    would never run.  So that cache is off, unless ``cache_tag`` (see
+    ``compile_cache.tag``) is given: it joins the key through torch's
+    ``cache_key_tag``, which keeps our entries apart from plain Inductor's."""
     import torch._functorch.config as functorch_config
     from torch._inductor.compile_fx import compile_fx
 
-    with functorch_config.patch(enable_autograd_cache=False):
+    def run():
         return compile_fx(
             gm,
             example_inputs,
@@ -86,6 +90,35 @@ def inductor_compile_fx(gm, example_inputs, inner_compile, decompositions, confi
             decompositions=decompositions,
             config_patches=config_patches or None,
         )
+
+    if cache_tag is None:
+        with functorch_config.patch(enable_autograd_cache=False):
+            return run()
+    import torch.compiler.config as compiler_config
+
+    user_tag = compiler_config.cache_key_tag
+    with compiler_config.patch(cache_key_tag=f"{user_tag}|{cache_tag}" if user_tag else cache_tag):
+        return run()
+
+
+def aot_cache_hits() -> int:
+    """AOTAutograd cache hits so far in this process (Dynamo's counters)."""
+    from torch._dynamo.utils import counters
+
+    return counters["aot_autograd"]["autograd_cache_hit"]
+
+
+def namespace_op_names(namespace: str) -> list[str]:
+    """The op names (without overload) registered under ``namespace``."""
+    prefix = namespace + "::"
+    all_names = torch._C._dispatch_get_all_op_names()
+    return sorted({n[len(prefix) :].split(".")[0] for n in all_names if n.startswith(prefix)})
+
+
+def inductor_cache_dir() -> str:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()
 
 
 def inductor_mode_options(mode: str) -> dict[str, Any]:

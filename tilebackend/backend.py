@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import _compat, settings
+from . import _compat, compile_cache, settings
 from .exc import InvalidOptionValueError
 from .report import GraphReport, Report
 
@@ -161,6 +161,11 @@ class _Scoped:
         self._scope = scope
         if getattr(fn, "_boxed_call", False):
             self._boxed_call = True
+        # AOTAutograd wraps a backward (``functools.wraps``: our ``__dict__`` only) and
+        # saves its cache entry when the wrapper carries Inductor's FX graph key
+        for name in ("_fx_graph_cache_key", "_time_taken_ns"):
+            if getattr(fn, name, None) is not None:
+                setattr(self, name, getattr(fn, name))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with settings.use(self._scope):
@@ -386,6 +391,16 @@ class TileBackend:
 
     def _compile_inductor(self, gm, example_inputs, patterns):
         compile_fx_inner = _compat.inductor_compile_fx_inner()
+        training = _needs_autograd(example_inputs)
+        tag = compile_cache.tag(self.settings, self.mode, "inductor", patterns, training)
+        start = len(self.report.graphs)
+        mine: list[GraphReport] = []  # (a lazily compiled backward comes after other graphs)
+        if tag is not None:
+            from .codegen import runtime_ops
+
+            runtime_ops.define_all()  # (a cache hit's graphs call them: see define_all)
+            store = compile_cache.ReportStore()
+            key = compile_cache.graph_key(tag, gm, example_inputs)
 
         def inner(g: fx.GraphModule, inputs, **kwargs):
             if kwargs.get("is_backward"):
@@ -395,17 +410,28 @@ class TileBackend:
             else:
                 name = "forward"
             new = self._rewrite(g, name, patterns, "inductor", "inductor")
+            mine.append(self.report.graphs[-1])
             compiled = compile_fx_inner(new, inputs, **kwargs)
             compiled = _Scoped(compiled, self.settings) if name == "backward" else compiled
-            return self._maybe_verify(g, new, compiled, patterns, "inductor")
+            compiled = self._maybe_verify(g, new, compiled, patterns, "inductor")
+            if tag is not None:  # what a later cache hit puts back in the report
+                store.save(key, mine)
+            return compiled
 
-        return _compat.inductor_compile_fx(
+        hits = _compat.aot_cache_hits()
+        compiled = _compat.inductor_compile_fx(
             gm,
             example_inputs,
             inner_compile=inner,
             decompositions=decomposition_table("inductor", patterns),
             config_patches=_compat.inductor_mode_options(self.mode),
+            cache_tag=tag,
         )
+        if tag is not None and _compat.aot_cache_hits() > hits:
+            name = "forward" if training else "inference"
+            stored = store.load(key) or [compile_cache.cached_report(name, "inductor")]
+            self.report.graphs[start:] = stored
+        return compiled
 
 
 def tile_backend(gm: fx.GraphModule, example_inputs, *, mode=None, options=None):

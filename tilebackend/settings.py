@@ -70,6 +70,10 @@ class Settings:
     #: constant: ask Dynamo to re-trace with them constant (it guards each value, so a
     #: changed one recompiles; the report lists them).  env TILEBACKEND_SPECIALIZE_FLOATS
     specialize_floats: bool = True
+    #: With the Inductor fallback, let AOTAutograd's cache serve a warm compile (the key
+    #: carries everything our rewrite depends on; see ``compile_cache``).  env
+    #: TILEBACKEND_COMPILE_CACHE
+    compile_cache: bool = True
 
     _CHOICES = {
         "fallback": ("auto", "inductor", "eager"),
@@ -94,6 +98,7 @@ class Settings:
             verify=_env_bool("TILEBACKEND_VERIFY", False),
             fusion=_env_bool("TILEBACKEND_FUSION", True),
             specialize_floats=_env_bool("TILEBACKEND_SPECIALIZE_FLOATS", True),
+            compile_cache=_env_bool("TILEBACKEND_COMPILE_CACHE", True),
         )._validated()
 
     @classmethod
@@ -131,6 +136,11 @@ class Settings:
             )
         if not isinstance(self.fusion, bool):
             raise InvalidOptionValueError(name="fusion", value=self.fusion, expected="a bool")
+        for name in ("compile_cache", "specialize_floats"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidOptionValueError(
+                    name=name, value=getattr(self, name), expected="a bool"
+                )
         if not isinstance(self.verify, bool):
             raise InvalidOptionValueError(name="verify", value=self.verify, expected="a bool")
         budget = self.tune_budget_s

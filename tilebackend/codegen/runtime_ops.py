@@ -20,7 +20,7 @@ import torch
 
 from .. import _compat
 
-__all__ = ["NAMESPACES", "twin"]
+__all__ = ["NAMESPACES", "define_all", "twin"]
 
 #: the namespaces whose ops get twins: ours and users' (tilebackend.api)
 NAMESPACES = ("tile", "tile_user")
@@ -28,6 +28,7 @@ NAMESPACES = ("tile", "tile_user")
 _lib: list[torch.library.Library] = []
 _twins: dict[Any, Any] = {}
 _lock = threading.Lock()
+_all_defined: list[bool] = []
 
 
 def twin(op: Any) -> Any | None:
@@ -40,6 +41,26 @@ def twin(op: Any) -> Any | None:
         if op not in _twins:
             _twins[op] = _define(op)
     return _twins[op]
+
+
+def define_all() -> None:
+    """Define the twin of every built-in ``tile::`` op.  A graph served from
+    AOTAutograd's cache calls twins that our rewrite (which defines them as it goes)
+    never ran to define in this process."""
+    if _all_defined:
+        return
+    import importlib
+    import pkgutil
+
+    from .. import codegen
+
+    for m in pkgutil.iter_modules(codegen.__path__):  # (the modules that define tile ops)
+        importlib.import_module(f"{codegen.__name__}.{m.name}")
+    for name in _compat.namespace_op_names("tile"):
+        packet = getattr(torch.ops.tile, name)
+        for overload in packet.overloads():
+            twin(getattr(packet, overload))
+    _all_defined.append(True)
 
 
 def _define(op: Any) -> Any | None:

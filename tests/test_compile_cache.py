@@ -1,0 +1,206 @@
+"""Warm compiles served by AOTAutograd's cache (Inductor fallback): a hit runs the tile
+kernels and puts the rewrite's report back; anything the rewrite depends on changes the
+key; graphs the key cannot describe are never cached."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import tilebackend
+from tilebackend import compile_cache, settings
+from tilebackend.codegen import _common
+from tilebackend.fx_passes.registry import REGISTRY
+
+
+@pytest.fixture
+def inductor_cache(tmp_path, monkeypatch):
+    """A fresh Inductor cache dir (AOTAutograd's and the FX graph cache live there)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    return tmp_path / "inductor"
+
+
+def _compile_run(fn, *args, options=None, backward=False):
+    """Compile ``fn`` afresh with the Inductor fallback and run it; returns the output,
+    the backend, the launches and the AOTAutograd cache counters of that compile."""
+    torch._dynamo.reset()
+    counters.clear()
+    backend = tilebackend.TileBackend(options={"fallback": "inductor", **(options or {})})
+    with _common.count_launches() as n:
+        out = torch.compile(fn, backend=backend)(*args)
+        if backward:
+            out.square().sum().backward()
+    return out, backend, dict(n), dict(counters["aot_autograd"])
+
+
+def _softmax_ln(x, w, b):
+    return torch.softmax(torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b) * 0.5, -1)
+
+
+def _inputs(requires_grad=False):
+    x = torch.randn(5, 37)
+    w, b = torch.randn(37), torch.randn(37)
+    return [t.requires_grad_(requires_grad) for t in (x, w, b)]
+
+
+def test_warm_compile_is_a_cache_hit_that_runs_the_kernels_and_keeps_the_report(
+    poison, inductor_cache
+):
+    args = _inputs()
+    out1, b1, n1, c1 = _compile_run(_softmax_ln, *args)
+    assert c1.get("autograd_cache_miss") == 1 and c1.get("autograd_cache_saved") == 1, c1
+    out2, b2, n2, c2 = _compile_run(_softmax_ln, *args)
+    assert c2.get("autograd_cache_hit") == 1, c2
+    assert n2 == n1 and n1["layer_norm_fwd"] == 1 and n1["scale_mask_softmax_fwd"] == 1, n1
+    torch.testing.assert_close(out2, _softmax_ln(*args), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out2, out1)
+    assert str(b2.report) == str(b1.report)
+    assert b2.report.counts == {"layer_norm": 1, "softmax": 1, "fused_scale_mask_softmax": 1}
+
+
+def test_training_warm_compile_hit_runs_the_backward_kernels(poison, inductor_cache):
+    args = _inputs(requires_grad=True)
+    _, _, n1, c1 = _compile_run(_softmax_ln, *args, backward=True)
+    grads1 = [t.grad.clone() for t in args]
+    for t in args:
+        t.grad = None
+    out, _, n2, c2 = _compile_run(_softmax_ln, *args, backward=True)
+    assert c1.get("autograd_cache_saved") == 1 and c2.get("autograd_cache_hit") == 1, (c1, c2)
+    assert n2 == n1 and n2["layer_norm_bwd"] == 1, n2
+    got = [t.grad for t in args]
+    for t in args:
+        t.grad = None
+    _softmax_ln(*args).square().sum().backward()
+    for g, g1, t in zip(got, grads1, args, strict=True):
+        torch.testing.assert_close(g, t.grad, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(g, g1)
+
+
+def test_changed_settings_miss_the_cache(poison, inductor_cache):
+    """A compile-time setting is in the key: a graph cached with the softmax pattern on
+    is not served to a backend that disabled it."""
+    args = _inputs()
+    _, _, n1, _ = _compile_run(_softmax_ln, *args)
+    assert n1.get("scale_mask_softmax_fwd") == 1
+    out, backend, n2, c2 = _compile_run(_softmax_ln, *args, options={"disable": ("softmax",)})
+    assert c2.get("autograd_cache_hit") is None and c2.get("autograd_cache_miss") == 1, c2
+    assert "scale_mask_softmax_fwd" not in n2 and n2["layer_norm_fwd"] == 1, n2
+    assert "softmax" not in backend.report.counts
+    torch.testing.assert_close(out, _softmax_ln(*args), atol=1e-5, rtol=1e-5)
+
+
+def test_compile_cache_off_never_hits(poison, inductor_cache):
+    args = _inputs()
+    for _ in range(2):
+        _, _, n, c = _compile_run(_softmax_ln, *args, options={"compile_cache": False})
+        assert not c.get("autograd_cache_hit") and not c.get("autograd_cache_saved"), c
+        assert n["layer_norm_fwd"] == 1
+
+
+def test_missing_or_corrupt_stored_report(poison, inductor_cache):
+    """The kernels still run; the report says where the graph came from (and a corrupt
+    file gives one warning)."""
+    args = _inputs()
+    _compile_run(_softmax_ln, *args)
+    (stored,) = (inductor_cache / "tilebackend_reports").glob("*.json")
+    stored.write_text("{not json")
+    with pytest.warns(RuntimeWarning, match="unreadable stored report"):
+        _, backend, n, c = _compile_run(_softmax_ln, *args)
+    assert c.get("autograd_cache_hit") == 1 and n["layer_norm_fwd"] == 1
+    (graph,) = backend.report.graphs
+    assert "report of its rewrite was not found" in graph.notes[0]
+    stored.unlink()
+    _, backend, _, c = _compile_run(_softmax_ln, *args)
+    assert c.get("autograd_cache_hit") == 1
+    assert "report of its rewrite was not found" in backend.report.graphs[0].notes[0]
+
+
+def test_what_is_never_cached():
+    builtins = REGISTRY.active((), ())
+    s = settings.Settings()
+    assert compile_cache.tag(s, "default", "inductor", builtins, training=False)
+    for reason, tag in {
+        "compile_cache=False": compile_cache.tag(
+            s.with_options({"compile_cache": False}), "default", "inductor", builtins, False
+        ),
+        "verify": compile_cache.tag(
+            s.with_options({"verify": True}), "default", "inductor", builtins, False
+        ),
+        # a training graph's cached backward would run outside this backend's scope
+        "runtime settings": compile_cache.tag(
+            s.with_options({"autotune": "off"}), "default", "inductor", builtins, True
+        ),
+    }.items():
+        assert tag is None, reason
+    # inference has no backward: its run-time settings reach the kernels as usual
+    assert compile_cache.tag(
+        s.with_options({"autotune": "off"}), "default", "inductor", builtins, False
+    )
+    with tilebackend.temporary_patterns():
+        tilebackend.register_pattern(
+            lambda x: torch.sigmoid(x) * 3,
+            replacement=lambda x: torch.sigmoid(x) * 3,
+            example_inputs=[("f", (4, 8))],
+            name="user_sigmoid3",
+        )
+        with_user = REGISTRY.active((), ())
+        assert compile_cache.tag(s, "default", "inductor", with_user, False) is None
+
+
+def test_tag_depends_on_settings_mode_and_patterns():
+    builtins = REGISTRY.active((), ())
+    s = settings.Settings()
+    base = compile_cache.tag(s, "default", "inductor", builtins, False)
+    others = {
+        compile_cache.tag(s.with_options({"fusion": False}), "default", "inductor", builtins, 0),
+        compile_cache.tag(s, "max-autotune", "inductor", builtins, False),
+        compile_cache.tag(s, "default", "inductor", builtins[1:], False),
+    }
+    assert base not in others and len(others) == 3
+
+
+_FRESH_PROCESS = textwrap.dedent(
+    """
+    import torch, tilebackend
+    from torch._dynamo.utils import counters
+    from tilebackend.codegen import _common
+    fn = lambda x: torch.softmax(x * 0.25, -1)
+    x = torch.randn(6, 41)
+    backend = tilebackend.TileBackend(options={"fallback": "inductor"})
+    with _common.count_launches() as n:
+        out = torch.compile(fn, backend=backend)(x)
+    torch.testing.assert_close(out, fn(x), atol=1e-5, rtol=1e-5)
+    print(dict(counters["aot_autograd"]), dict(n), backend.report.counts)
+    """
+)
+
+
+@pytest.mark.slow
+def test_hit_in_a_fresh_process_runs_the_kernels(device, tmp_path):
+    """A hit in a new process: the graph calls the kernels' dispatch-light twins,
+    which only our rewrite used to define (it does not run on a hit)."""
+    if device != "cpu":
+        pytest.skip("runs the interpreter")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    outs = []
+    for _ in range(2):
+        res = subprocess.run(
+            [sys.executable, "-c", _FRESH_PROCESS],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        outs.append(res.stdout.strip().splitlines()[-1])
+    assert "'autograd_cache_saved': 1" in outs[0], outs
+    assert "'autograd_cache_hit': 1" in outs[1], outs
+    for out in outs:
+        assert "{'scale_mask_softmax_fwd': 1}" in out, outs
+        assert "'fused_scale_mask_softmax': 1" in out, outs
