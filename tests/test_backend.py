@@ -481,3 +481,66 @@ def test_inductor_fallback_graphs_are_cached_by_inductor(poison):
         _scaled_softmax_on_tile_inductor(fn, x)
         assert counters["inductor"]["fxgraph_cache_bypass"] == 0, dict(counters["inductor"])
     assert counters["inductor"]["fxgraph_cache_hit"] == 1, dict(counters["inductor"])
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_anchors_no_pattern_took_reach_inductor_decomposed(poison, dynamic):
+    """Our decomposition table keeps softmax and layer norm whole for the patterns; when
+    none takes them (here: disabled), Inductor must get them as it would have alone:
+    torch 2.11's Inductor refused to compile ``aten._softmax`` ("both a fallback and a
+    decomp"), and later ones ran it unfused, as an ATen call."""
+    from torch._inductor.utils import run_and_get_code
+
+    ln = torch.nn.LayerNorm(37)
+    fn = lambda x: torch.softmax(ln(x) * 0.5, -1)  # noqa: E731
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(
+        options={
+            "fallback": "inductor",
+            "disable": ("softmax", "layer_norm"),
+            "compile_cache": False,
+        }
+    )
+    compiled = torch.compile(fn, backend=backend, dynamic=dynamic)
+    codes = []
+    for rows in (5, 11) if dynamic else (5,):
+        x = torch.randn(rows, 37)
+        with torch.no_grad(), _common.count_launches() as n:
+            if codes:  # (run_and_get_code recompiles)
+                out = compiled(x)
+            else:
+                out, codes = run_and_get_code(compiled, x)
+        torch.testing.assert_close(out, fn(x), atol=1e-5, rtol=1e-5)
+        assert dict(n) == {}, dict(n)
+    code = "\n".join(codes)
+    assert "cpp_fused__softmax_mul_native_layer_norm" in code, code
+    assert "aten._softmax.default(" not in code, code
+    assert "aten.native_layer_norm.default(" not in code, code
+    (graph,) = backend.report.graphs
+    assert graph.notes == [
+        "left to Inductor, decomposed as it would: _softmax x1, native_layer_norm x1"
+    ]
+
+
+def test_training_anchors_no_pattern_took_reach_inductor_decomposed(poison):
+    ln = torch.nn.LayerNorm(37)
+    x = torch.randn(5, 37, requires_grad=True)
+    fn = lambda x: torch.log_softmax(ln(x) * 0.5, -1)  # noqa: E731
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(
+        options={"fallback": "inductor", "disable": ("log_softmax",), "compile_cache": False}
+    )
+    with _common.count_launches() as n:
+        out = torch.compile(fn, backend=backend)(x)
+        out.square().sum().backward()
+    assert n["layer_norm_fwd"] == 1 and n["layer_norm_bwd"] == 1, dict(n)
+    got = [t.grad.clone() for t in (x, *ln.parameters())]
+    for t in (x, *ln.parameters()):
+        t.grad = None
+    ref = fn(x)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for g, t in zip(got, (x, *ln.parameters()), strict=True):
+        torch.testing.assert_close(g, t.grad, atol=1e-4, rtol=1e-4)
+    notes = [note for g in backend.report.graphs for note in g.notes]
+    assert any("_log_softmax x1" in note for note in notes), str(backend.report)

@@ -115,6 +115,13 @@ def namespace_op_names(namespace: str) -> list[str]:
     return sorted({n[len(prefix) :].split(".")[0] for n in all_names if n.startswith(prefix)})
 
 
+def detect_fake_mode(values):
+    """The FakeTensorMode the fake tensors among ``values`` belong to, or None."""
+    from torch._guards import detect_fake_mode as detect
+
+    return detect(values)
+
+
 def inductor_cache_dir() -> str:
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 

@@ -8,6 +8,7 @@ ATen graph goes through the tile rewrite, then to the fallback: Inductor's
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
@@ -19,7 +20,7 @@ import torch.fx as fx
 
 from . import _compat, compile_cache, settings
 from .exc import InvalidOptionValueError
-from .report import GraphReport, Report
+from .report import GraphReport, Report, short_target
 
 log = logging.getLogger("tilebackend")
 
@@ -124,6 +125,25 @@ def _same_signature(gm: fx.GraphModule, aten_gm: fx.GraphModule, example_inputs)
 
 def _is_gpu_graph(example_inputs: Sequence[Any]) -> bool:
     return any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in example_inputs)
+
+
+def _decompose_leftovers(gm: fx.GraphModule, gr: GraphReport) -> fx.GraphModule:
+    """The anchors no pattern took, decomposed as Inductor would have had them
+    (``fx_passes/decompose.py``); the report notes them."""
+    from .fx_passes.decompose import decompose_leftovers
+
+    gm, found = decompose_leftovers(gm, _leftover_table())
+    if found:
+        ops = ", ".join(f"{short_target(k)} x{v}" for k, v in sorted(found.items()))
+        gr.notes.append(f"left to Inductor, decomposed as it would: {ops}")
+    return gm
+
+
+@functools.lru_cache(maxsize=1)
+def _leftover_table() -> dict:
+    """Inductor's decompositions of the ops our table keeps whole."""
+    ours = decomposition_table("inductor")
+    return {op: fn for op, fn in _compat.inductor_decomposition_table().items() if op not in ours}
 
 
 def _views_as_reshapes(gm: fx.GraphModule) -> None:
@@ -411,6 +431,7 @@ class TileBackend:
                 name = "forward"
             new = self._rewrite(g, name, patterns, "inductor", "inductor")
             mine.append(self.report.graphs[-1])
+            new = _decompose_leftovers(new, mine[-1])
             compiled = compile_fx_inner(new, inputs, **kwargs)
             compiled = _Scoped(compiled, self.settings) if name == "backward" else compiled
             compiled = self._maybe_verify(g, new, compiled, patterns, "inductor")

@@ -1,0 +1,54 @@
+"""Hand Inductor the anchors we did not replace as Inductor would have had them.
+
+The decomposition table we give AOTAutograd keeps our anchor ops whole (a softmax
+stays ``aten._softmax``) so the patterns can find them.  An anchor no pattern took (a
+disabled pattern, a case a kernel refuses, a rewrite that failed) would then reach
+Inductor undecomposed: torch 2.11's Inductor refuses to compile it ("both a fallback
+and a decomp for same op"), and later ones run it as an unfused ATen call.  So those
+ops are decomposed here, with Inductor's own decompositions, by retracing the graph.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch.fx as fx
+import torch.fx.traceback as fx_traceback
+
+from .. import _compat
+
+__all__ = ["decompose_leftovers"]
+
+
+def decompose_leftovers(
+    gm: fx.GraphModule, table: Mapping[Any, Callable]
+) -> tuple[fx.GraphModule, dict[str, int]]:
+    """``gm`` with each call to an op of ``table`` decomposed by ``table``'s function
+    (nothing else changes), and how many of each there were.  ``gm`` itself is returned
+    when there are none."""
+    found = collections.Counter(
+        str(n.target) for n in gm.graph.nodes if n.op == "call_function" and n.target in table
+    )
+    if not found:
+        return gm, {}
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    vals = [n.meta.get("val") for n in placeholders]
+    fake_mode = _compat.detect_fake_mode(vals)
+    with fake_mode or contextlib.nullcontext(), fx_traceback.preserve_node_meta():
+        new = make_fx(_Run(gm), decomposition_table=dict(table))(*vals)
+    return new, dict(found)
+
+
+class _Run:
+    """``gm`` run node by node (the retrace sees the graph's ops, not its Python)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+
+    def __call__(self, *args: Any) -> Any:
+        return fx.Interpreter(self.gm).run(*args)
