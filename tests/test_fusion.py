@@ -283,6 +283,39 @@ def test_residual_add_norm_is_one_kernel(poison, norm, sum_used):
     assert "aten.add.Tensor" not in graph.code
 
 
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("rows", ["3d_to_2d", "2d_to_3d"])
+def test_residual_add_viewed_before_the_norm_is_one_kernel(poison, norm, rows):
+    """OPT: ``(residual + h).view(shape)`` is the next norm's input and the next
+    residual; the view regroups rows, so the norm of the view is the view of the norm.
+    Training too: the norm's saved statistics are viewed back for its backward."""
+    w, b = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
+    full, viewed = ((3, 5, 16), (-1, 16)) if rows == "3d_to_2d" else ((15, 16), (3, 5, 16))
+
+    def fn(x, r):
+        s = (x + r).view(viewed)
+        y = F.layer_norm(s, (16,), w, b) if norm == "layer" else F.rms_norm(s, (16,), w, 1e-6)
+        return y * torch.sigmoid(s)
+
+    x, r = torch.randn(full), torch.randn(full)
+    graph, launches = _run(fn, x, r)
+    assert launches[f"add_{norm}_norm_fwd"] == 1, dict(launches)
+    assert graph.counts.get(f"fused_add_{norm}_norm") == 1, str(graph)
+    assert "aten.add.Tensor" not in graph.code, graph.code
+
+    x.requires_grad_(), r.requires_grad_()
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": "eager"})
+    with _common.count_launches() as launches:
+        torch.compile(fn, backend=backend)(x, r).square().sum().backward()
+    _grads_like_eager([x, r, w, b] if norm == "layer" else [x, r, w], lambda: fn(x, r), 1e-4, 1e-4)
+    (fwd,) = [g for g in backend.report.graphs if g.name == "forward"]
+    assert fwd.counts.get(f"fused_add_{norm}_norm") == 1, str(fwd)
+    assert launches[f"add_{norm}_norm_fwd"] == 1 and launches[f"{norm}_norm_bwd"] == 1, dict(
+        launches
+    )
+
+
 def test_intermediate_used_elsewhere_bounds_the_region(poison):
     lin = torch.nn.Linear(16, 24)
     x = torch.randn(4, 16)

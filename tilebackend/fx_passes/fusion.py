@@ -58,6 +58,24 @@ class _Fuser(MatmulFusions, SoftmaxFusions, DropoutLowering):
             small, big, k, same=lambda a, b: self.facts.prove_eq(a, b) is True
         )
 
+    def _rows_view(self, node, k: int) -> fx.Node | None:
+        """``node`` when it is a view of an add that keeps the last ``k`` (normalized)
+        dims: the norm of the view is the norm of the add, its rows regrouped."""
+        if not (
+            isinstance(node, fx.Node)
+            and node.target in (aten.view.default, aten._unsafe_view.default)
+            and isinstance(node.args[0], fx.Node)
+            and node.args[0].target is aten.add.Tensor
+            and isinstance(node.args[1], (list, tuple))
+        ):
+            return None
+        before, after = _val(node.args[0]).shape, _val(node).shape
+        if min(len(before), len(after)) < k or not self._same(before[-k:], after[-k:]):
+            return None
+        if any(not isinstance(d, int) for d in node.args[1][-k:]):
+            return None  # (the stats' shape is the view's leading dims + ones)
+        return node
+
     def residual_norms(self) -> None:
         tile = torch.ops.tile
         for norm in list(self.graph.nodes):
@@ -70,6 +88,10 @@ class _Fuser(MatmulFusions, SoftmaxFusions, DropoutLowering):
             else:
                 continue
             s = norm.args[0]
+            k = len(norm.args[1])
+            view = self._rows_view(s, k)  # OPT: (residual + h).view(shape) -> the norm
+            if view is not None:
+                s = view.args[0]
             if not (isinstance(s, fx.Node) and s.target is aten.add.Tensor and len(s.args) == 2):
                 continue
             x, r = s.args
@@ -78,7 +100,6 @@ class _Fuser(MatmulFusions, SoftmaxFusions, DropoutLowering):
             vx, vr, vs = _val(x), _val(r), _val(s)
             if self._same(vr.shape, vs.shape) and not self._same(vx.shape, vs.shape):
                 x, r, vx, vr = r, x, vr, vx  # the full-size operand is x
-            k = len(norm.args[1])
             if not (
                 self._same(vx.shape, vs.shape)
                 and (self._same(vx.shape, vr.shape) or self._repeats(vr.shape, vx.shape, k))
@@ -86,10 +107,11 @@ class _Fuser(MatmulFusions, SoftmaxFusions, DropoutLowering):
             ):
                 continue
             order = self._order()
-            params = [a for a in norm.all_input_nodes if a is not s]
+            params = [a for a in norm.all_input_nodes if a is not s and a is not view]
             # the sum may be read before the norm: compute both where the add was
             at = s if all(order[p] < order[s] for p in params) else norm
-            if at is norm and any(order[u] < order[norm] for u in s.users if u is not norm):
+            readers = [u for u in s.users if u is not norm]
+            if at is norm and (view is not None or any(order[u] < order[norm] for u in readers)):
                 self._note(norm, f"{s.name} is read before the norm's parameters exist")
                 continue
             with self.graph.inserting_before(at):
@@ -112,6 +134,11 @@ class _Fuser(MatmulFusions, SoftmaxFusions, DropoutLowering):
                     with self.graph.inserting_before(u):
                         g = self.graph.call_function(operator.getitem, (fused, remap[u.args[1]]))
                         self._meta(g)
+                        if view is not None:  # back to the rows the norm saw
+                            shape = list(view.args[1])
+                            shape = shape if u.args[1] == 0 else shape[:-k] + [1] * k
+                            g = self.graph.call_function(aten.view.default, (g, shape))
+                            self._meta(g)
                     u.replace_all_uses_with(g)
                     self.graph.erase_node(u)
             if norm.users:
@@ -119,14 +146,21 @@ class _Fuser(MatmulFusions, SoftmaxFusions, DropoutLowering):
             self.graph.erase_node(norm)
             s.replace_all_uses_with(total)
             self.graph.erase_node(s)
+            if view is not None and not view.users:
+                self.graph.erase_node(view)
             if not total.users:
                 self.graph.erase_node(total)
             self.count += 1
+            through = [view] if view is not None else []
             self.report.replacements.append(
                 Replacement(
                     pattern=f"fused_add_{'layer' if 'layer' in str(fused_op) else 'rms'}_norm",
-                    nodes=[s.name, norm.name],
-                    targets=["add.Tensor", short_target(norm.target)],
+                    nodes=[s.name, *(v.name for v in through), norm.name],
+                    targets=[
+                        "add.Tensor",
+                        *(short_target(v.target) for v in through),
+                        short_target(norm.target),
+                    ],
                     inputs={"x": describe_value(vx), "residual": describe_value(vr)},
                     scalars={},
                 )
