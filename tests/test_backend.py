@@ -367,6 +367,98 @@ def test_training_graph_views_survive_the_fallbacks_decompositions(poison, fallb
         torch.testing.assert_close(g, t.grad, atol=1e-4, rtol=1e-4)
 
 
+class _BiasedAttention(torch.nn.Module):
+    """T5's attention: SDPA with a learned position bias as the mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = torch.nn.LayerNorm(32)
+        self.qkv = torch.nn.Linear(32, 96)
+        self.bias = torch.nn.Parameter(torch.randn(1, 4, 7, 7))
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.ln(x)).view(2, 7, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        mask = self.bias.expand(2, 4, 7, 7).clone()
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        return out.transpose(1, 2).reshape(2, 7, 32)
+
+
+@pytest.mark.parametrize("fallback", ["eager", "inductor"])
+def test_training_attention_with_a_learned_mask(poison, fallback):
+    """The graph rewritten before autograd is traced without grad, where SDPA picks CPU
+    flash attention, which takes no gradient for its mask: the real compile raised "not
+    differentiable with respect to argument 'attn_mask'" (T5 training).  The kernel
+    call is SDPA again, and the compile under grad picks."""
+    model = _BiasedAttention()
+    x = torch.randn(2, 7, 32, requires_grad=True)
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": fallback})
+    with _common.count_launches() as launches:
+        out = torch.compile(model, backend=backend)(x)
+        out.square().sum().backward()
+    assert launches["layer_norm_fwd"] == 1 and launches["layer_norm_bwd"] == 1, dict(launches)
+    assert backend.report.graphs[0].name == "forward, before autograd"
+    leaves = (x, *model.parameters())
+    got = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    ref = model(x)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for g, t in zip(got, leaves, strict=True):
+        torch.testing.assert_close(g, t.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fallback", ["eager", "inductor"])
+def test_training_attention_with_a_learned_mask_on_the_gpu(fallback):
+    """On a GPU the no-grad trace picks memory-efficient attention without its
+    log-sum-exp, which its backward reads: gradients must still match eager's."""
+    model = _BiasedAttention().cuda().half()
+    x = torch.randn(2, 7, 32, device="cuda", dtype=torch.half, requires_grad=True)
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": fallback})
+    with _common.count_launches() as launches:
+        out = torch.compile(model, backend=backend)(x)
+        out.float().square().sum().backward()
+    assert launches["layer_norm_fwd"] == 1 and launches["layer_norm_bwd"] == 1, dict(launches)
+    leaves = (x, *model.parameters())
+    got = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    ref = model(x)
+    ref.float().square().sum().backward()
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    for g, t in zip(got, leaves, strict=True):
+        torch.testing.assert_close(g, t.grad, atol=5e-2, rtol=5e-2)
+
+
+def test_restore_sdpa_puts_the_composite_back():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from tilebackend.fx_passes.sdpa import restore_sdpa
+
+    def attend(q, k, v, m):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.5)
+
+    q, k, v = (torch.randn(2, 3, 5, 8) for _ in range(3))
+    m = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        gm = make_fx(attend)(q, k, v, m)
+    kernels = [n for n in gm.graph.nodes if "flash_attention_for_cpu" in str(n.target)]
+    assert kernels, gm.code  # (what a no-grad trace picks on CPU)
+    assert restore_sdpa(gm)
+    assert "flash" not in gm.code and "scaled_dot_product_attention.default" in gm.code
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, m)]
+    out = gm(*leaves)
+    torch.testing.assert_close(out, attend(q, k, v, m))
+    out.sum().backward()
+    refs = [t.clone().requires_grad_() for t in (q, k, v, m)]
+    attend(*refs).sum().backward()
+    for a, b in zip(leaves, refs, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
 def test_dynamic_first_compile_traces_patterns_and_survives_restarts(poison):
     """Patterns traced for the first time inside a dynamic compile (Dynamo may restart
     analysis to specialise a float): every size runs the kernels, one graph, and the

@@ -364,6 +364,10 @@ class TileBackend:
         if len(captured) != 1 or not _same_signature(gm, captured[0], example_inputs):
             return gm
         aten_gm = captured[0]
+        from .fx_passes.sdpa import restore_sdpa
+
+        if not restore_sdpa(aten_gm):  # (attention kernels picked without grad)
+            return gm
         before = len(self.report.graphs)
         new = self._rewrite(aten_gm, PRE_AUTOGRAD, patterns, "eager", fallback)
         if not self.report.graphs[before].replacements:
