@@ -433,16 +433,21 @@ def test_training_attention_with_a_learned_mask_on_the_gpu(fallback):
         torch.testing.assert_close(g, t.grad, atol=5e-2, rtol=5e-2)
 
 
-def test_restore_sdpa_puts_the_composite_back():
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_restore_sdpa_puts_the_composite_back(kv_heads):
+    """Qwen2 / StableLM: the kernel took GQA's fewer key/value heads, so the SDPA call
+    put back must say ``enable_gqa``."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from tilebackend.fx_passes.sdpa import restore_sdpa
 
     def attend(q, k, v, m):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.5)
+        gqa = k.shape[1] != q.shape[1]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.5, enable_gqa=gqa)
 
-    q, k, v = (torch.randn(2, 3, 5, 8) for _ in range(3))
-    m = torch.randn(2, 3, 5, 5)
+    q = torch.randn(2, 4, 5, 8)
+    k, v = torch.randn(2, kv_heads, 5, 8), torch.randn(2, kv_heads, 5, 8)
+    m = torch.randn(2, 4, 5, 5)
     with torch.no_grad():
         gm = make_fx(attend)(q, k, v, m)
     kernels = [n for n in gm.graph.nodes if "flash_attention_for_cpu" in str(n.target)]

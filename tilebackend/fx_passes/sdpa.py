@@ -49,6 +49,12 @@ def _bound(node: fx.Node) -> dict:
     return out
 
 
+def _grouped(q: fx.Node, k: fx.Node) -> bool:
+    """Not provably as many key heads as query heads (dim -3)."""
+    hq, hk = (n.meta["val"].shape[-3] if "val" in n.meta else None for n in (q, k))
+    return not (isinstance(hq, int) and isinstance(hk, int) and hq == hk)
+
+
 def restore_sdpa(gm: fx.GraphModule) -> bool:
     """Put each fused attention kernel of ``gm`` back as ``scaled_dot_product_attention``.
     Returns False (``gm`` untouched) when one has an output other than the first read."""
@@ -60,11 +66,14 @@ def restore_sdpa(gm: fx.GraphModule) -> bool:
     for node, name in found:
         a = _bound(node)
         mask = a.get(_KERNELS[name]) if _KERNELS[name] else None
+        kwargs = {"is_causal": a.get("is_causal", False), "scale": a.get("scale")}
+        if _grouped(a["query"], a["key"]):  # (the kernel took GQA's fewer k/v heads)
+            kwargs["enable_gqa"] = True
         with gm.graph.inserting_before(node):
             sdpa = gm.graph.call_function(
                 aten.scaled_dot_product_attention.default,
                 (a["query"], a["key"], a["value"], mask, a.get("dropout_p", 0.0)),
-                {"is_causal": a.get("is_causal", False), "scale": a.get("scale")},
+                kwargs,
             )
             sdpa.meta = dict(node.meta)
             val = node.meta.get("val")
