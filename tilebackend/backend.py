@@ -8,7 +8,6 @@ ATen graph goes through the tile rewrite, then to the fallback: Inductor's
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import warnings
@@ -127,23 +126,20 @@ def _is_gpu_graph(example_inputs: Sequence[Any]) -> bool:
     return any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in example_inputs)
 
 
-def _decompose_leftovers(gm: fx.GraphModule, gr: GraphReport) -> fx.GraphModule:
+def _decompose_leftovers(gm: fx.GraphModule, gr: GraphReport, kept: dict) -> fx.GraphModule:
     """The anchors no pattern took, decomposed as Inductor would have had them
-    (``fx_passes/decompose.py``); the report notes them."""
+    (``fx_passes/decompose.py``); the report notes them.  ``kept``: the table we gave
+    AOTAutograd."""
     from .fx_passes.decompose import decompose_leftovers
 
-    gm, found = decompose_leftovers(gm, _leftover_table())
+    leftovers = {
+        op: fn for op, fn in _compat.inductor_decomposition_table().items() if op not in kept
+    }
+    gm, found = decompose_leftovers(gm, leftovers)
     if found:
         ops = ", ".join(f"{short_target(k)} x{v}" for k, v in sorted(found.items()))
         gr.notes.append(f"left to Inductor, decomposed as it would: {ops}")
     return gm
-
-
-@functools.lru_cache(maxsize=1)
-def _leftover_table() -> dict:
-    """Inductor's decompositions of the ops our table keeps whole."""
-    ours = decomposition_table("inductor")
-    return {op: fn for op, fn in _compat.inductor_decomposition_table().items() if op not in ours}
 
 
 def _views_as_reshapes(gm: fx.GraphModule) -> None:
@@ -415,6 +411,7 @@ class TileBackend:
 
     def _compile_inductor(self, gm, example_inputs, patterns):
         compile_fx_inner = _compat.inductor_compile_fx_inner()
+        table = decomposition_table("inductor", patterns)
         training = _needs_autograd(example_inputs)
         tag = compile_cache.tag(self.settings, self.mode, "inductor", patterns, training)
         start = len(self.report.graphs)
@@ -435,7 +432,7 @@ class TileBackend:
                 name = "forward"
             new = self._rewrite(g, name, patterns, "inductor", "inductor")
             mine.append(self.report.graphs[-1])
-            new = _decompose_leftovers(new, mine[-1])
+            new = _decompose_leftovers(new, mine[-1], table)
             compiled = compile_fx_inner(new, inputs, **kwargs)
             compiled = _Scoped(compiled, self.settings) if name == "backward" else compiled
             compiled = self._maybe_verify(g, new, compiled, patterns, "inductor")
@@ -448,7 +445,7 @@ class TileBackend:
             gm,
             example_inputs,
             inner_compile=inner,
-            decompositions=decomposition_table("inductor", patterns),
+            decompositions=table,
             config_patches=_compat.inductor_mode_options(self.mode),
             cache_tag=tag,
         )
