@@ -204,3 +204,29 @@ def test_hit_in_a_fresh_process_runs_the_kernels(device, tmp_path):
     for out in outs:
         assert "{'scale_mask_softmax_fwd': 1}" in out, outs
         assert "'fused_scale_mask_softmax': 1" in out, outs
+
+
+def test_dynamic_shapes_hit_serves_every_size(poison, inductor_cache):
+    """``dynamic=True``: the cached graph is symbolic and guarded like Inductor's own;
+    the hit runs the kernels at sizes the first compile never saw."""
+    ln = torch.nn.LayerNorm(37)
+
+    def fn(x):
+        return torch.softmax(ln(x) * 0.5, -1)
+
+    for round_ in range(2):
+        torch._dynamo.reset()
+        counters.clear()
+        backend = tilebackend.TileBackend(options={"fallback": "inductor"})
+        compiled = torch.compile(fn, backend=backend, dynamic=True)
+        for rows in (5, 11) if round_ == 0 else (3, 17):
+            x = torch.randn(rows, 37)
+            with torch.no_grad(), _common.count_launches() as n:
+                out = compiled(x)
+            torch.testing.assert_close(out, fn(x), atol=1e-5, rtol=1e-5)
+            assert dict(n) == {"layer_norm_fwd": 1, "scale_mask_softmax_fwd": 1}, dict(n)
+        assert len(backend.report.graphs) == 1 and backend.report.graphs[0].symbolic
+        if round_:
+            assert counters["aot_autograd"]["autograd_cache_hit"] == 1, dict(
+                counters["aot_autograd"]
+            )

@@ -86,11 +86,17 @@ def tag(
 
 
 def graph_key(tag_: str, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> str:
-    """Key of the stored report: the tag, the graph's code and its inputs' metadata."""
+    """Key of the stored report: the tag, the graph's code and its inputs' metadata
+    (symbolic where Dynamo made sizes symbolic: a hit may come at other sizes)."""
     h = hashlib.sha256(tag_.encode())
     h.update(gm.code.encode())
     h.update(str(torch.is_grad_enabled()).encode())
-    for x in example_inputs:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) == len(example_inputs):
+        values = [n.meta.get("example_value", x) for n, x in zip(placeholders, example_inputs)]
+    else:
+        values = list(example_inputs)
+    for x in values:
         if isinstance(x, torch.Tensor):
             meta = (x.dtype, tuple(x.shape), x.stride(), x.device.type, x.requires_grad)
             h.update(repr(meta).encode())
