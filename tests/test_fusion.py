@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import grads_like_eager
 
 import tilebackend
 from tilebackend.codegen import _common
@@ -19,19 +20,6 @@ def gelu_tanh(x):  # GPT-2's NewGELUActivation, written out
     return (
         0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
     )
-
-
-def _grads_like_eager(leaves, eager, atol, rtol):
-    """The gradients a compiled run left on ``leaves`` match eager's: they are taken and
-    cleared, then ``eager().square().sum()`` is differentiated.  Returns eager's output."""
-    got = [t.grad.clone() for t in leaves]
-    for t in leaves:
-        t.grad = None
-    ref = eager()
-    ref.square().sum().backward()
-    for g, t in zip(got, leaves, strict=True):
-        torch.testing.assert_close(g, t.grad, atol=atol, rtol=rtol)
-    return ref
 
 
 def _run(fn, *args, atol=1e-4, rtol=1e-4):
@@ -190,7 +178,7 @@ def test_swiglu_training_step_matches_eager(poison):
     backend = tilebackend.TileBackend(options={"fallback": "eager"})
     compiled = torch.compile(mlp, backend=backend)
     compiled(x).square().sum().backward()
-    _grads_like_eager([*mlp.parameters(), x], lambda: mlp(x), atol=1e-4, rtol=1e-4)
+    grads_like_eager([*mlp.parameters(), x], lambda: mlp(x), atol=1e-4, rtol=1e-4)
     assert "fused_dual_mm_epilogue" not in backend.report.counts, str(backend.report)
     assert any("dual GEMM" in s.reason for s in backend.report.skipped), str(backend.report)
 
@@ -227,7 +215,7 @@ def test_chunked_gate_up_gemm_trains(poison):
     backend = tilebackend.TileBackend(options={"fallback": "eager"})
     with _common.count_launches() as launches:
         torch.compile(mlp, backend=backend)(x).square().sum().backward()
-    _grads_like_eager([*mlp.parameters(), x], lambda: mlp(x), atol=1e-5, rtol=1e-4)
+    grads_like_eager([*mlp.parameters(), x], lambda: mlp(x), atol=1e-5, rtol=1e-4)
     assert launches["mm_epilogue_multi"] == 1, dict(launches)
 
 
@@ -308,7 +296,7 @@ def test_residual_add_viewed_before_the_norm_is_one_kernel(poison, norm, rows):
     backend = tilebackend.TileBackend(options={"fallback": "eager"})
     with _common.count_launches() as launches:
         torch.compile(fn, backend=backend)(x, r).square().sum().backward()
-    _grads_like_eager([x, r, w, b] if norm == "layer" else [x, r, w], lambda: fn(x, r), 1e-4, 1e-4)
+    grads_like_eager([x, r, w, b] if norm == "layer" else [x, r, w], lambda: fn(x, r), 1e-4, 1e-4)
     (fwd,) = [g for g in backend.report.graphs if g.name == "forward"]
     assert fwd.counts.get(f"fused_add_{norm}_norm") == 1, str(fwd)
     assert launches[f"add_{norm}_norm_fwd"] == 1 and launches[f"{norm}_norm_bwd"] == 1, dict(
@@ -345,7 +333,7 @@ def test_fused_training_step_matches_eager(poison):
     with _common.count_launches() as launches:
         compiled(x).square().sum().backward()
     params = [*mlp.parameters(), *ln.parameters()]
-    _grads_like_eager([*params, x], lambda: fn(x), atol=1e-4, rtol=1e-4)
+    grads_like_eager([*params, x], lambda: fn(x), atol=1e-4, rtol=1e-4)
     assert launches["layer_norm_bwd"] >= 1 or launches["add_layer_norm_fwd"] >= 1
 
 
@@ -397,7 +385,7 @@ def test_training_forward_epilogue_writes_saved_values(poison, fallback, act):
         out = compiled(x)
     out.square().sum().backward()
     params = [*lin1.parameters(), *lin2.parameters()]
-    ref = _grads_like_eager([*params, x], lambda: fn(x), atol=1e-4, rtol=1e-4)
+    ref = grads_like_eager([*params, x], lambda: fn(x), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
     (fwd,) = [g for g in backend.report.graphs if g.name == "forward"]
@@ -496,7 +484,7 @@ def test_activation_backward_fuses_into_the_dgrad_gemm(poison, act):
     with _common.count_launches() as launches:  # the backward alone
         out.square().sum().backward()
     assert launches["mm_epilogue"] == 1, dict(launches)
-    _grads_like_eager([*params, x], lambda: fn(x), atol=1e-5, rtol=1e-4)
+    grads_like_eager([*params, x], lambda: fn(x), atol=1e-5, rtol=1e-4)
     (bwd,) = [g for g in backend.report.graphs if g.name == "backward"]
     assert "_backward.default" not in bwd.code.replace("tile.", ""), bwd.code
     assert bwd.counts.get("fused_mm_epilogue") == 1, str(backend.report)
@@ -531,7 +519,7 @@ def test_mlp_with_new_activations_trains_fused(poison, act1, act2, names):
         out = compiled(x)
     with _common.count_launches() as bwd_launches:
         out.square().sum().backward()
-    ref = _grads_like_eager([*params, x], lambda: fn(x), atol=1e-4, rtol=1e-4)
+    ref = grads_like_eager([*params, x], lambda: fn(x), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
 
     graphs = {g.name: g for g in backend.report.graphs}
@@ -572,6 +560,6 @@ def test_embedding_sum_with_broadcast_positions_fuses_into_add_layer_norm(poison
     out = torch.compile(f, backend=backend)(ids)
     out.square().sum().backward()
     params = [emb.weight, pos.weight, ln.weight, ln.bias]
-    _grads_like_eager(params, lambda: f(ids), atol=1e-4, rtol=1e-4)
+    grads_like_eager(params, lambda: f(ids), atol=1e-4, rtol=1e-4)
     (fwd,) = [g for g in backend.report.graphs if g.name == "forward"]
     assert fwd.counts.get("fused_add_layer_norm") == 1, str(fwd)
