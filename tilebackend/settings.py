@@ -75,6 +75,7 @@ class Settings:
     #: TILEBACKEND_COMPILE_CACHE
     compile_cache: bool = True
 
+    _BOOLS = ("poison_outputs", "fusion", "verify", "specialize_floats", "compile_cache")
     _CHOICES = {
         "fallback": ("auto", "inductor", "eager"),
         "autotune": ("on", "off"),
@@ -130,19 +131,11 @@ class Settings:
                 raise InvalidOptionValueError(
                     name=name, value=value, expected=" | ".join(map(repr, choices))
                 )
-        if not isinstance(self.poison_outputs, bool):
-            raise InvalidOptionValueError(
-                name="poison_outputs", value=self.poison_outputs, expected="a bool"
-            )
-        if not isinstance(self.fusion, bool):
-            raise InvalidOptionValueError(name="fusion", value=self.fusion, expected="a bool")
-        for name in ("compile_cache", "specialize_floats"):
+        for name in self._BOOLS:
             if not isinstance(getattr(self, name), bool):
                 raise InvalidOptionValueError(
                     name=name, value=getattr(self, name), expected="a bool"
                 )
-        if not isinstance(self.verify, bool):
-            raise InvalidOptionValueError(name="verify", value=self.verify, expected="a bool")
         budget = self.tune_budget_s
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
             raise InvalidOptionValueError(
