@@ -126,15 +126,12 @@ def _is_gpu_graph(example_inputs: Sequence[Any]) -> bool:
     return any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in example_inputs)
 
 
-def _decompose_leftovers(gm: fx.GraphModule, gr: GraphReport, kept: dict) -> fx.GraphModule:
+def _decompose_leftovers(gm: fx.GraphModule, gr: GraphReport, leftovers: dict) -> fx.GraphModule:
     """The anchors no pattern took, decomposed as Inductor would have had them
-    (``fx_passes/decompose.py``); the report notes them.  ``kept``: the table we gave
-    AOTAutograd."""
+    (``fx_passes/decompose.py``); the report notes them.  ``leftovers``: Inductor's
+    decompositions of the ops the table we gave AOTAutograd keeps whole."""
     from .fx_passes.decompose import decompose_leftovers
 
-    leftovers = {
-        op: fn for op, fn in _compat.inductor_decomposition_table().items() if op not in kept
-    }
     gm, found = decompose_leftovers(gm, leftovers)
     if found:
         ops = ", ".join(f"{short_target(k)} x{v}" for k, v in sorted(found.items()))
@@ -412,6 +409,8 @@ class TileBackend:
     def _compile_inductor(self, gm, example_inputs, patterns):
         compile_fx_inner = _compat.inductor_compile_fx_inner()
         table = decomposition_table("inductor", patterns)
+        inductors = _compat.inductor_decomposition_table()
+        leftovers = {op: fn for op, fn in inductors.items() if op not in table}
         training = _needs_autograd(example_inputs)
         tag = compile_cache.tag(self.settings, self.mode, "inductor", patterns, training)
         start = len(self.report.graphs)
@@ -432,7 +431,7 @@ class TileBackend:
                 name = "forward"
             new = self._rewrite(g, name, patterns, "inductor", "inductor")
             mine.append(self.report.graphs[-1])
-            new = _decompose_leftovers(new, mine[-1], table)
+            new = _decompose_leftovers(new, mine[-1], leftovers)
             compiled = compile_fx_inner(new, inputs, **kwargs)
             compiled = _Scoped(compiled, self.settings) if name == "backward" else compiled
             compiled = self._maybe_verify(g, new, compiled, patterns, "inductor")
