@@ -175,8 +175,9 @@ class _Scoped:
         if getattr(fn, "_boxed_call", False):
             self._boxed_call = True
         # AOTAutograd wraps a backward (``functools.wraps``: our ``__dict__`` only) and
-        # saves its cache entry when the wrapper carries Inductor's FX graph key
-        for name in ("_fx_graph_cache_key", "_time_taken_ns"):
+        # saves its cache entry when the wrapper carries Inductor's FX graph key; the
+        # entry's shape guards must be the FX graph's own, or a hit never matches them
+        for name in ("_fx_graph_cache_key", "_time_taken_ns", "guards_expr"):
             if getattr(fn, name, None) is not None:
                 setattr(self, name, getattr(fn, name))
 
