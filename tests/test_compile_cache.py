@@ -178,17 +178,46 @@ _FRESH_PROCESS = textwrap.dedent(
 )
 
 
+_FRESH_TRAINING = textwrap.dedent(
+    """
+    import torch, tilebackend
+    from torch._dynamo.utils import counters
+    from tilebackend.codegen import _common
+    traced = []
+    real = tilebackend.TileBackend._trace_and_rewrite
+    def counted(self, *args, **kwargs):
+        traced.append(1)
+        return real(self, *args, **kwargs)
+    tilebackend.TileBackend._trace_and_rewrite = counted
+    ln = torch.nn.LayerNorm(37)
+    fn = lambda x: torch.softmax(ln(x) * 0.25, -1)
+    x = torch.randn(6, 37, requires_grad=True)
+    backend = tilebackend.TileBackend(options={"fallback": "inductor"})
+    with _common.count_launches() as n:
+        torch.compile(fn, backend=backend)(x).square().sum().backward()
+    got = [t.grad.clone() for t in (x, ln.weight)]
+    x.grad = ln.weight.grad = None
+    fn(x).square().sum().backward()
+    for g, t in zip(got, (x, ln.weight)):
+        torch.testing.assert_close(g, t.grad, atol=1e-4, rtol=1e-4)
+    print(len(traced), dict(counters["aot_autograd"]), dict(n))
+    """
+)
+
+
 @pytest.mark.slow
-def test_hit_in_a_fresh_process_runs_the_kernels(device, tmp_path):
+@pytest.mark.parametrize("script", [_FRESH_PROCESS, _FRESH_TRAINING], ids=["infer", "train"])
+def test_hit_in_a_fresh_process_runs_the_kernels(device, tmp_path, script):
     """A hit in a new process: the graph calls the kernels' dispatch-light twins,
-    which only our rewrite used to define (it does not run on a hit)."""
+    which only our rewrite used to define (it does not run on a hit); a training hit
+    takes the rewritten graph from its pickle instead of tracing."""
     if device != "cpu":
         pytest.skip("runs the interpreter")
     env = {**os.environ, "TRITON_INTERPRET": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
     outs = []
     for _ in range(2):
         res = subprocess.run(
-            [sys.executable, "-c", _FRESH_PROCESS],
+            [sys.executable, "-c", script],
             env=env,
             capture_output=True,
             text=True,
@@ -198,9 +227,14 @@ def test_hit_in_a_fresh_process_runs_the_kernels(device, tmp_path):
         outs.append(res.stdout.strip().splitlines()[-1])
     assert "'autograd_cache_saved': 1" in outs[0], outs
     assert "'autograd_cache_hit': 1" in outs[1], outs
-    for out in outs:
-        assert "{'scale_mask_softmax_fwd': 1}" in out, outs
-        assert "'fused_scale_mask_softmax': 1" in out, outs
+    if script is _FRESH_PROCESS:
+        for out in outs:
+            assert "{'scale_mask_softmax_fwd': 1}" in out, outs
+            assert "'fused_scale_mask_softmax': 1" in out, outs
+    else:
+        assert outs[0].startswith("1 ") and outs[1].startswith("0 "), outs
+        for out in outs:
+            assert "'layer_norm_bwd': 1" in out and "'scale_mask_softmax_bwd': 1" in out, outs
 
 
 def test_dynamic_shapes_hit_serves_every_size(poison, inductor_cache):
@@ -227,3 +261,149 @@ def test_dynamic_shapes_hit_serves_every_size(poison, inductor_cache):
             assert counters["aot_autograd"]["autograd_cache_hit"] == 1, dict(
                 counters["aot_autograd"]
             )
+
+
+# --- training: the graph rewritten before autograd is stored too --------------------
+
+
+@pytest.fixture
+def traces(monkeypatch):
+    """How many times the pre-autograd trace ran."""
+    calls = []
+    real = tilebackend.TileBackend._trace_and_rewrite
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(tilebackend.TileBackend, "_trace_and_rewrite", counted)
+    return calls
+
+
+def test_training_warm_compile_skips_the_pre_autograd_trace(poison, inductor_cache, traces):
+    args = _inputs(requires_grad=True)
+    _, b1, n1, c1 = _compile_run(_softmax_ln, *args, backward=True)
+    assert len(traces) == 1 and c1.get("autograd_cache_saved") == 1, (traces, c1)
+    assert len(list((inductor_cache / "tilebackend_graphs").glob("*.pkl"))) == 1
+    for t in args:
+        t.grad = None
+    _, b2, n2, c2 = _compile_run(_softmax_ln, *args, backward=True)
+    assert len(traces) == 1, "the warm compile traced again"
+    assert c2.get("autograd_cache_hit") == 1, c2
+    assert n2 == n1 and n2["layer_norm_bwd"] == 1 and n2["layer_norm_fwd"] == 1, n2
+    assert str(b2.report) == str(b1.report)
+    assert b2.report.graphs[0].name == "forward, before autograd"
+    assert b2.report.graphs[0].replacements
+    grads_like_eager(args, lambda: _softmax_ln(*args), atol=1e-4, rtol=1e-4)
+
+
+def test_training_graph_with_nothing_to_rewrite_is_not_traced_again(inductor_cache, traces):
+    args = [torch.randn(4, 9, requires_grad=True)]
+
+    def fn(x):
+        return (x.sin() * 2).cos()
+
+    for _ in range(2):
+        args[0].grad = None
+        _, backend, _, _ = _compile_run(fn, *args, backward=True)
+        assert not backend.report.counts
+    assert len(traces) == 1
+    grads_like_eager(args, lambda: fn(*args), atol=1e-5, rtol=1e-5)
+
+
+def _dynamo_graph(fn, *args):
+    """The graph and inputs Dynamo hands a backend for ``fn(*args)``."""
+    seen = []
+
+    def grab(gm, example_inputs):
+        seen.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=grab)(*args)
+    ((gm, inputs),) = seen
+    return gm, inputs
+
+
+@torch._dynamo.allow_in_graph
+def _users_function(x):
+    return x * 2
+
+
+def test_pre_autograd_key_covers_what_the_trace_reads():
+    tag = "tile-test"
+
+    def fn(t):
+        return torch.softmax(t * 0.5, -1)
+
+    def key_of(x, tag=tag):
+        return compile_cache.pre_autograd_key(tag, *_dynamo_graph(fn, x))
+
+    x = torch.randn(4, 8, requires_grad=True)
+    key = key_of(x)
+    assert key and key == key_of(torch.randn(4, 8, requires_grad=True))
+    others = {
+        key_of(x, tag="tile-other"),
+        key_of(x.detach().double().requires_grad_()),
+        key_of(x.detach()),  # requires_grad
+        key_of(torch.randn(8, 4).t().requires_grad_()),  # strides
+        key_of(torch.randn(4, 9, requires_grad=True)),
+    }
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        others.add(key_of(x))
+    with torch.no_grad():
+        others.add(key_of(x))
+    assert key not in others and len(others) == 7
+
+
+def test_pre_autograd_key_refuses_what_the_code_does_not_spell_out():
+    x, y = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8)
+    gm, inputs = _dynamo_graph(lambda a: torch.softmax(_users_function(a), -1), x)
+    assert any(n.target is _users_function for n in gm.graph.nodes)
+    assert compile_cache.pre_autograd_key("t", gm, inputs) is None
+    gm, inputs = _dynamo_graph(lambda a, b: a + b, x, y)
+    assert compile_cache.pre_autograd_key("t", gm, inputs)
+    base = torch.randn(4, 16)
+    aliased = [base[:, :8].requires_grad_(), base[:, 8:]]
+    assert compile_cache.pre_autograd_key("t", gm, aliased) is None
+
+
+def test_corrupt_stored_training_graph_is_traced_afresh(poison, inductor_cache, traces):
+    args = _inputs(requires_grad=True)
+    _compile_run(_softmax_ln, *args, backward=True)
+    (stored,) = (inductor_cache / "tilebackend_graphs").glob("*.pkl")
+    stored.write_bytes(stored.read_bytes()[:100])
+    for t in args:
+        t.grad = None
+    with pytest.warns(RuntimeWarning, match="unreadable stored graph"):
+        _, backend, n, _ = _compile_run(_softmax_ln, *args, backward=True)
+    assert len(traces) == 2 and n["layer_norm_bwd"] == 1, (traces, n)
+    assert backend.report.graphs[0].replacements
+    grads_like_eager(args, lambda: _softmax_ln(*args), atol=1e-4, rtol=1e-4)
+
+
+def test_dynamic_training_hit_serves_every_size(poison, inductor_cache, traces):
+    """``dynamic=True`` training: the stored graph is symbolic; the warm compile takes
+    it without tracing (the trace added no guards), AOTAutograd's entry matches the
+    backward's shape guards, and both are right at new sizes."""
+    w, b = torch.randn(37, requires_grad=True), torch.randn(37, requires_grad=True)
+
+    def fn(x):
+        return torch.softmax(torch.nn.functional.layer_norm(x, (37,), w, b) * 0.5, -1)
+
+    for round_ in range(2):
+        torch._dynamo.reset()
+        counters.clear()
+        backend = tilebackend.TileBackend(options={"fallback": "inductor"})
+        compiled = torch.compile(fn, backend=backend, dynamic=True)
+        for rows in (5, 11) if round_ == 0 else (3, 17):
+            x = torch.randn(rows, 37, requires_grad=True)
+            w.grad = b.grad = None
+            with _common.count_launches() as n:
+                compiled(x).square().sum().backward()
+            assert n["layer_norm_fwd"] == 1 and n["layer_norm_bwd"] == 1, dict(n)
+            grads_like_eager([x, w, b], lambda: fn(x), atol=1e-4, rtol=1e-4)
+        assert backend.report.graphs[0].symbolic and backend.report.graphs[0].replacements
+        hits = counters["aot_autograd"]["autograd_cache_hit"]
+        assert hits == round_, dict(counters["aot_autograd"])
+    assert len(traces) == 1

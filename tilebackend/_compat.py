@@ -246,3 +246,54 @@ def fake_tensor_mode():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     return FakeTensorMode()
+
+
+# --- pre-autograd graph cache (private) -------------------------------------------------
+
+
+def trace_state() -> tuple:
+    """Global state AOTAutograd's trace reads besides the graph and its inputs:
+    autocast per device, deterministic algorithms, the SDPA backends, functorch config."""
+    autocast = []
+    for dev in ("cpu", "cuda", "xpu"):
+        try:
+            if torch.is_autocast_enabled(dev):
+                autocast.append((dev, str(torch.get_autocast_dtype(dev))))
+        except (RuntimeError, AttributeError):  # (a device type this build lacks)
+            pass
+    sdpa = tuple(
+        bool(getattr(torch.backends.cuda, f, lambda: None)())
+        for f in ("flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled")
+    )
+    try:
+        functorch = torch._functorch.config.save_config()
+    except Exception:  # (the probe is best effort: a missing piece only widens the key)
+        functorch = b""
+    return (
+        torch.__version__,
+        tuple(autocast),
+        torch.are_deterministic_algorithms_enabled(),
+        sdpa,
+        functorch,
+    )
+
+
+def is_plain_tensor(x: Any) -> bool:
+    """A tensor that is not a traceable wrapper subclass (DTensor and the like)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    return isinstance(x, torch.Tensor) and not is_traceable_wrapper_subclass(x)
+
+
+def storage_ref(x: torch.Tensor) -> Any:
+    """A hashable reference to ``x``'s storage (equal for views of one storage)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    return StorageWeakRef(x.untyped_storage())
+
+
+def is_core_op(target: Any) -> bool:
+    """An ATen / prims op (not a user's custom op or a higher-order op)."""
+    return isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) and (
+        str(target).split(".")[0] in ("aten", "prims")
+    )

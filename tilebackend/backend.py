@@ -157,6 +157,13 @@ def _views_as_reshapes(gm: fx.GraphModule) -> None:
         gm.recompile()
 
 
+def _dynamo_shape_env(gm: fx.GraphModule) -> Any:
+    """The ShapeEnv of Dynamo's fake inputs to ``gm``, or None."""
+    values = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = _compat.detect_fake_mode(values)
+    return getattr(mode, "shape_env", None)
+
+
 def _copy_gm(gm: fx.GraphModule) -> fx.GraphModule:
     g = fx.Graph()
     out = g.graph_copy(gm.graph, {})
@@ -327,9 +334,37 @@ class TileBackend:
 
         The trace uses no decompositions whatever the fallback: the graph must stay
         differentiable ATen (Inductor's table yields ``prims`` ops with no autograd
-        formula, e.g. a softmax with ``dtype=``); the real compile decomposes later."""
+        formula, e.g. a softmax with ``dtype=``); the real compile decomposes later.
+
+        A cacheable graph's outcome is stored (``compile_cache.GraphStore``) and a warm
+        compile takes it from there instead of tracing again, unless the trace added
+        shape guards: a warm compile that skipped it would lack them."""
         if any(n.op == "call_function" and n.target in _GRAD_MODE_OPS for n in gm.graph.nodes):
             return gm
+        tag = compile_cache.tag(self.settings, self.mode, fallback, patterns, training=False)
+        key = tag and compile_cache.pre_autograd_key(tag, gm, example_inputs)
+        store = compile_cache.GraphStore() if key else None
+        if store is not None and (hit := store.load(key)) is not None:
+            new, report = hit
+            if new is None:
+                return gm
+            self.report.graphs.append(report or compile_cache.cached_report(PRE_AUTOGRAD, fallback))
+            return new
+        from .fx_passes import shapes
+
+        env = _dynamo_shape_env(gm)
+        before, mark = len(self.report.graphs), shapes.shape_env_mark(env)
+        new = self._trace_and_rewrite(gm, example_inputs, patterns, fallback)
+        if store is not None and shapes.shape_env_mark(env) != mark:
+            log.info("pre-autograd trace added shape guards: its graph is not stored")
+        elif store is not None:
+            report = self.report.graphs[before] if new is not gm else None
+            stored = store.store(key, None if new is gm else new, report)
+            return gm if stored is None else stored
+        return new
+
+    def _trace_and_rewrite(self, gm, example_inputs, patterns, fallback: str):
+        """The rewritten functional ATen graph of ``gm``'s forward, or ``gm``."""
         captured: list[fx.GraphModule] = []
 
         def capture(g, _inputs):

@@ -21,6 +21,15 @@ A graph is not cached (AOTAutograd's cache stays off for it) when:
 
 A cache hit skips our rewrite, so what it did is stored beside Inductor's cache
 (``<inductor cache dir>/tilebackend_reports``) and put back in the report on a hit.
+
+Training graphs are rewritten once more, before autograd (``backend._pre_autograd``),
+and AOTAutograd's key is taken of that rewritten graph: a warm compile would still pay
+the trace and the rewrite to learn it.  So the rewritten graph itself is stored too
+(``tilebackend_graphs``, FX's pickle of a ``GraphModule``: its code and constants),
+keyed by what the trace reads (:func:`pre_autograd_key`), and a cacheable graph always
+continues from its stored form, even on the compile that stores it: cold and warm
+compiles hand AOTAutograd the same graph, so the warm one hits.  The directory is as
+trusted as Inductor's cache beside it, whose generated code Inductor imports.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import functools
 import hashlib
 import json
 import os
+import pickle
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -43,6 +53,11 @@ from .report import GraphReport, Replacement, Skipped
 
 #: bump when the stored report format changes
 REPORT_VERSION = 1
+#: bump when the stored pre-autograd graph format changes
+GRAPH_VERSION = 1
+#: roots of the modules whose functions a cacheable graph may call (their behaviour is
+#: fixed by the torch version in the key; a user's function is not)
+_PLAIN_MODULES = ("torch", "_operator", "operator", "builtins", "math")
 
 #: settings the tile kernels read while running (the rest act at compile time)
 RUNTIME_SETTINGS = ("autotune", "search", "tune_budget_s", "tuning", "poison_outputs")
@@ -105,27 +120,44 @@ def graph_key(tag_: str, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
     return h.hexdigest()
 
 
-class ReportStore:
-    """The reports of cached compiles, one JSON file per graph key, written atomically."""
+class _Store:
+    """Files beside Inductor's cache, one per key, written atomically; an unwritable
+    or unreadable file costs one warning, never the compile."""
+
+    subdir = suffix = ""
 
     def __init__(self, directory: str | os.PathLike | None = None) -> None:
         self.dir = Path(directory) if directory else Path(_compat.inductor_cache_dir())
-        self.dir = self.dir / "tilebackend_reports"
+        self.dir = self.dir / self.subdir
         self._warned = False
 
     def path(self, key: str) -> Path:
-        return self.dir / f"{key}.json"
+        return self.dir / f"{key}{self.suffix}"
 
-    def save(self, key: str, graphs: Sequence[GraphReport]) -> None:
-        data = {"version": REPORT_VERSION, "graphs": [dataclasses.asdict(g) for g in graphs]}
+    def _write(self, key: str, data: bytes, what: str) -> None:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, default=repr)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
             os.replace(tmp, self.path(key))
         except OSError as e:  # a read-only cache dir: the compile goes on
-            self._warn(f"could not store the report of a cached compile ({e})")
+            self._warn(f"could not store {what} ({e})")
+
+    def _warn(self, msg: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"tilebackend: {msg}", RuntimeWarning, stacklevel=4)
+
+
+class ReportStore(_Store):
+    """The reports of cached compiles, one JSON file per graph key."""
+
+    subdir, suffix = "tilebackend_reports", ".json"
+
+    def save(self, key: str, graphs: Sequence[GraphReport]) -> None:
+        data = {"version": REPORT_VERSION, "graphs": [dataclasses.asdict(g) for g in graphs]}
+        self._write(key, json.dumps(data, default=repr).encode(), "the report of a cached compile")
 
     def load(self, key: str) -> list[GraphReport] | None:
         """The stored reports, or ``None`` (missing, or unreadable: one warning)."""
@@ -140,11 +172,6 @@ class ReportStore:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             self._warn(f"ignoring the unreadable stored report {p} ({type(e).__name__}: {e})")
             return None
-
-    def _warn(self, msg: str) -> None:
-        if not self._warned:
-            self._warned = True
-            warnings.warn(f"tilebackend: {msg}", RuntimeWarning, stacklevel=3)
 
 
 def _graph_from_dict(d: dict) -> GraphReport:
@@ -161,3 +188,100 @@ def cached_report(name: str, fallback: str) -> GraphReport:
         fallback=fallback,
         notes=["served from AOTAutograd's cache; the report of its rewrite was not found"],
     )
+
+
+def pre_autograd_key(tag_: str, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
+    """Key of a training graph's pre-autograd rewrite, or ``None``: not cacheable.
+
+    The key covers what AOTAutograd's trace reads: the tag, the graph's code, its
+    inputs' metadata (symbolic where Dynamo made sizes symbolic, devices with their
+    index), grad mode, and global state (:func:`_compat.trace_state`).  Graphs whose
+    code does not spell out their behaviour are not cached: a submodule or attribute
+    (``call_module``, ``get_attr``), a user's function or custom op, a higher-order op;
+    nor are inputs that share storage or are tensor subclasses."""
+    for n in gm.graph.nodes:
+        if n.op in ("call_module", "get_attr"):
+            return None
+        if n.op == "call_function" and not _plain_callable(n.target):
+            return None
+    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
+    if not all(_compat.is_plain_tensor(x) for x in tensors):
+        return None
+    if len({_compat.storage_ref(x) for x in tensors}) != len(tensors):
+        return None
+    h = hashlib.sha256(f"pre-autograd\0{tag_}\0".encode())
+    h.update(gm.code.encode())
+    h.update(repr((torch.is_grad_enabled(), _compat.trace_state())).encode())
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(example_inputs):
+        return None
+    for n, x in zip(placeholders, example_inputs):
+        v = n.meta.get("example_value", x)
+        if isinstance(x, torch.Tensor):
+            meta = (v.dtype, tuple(v.shape), v.stride(), v.storage_offset(), str(x.device))
+            h.update(repr((*meta, x.requires_grad, type(x).__name__)).encode())
+        else:
+            h.update(repr(type(v)).encode())
+    return h.hexdigest()
+
+
+def _plain_callable(target: Any) -> bool:
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return _compat.is_core_op(target)
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return False
+    module = getattr(target, "__module__", None) or ""
+    return module.split(".")[0] in _PLAIN_MODULES
+
+
+class GraphStore(_Store):
+    """Training graphs rewritten before autograd, one pickle per key.  :meth:`store`
+    gives a graph in the form a later :meth:`load` gives."""
+
+    subdir, suffix = "tilebackend_graphs", ".pkl"
+
+    def store(
+        self, key: str, gm: torch.fx.GraphModule | None, report: GraphReport | None
+    ) -> torch.fx.GraphModule | None:
+        """Store ``gm`` (``None``: the trace found nothing to rewrite) and its report;
+        returns the graph as :meth:`load` will give it, or ``gm`` if it does not pickle."""
+        entry = {
+            "version": GRAPH_VERSION,
+            "graph": None if gm is None else _bare(gm),
+            "report": None if report is None else dataclasses.asdict(report),
+        }
+        try:
+            blob = pickle.dumps(entry)
+            loaded = pickle.loads(blob)["graph"]
+        except Exception:  # (a constant that does not pickle, say): not cached
+            return gm
+        self._write(key, blob, "a rewritten training graph")
+        return loaded
+
+    def load(self, key: str) -> tuple[torch.fx.GraphModule | None, GraphReport | None] | None:
+        """``(graph, report)`` as stored, or ``None`` (missing, or unreadable: one
+        warning, and the graph is traced afresh)."""
+        p = self.path(key)
+        if not p.exists():
+            return None
+        try:
+            entry = pickle.loads(p.read_bytes())
+            if entry.get("version") != GRAPH_VERSION:
+                return None
+            gm, report = entry["graph"], entry["report"]
+            if gm is not None and not isinstance(gm, torch.fx.GraphModule):
+                raise TypeError(f"expected a GraphModule, found {type(gm).__name__}")
+            return gm, None if report is None else _graph_from_dict(report)
+        except Exception as e:
+            self._warn(f"ignoring the unreadable stored graph {p} ({type(e).__name__}: {e})")
+            return None
+
+
+def _bare(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm``'s code and constants, without its module-level meta (fake tensors, shape
+    environments: not picklable, and not read by the compile that follows)."""
+    g = torch.fx.Graph()
+    g.output(g.graph_copy(gm.graph, {}))
+    bare = torch.fx.GraphModule(gm, g)
+    bare.meta = {}
+    return bare

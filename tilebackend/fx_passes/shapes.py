@@ -281,6 +281,15 @@ def shape_env_of(gm: torch.fx.GraphModule) -> Any:
     return None
 
 
+def shape_env_mark(shape_env: Any) -> tuple:
+    """What a trace can add to a ShapeEnv (guards, deferred runtime asserts,
+    replacements), counted: equal marks before and after a trace mean it added none."""
+    if shape_env is None:
+        return ()
+    asserts = sum(len(v) for v in getattr(shape_env, "deferred_runtime_asserts", {}).values())
+    return len(shape_env.guards), asserts, len(getattr(shape_env, "replacements", {}))
+
+
 class GuardWatch:
     """Counts guards the ShapeEnv gains inside the block (ours, while rewriting)."""
 
