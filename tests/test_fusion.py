@@ -356,6 +356,40 @@ def test_softmax_prologue_respects_alpha(poison):
     x, m = torch.randn(2, 5, 5), torch.randn(2, 5, 5)
     graph, _ = _run(lambda x, m: torch.softmax(torch.add(x * 0.5, m, alpha=2.0), -1), x, m)
     assert "fused_scale_mask_softmax" not in graph.counts  # alpha != 1: not this shape
+    (note,) = [s.reason for s in graph.skipped if s.pattern == "fusion"]
+    assert "add.Tensor" in note and "one mask" in note, note
+
+
+@pytest.mark.parametrize(
+    "name, fn, reason",
+    [
+        # MPT: a finite fill (an all-masked row is uniform, not NaN: not the kernel's)
+        (
+            "finite_fill",
+            lambda x, m: torch.softmax((x * 0.5).masked_fill(m, torch.finfo(x.dtype).min), -1),
+            "fills with -3.40",
+        ),
+        ("tensor_scale", lambda x, m: torch.softmax(x * m.sum() + m, -1), "is not a constant"),
+        ("softmax_dim_0", lambda x, m: torch.softmax(x * 0.5 + m, 0), "not the last"),
+    ],
+)
+def test_softmax_prologue_left_out_is_explained(poison, name, fn, reason):
+    """What the kernel cannot take stays outside it, and the report says why; the
+    softmax (with whatever prologue it could take) is still a tile kernel."""
+    x = torch.randn(6, 6)
+    if name == "finite_fill":
+        m = torch.triu(torch.ones(6, 6, dtype=torch.bool), 1)
+        m[-1] = True  # an all-masked row: uniform for a finite fill, NaN for -inf
+    else:
+        m = torch.randn(6, 6)
+    graph, launches = _run(fn, x, m)
+    notes = [s.reason for s in graph.skipped if s.pattern == "fusion"]
+    assert any(reason in n for n in notes), notes
+    if name == "tensor_scale":  # the mask joins the kernel, the scale does not
+        assert dict(launches) == {"scale_mask_softmax_fwd": 1}, dict(launches)
+    else:
+        assert "fused_scale_mask_softmax" not in graph.counts
+        assert dict(launches) == {"softmax_fwd": 1}, dict(launches)
 
 
 # --- training forwards: the epilogue also writes what the backward saves ---------------

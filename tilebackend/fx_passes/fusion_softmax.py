@@ -61,20 +61,29 @@ class SoftmaxFusions(FuserBase):
                 scale = c if base.target is aten.mul.Tensor else 1.0 / c
                 consumed.append(base)
                 base = base.args[0]
+            left = self._not_absorbed(base)
+            if left is not None:
+                self._note(sm, left)
             if not consumed:
                 continue
             if up is not None:
                 consumed.insert(0, x)  # the upcast, erased after the ops before it
             xv = _val(base)
+            why = None
             if mask is not None:
                 mv = _val(mask)
                 if mode == "add" and mv.dtype != xv.dtype:
-                    continue
-                if not self._broadcasts_to(mv.shape, xv.shape):
-                    continue
-                if mode == "fill" and mv.dtype != torch.bool:
-                    continue
-            if not isinstance(dim, int) or dim % xv.dim() != xv.dim() - 1:
+                    why = f"mask {mask.name} is {mv.dtype}, the scores {xv.dtype}"
+                elif not self._broadcasts_to(mv.shape, xv.shape):
+                    why = (
+                        f"mask {mask.name} {list(mv.shape)} does not broadcast to {list(xv.shape)}"
+                    )
+                elif mode == "fill" and mv.dtype != torch.bool:
+                    why = f"masked_fill's mask {mask.name} is {mv.dtype}, not bool"
+            if why is None and (not isinstance(dim, int) or dim % xv.dim() != xv.dim() - 1):
+                why = f"softmax over dim {dim}, not the last"
+            if why is not None:
+                self._note(sm, f"prologue not fused: {why}")
                 continue
             with self.graph.inserting_before(sm):
                 fused = self.graph.call_function(
@@ -103,6 +112,28 @@ class SoftmaxFusions(FuserBase):
                     scalars={"scale": scale, "mask_mode": mode or "none"},
                 )
             )
+
+    def _not_absorbed(self, node: Any) -> str | None:
+        """Why ``node``, where the prologue match stopped, stays outside the softmax
+        kernel when it is a scale or mask op the kernel could otherwise take (None when
+        it is not one: a matmul, a view)."""
+        if not (isinstance(node, fx.Node) and node.op == "call_function"):
+            return None
+        t = node.target
+        forms = (aten.add.Tensor, aten.masked_fill.Scalar, aten.mul.Tensor, aten.div.Tensor)
+        if t not in (*forms, aten.masked_fill.Tensor, aten.where.self, aten.sub.Tensor):
+            return None
+        what = f"{node.name} ({short_target(t)})"
+        if not _single_use(node):
+            return f"{what} has other users: it is computed apart"
+        if t is aten.masked_fill.Scalar and node.args[2] != -math.inf:
+            return f"{what} fills with {node.args[2]!r}; the kernel fills with -inf only"
+        if t in (aten.mul.Tensor, aten.div.Tensor) and isinstance(node.args[1], fx.Node):
+            return f"{what}: the scale {describe_value(_val(node.args[1]))} is not a constant"
+        return (
+            f"{what} is outside what the kernel takes: one mask (an added tensor, or "
+            "masked_fill with -inf) after one constant scale"
+        )
 
     def _upcast_softmax(self, sm: fx.Node, x: Any, half_to_float: bool):
         """For ``softmax(x16.float()).to(float16)`` (or ``half_to_float``): ``(x16, the
