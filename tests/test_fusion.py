@@ -337,6 +337,26 @@ def test_fused_training_step_matches_eager(poison):
     assert launches["layer_norm_bwd"] >= 1 or launches["add_layer_norm_fwd"] >= 1
 
 
+@pytest.mark.parametrize(
+    "name, fn, reason",
+    [
+        ("alpha", lambda x, r, w: F.layer_norm(torch.add(x, r, alpha=0.5), (16,), w), "alpha"),
+        ("scalar", lambda x, r, w: F.layer_norm(x + 1.5, (16,), w), "scalar"),
+        # r broadcasts across the rows: each row gets another residual, not a repeat
+        ("columns", lambda x, r, w: F.layer_norm(x + r[:, :1], (16,), w), "rows' shape"),
+        ("dtypes", lambda x, r, w: F.layer_norm(x + r.half(), (16,), w), "mixed"),
+    ],
+)
+def test_residual_add_left_out_of_the_norm_is_explained(poison, name, fn, reason):
+    """The norm still runs as a tile kernel; the report says why the add did not join."""
+    w = torch.randn(16)
+    x, r = torch.randn(4, 16), torch.randn(4, 16)
+    graph, launches = _run(lambda x, r: fn(x, r, w), x, r)
+    assert "fused_add_layer_norm" not in graph.counts and launches["layer_norm_fwd"] == 1
+    notes = [s.reason for s in graph.skipped if s.pattern == "fusion"]
+    assert any(reason in n for n in notes), notes
+
+
 def test_residual_sum_read_before_the_norm(poison):
     """The sum is used before the norm in graph order: the fused op goes where the add was."""
     w = torch.randn(16)

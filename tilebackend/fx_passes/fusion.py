@@ -96,6 +96,7 @@ class _Fuser(MatmulFusions, SoftmaxFusions, DropoutLowering):
                 continue
             x, r = s.args
             if not (_is_tensor_node(x) and _is_tensor_node(r)) or s.kwargs.get("alpha", 1) != 1:
+                self._note(norm, f"{s.name} is not a sum of two tensors (a scalar, or alpha)")
                 continue
             vx, vr, vs = _val(x), _val(r), _val(s)
             if self._same(vr.shape, vs.shape) and not self._same(vx.shape, vs.shape):
@@ -103,8 +104,13 @@ class _Fuser(MatmulFusions, SoftmaxFusions, DropoutLowering):
             if not (
                 self._same(vx.shape, vs.shape)
                 and (self._same(vx.shape, vr.shape) or self._repeats(vr.shape, vx.shape, k))
-                and vx.dtype == vr.dtype == vs.dtype
             ):
+                shapes_ = f"{list(vx.shape)} + {list(vr.shape)}"
+                self._note(norm, f"{s.name} adds {shapes_}: not a residual of the rows' shape")
+                continue
+            if not vx.dtype == vr.dtype == vs.dtype:
+                dtypes = f"{vx.dtype} + {vr.dtype} -> {vs.dtype}"
+                self._note(norm, f"{s.name} adds {dtypes}: mixed dtypes are not fused")
                 continue
             order = self._order()
             params = [a for a in norm.all_input_nodes if a is not s and a is not view]
@@ -128,6 +134,7 @@ class _Fuser(MatmulFusions, SoftmaxFusions, DropoutLowering):
             if stats_differ:  # e.g. CPU bf16 stats: keep the unfused norm's exact outputs
                 self.graph.erase_node(total)
                 self.graph.erase_node(fused)
+                self._note(norm, "its saved statistics' dtype differs from the fused kernel's")
                 continue
             for u in list(norm.users):
                 if u.target is operator.getitem:
