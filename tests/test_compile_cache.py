@@ -4,6 +4,8 @@ key; graphs the key cannot describe are never cached."""
 
 from __future__ import annotations
 
+import json
+import operator
 import os
 import subprocess
 import sys
@@ -210,7 +212,7 @@ _FRESH_TRAINING = textwrap.dedent(
 def test_hit_in_a_fresh_process_runs_the_kernels(device, tmp_path, script):
     """A hit in a new process: the graph calls the kernels' dispatch-light twins,
     which only our rewrite used to define (it does not run on a hit); a training hit
-    takes the rewritten graph from its pickle instead of tracing."""
+    takes the rewritten graph from its stored form instead of tracing."""
     if device != "cpu":
         pytest.skip("runs the interpreter")
     env = {**os.environ, "TRITON_INTERPRET": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
@@ -284,7 +286,7 @@ def test_training_warm_compile_skips_the_pre_autograd_trace(poison, inductor_cac
     args = _inputs(requires_grad=True)
     _, b1, n1, c1 = _compile_run(_softmax_ln, *args, backward=True)
     assert len(traces) == 1 and c1.get("autograd_cache_saved") == 1, (traces, c1)
-    assert len(list((inductor_cache / "tilebackend_graphs").glob("*.pkl"))) == 1
+    assert len(list((inductor_cache / "tilebackend_graphs").glob("*.json"))) == 1
     for t in args:
         t.grad = None
     _, b2, n2, c2 = _compile_run(_softmax_ln, *args, backward=True)
@@ -371,7 +373,7 @@ def test_pre_autograd_key_refuses_what_the_code_does_not_spell_out():
 def test_corrupt_stored_training_graph_is_traced_afresh(poison, inductor_cache, traces):
     args = _inputs(requires_grad=True)
     _compile_run(_softmax_ln, *args, backward=True)
-    (stored,) = (inductor_cache / "tilebackend_graphs").glob("*.pkl")
+    (stored,) = (inductor_cache / "tilebackend_graphs").glob("*.json")
     stored.write_bytes(stored.read_bytes()[:100])
     for t in args:
         t.grad = None
@@ -407,3 +409,57 @@ def test_dynamic_training_hit_serves_every_size(poison, inductor_cache, traces):
         hits = counters["aot_autograd"]["autograd_cache_hit"]
         assert hits == round_, dict(counters["aot_autograd"])
     assert len(traces) == 1
+
+
+def test_stored_training_graph_keeps_random_calls_random(inductor_cache, traces):
+    """A call whose arguments are all constants (``randn([4, 4])``) stays a call in the
+    stored graph, cold and warm: rebuilding a graph never runs it into a constant."""
+    lin = torch.nn.Linear(4, 4)
+
+    def fn(x):
+        noisy = lin(x) + torch.randn(4, 4)
+        return torch.softmax(torch.nn.functional.layer_norm(noisy, (4,)), -1)
+
+    x = torch.randn(4, 4, requires_grad=True)
+    for _ in range(2):
+        torch._dynamo.reset()
+        backend = tilebackend.TileBackend(options={"fallback": "inductor"})
+        compiled = torch.compile(fn, backend=backend)
+        with _common.count_launches() as n:
+            first, second = compiled(x), compiled(x)
+        assert sum(n.values()) >= 4, dict(n)  # (the GEMM and the norm, twice)
+        assert not torch.equal(first, second)
+    assert len(traces) == 1
+
+
+def test_graph_serialization_round_trip_and_refusals():
+    from tilebackend.fx_passes import serialize
+
+    g = torch.fx.Graph()
+    x, n = g.placeholder("x"), g.placeholder("n")
+    aten = torch.ops.aten
+    y = g.call_function(aten.full.default, ([2, n], float("-inf")), {"dtype": torch.float16})
+    z = g.call_function(
+        aten._to_copy.default, (x,), {"dtype": torch.float16, "layout": torch.strided}
+    )
+    g.output((g.call_function(aten.add.Tensor, (z, y)), g.call_function(operator.mul, (n, 2))))
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    data = serialize.dump(gm)
+    back = serialize.load(json.loads(json.dumps(data)))
+    assert back.code == gm.code
+    t = torch.randn(2, 3)
+    for a, b in zip(back(t, 3), gm(t, 3)):
+        torch.testing.assert_close(a, b)
+    gm.register_buffer("w", torch.ones(1))
+    with gm.graph.inserting_before(next(iter(gm.graph.nodes))):
+        gm.graph.get_attr("w")
+    with pytest.raises(serialize.Unserializable, match="get_attr"):
+        serialize.dump(gm)
+    for bad in (
+        {"op": "os.system"},  # not an op name torch.ops resolves
+        {"fn": "builtins.exec"},  # not on the list of plain functions
+    ):
+        nodes = [dict(n) for n in data["nodes"]]
+        nodes[1] = {**nodes[1], "op": "call_function", "target": bad}
+        with pytest.raises((ValueError, KeyError, AttributeError)):
+            serialize.load({"nodes": nodes})

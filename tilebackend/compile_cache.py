@@ -25,7 +25,7 @@ A cache hit skips our rewrite, so what it did is stored beside Inductor's cache
 Training graphs are rewritten once more, before autograd (``backend._pre_autograd``),
 and AOTAutograd's key is taken of that rewritten graph: a warm compile would still pay
 the trace and the rewrite to learn it.  So the rewritten graph itself is stored too
-(``tilebackend_graphs``, FX's pickle of a ``GraphModule``: its code and constants),
+(``tilebackend_graphs``, its nodes as JSON: ``fx_passes/serialize.py``),
 keyed by what the trace reads (:func:`pre_autograd_key`), and a cacheable graph always
 continues from its stored form, even on the compile that stores it: cold and warm
 compiles hand AOTAutograd the same graph, so the warm one hits.  The directory is as
@@ -38,8 +38,8 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
-import pickle
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -51,10 +51,12 @@ import torch
 from . import _compat, settings
 from .report import GraphReport, Replacement, Skipped
 
+log = logging.getLogger("tilebackend")
+
 #: bump when the stored report format changes
 REPORT_VERSION = 1
 #: bump when the stored pre-autograd graph format changes
-GRAPH_VERSION = 1
+GRAPH_VERSION = 2
 #: roots of the modules whose functions a cacheable graph may call (their behaviour is
 #: fixed by the torch version in the key; a user's function is not)
 _PLAIN_MODULES = ("torch", "_operator", "operator", "builtins", "math")
@@ -235,53 +237,51 @@ def _plain_callable(target: Any) -> bool:
 
 
 class GraphStore(_Store):
-    """Training graphs rewritten before autograd, one pickle per key.  :meth:`store`
-    gives a graph in the form a later :meth:`load` gives."""
+    """Training graphs rewritten before autograd, one JSON file per key
+    (``fx_passes/serialize.py``: the nodes as they are; loading runs and imports
+    nothing).  :meth:`store` gives a graph in the form a later :meth:`load` gives."""
 
-    subdir, suffix = "tilebackend_graphs", ".pkl"
+    subdir, suffix = "tilebackend_graphs", ".json"
 
     def store(
         self, key: str, gm: torch.fx.GraphModule | None, report: GraphReport | None
     ) -> torch.fx.GraphModule | None:
         """Store ``gm`` (``None``: the trace found nothing to rewrite) and its report;
-        returns the graph as :meth:`load` will give it, or ``gm`` if it does not pickle."""
+        returns the graph as :meth:`load` will give it, or ``gm`` itself (not stored)
+        when the format cannot describe it."""
+        from .fx_passes import serialize
+
         entry = {
             "version": GRAPH_VERSION,
-            "graph": None if gm is None else _bare(gm),
+            "graph": None,
             "report": None if report is None else dataclasses.asdict(report),
         }
         try:
-            blob = pickle.dumps(entry)
-            loaded = pickle.loads(blob)["graph"]
-        except Exception:  # (a constant that does not pickle, say): not cached
+            entry["graph"] = None if gm is None else serialize.dump(gm)
+            data = json.dumps(entry, default=repr)
+            graph = json.loads(data)["graph"]
+            loaded = None if graph is None else serialize.load(graph)
+        except Exception as e:  # (Unserializable, or a bug here: never the compile's)
+            log.info("not storing the rewritten training graph: %s: %s", type(e).__name__, e)
             return gm
-        self._write(key, blob, "a rewritten training graph")
+        self._write(key, data.encode(), "a rewritten training graph")
         return loaded
 
     def load(self, key: str) -> tuple[torch.fx.GraphModule | None, GraphReport | None] | None:
         """``(graph, report)`` as stored, or ``None`` (missing, or unreadable: one
         warning, and the graph is traced afresh)."""
+        from .fx_passes import serialize
+
         p = self.path(key)
         if not p.exists():
             return None
         try:
-            entry = pickle.loads(p.read_bytes())
+            entry = json.loads(p.read_text())
             if entry.get("version") != GRAPH_VERSION:
                 return None
-            gm, report = entry["graph"], entry["report"]
-            if gm is not None and not isinstance(gm, torch.fx.GraphModule):
-                raise TypeError(f"expected a GraphModule, found {type(gm).__name__}")
+            graph, report = entry["graph"], entry["report"]
+            gm = None if graph is None else serialize.load(graph)
             return gm, None if report is None else _graph_from_dict(report)
-        except Exception as e:
+        except Exception as e:  # (any damage: the graph is traced afresh)
             self._warn(f"ignoring the unreadable stored graph {p} ({type(e).__name__}: {e})")
             return None
-
-
-def _bare(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """``gm``'s code and constants, without its module-level meta (fake tensors, shape
-    environments: not picklable, and not read by the compile that follows)."""
-    g = torch.fx.Graph()
-    g.output(g.graph_copy(gm.graph, {}))
-    bare = torch.fx.GraphModule(gm, g)
-    bare.meta = {}
-    return bare
