@@ -150,6 +150,35 @@ def test_llama_mlp_dual_gemm_under_dynamic_shapes(poison):
     assert graph.symbolic and graph.guards_added == [], str(backend.report)
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
+def test_residual_layer_norm_over_a_symbolic_hidden_size_adds_no_guard(poison, train):
+    """``dynamic=True`` makes the normalized size symbolic too: the fused add+norm takes
+    it as it is (no guard pinning it to the first call's size), and one graph serves
+    every hidden size.  (RMS norm arrives written out, and that pattern needs a static
+    normalized size: the report says so.)"""
+    torch._dynamo.reset()
+
+    def fn(x, r, w, b):
+        return F.layer_norm(x + r, (x.shape[-1],), w, b)
+
+    backend = tilebackend.TileBackend(options={"fallback": "eager"})
+    compiled = torch.compile(fn, backend=backend, dynamic=True)
+    for rows, hidden in [(3, 7), (5, 12), (2, 33)]:
+        args = [torch.randn(rows, hidden), torch.randn(rows, hidden)]
+        args += [torch.randn(hidden), torch.randn(hidden)]
+        args = [a.requires_grad_(train) for a in args]
+        with torch.set_grad_enabled(train), _common.count_launches() as launches:
+            out = compiled(*args)
+            torch.testing.assert_close(out, fn(*args), atol=1e-4, rtol=1e-4)
+        assert launches["add_layer_norm_fwd"] == 1, dict(launches)
+        if train:
+            out.sum().backward()
+    fwd = backend.report.graphs[1 if train else 0]
+    assert fwd.counts.get("fused_add_layer_norm") == 1, str(backend.report)
+    assert all(g.guards_added == [] for g in backend.report.graphs), str(backend.report)
+    assert len(backend.report.graphs) == (3 if train else 1), str(backend.report)
+
+
 def test_swiglu_gemm_result_used_outside_keeps_two_launches(poison):
     """h1 is also returned: it must be written, so the pair is not fused and the gate
     fuses into the second GEMM's epilogue as before; ``silu(h1)`` then fuses into the

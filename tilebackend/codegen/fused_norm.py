@@ -336,7 +336,7 @@ def _eager_rms(x, residual, ns, weight, eps):
 @torch.library.custom_op(
     "tile::add_layer_norm",
     mutates_args=(),
-    schema="(Tensor x, Tensor residual, int[] normalized_shape, Tensor? weight, Tensor? bias, "
+    schema="(Tensor x, Tensor residual, SymInt[] normalized_shape, Tensor? weight, Tensor? bias, "
     "float eps) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 @plans.planned("tile::add_layer_norm")
@@ -367,7 +367,7 @@ def _(x, residual, normalized_shape, weight, bias, eps):
 @torch.library.custom_op(
     "tile::add_rms_norm",
     mutates_args=(),
-    schema="(Tensor x, Tensor residual, int[] normalized_shape, Tensor? weight, float? eps) "
+    schema="(Tensor x, Tensor residual, SymInt[] normalized_shape, Tensor? weight, float? eps) "
     "-> (Tensor, Tensor, Tensor)",
 )
 @plans.planned("tile::add_rms_norm")

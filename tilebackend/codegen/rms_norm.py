@@ -444,7 +444,7 @@ def _aten_bwd(grad_out, x, normalized_shape, rstd, weight, mask):
 @torch.library.custom_op(
     "tile::rms_norm",
     mutates_args=(),
-    schema="(Tensor input, int[] normalized_shape, Tensor? weight, float? eps) -> (Tensor, Tensor)",
+    schema="(Tensor input, SymInt[] normalized_shape, Tensor? weight, float? eps) -> (Tensor, Tensor)",
 )
 @plans.planned("tile::rms_norm")
 def rms_norm_op(input, normalized_shape, weight, eps):
@@ -469,7 +469,7 @@ def _(input, normalized_shape, weight, eps):
 @torch.library.custom_op(
     "tile::rms_norm_backward",
     mutates_args=(),
-    schema="(Tensor grad_out, Tensor input, int[] normalized_shape, Tensor rstd, "
+    schema="(Tensor grad_out, Tensor input, SymInt[] normalized_shape, Tensor rstd, "
     "Tensor? weight, bool[] output_mask) -> (Tensor, Tensor)",
 )
 @plans.planned("tile::rms_norm_backward")
