@@ -263,6 +263,46 @@ def test_scale_mask_softmax_is_one_kernel(poison, mask_kind):
     assert "aten.mul" not in graph.code and "aten.add" not in graph.code
 
 
+_NEG_INF = float("-inf")
+
+
+@pytest.mark.parametrize(
+    "form, fallback",
+    [
+        # Inductor decomposes masked_fill into where(mask, full([], -inf), s)
+        ("masked_fill", "inductor"),
+        ("where_fill", "eager"),
+        ("where_keep", "eager"),  # nanoGPT-style: keep where the causal mask is True
+        ("where_keep", "inductor"),
+    ],
+)
+def test_where_mask_softmax_is_one_kernel(poison, form, fallback):
+    x = torch.randn(2, 3, 7, 7)
+    causal = torch.tril(torch.ones(7, 7, dtype=torch.bool))
+    fns = {
+        "masked_fill": lambda x, m: torch.softmax((x * 0.125).masked_fill(~m, _NEG_INF), -1),
+        "where_fill": lambda x, m: torch.softmax(torch.where(~m, _NEG_INF, x / 8.0), -1),
+        "where_keep": lambda x, m: torch.softmax(torch.where(m, x * 0.125, _NEG_INF), -1),
+    }
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": fallback})
+    with torch.no_grad(), _common.count_launches() as launches:
+        out = torch.compile(fns[form], backend=backend)(x, causal)
+    torch.testing.assert_close(out, fns[form](x, causal), atol=1e-5, rtol=1e-5)
+    (graph,) = backend.report.graphs
+    assert graph.counts.get("fused_scale_mask_softmax") == 1, str(graph)
+    assert dict(launches) == {"scale_mask_softmax_fwd": 1}, dict(launches)
+    assert "aten.where" not in graph.code and "aten.full" not in graph.code, graph.code
+
+
+def test_where_with_a_finite_fill_is_explained(poison):
+    x, m = torch.randn(4, 6), torch.rand(4, 6) < 0.3
+    graph, launches = _run(lambda x, m: torch.softmax(torch.where(m, -1e4, x), -1), x, m)
+    assert dict(launches) == {"softmax_fwd": 1}, dict(launches)
+    notes = [s.reason for s in graph.skipped if s.pattern == "fusion"]
+    assert any("fills with -10000.0" in n for n in notes), notes
+
+
 @pytest.mark.parametrize(
     "dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)], ids=["fp16", "bf16"]
 )

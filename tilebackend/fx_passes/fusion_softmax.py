@@ -31,8 +31,12 @@ class SoftmaxFusions(FuserBase):
             up, down = self._upcast_softmax(sm, x, half_to_float)
             if half_to_float and down is None:
                 continue
-            scale, mask, mode, base, consumed = 1.0, None, None, up or x, []
+            scale, mask, mode, base, consumed, consts = 1.0, None, None, up or x, [], []
+            keep = None  # a where() whose condition says what to keep: the mask is its negation
             # x may be: add(s, mask) | masked_fill(s, mask, -inf) | s ; s = mul(y, c) | div(y, c)
+            # (masked_fill as Inductor's decomposition has it: where(mask, -inf, s), or
+            # written the other way round, where(keep, s, -inf))
+            where = self._where_fill(base) if _single_use(base) else None
             if (
                 _single_use(base)
                 and base.target is aten.add.Tensor
@@ -50,6 +54,13 @@ class SoftmaxFusions(FuserBase):
                 mask, mode = base.args[1], "fill"
                 consumed.append(base)
                 base = base.args[0]
+            elif where is not None and where[2] == -math.inf:
+                cond, scores, _, inverted = where
+                consts = [a for a in base.args[1:3] if a is not scores]
+                mask, mode = (None, "fill") if inverted else (cond, "fill")
+                keep = cond if inverted else None
+                consumed.append(base)
+                base = scores
             if (
                 _single_use(base)
                 and base.target in (aten.mul.Tensor, aten.div.Tensor)
@@ -70,8 +81,8 @@ class SoftmaxFusions(FuserBase):
                 consumed.insert(0, x)  # the upcast, erased after the ops before it
             xv = _val(base)
             why = None
-            if mask is not None:
-                mv = _val(mask)
+            if mask is not None or keep is not None:
+                mv = _val(mask if keep is None else keep)
                 if mode == "add" and mv.dtype != xv.dtype:
                     why = f"mask {mask.name} is {mv.dtype}, the scores {xv.dtype}"
                 elif not self._broadcasts_to(mv.shape, xv.shape):
@@ -86,6 +97,9 @@ class SoftmaxFusions(FuserBase):
                 self._note(sm, f"prologue not fused: {why}")
                 continue
             with self.graph.inserting_before(sm):
+                if keep is not None:
+                    mask = self.graph.call_function(aten.logical_not.default, (keep,))
+                    self._meta(mask)
                 fused = self.graph.call_function(
                     tile.scale_mask_softmax.default, (base, scale, mask, -1)
                 )
@@ -96,10 +110,12 @@ class SoftmaxFusions(FuserBase):
                 or _val(fused).dtype != _val(result).dtype
             ):
                 self.graph.erase_node(fused)
+                if keep is not None:
+                    self.graph.erase_node(mask)
                 continue
             result.replace_all_uses_with(fused)
-            for n in [*([down] if down is not None else []), sm, *consumed]:
-                if not n.users:
+            for n in [*([down] if down is not None else []), sm, *consumed, *consts]:
+                if isinstance(n, fx.Node) and not n.users:
                     self.graph.erase_node(n)
             self.count += 1
             self.report.replacements.append(
@@ -112,6 +128,22 @@ class SoftmaxFusions(FuserBase):
                     scalars={"scale": scale, "mask_mode": mode or "none"},
                 )
             )
+
+    def _where_fill(self, node: Any):
+        """``(cond, scores, value, inverted)`` for ``where(cond, value, scores)``
+        (inverted False: ``cond`` marks what is filled) or ``where(cond, scores, value)``
+        (inverted True), ``value`` a 0-dim constant and ``cond`` bool; else None."""
+        if not (isinstance(node, fx.Node) and node.target is aten.where.self):
+            return None
+        cond, a, b = node.args[:3]
+        if not (_is_tensor_node(cond) and _val(cond).dtype == torch.bool):
+            return None
+        va, vb = _constant_fill(a), _constant_fill(b)
+        if va is not None and _is_tensor_node(b) and vb is None:
+            return cond, b, va, False
+        if vb is not None and _is_tensor_node(a) and va is None:
+            return cond, a, vb, True
+        return None
 
     def _not_absorbed(self, node: Any) -> str | None:
         """Why ``node``, where the prologue match stopped, stays outside the softmax
@@ -128,6 +160,8 @@ class SoftmaxFusions(FuserBase):
             return f"{what} has other users: it is computed apart"
         if t is aten.masked_fill.Scalar and node.args[2] != -math.inf:
             return f"{what} fills with {node.args[2]!r}; the kernel fills with -inf only"
+        if (w := self._where_fill(node)) is not None and w[2] != -math.inf:
+            return f"{what} fills with {w[2]!r}; the kernel fills with -inf only"
         if t in (aten.mul.Tensor, aten.div.Tensor) and isinstance(node.args[1], fx.Node):
             return f"{what}: the scale {describe_value(_val(node.args[1]))} is not a constant"
         return (
@@ -383,3 +417,19 @@ def _dropout_grad(grad: fx.Node):
             keep, casts = keep_of(hit[0])
             return m, keep, hit[1], [k, *casts]
     return None
+
+
+def _constant_fill(n: Any) -> float | None:
+    """The value of a 0-dim constant tensor node (``full([], v)``, ``scalar_tensor(v)``),
+    or of a plain number; None for anything else."""
+    if isinstance(n, (int, float)) and not isinstance(n, bool):
+        return float(n)
+    if not isinstance(n, fx.Node) or n.op != "call_function":
+        return None
+    if n.target is aten.full.default and list(n.args[0]) == [] and len(n.args) > 1:
+        v = n.args[1]
+    elif n.target is aten.scalar_tensor.default:
+        v = n.args[0]
+    else:
+        return None
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
