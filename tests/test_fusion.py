@@ -295,6 +295,25 @@ def test_where_mask_softmax_is_one_kernel(poison, form, fallback):
     assert "aten.where" not in graph.code and "aten.full" not in graph.code, graph.code
 
 
+@pytest.mark.parametrize("fallback", ["eager", "inductor"])
+def test_where_mask_softmax_trains(poison, fallback):
+    """nanoGPT's masked attention scores in training: the forward is one fused launch
+    and the gradient is eager's."""
+    x = torch.randn(2, 3, 7, 7, requires_grad=True)
+    causal = torch.tril(torch.ones(7, 7, dtype=torch.bool))
+
+    def fn(x, m):
+        return torch.softmax(torch.where(m, x * 0.125, _NEG_INF), -1)
+
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": fallback})
+    with _common.count_launches() as launches:
+        torch.compile(fn, backend=backend)(x, causal).square().sum().backward()
+    grads_like_eager([x], lambda: fn(x, causal), atol=1e-5, rtol=1e-5)
+    assert launches["scale_mask_softmax_fwd"] == 1 and launches["softmax_bwd"] == 1, dict(launches)
+    assert backend.report.counts.get("fused_scale_mask_softmax") == 1, str(backend.report)
+
+
 def test_where_with_a_finite_fill_is_explained(poison):
     x, m = torch.randn(4, 6), torch.rand(4, 6) < 0.3
     graph, launches = _run(lambda x, m: torch.softmax(torch.where(m, -1e4, x), -1), x, m)
