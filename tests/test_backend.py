@@ -616,3 +616,29 @@ def test_training_anchors_no_pattern_took_reach_inductor_decomposed(poison):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     notes = [note for g in backend.report.graphs for note in g.notes]
     assert any("_log_softmax x1" in note for note in notes), str(backend.report)
+
+
+@pytest.mark.parametrize("fallback", ["eager", "inductor"])
+def test_training_with_a_symbolic_float_scale(poison, fallback):
+    """``dynamic=True`` makes a closure's float scale a 0-dim tensor input, and Dynamo
+    writes its casts as ``prims.convert_element_type`` (no autograd formula): the
+    pre-autograd graph must still be one autograd differentiates (it crashed)."""
+
+    def make(scale):
+        return lambda x, m: torch.softmax((x * scale).masked_fill(m, float("-inf")), -1)
+
+    fn = make(2.0)
+    x = torch.randn(2, 3, 16, dtype=torch.float16, requires_grad=True)
+    m = torch.rand(2, 3, 16) < 0.3
+    m[..., 0] = False  # (no all-masked rows: their NaNs would hide a wrong gradient)
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": fallback, "compile_cache": False})
+    with _common.count_launches() as launches:
+        torch.compile(fn, backend=backend, dynamic=True)(x, m).float().square().sum().backward()
+    got = x.grad.clone()
+    x.grad = None
+    fn(x, m).float().square().sum().backward()
+    torch.testing.assert_close(got, x.grad, atol=2e-3, rtol=2e-3)
+    assert launches["softmax_bwd"] == 1 or launches["scale_mask_softmax_bwd"] == 1, dict(launches)
+    pre = backend.report.graphs[0]
+    assert pre.name == "forward, before autograd" and pre.replacements, str(backend.report)

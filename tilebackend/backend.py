@@ -157,6 +157,32 @@ def _views_as_reshapes(gm: fx.GraphModule) -> None:
         gm.recompile()
 
 
+def _differentiable(gm: fx.GraphModule) -> bool:
+    """Make the pre-autograd graph one autograd can differentiate, or say it is not.
+
+    Dynamo's pass that turns a symbolic float (a closure's scale under ``dynamic=True``)
+    into a 0-dim tensor input writes its casts as ``prims.convert_element_type``, which
+    has no autograd formula: those become ``aten._to_copy`` (the same cast).  Any other
+    ``prims`` op keeps the graph as Dynamo gave it (False)."""
+    convert = torch.ops.prims.convert_element_type.default
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not str(node.target).startswith("prims."):
+            continue
+        if node.target is not convert:
+            return False
+        x, dtype = node.args
+        node.target, node.args, node.kwargs = (
+            torch.ops.aten._to_copy.default,
+            (x,),
+            {"dtype": dtype},
+        )
+        changed = True
+    if changed:
+        gm.recompile()
+    return True
+
+
 def _dynamo_shape_env(gm: fx.GraphModule) -> Any:
     """The ShapeEnv of Dynamo's fake inputs to ``gm``, or None."""
     values = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
@@ -395,6 +421,8 @@ class TileBackend:
         aten_gm = captured[0]
         from .fx_passes.sdpa import restore_sdpa
 
+        if not _differentiable(aten_gm):
+            return gm
         if not restore_sdpa(aten_gm):  # (attention kernels picked without grad)
             return gm
         before = len(self.report.graphs)
