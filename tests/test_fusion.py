@@ -4,6 +4,7 @@ for the fused part, and matches eager forward and backward."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -312,6 +313,23 @@ def test_where_mask_softmax_trains(poison, fallback):
     grads_like_eager([x], lambda: fn(x, causal), atol=1e-5, rtol=1e-5)
     assert launches["scale_mask_softmax_fwd"] == 1 and launches["softmax_bwd"] == 1, dict(launches)
     assert backend.report.counts.get("fused_scale_mask_softmax") == 1, str(backend.report)
+
+
+def test_where_keep_mask_wider_than_the_scores_is_explained(poison):
+    """where(keep, s, -inf) whose condition broadcasts the scores wider: not fused, the
+    report says why, and the graph's other fusions stand (a missing mask name here
+    used to fail the whole fusion pass)."""
+    x, keep = torch.randn(7, 7), torch.rand(2, 7, 7) < 0.5
+    keep[..., 0] = True  # (no all-masked rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        graph, launches = _run(
+            lambda x, m: torch.softmax(torch.where(m, x * 0.5, _NEG_INF), -1), x, keep
+        )
+    assert dict(launches) == {"softmax_fwd": 1}, dict(launches)
+    assert not any("fusion failed" in n for n in graph.notes), graph.notes
+    notes = [s.reason for s in graph.skipped if s.pattern == "fusion"]
+    assert any("does not broadcast to [7, 7]" in n for n in notes), notes
 
 
 def test_where_with_a_finite_fill_is_explained(poison):

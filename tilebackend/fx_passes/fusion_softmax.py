@@ -57,8 +57,8 @@ class SoftmaxFusions(FuserBase):
             elif where is not None and where[2] == -math.inf:
                 cond, scores, _, inverted = where
                 consts = [a for a in base.args[1:3] if a is not scores]
-                mask, mode = (None, "fill") if inverted else (cond, "fill")
-                keep = cond if inverted else None
+                mode = "fill"
+                mask, keep = (None, cond) if inverted else (cond, None)
                 consumed.append(base)
                 base = scores
             if (
@@ -81,16 +81,15 @@ class SoftmaxFusions(FuserBase):
                 consumed.insert(0, x)  # the upcast, erased after the ops before it
             xv = _val(base)
             why = None
-            if mask is not None or keep is not None:
-                mv = _val(mask if keep is None else keep)
+            m = mask if keep is None else keep  # (the node the mask is read from)
+            if m is not None:
+                mv = _val(m)
                 if mode == "add" and mv.dtype != xv.dtype:
-                    why = f"mask {mask.name} is {mv.dtype}, the scores {xv.dtype}"
+                    why = f"mask {m.name} is {mv.dtype}, the scores {xv.dtype}"
                 elif not self._broadcasts_to(mv.shape, xv.shape):
-                    why = (
-                        f"mask {mask.name} {list(mv.shape)} does not broadcast to {list(xv.shape)}"
-                    )
+                    why = f"mask {m.name} {list(mv.shape)} does not broadcast to {list(xv.shape)}"
                 elif mode == "fill" and mv.dtype != torch.bool:
-                    why = f"masked_fill's mask {mask.name} is {mv.dtype}, not bool"
+                    why = f"masked_fill's mask {m.name} is {mv.dtype}, not bool"
             if why is None and (not isinstance(dim, int) or dim % xv.dim() != xv.dim() - 1):
                 why = f"softmax over dim {dim}, not the last"
             if why is not None:
@@ -152,8 +151,15 @@ class SoftmaxFusions(FuserBase):
         if not (isinstance(node, fx.Node) and node.op == "call_function"):
             return None
         t = node.target
-        forms = (aten.add.Tensor, aten.masked_fill.Scalar, aten.mul.Tensor, aten.div.Tensor)
-        if t not in (*forms, aten.masked_fill.Tensor, aten.where.self, aten.sub.Tensor):
+        if t not in (
+            aten.add.Tensor,
+            aten.sub.Tensor,
+            aten.mul.Tensor,
+            aten.div.Tensor,
+            aten.masked_fill.Scalar,
+            aten.masked_fill.Tensor,
+            aten.where.self,
+        ):
             return None
         what = f"{node.name} ({short_target(t)})"
         if not _single_use(node):
