@@ -146,6 +146,21 @@ class _Store:
         except OSError as e:  # a read-only cache dir: the compile goes on
             self._warn(f"could not store {what} ({e})")
 
+    def _read(self, key: str, version: int, convert, what: str, errors=(Exception,)):
+        """``convert(data)`` of the stored JSON, or ``None``: missing, of another
+        ``version``, or unreadable (one of ``errors``: one warning)."""
+        p = self.path(key)
+        if not p.exists():
+            return None
+        try:
+            data = json.loads(p.read_text())
+            if data.get("version") != version:
+                return None
+            return convert(data)
+        except errors as e:
+            self._warn(f"ignoring the unreadable stored {what} {p} ({type(e).__name__}: {e})")
+            return None
+
     def _warn(self, msg: str) -> None:
         if not self._warned:
             self._warned = True
@@ -163,17 +178,13 @@ class ReportStore(_Store):
 
     def load(self, key: str) -> list[GraphReport] | None:
         """The stored reports, or ``None`` (missing, or unreadable: one warning)."""
-        p = self.path(key)
-        if not p.exists():
-            return None
-        try:
-            data = json.loads(p.read_text())
-            if data.get("version") != REPORT_VERSION:
-                return None
-            return [_graph_from_dict(g) for g in data["graphs"]]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            self._warn(f"ignoring the unreadable stored report {p} ({type(e).__name__}: {e})")
-            return None
+        return self._read(
+            key,
+            REPORT_VERSION,
+            lambda data: [_graph_from_dict(g) for g in data["graphs"]],
+            "report",
+            (OSError, ValueError, KeyError, TypeError, AttributeError),
+        )
 
 
 def _graph_from_dict(d: dict) -> GraphReport:
@@ -269,19 +280,12 @@ class GraphStore(_Store):
 
     def load(self, key: str) -> tuple[torch.fx.GraphModule | None, GraphReport | None] | None:
         """``(graph, report)`` as stored, or ``None`` (missing, or unreadable: one
-        warning, and the graph is traced afresh)."""
+        warning, and the graph is traced afresh: any damage is caught)."""
         from .fx_passes import serialize
 
-        p = self.path(key)
-        if not p.exists():
-            return None
-        try:
-            entry = json.loads(p.read_text())
-            if entry.get("version") != GRAPH_VERSION:
-                return None
+        def convert(entry: dict):
             graph, report = entry["graph"], entry["report"]
             gm = None if graph is None else serialize.load(graph)
             return gm, None if report is None else _graph_from_dict(report)
-        except Exception as e:  # (any damage: the graph is traced afresh)
-            self._warn(f"ignoring the unreadable stored graph {p} ({type(e).__name__}: {e})")
-            return None
+
+        return self._read(key, GRAPH_VERSION, convert, "graph")
