@@ -343,6 +343,16 @@ class _CachedKeyAttention(torch.nn.Module):
         return ((q * 0.5) @ (k.transpose(-2, -1) * 0.5)).sum(-1)
 
 
+def _train_step(model, x, fallback):
+    """One compiled (:func:`compile_tile`) forward and ``square().sum()`` backward of
+    ``model(x)``; returns the output, the backend and the tile launches."""
+    compiled, backend = compile_tile(model, {"fallback": fallback})
+    with _common.count_launches() as launches:
+        out = compiled(x)
+        out.square().sum().backward()
+    return out, backend, launches
+
+
 @pytest.mark.parametrize("fallback", ["eager", "inductor"])
 def test_training_graph_views_survive_the_fallbacks_decompositions(poison, fallback):
     """The graph rewritten before autograd held ``view``s legal for eager's strides;
@@ -351,11 +361,7 @@ def test_training_graph_views_survive_the_fallbacks_decompositions(poison, fallb
     with the Inductor fallback).  Those views are reshapes now."""
     model = _CachedKeyAttention()
     x = torch.randn(2, 8, 64, requires_grad=True)
-    torch._dynamo.reset()
-    backend = tilebackend.TileBackend(options={"fallback": fallback})
-    with _common.count_launches() as launches:
-        out = torch.compile(model, backend=backend)(x)
-        out.square().sum().backward()
+    out, backend, launches = _train_step(model, x, fallback)
     assert launches["addmm"] == 1 and launches["bmm"] >= 1, dict(launches)
     assert backend.report.graphs[0].name == "forward, before autograd"
     ref = grads_like_eager([x, *model.parameters()], lambda: model(x), atol=1e-4, rtol=1e-4)
@@ -386,11 +392,7 @@ def test_training_attention_with_a_learned_mask(poison, fallback):
     call is SDPA again, and the compile under grad picks."""
     model = _BiasedAttention()
     x = torch.randn(2, 7, 32, requires_grad=True)
-    torch._dynamo.reset()
-    backend = tilebackend.TileBackend(options={"fallback": fallback})
-    with _common.count_launches() as launches:
-        out = torch.compile(model, backend=backend)(x)
-        out.square().sum().backward()
+    out, backend, launches = _train_step(model, x, fallback)
     assert launches["layer_norm_fwd"] == 1 and launches["layer_norm_bwd"] == 1, dict(launches)
     assert backend.report.graphs[0].name == "forward, before autograd"
     ref = grads_like_eager([x, *model.parameters()], lambda: model(x), atol=1e-4, rtol=1e-4)
@@ -631,10 +633,10 @@ def test_training_with_a_symbolic_float_scale(poison, fallback):
     x = torch.randn(2, 3, 16, dtype=torch.float16, requires_grad=True)
     m = torch.rand(2, 3, 16) < 0.3
     m[..., 0] = False  # (no all-masked rows: their NaNs would hide a wrong gradient)
-    torch._dynamo.reset()
-    backend = tilebackend.TileBackend(options={"fallback": fallback, "compile_cache": False})
+    options = {"fallback": fallback, "compile_cache": False}
+    compiled, backend = compile_tile(fn, options, dynamic=True)
     with _common.count_launches() as launches:
-        torch.compile(fn, backend=backend, dynamic=True)(x, m).float().square().sum().backward()
+        compiled(x, m).float().square().sum().backward()
     got = x.grad.clone()
     x.grad = None
     fn(x, m).float().square().sum().backward()

@@ -239,6 +239,15 @@ def test_hit_in_a_fresh_process_runs_the_kernels(device, tmp_path, script):
             assert "'layer_norm_bwd': 1" in out and "'scale_mask_softmax_bwd': 1" in out, outs
 
 
+def _compile_dynamic_afresh(fn):
+    """Dynamo and its counters reset; ``fn`` compiled with ``dynamic=True`` on the
+    Inductor fallback.  Returns the backend and the compiled function."""
+    torch._dynamo.reset()
+    counters.clear()
+    backend = tilebackend.TileBackend(options={"fallback": "inductor"})
+    return backend, torch.compile(fn, backend=backend, dynamic=True)
+
+
 def test_dynamic_shapes_hit_serves_every_size(poison, inductor_cache):
     """``dynamic=True``: the cached graph is symbolic and guarded like Inductor's own;
     the hit runs the kernels at sizes the first compile never saw."""
@@ -248,10 +257,7 @@ def test_dynamic_shapes_hit_serves_every_size(poison, inductor_cache):
         return torch.softmax(ln(x) * 0.5, -1)
 
     for round_ in range(2):
-        torch._dynamo.reset()
-        counters.clear()
-        backend = tilebackend.TileBackend(options={"fallback": "inductor"})
-        compiled = torch.compile(fn, backend=backend, dynamic=True)
+        backend, compiled = _compile_dynamic_afresh(fn)
         for rows in (5, 11) if round_ == 0 else (3, 17):
             x = torch.randn(rows, 37)
             with torch.no_grad(), _common.count_launches() as n:
@@ -394,10 +400,7 @@ def test_dynamic_training_hit_serves_every_size(poison, inductor_cache, traces):
         return torch.softmax(torch.nn.functional.layer_norm(x, (37,), w, b) * 0.5, -1)
 
     for round_ in range(2):
-        torch._dynamo.reset()
-        counters.clear()
-        backend = tilebackend.TileBackend(options={"fallback": "inductor"})
-        compiled = torch.compile(fn, backend=backend, dynamic=True)
+        backend, compiled = _compile_dynamic_afresh(fn)
         for rows in (5, 11) if round_ == 0 else (3, 17):
             x = torch.randn(rows, 37, requires_grad=True)
             w.grad = b.grad = None
