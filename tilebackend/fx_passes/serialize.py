@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import operator
+import types
 from typing import Any
 
 import torch
@@ -26,7 +27,11 @@ __all__ = ["Unserializable", "dump", "load"]
 _NODE_OPS = ("placeholder", "call_function", "output")
 #: plain functions a graph may call, by the name they are written under
 _FUNCTIONS: dict[str, Any] = {
-    **{f"operator.{n}": getattr(operator, n) for n in dir(operator) if not n.startswith("_")},
+    **{
+        f"operator.{n}": getattr(operator, n)
+        for n in dir(operator)
+        if not n.startswith("_") and isinstance(getattr(operator, n), types.BuiltinFunctionType)
+    },
     **{f"math.{n}": getattr(math, n) for n in ("ceil", "floor", "sqrt", "trunc")},
     **{
         f"torch.{n}": getattr(torch, n)
