@@ -378,7 +378,7 @@ class TileBackend:
             return new
         from .fx_passes import shapes
 
-        env = _dynamo_shape_env(gm)
+        env = _dynamo_shape_env(gm) if store is not None else None  # (only to store)
         before, mark = len(self.report.graphs), shapes.shape_env_mark(env)
         new = self._trace_and_rewrite(gm, example_inputs, patterns, fallback)
         if store is not None and shapes.shape_env_mark(env) != mark:
