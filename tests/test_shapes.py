@@ -6,6 +6,7 @@ import pytest
 import sympy
 import torch
 import torch.fx.experimental._config as fx_config
+from helpers import grads_like_eager
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 import tilebackend
@@ -138,3 +139,106 @@ def test_fusion_adds_no_guards_under_dynamic_shapes(poison):
             assert launches["scale_mask_softmax_fwd"] == 1
     (graph,) = backend.report.graphs
     assert graph.symbolic and graph.guards_added == [], str(backend.report)
+
+
+# --- RMS norm written out, over a symbolic hidden size ----------------------------------
+
+
+def _rms_plain(x, w):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+
+def _rms_llama(x, w):
+    """HF's LlamaRMSNorm: fp32 math, cast back, then the weight."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return w * h.to(x.dtype)
+
+
+def _rms_noweight(x, w):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+
+
+def _rms_functional(x, w):
+    return torch.nn.functional.rms_norm(x, (x.shape[-1],), w, 1e-6)
+
+
+#: form -> (function of (x, w), the pattern that takes it, whether it reads w)
+RMS_FORMS = {
+    "plain": (_rms_plain, "rms_norm_written", True),
+    "llama": (_rms_llama, "rms_norm_llama", True),
+    "noweight": (_rms_noweight, "rms_norm_written_noweight", False),
+    "functional": (_rms_functional, "rms_norm", True),
+}
+#: (batch, rows, hidden): two odd hidden sizes, the rows varying too (no size 1:
+#: Dynamo specialises a 1 and recompiles, whatever the backend)
+RMS_SIZES = [(2, 3, 7), (3, 5, 13), (4, 2, 7)]
+
+
+def _compile_dynamic(fn):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    backend = tilebackend.TileBackend(options={"fallback": "eager"})
+    return torch.compile(fn, backend=backend, dynamic=True), backend
+
+
+def _one_compile(backend, names):
+    """One Dynamo graph served every size (a guard pinning the hidden size, say
+    ``Eq(s1, 7)``, would fail on 13 and recompile), and the rewrite added no guard."""
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, str(backend.report)
+    assert [g.name for g in backend.report.graphs] == names, str(backend.report)
+    assert all(g.symbolic and g.guards_added == [] for g in backend.report.graphs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("form", list(RMS_FORMS))
+def test_written_out_rms_norm_over_a_symbolic_hidden_size(poison, form, dtype):
+    """``dynamic=True`` makes the hidden size symbolic: the written-out RMS norm still
+    becomes ``tile::rms_norm``, its normalized shape read from the graph's sizes, and
+    one compile serves hidden sizes 7 and 13."""
+    fn, pattern, _ = RMS_FORMS[form]
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # (eager's fp16 math vs the fp32 kernel)
+    compiled, backend = _compile_dynamic(fn)
+    with torch.no_grad():
+        for b, t, h in RMS_SIZES:
+            x, w = torch.randn(b, t, h, dtype=dtype), torch.randn(h, dtype=dtype)
+            with _common.count_launches() as launches:
+                torch.testing.assert_close(compiled(x, w), fn(x, w), atol=tol, rtol=tol)
+            assert launches["rms_norm_fwd"] == 1, ((b, t, h), dict(launches))
+    _one_compile(backend, ["inference"])
+    assert backend.report.counts.get(pattern) == 1, str(backend.report)
+
+
+@pytest.mark.parametrize("form", ["plain", "llama", "noweight"])
+def test_written_out_rms_norm_training_over_a_symbolic_hidden_size(poison, form):
+    """Training: the pre-autograd rewrite keeps the normalized shape symbolic, so the
+    tile op's backward serves every hidden size too; gradients match eager."""
+    fn, pattern, weighted = RMS_FORMS[form]
+    compiled, backend = _compile_dynamic(fn)
+    for b, t, h in RMS_SIZES:
+        x = torch.randn(b, t, h, requires_grad=True)
+        w = torch.randn(h, requires_grad=True)
+        with _common.count_launches() as launches:
+            out = compiled(x, w)
+            out.square().sum().backward()
+        leaves = [x, w] if weighted else [x]
+        ref = grads_like_eager(leaves, lambda x=x, w=w: fn(x, w), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        assert launches["rms_norm_fwd"] == 1 and launches["rms_norm_bwd"] == 1, dict(launches)
+    _one_compile(backend, ["forward, before autograd", "forward", "backward"])
+    assert backend.report.graphs[0].counts == {pattern: 1}, str(backend.report)
+
+
+def test_residual_rms_norm_over_a_symbolic_hidden_size_fuses(poison):
+    """The symbolic normalized size is read from the graph's inputs, not from the
+    matched sum: the residual add still fuses into the norm (``tile::add_rms_norm``)."""
+    compiled, backend = _compile_dynamic(lambda x, r, w: _rms_plain(x + r, w))
+    with torch.no_grad():
+        for b, t, h in RMS_SIZES:
+            x, r, w = torch.randn(b, t, h), torch.randn(b, t, h), torch.randn(h)
+            with _common.count_launches() as launches:
+                got = compiled(x, r, w)
+            torch.testing.assert_close(got, _rms_plain(x + r, w), atol=1e-5, rtol=1e-5)
+            assert dict(launches) == {"add_rms_norm_fwd": 1}, dict(launches)
+    _one_compile(backend, ["inference"])
+    assert backend.report.counts.get("fused_add_rms_norm") == 1, str(backend.report)

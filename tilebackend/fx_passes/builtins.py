@@ -95,31 +95,20 @@ def _rms_examples(dtype):
     return (torch.randn(4, 8, dtype=dtype), torch.randn(8, dtype=dtype))
 
 
-def _static_inner(_real, k: int = 1) -> str | None:
-    """The replacement bakes the normalized sizes into the graph: they must be static
-    for every size the graph serves, not just at the hint."""
-    from .shapes import Facts
-
-    x = (_real or {}).get("x")
-    if x is not None and not all(Facts().prove_static(s) for s in x.shape[x.dim() - k :]):
-        return f"normalized size {tuple(x.shape[x.dim() - k :])} is symbolic"
-    return None
-
-
-def _rms_check(x, w, eps, dim=-1, _real=None, **_):
+def _rms_check(x, w, eps, dim=-1, **_):
     from ..codegen import rms_norm
 
     if dim % max(x.dim(), 1) != x.dim() - 1:
         return f"normalizes over dim {dim}, the kernel normalizes the last dim"
-    if r := _static_inner(_real):
-        return r
     if w is not None and tuple(w.shape) != (x.shape[-1],):
         return f"weight shape {tuple(w.shape)} is not ({x.shape[-1]},)"
     return rms_norm.check_rms_norm(x, [x.shape[-1]], w)
 
 
 def _rms_derive(x, **_):
-    return {"normalized_shape": [int(x.shape[-1])]}
+    """x's last size, symbolic as it is: the rewrite reads a symbolic size from the
+    graph (``aten.sym_size``), so one graph serves every hidden size, with no guard."""
+    return {"normalized_shape": [x.shape[-1]]}
 
 
 def _rms_replacement(x, w, eps, normalized_shape, dim=-1):
@@ -151,21 +140,20 @@ def _trailing(dims, x) -> int | None:
     return k if canon == list(range(nd - k, nd)) else None
 
 
-def _rms_check_noweight(x, eps, dim=-1, dims=None, _real=None, **_):
+def _rms_check_noweight(x, eps, dim=-1, dims=None, **_):
     from ..codegen import rms_norm
 
     k = _trailing(dims if dims is not None else dim, x)
     if k is None:
         return f"normalizes over dims {dims if dims is not None else dim}, not the trailing dims"
-    if r := _static_inner(_real, k):
-        return r
     shape = list(x.shape[x.dim() - k :])
     return rms_norm.check_rms_norm(x, shape, None)
 
 
 def _rms_derive_noweight(x, dim=-1, dims=None, **_):
+    """x's trailing sizes the norm covers, symbolic as they are (see ``_rms_derive``)."""
     k = _trailing(dims if dims is not None else dim, x)
-    return {"normalized_shape": [int(s) for s in x.shape[x.dim() - k :]]}
+    return {"normalized_shape": list(x.shape[x.dim() - k :])}
 
 
 def _rms_replacement_noweight(x, eps, normalized_shape, dim=-1, dims=None):

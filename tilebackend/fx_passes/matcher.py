@@ -400,14 +400,16 @@ def apply(gm: fx.GraphModule, match: Match) -> list[fx.Node]:
         k: fx.Proxy(v, tracer) if isinstance(v, fx.Node) else v for k, v in match.inputs.items()
     }
     scal = dict(match.scalars)
-    if pattern.derive is not None:
-        scal.update(pattern.derive(**match.values()))
+    derived = pattern.derive(**match.values()) if pattern.derive is not None else {}
+    input_nodes = [n for v in match.inputs.values() for n in _nodes_in(v)]
+    table = _size_table(graph, input_nodes) if derived else {}
+    sources = {k: _size_sources(pattern, v, table) for k, v in derived.items()}
     order = _topo_index(graph)
     first = min(match.nodes, key=order)
-    input_nodes = [n for v in match.inputs.values() for n in _nodes_in(v)]
     if any(order(n) > order(first) for n in input_nodes):
         first = match.anchor  # an input is computed between matched nodes
     with graph.inserting_before(first):
+        scal.update({k: _write_sizes(graph, tracer, v) for k, v in sources.items()})
         res = pattern.replacement(**proxies, **scal)
     results = list(res) if isinstance(res, (list, tuple)) else [res]
     if len(results) != len(match.outputs):
@@ -434,6 +436,69 @@ def apply(gm: fx.GraphModule, match: Match) -> list[fx.Node]:
         if not n.users:
             graph.erase_node(n)
     return new_nodes
+
+
+@dataclasses.dataclass(frozen=True)
+class _SizeOf:
+    """A symbolic size to be read from the graph: dim ``dim`` of tensor node ``node``."""
+
+    node: fx.Node
+    dim: int
+
+
+def _size_table(graph: fx.Graph, input_nodes: list[fx.Node]) -> dict[Any, Any]:
+    """Where the graph holds each symbolic size (by sympy expression): a node whose value
+    is that size (a graph input ``Sym(s0)``), else a dim of a tensor, read with
+    ``aten.sym_size``.  Graph inputs come first: a size read from them stays valid
+    wherever a later pass moves or replaces the matched inputs (say, an add that the
+    residual-norm fusion takes into the norm)."""
+    nodes = [n for n in graph.nodes if n.op == "placeholder"] + input_nodes
+    table: dict[Any, Any] = {}
+    for n in nodes:
+        if isinstance(val := n.meta.get("val"), torch.SymInt):
+            table.setdefault(val.node.expr, n)
+    for n in nodes:
+        if isinstance(val := n.meta.get("val"), torch.Tensor):
+            for d, s in enumerate(val.shape):
+                if isinstance(s, torch.SymInt):
+                    table.setdefault(s.node.expr, _SizeOf(n, d))
+    return table
+
+
+def _size_sources(pattern: Pattern, v: Any, table: dict[Any, Any]) -> Any:
+    """``v`` (a value ``derive`` returned) with each symbolic size (a SymInt with free
+    symbols) replaced by where ``table`` says the graph holds it.
+
+    A derived value may be computed from the matched values' symbolic sizes, say
+    ``list(x.shape[-1:])``: the replacement must read such a size from the graph, never
+    bake in the size at the hint (which would be wrong for every other size).  The
+    lookup compares sympy expressions: it adds no guard."""
+    from .shapes import is_symbolic
+
+    if isinstance(v, (list, tuple)):
+        return type(v)(_size_sources(pattern, x, table) for x in v)
+    if not isinstance(v, torch.SymInt):
+        return v
+    if not is_symbolic(v):
+        return int(v.node.expr)
+    if (src := table.get(v.node.expr)) is None:
+        raise PatternError(
+            name=pattern.name,
+            reason=f"derive returned the symbolic size {v}, which the graph holds nowhere",
+        )
+    return src
+
+
+def _write_sizes(graph: fx.Graph, tracer, v: Any) -> Any:
+    """``v`` with each size source as a proxy: a node as it is, a :class:`_SizeOf` as a
+    new ``aten.sym_size.int`` node."""
+    if isinstance(v, (list, tuple)):
+        return type(v)(_write_sizes(graph, tracer, x) for x in v)
+    if isinstance(v, _SizeOf):
+        return fx.Proxy(graph.call_function(_aten.sym_size.int, (v.node, v.dim)), tracer)
+    if isinstance(v, fx.Node):
+        return fx.Proxy(v, tracer)
+    return v
 
 
 def _nodes_in(v: Any) -> list[fx.Node]:

@@ -37,7 +37,9 @@ class Pattern:
     example_inputs: Callable[[torch.dtype], Sequence[Any]] | None = None
     scalars: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
-    #: extra scalars for the replacement, computed from the matched values
+    #: extra scalars for the replacement, computed from the matched values; a symbolic
+    #: size among them (say ``x.shape[-1]`` under ``dynamic=True``) reaches the
+    #: replacement read from the graph (``aten.sym_size``), never baked in at its hint
     derive: Callable[..., dict[str, Any]] | None = None
     priority: int = 0
     builtin: bool = False
