@@ -155,8 +155,7 @@ def test_llama_mlp_dual_gemm_under_dynamic_shapes(poison):
 def test_residual_layer_norm_over_a_symbolic_hidden_size_adds_no_guard(poison, train):
     """``dynamic=True`` makes the normalized size symbolic too: the fused add+norm takes
     it as it is (no guard pinning it to the first call's size), and one graph serves
-    every hidden size.  (RMS norm arrives written out, and that pattern needs a static
-    normalized size: the report says so.)"""
+    every hidden size.  (RMS norm written out: ``tests/test_shapes.py``.)"""
     torch._dynamo.reset()
 
     def fn(x, r, w, b):
@@ -332,12 +331,77 @@ def test_where_keep_mask_wider_than_the_scores_is_explained(poison):
     assert any("does not broadcast to [7, 7]" in n for n in notes), notes
 
 
-def test_where_with_a_finite_fill_is_explained(poison):
-    x, m = torch.randn(4, 6), torch.rand(4, 6) < 0.3
-    graph, launches = _run(lambda x, m: torch.softmax(torch.where(m, -1e4, x), -1), x, m)
-    assert dict(launches) == {"softmax_fwd": 1}, dict(launches)
-    notes = [s.reason for s in graph.skipped if s.pattern == "fusion"]
-    assert any("fills with -10000.0" in n for n in notes), notes
+def _mpt_scores(x, bias, m):
+    """MPT's attention scores: scaled, an ALiBi bias added, masked with a finite fill."""
+    z = x * 0.35 + bias
+    return torch.softmax(z.masked_fill(m, torch.finfo(x.dtype).min), -1)
+
+
+def _mpt_inputs(dtype=torch.float32, bias_dtype=torch.float32, requires_grad=False):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 11, dtype=dtype, requires_grad=requires_grad)
+    bias = torch.randn(3, 1, 11, dtype=bias_dtype)  # per head, broadcast over queries
+    m = torch.rand(2, 1, 7, 11) < 0.3
+    m[1, 0, 2] = True  # an all-masked row: uniform with a finite fill (NaN with -inf)
+    return x, bias, m
+
+
+@pytest.mark.parametrize(
+    "form, fallback",
+    [("masked_fill", "eager"), ("masked_fill", "inductor"), ("where_keep", "eager")],
+)
+def test_finite_fill_after_a_bias_is_one_kernel(poison, form, fallback):
+    """MPT's scale + ALiBi bias + masked_fill(finfo.min) prologue (and the where(keep, s,
+    fill) form) is one launch, all-masked rows included."""
+    x, bias, m = _mpt_inputs()
+    fns = {
+        "masked_fill": _mpt_scores,
+        "where_keep": lambda x, b, m: torch.softmax(torch.where(~m, x * 0.35 + b, -1e4), -1),
+    }
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": fallback})
+    with torch.no_grad(), _common.count_launches() as launches:
+        out = torch.compile(fns[form], backend=backend)(x, bias, m)
+    ref = fns[form](x, bias, m)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(out).all()
+    (graph,) = backend.report.graphs
+    assert graph.counts.get("fused_scale_mask_softmax") == 1, str(graph)
+    assert dict(launches) == {"scale_mask_softmax_fwd": 1}, dict(launches)
+    (rep,) = [r for r in graph.replacements if r.pattern == "fused_scale_mask_softmax"]
+    assert rep.scalars["mask_mode"] == "add+fill" and rep.scalars["fill"] < -1e3, rep.scalars
+    for op in ("aten.where", "aten.masked_fill", "aten.add", "aten.mul"):
+        assert op not in graph.code, graph.code
+
+
+@pytest.mark.parametrize(
+    "dtype, bias_dtype, tol",
+    [
+        (torch.float16, torch.float32, 2e-3),  # MPT in half: the fp32 ALiBi promotes
+        (torch.bfloat16, torch.bfloat16, 1.6e-2),
+    ],
+    ids=["fp16_fp32bias", "bf16"],
+)
+def test_finite_fill_half_scores(poison, dtype, bias_dtype, tol):
+    x, bias, m = _mpt_inputs(dtype, bias_dtype)
+    graph, launches = _run(_mpt_scores, x, bias, m, atol=tol, rtol=tol)
+    assert dict(launches) == {"scale_mask_softmax_fwd": 1}, dict(launches)
+    assert graph.counts.get("fused_scale_mask_softmax") == 1, str(graph)
+
+
+@pytest.mark.parametrize("fallback", ["eager", "inductor"])
+def test_finite_fill_after_a_bias_trains(poison, fallback):
+    """In training the filled entries pass no gradient, also in an all-masked row (where
+    the probabilities are uniform, not zero), and the bias gets its summed gradient."""
+    x, bias, m = _mpt_inputs(requires_grad=True)
+    bias.requires_grad_(True)
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": fallback})
+    with _common.count_launches() as launches:
+        torch.compile(_mpt_scores, backend=backend)(x, bias, m).square().sum().backward()
+    grads_like_eager([x, bias], lambda: _mpt_scores(x, bias, m), atol=1e-5, rtol=1e-5)
+    assert launches["scale_mask_softmax_fwd"] == 1, dict(launches)
+    assert backend.report.counts.get("fused_scale_mask_softmax") == 1, str(backend.report)
 
 
 @pytest.mark.parametrize(
@@ -483,17 +547,17 @@ def test_softmax_prologue_respects_alpha(poison):
     graph, _ = _run(lambda x, m: torch.softmax(torch.add(x * 0.5, m, alpha=2.0), -1), x, m)
     assert "fused_scale_mask_softmax" not in graph.counts  # alpha != 1: not this shape
     (note,) = [s.reason for s in graph.skipped if s.pattern == "fusion"]
-    assert "add.Tensor" in note and "one mask" in note, note
+    assert "add.Tensor" in note and "one added tensor (alpha 1)" in note, note
 
 
 @pytest.mark.parametrize(
     "name, fn, reason",
     [
-        # MPT: a finite fill (an all-masked row is uniform, not NaN: not the kernel's)
+        # the scores broadcast up to the added tensor's shape: the kernel writes x's
         (
-            "finite_fill",
-            lambda x, m: torch.softmax((x * 0.5).masked_fill(m, torch.finfo(x.dtype).min), -1),
-            "fills with -3.40",
+            "scores_broadcast",
+            lambda x, m: torch.softmax(x[:1] * 0.5 + m, -1),
+            "broadcast to [1, 6]",
         ),
         ("tensor_scale", lambda x, m: torch.softmax(x * m.sum() + m, -1), "is not a constant"),
         ("softmax_dim_0", lambda x, m: torch.softmax(x * 0.5 + m, 0), "not the last"),
@@ -502,12 +566,7 @@ def test_softmax_prologue_respects_alpha(poison):
 def test_softmax_prologue_left_out_is_explained(poison, name, fn, reason):
     """What the kernel cannot take stays outside it, and the report says why; the
     softmax (with whatever prologue it could take) is still a tile kernel."""
-    x = torch.randn(6, 6)
-    if name == "finite_fill":
-        m = torch.triu(torch.ones(6, 6, dtype=torch.bool), 1)
-        m[-1] = True  # an all-masked row: uniform for a finite fill, NaN for -inf
-    else:
-        m = torch.randn(6, 6)
+    x, m = torch.randn(6, 6), torch.randn(6, 6)
     graph, launches = _run(fn, x, m)
     notes = [s.reason for s in graph.skipped if s.pattern == "fusion"]
     assert any(reason in n for n in notes), notes

@@ -128,6 +128,38 @@ def test_op_autograd_matches_eager_with_its_mask(device):
     torch.testing.assert_close(m.grad, mr.grad)
 
 
+@pytest.mark.parametrize("block_n", [None, 4])
+def test_op_with_bias_and_finite_fill(poison, device, block_n):
+    """MPT's prologue with dropout after it: the probabilities are the bias-added,
+    finitely filled softmax's (an all-masked row uniform), and the gradients of x and the
+    bias go through the keep mask and zero the filled entries."""
+    x = torch.randn(2, 3, 11, device=device, requires_grad=True)
+    bias = torch.randn(3, 1, device=device, requires_grad=True)
+    m = torch.rand(2, 1, 11, device=device) < 0.3
+    m[0, 0] = True
+    fill = torch.finfo(torch.float32).min
+    y, probs, keep = fused_softmax.scale_mask_softmax_dropout_fwd(
+        x.detach(), 0.125, m, -1, P, _seed(device), bias=bias.detach(), fill=fill,
+        block_n=block_n,
+    )  # fmt: skip
+    ref = torch.softmax((x * 0.125 + bias).masked_fill(m, fill), -1)
+    torch.testing.assert_close(probs, ref.detach())
+    torch.testing.assert_close(y, torch.where(keep, ref.detach() / (1 - P), 0.0))
+    op = torch.ops.tile.scale_mask_softmax_dropout
+    with _common.count_launches() as n:
+        y2, _, k2 = op(x, 0.125, m, -1, P, _seed(device), True, True, 1 / (1 - P), bias, fill)
+        g = torch.randn_like(y2)
+        y2.backward(g)
+    assert dict(n) == {"scale_mask_softmax_dropout_fwd": 1, "scale_mask_softmax_bwd": 1}
+    assert torch.equal(k2, keep)  # the same seed, the same draws
+    gx, gb = x.grad.clone(), bias.grad.clone()
+    x.grad = bias.grad = None
+    (ref * k2 / (1 - P)).backward(g)
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gb, bias.grad)
+    assert (gx[0] == 0).all()
+
+
 # --- through the backend ----------------------------------------------------------------
 
 

@@ -419,6 +419,57 @@ def test_scale_mask_softmax_fake_and_fallback(device, monkeypatch, clean_failure
     )
 
 
+@pytest.mark.parametrize("block_n", [None, 4])  # one block per row, and looped
+@pytest.mark.parametrize(
+    "dtype, fill",
+    [(torch.float32, -3.4e38), (torch.float16, -65504.0), (torch.float32, None)],
+    ids=["fp32_min", "fp16_min", "fp32_-inf"],
+)
+def test_scale_mask_softmax_bias_and_fill(poison, device, block_n, dtype, fill):
+    """MPT's prologue, ``softmax((x * scale + bias).masked_fill(mask, fill))``: an fp32
+    bias broadcast over batch and queries, a mask broadcast over heads, an all-masked
+    row (uniform with a finite fill, NaN with -inf); the gradients of x and the bias go
+    through the backward kernel, which zeroes the filled entries."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 11, device=device).to(dtype).requires_grad_()
+    bias = torch.randn(3, 1, 11, device=device).requires_grad_()
+    m = torch.rand(2, 1, 5, 11, device=device) < 0.3
+    m[1, 0, 2] = True
+    with _common.count_launches() as n:
+        y = fused_softmax.scale_mask_softmax_fwd(x.detach(), 0.5, m, -1, bias.detach(), fill,
+                                                 block_n=block_n)  # fmt: skip
+        out = torch.ops.tile.scale_mask_softmax(x, 0.5, m, -1, bias, fill)
+    assert dict(n) == {"scale_mask_softmax_fwd": 1}  # the op's (the launcher is uncounted)
+    xr, br = x.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    z = (xr * 0.5 + br).masked_fill(m, -math.inf if fill is None else fill)
+    ref = torch.softmax(z, -1)
+    assert y.dtype == out.dtype == torch.float32  # promoted by the fp32 bias, as eager
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for got in (y, out):
+        torch.testing.assert_close(got.double(), ref.detach(), atol=tol, rtol=tol, equal_nan=True)
+    assert y[1, :, 2].isnan().all() == (fill is None)
+    g = torch.randn_like(out)
+    with _common.count_launches() as n:
+        gx, gb = torch.autograd.grad(out, [x, bias], g)
+    assert n["scale_mask_softmax_bwd"] == 1, dict(n)
+    gxr, gbr = torch.autograd.grad(ref, [xr, br], g.double())
+    assert gx.dtype == dtype and gb.dtype == torch.float32
+    torch.testing.assert_close(gx.double(), gxr, atol=tol, rtol=tol, equal_nan=True)
+    torch.testing.assert_close(gb.double(), gbr.nan_to_num(), atol=tol, rtol=tol)
+    assert (gx[m.expand_as(gx)] == 0).all()
+
+
+def test_scale_mask_softmax_bias_refusals(device):
+    x = torch.randn(2, 4, 8, device=device)
+    m = torch.rand(4, 8, device=device) < 0.5
+    check = fused_softmax.check
+    assert "broadcast" in check(x, m, -1, torch.zeros(3, 8, device=device), None)
+    assert "both added" in check(x, torch.zeros(4, 8, device=device), -1, x, None)
+    assert "without a bool mask" in check(x, None, -1, None, -1e4)
+    assert "bias: " in check(x, m, -1, torch.zeros(8, dtype=torch.int32, device=device), None)
+    assert check(x, m, -1, torch.zeros(8, dtype=torch.float16, device=device), -1e4) is None
+
+
 # --- residual add + norms ------------------------------------------------------------------
 
 

@@ -1,26 +1,31 @@
-"""Softmax with a fused prologue: ``softmax(x * scale + mask, dim)`` in one pass over a row,
-and its backward, as Triton kernels plus the ``tile::scale_mask_softmax`` custom op.
+"""Softmax with a fused prologue: ``softmax(where(mask, fill, x * scale + add), dim)`` in
+one pass over a row, and its backward, as Triton kernels plus the
+``tile::scale_mask_softmax`` custom op.
 
 The attention-scores pattern (``(q @ k^T) * scale``, an additive mask or a boolean
 ``masked_fill(mask, -inf)``, then softmax) reads ``x`` and the mask once and writes the
 probabilities once, instead of materialising ``x * scale`` and ``x * scale + mask``.
 
-Mask modes (from the mask's dtype):
+The op's operands (``mask`` polymorphic, as the common cases have one mask):
 
 * no mask;
-* a float mask (fp32 / fp16 / bf16): *added* to ``x * scale`` (``-inf`` entries drop a
-  column); the result dtype is ``promote_types(x.dtype, mask.dtype)``, as eager's;
-* a bool mask: ``True`` means *masked out* (``x.masked_fill(mask, -inf)``); the result has
-  ``x``'s dtype.
+* a float ``mask`` (fp32 / fp16 / bf16): *added* to ``x * scale`` (``-inf`` entries drop
+  a column);
+* a bool ``mask``: ``True`` means *filled* (``masked_fill(mask, fill)``), ``fill``
+  ``-inf`` by default; a finite fill is MPT's ``finfo.min``, where an all-masked row is
+  uniform instead of NaN;
+* a float ``bias`` with a bool mask: added before the fill (MPT's ALiBi bias).
 
-The mask broadcasts to ``x`` (``[B, 1, T, T]`` or ``[1, 1, T, T]`` for ``[B, H, T, T]``
-scores) and is read through its broadcast strides (0 on broadcast dims): it is never
-expanded in memory.  Rows are laid out as in :mod:`.softmax` (any dim, any strides, up to
-three non-softmax dim groups).  All math is fp32; a row whose every entry is masked gives
-NaN, as eager's.
+The result dtype is eager's: ``x``'s promoted with the added tensor's.  Masks and biases
+broadcast to ``x`` (``[B, 1, T, T]`` or ``[1, 1, T, T]`` for ``[B, H, T, T]`` scores) and
+are read through their broadcast strides (0 on broadcast dims): they are never expanded in
+memory.  Rows are laid out as in :mod:`.softmax` (any dim, any strides, up to three
+non-softmax dim groups).  All math is fp32; a row whose every entry is ``-inf`` gives NaN,
+as eager's.
 
-Backward: ``dx = scale * y * (g - sum(g * y))``; a float mask that requires grad gets
-``(y * (g - sum(g * y))).sum_to_size(mask.shape)``.
+Backward: ``dx = scale * y * (g - sum(g * y))``, zero where a finite fill filled (read from
+the mask: those entries keep a probability but had no gradient); an added tensor that
+requires grad gets the same ``dz`` without the scale, summed to its shape.
 
 Dropout after the softmax (``tile::scale_mask_softmax_dropout``) is fused in the same pass:
 the keep mask is ``rand(seed, i) > p`` (Philox, keyed by a seed tensor drawn from torch's
@@ -79,17 +84,20 @@ _MASK_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.bool)
 
 
 @triton.jit
-def _scores(x_row, m_row, offs, x_sn, m_sn, scale, N, MASK_MODE: tl.constexpr):
-    """``x * scale (+ mask | masked_fill -inf)`` over columns ``offs`` of one row, fp32;
+def _scores(
+    x_row, a_row, m_row, offs, x_sn, a_sn, m_sn, scale, fill, N,
+    HAS_ADD: tl.constexpr, HAS_FILL: tl.constexpr,
+):  # fmt: skip
+    """``where(mask, fill, x * scale + add)`` over columns ``offs`` of one row, fp32;
     ``-inf`` past the row end."""
     inb = offs < N
     offs64 = offs.to(tl.int64)
     z = tl.load(x_row + offs64 * x_sn, mask=inb, other=0.0).to(tl.float32) * scale
-    if MASK_MODE == 1:
-        z += tl.load(m_row + offs64 * m_sn, mask=inb, other=0.0).to(tl.float32)
-    elif MASK_MODE == 2:
+    if HAS_ADD:
+        z += tl.load(a_row + offs64 * a_sn, mask=inb, other=0.0).to(tl.float32)
+    if HAS_FILL:
         mk = tl.load(m_row + offs64 * m_sn, mask=inb, other=0)
-        z = tl.where(mk != 0, -float("inf"), z)
+        z = tl.where(mk != 0, fill, z)
     return tl.where(inb, z, -float("inf"))
 
 
@@ -116,7 +124,8 @@ def _store_probs(
 def _scale_mask_softmax_fwd_kernel(
     y_ptr,  # *out [G0, G1, G2] x [N] (contiguous)
     x_ptr,  # *in  [G0, G1, G2] x [N] (any strides)
-    m_ptr,  # *mask, broadcast to x (stride 0 on broadcast dims; uint8 for a bool mask)
+    a_ptr,  # *in  added to x * scale, broadcast to x (stride 0 on broadcast dims)
+    m_ptr,  # *u8  bool mask broadcast to x: 1 = replaced by ``fill``
     N,  # int: softmax-dim length
     G1,  # int: size of the 2nd non-softmax dim group
     G2,  # int: size of the 3rd (innermost) non-softmax dim group
@@ -128,17 +137,23 @@ def _scale_mask_softmax_fwd_kernel(
     y_s1,
     y_s2,
     y_sn,
+    a_s0,
+    a_s1,
+    a_s2,
+    a_sn,
     m_s0,
     m_s1,
     m_s2,
     m_sn,
     scale,  # fp32
+    fill,  # fp32: the value of masked entries (-inf drops them)
     seed_ptr,  # *i64 []: the dropout seed (unread unless DROPOUT)
     probs_ptr,  # *out, laid out as y: the softmax before dropout (written if WRITE_PROBS)
     keep_ptr,  # *u8, laid out as y: 1 where kept (written if WRITE_KEEP)
     p,  # fp32: drop probability
     drop_scale,  # fp32: kept values are multiplied by this (1 / (1 - p))
-    MASK_MODE: tl.constexpr,  # 0: none, 1: additive, 2: bool (True = -inf)
+    HAS_ADD: tl.constexpr,  # a_ptr is read
+    HAS_FILL: tl.constexpr,  # m_ptr is read
     DROPOUT: tl.constexpr,  # y = where(rand(seed, index in y) > p, softmax * drop_scale, 0)
     WRITE_PROBS: tl.constexpr,
     WRITE_KEEP: tl.constexpr,
@@ -148,13 +163,14 @@ def _scale_mask_softmax_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + _row_offset(row, G1, G2, x_s0, x_s1, x_s2)
     y_off = _row_offset(row, G1, G2, y_s0, y_s1, y_s2)
+    a_row = a_ptr + _row_offset(row, G1, G2, a_s0, a_s1, a_s2)
     m_row = m_ptr + _row_offset(row, G1, G2, m_s0, m_s1, m_s2)
     cols = tl.arange(0, BLOCK_N)
     seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr)
     if SINGLE:
-        z = _scores(x_row, m_row, cols, x_sn, m_sn, scale, N, MASK_MODE)
+        z = _scores(x_row, a_row, m_row, cols, x_sn, a_sn, m_sn, scale, fill, N, HAS_ADD, HAS_FILL)
         e = tl.exp(z - tl.max(z, axis=0))  # all -inf: NaN, like eager
         y = e / tl.sum(e, axis=0)
         _store_probs(
@@ -165,7 +181,10 @@ def _scale_mask_softmax_fwd_kernel(
         m = tl.full([BLOCK_N], -float("inf"), tl.float32)
         d = tl.zeros([BLOCK_N], tl.float32)
         for start in range(0, N, BLOCK_N):
-            z = _scores(x_row, m_row, start + cols, x_sn, m_sn, scale, N, MASK_MODE)
+            z = _scores(
+                x_row, a_row, m_row, start + cols, x_sn, a_sn, m_sn, scale, fill, N,
+                HAS_ADD, HAS_FILL,
+            )  # fmt: skip
             m_new = tl.maximum(m, z, propagate_nan=tl.PropagateNan.ALL)  # a NaN stays
             d = tl.where(m_new == -float("inf"), 0.0, d * tl.exp(m - m_new) + tl.exp(z - m_new))
             m = m_new
@@ -173,7 +192,9 @@ def _scale_mask_softmax_fwd_kernel(
         row_sum = tl.sum(tl.where(m == -float("inf"), 0.0, d * tl.exp(m - row_max)), axis=0)
         for start in range(0, N, BLOCK_N):
             offs = start + cols
-            z = _scores(x_row, m_row, offs, x_sn, m_sn, scale, N, MASK_MODE)
+            z = _scores(
+                x_row, a_row, m_row, offs, x_sn, a_sn, m_sn, scale, fill, N, HAS_ADD, HAS_FILL
+            )  # fmt: skip
             y = tl.exp(z - row_max) / row_sum
             _store_probs(
                 y_ptr, probs_ptr, keep_ptr, y_off + offs.to(tl.int64) * y_sn, offs < N, y,
@@ -219,8 +240,14 @@ def _scale_mask_softmax_bwd_kernel(
     k_s2,
     k_sn,
     drop_scale,  # fp32: with DROPOUT, g = grad * keep * drop_scale
+    m_ptr,  # *u8 the forward's bool mask, broadcast (unread unless MASKED): 1 -> dx = 0
+    m_s0,
+    m_s1,
+    m_s2,
+    m_sn,
     ZERO_NAN: tl.constexpr,  # a bool mask's fully masked row (y NaN) gets 0, as eager's
     DROPOUT: tl.constexpr,
+    MASKED: tl.constexpr,  # a finite fill: masked entries pass no gradient
     SINGLE: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -229,6 +256,7 @@ def _scale_mask_softmax_bwd_kernel(
     dy_row = dy_ptr + _row_offset(row, G1, G2, dy_s0, dy_s1, dy_s2)
     y_row = y_ptr + _row_offset(row, G1, G2, y_s0, y_s1, y_s2)
     k_row = k_ptr + _row_offset(row, G1, G2, k_s0, k_s1, k_s2)
+    m_row = m_ptr + _row_offset(row, G1, G2, m_s0, m_s1, m_s2)
     cols = tl.arange(0, BLOCK_N)
     if SINGLE:
         inb = cols < N
@@ -238,6 +266,8 @@ def _scale_mask_softmax_bwd_kernel(
         dx = scale * y * (g - tl.sum(g * y, axis=0))
         if ZERO_NAN:
             dx = tl.where(y == y, dx, 0.0)
+        if MASKED:
+            dx = tl.where(tl.load(m_row + c64 * m_sn, mask=inb, other=0) != 0, 0.0, dx)
         tl.store(dx_row + c64 * dx_sn, dx.to(dx_ptr.dtype.element_ty), mask=inb)
     else:
         acc = tl.zeros([BLOCK_N], tl.float32)
@@ -258,22 +288,51 @@ def _scale_mask_softmax_bwd_kernel(
             dx = scale * y * (g - s)
             if ZERO_NAN:
                 dx = tl.where(y == y, dx, 0.0)
+            if MASKED:
+                dx = tl.where(tl.load(m_row + o64 * m_sn, mask=inb, other=0) != 0, 0.0, dx)
             tl.store(dx_row + o64 * dx_sn, dx.to(dx_ptr.dtype.element_ty), mask=inb)
 
 
 # --- host ----------------------------------------------------------------------------
 
 
-def out_dtype(x: Tensor, mask: Tensor | None) -> torch.dtype:
-    """The result dtype eager gives ``softmax(x * scale + mask)`` (bool mask: ``x``'s)."""
-    if mask is None or mask.dtype == torch.bool:
-        return x.dtype
-    return torch.promote_types(x.dtype, mask.dtype)
+def out_dtype(x: Tensor, mask: Tensor | None, bias: Tensor | None = None) -> torch.dtype:
+    """The result dtype eager gives ``softmax(x * scale + mask)`` (bool mask: ``x``'s),
+    promoted with an added ``bias``'s."""
+    dt = x.dtype
+    for t in (mask, bias):
+        if t is not None and t.dtype != torch.bool:
+            dt = torch.promote_types(dt, t.dtype)
+    return dt
+
+
+def _operands(mask: Tensor | None, bias: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """``(added tensor, bool mask)`` of the op's ``mask`` (float: added; bool: filled)
+    and ``bias`` (added)."""
+    if mask is not None and mask.dtype != torch.bool:
+        return mask, None
+    return bias, mask
+
+
+def _broadcast_reason(what: str, t: Tensor, x: Tensor, dtypes) -> str | None:
+    r = _common.device_reason(t) or _common.dtype_reason(t, dtypes)
+    if r:
+        return f"{what}: {r}"
+    if t.device != x.device:
+        return f"{what} on {t.device}, x on {x.device}"
+    try:
+        shape = tuple(_common.broadcast_shapes(t.shape, x.shape))
+    except RuntimeError:
+        shape = None
+    if shape != tuple(x.shape):
+        return f"{what} of shape {tuple(t.shape)} does not broadcast to x {tuple(x.shape)}"
+    return None
 
 
 @_common.memo_reason
-def check(x, mask, dim) -> str | None:
-    """Why the fused kernels cannot take ``x`` / ``mask`` over ``dim``, or None."""
+def check(x, mask, dim, bias=None, fill=None) -> str | None:
+    """Why the fused kernels cannot take ``x`` / ``mask`` (/ ``bias``, ``fill``) over
+    ``dim``, or None."""
     r = _common.device_reason(x) or _common.dtype_reason(x)
     if r:
         return f"x: {r}"
@@ -283,18 +342,18 @@ def check(x, mask, dim) -> str | None:
         return "x is 0-d"
     if not -x.dim() <= dim < x.dim():
         return f"dim {dim} is out of range for a {x.dim()}-dim tensor"
-    if mask is not None:
-        r = _common.device_reason(mask) or _common.dtype_reason(mask, _MASK_DTYPES)
-        if r:
-            return f"mask: {r}"
-        if mask.device != x.device:
-            return f"mask on {mask.device}, x on {x.device}"
-        try:
-            shape = tuple(_common.broadcast_shapes(mask.shape, x.shape))
-        except RuntimeError:
-            shape = None
-        if shape != tuple(x.shape):
-            return f"mask of shape {tuple(mask.shape)} does not broadcast to x {tuple(x.shape)}"
+    if mask is not None and (r := _broadcast_reason("mask", mask, x, _MASK_DTYPES)):
+        return r
+    if bias is not None:
+        if mask is not None and mask.dtype != torch.bool:
+            return "a bias with a float mask (both added): add them first"
+        if r := _broadcast_reason("bias", bias, x, _common.SUPPORTED_DTYPES):
+            return r
+    if fill is not None:
+        if isinstance(fill, bool) or not isinstance(fill, (int, float)):
+            return f"fill {fill!r} is not a float"
+        if mask is None or mask.dtype != torch.bool:
+            return "a fill value without a bool mask"
     if all(isinstance(s, int) for s in x.shape):
         n = x.shape[dim]
         rows = math.prod(x.shape) // n if n else 0
@@ -304,8 +363,9 @@ def check(x, mask, dim) -> str | None:
 
 
 @_common.memo_reason
-def check_bwd(grad, out, dim, input_dtype, keep=None) -> str | None:
-    """Why the backward kernel cannot take (``grad``, ``out``, dropout ``keep``), or None."""
+def check_bwd(grad, out, dim, input_dtype, keep=None, mask=None) -> str | None:
+    """Why the backward kernel cannot take (``grad``, ``out``, dropout ``keep``, the
+    forward's bool ``mask``), or None."""
     r = check(grad, None, dim) or _common.device_reason(out) or _common.dtype_reason(out)
     if r:
         return r
@@ -315,17 +375,39 @@ def check_bwd(grad, out, dim, input_dtype, keep=None) -> str | None:
         keep.dtype != torch.bool or keep.shape != grad.shape or keep.device != grad.device
     ):
         return "the dropout keep mask is not a bool tensor shaped and placed as grad"
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            return f"mask is {mask.dtype}, not bool"
+        if r := _broadcast_reason("mask", mask, grad, (torch.bool,)):
+            return r
     if input_dtype not in _common.SUPPORTED_DTYPES:
         return f"input dtype {input_dtype} is not supported"
     return None
 
 
-def reference(x: Tensor, scale: float, mask: Tensor | None, dim: int) -> Tensor:
-    """Eager: ``softmax(x * scale + mask)`` / ``softmax(x.masked_fill(mask, -inf) ...)``."""
+def reference(
+    x: Tensor,
+    scale: float,
+    mask: Tensor | None,
+    dim: int,
+    bias: Tensor | None = None,
+    fill: float | None = None,
+) -> Tensor:
+    """Eager: ``softmax(x * scale + mask)`` / ``softmax((x * scale + bias).masked_fill(mask,
+    fill))`` (``fill`` -inf by default)."""
     z = x * scale
-    if mask is not None:
-        z = z.masked_fill(mask, -math.inf) if mask.dtype == torch.bool else z + mask
+    if mask is not None and mask.dtype != torch.bool:
+        z = z + mask
+    if bias is not None:
+        z = z + bias
+    if mask is not None and mask.dtype == torch.bool:
+        z = z.masked_fill(mask, -math.inf if fill is None else fill)
     return torch.softmax(z, dim).contiguous()
+
+
+def _mode_key(add: Tensor | None, bmask: Tensor | None) -> int:
+    """The mask operands as a tuning-key int: 0 none, 1 added, 2 bool, 3 both."""
+    return (add is not None) + 2 * (bmask is not None)
 
 
 def _launch(kernel_name, kernel, n, rows, in_dtype, o_dtype, contiguous, block_n, launch):
@@ -345,14 +427,22 @@ def _launch(kernel_name, kernel, n, rows, in_dtype, o_dtype, contiguous, block_n
 
 
 def scale_mask_softmax_fwd(
-    x: Tensor, scale: float, mask: Tensor | None, dim: int = -1, *, block_n: int | None = None
+    x: Tensor,
+    scale: float,
+    mask: Tensor | None,
+    dim: int = -1,
+    bias: Tensor | None = None,
+    fill: float | None = None,
+    *,
+    block_n: int | None = None,
 ) -> Tensor:
-    """``softmax(x * scale + mask, dim)`` (bool mask: ``-inf`` where True) in one pass.
-    Output contiguous, dtype :func:`out_dtype`.  ``block_n`` (tests) forces a block."""
-    reason = check(x, mask, dim)
+    """``softmax(x * scale + mask, dim)`` (bool mask: ``fill``, by default ``-inf``, where
+    True, after adding ``bias``) in one pass.  Output contiguous, dtype :func:`out_dtype`.
+    ``block_n`` (tests) forces a block."""
+    reason = check(x, mask, dim, bias, fill)
     if reason:
         raise ValueError(f"scale_mask_softmax_fwd: {reason}")
-    return _fwd(x, scale, mask, dim, None, block_n)[0]
+    return _fwd(x, scale, mask, dim, None, block_n, bias, fill)[0]
 
 
 def scale_mask_softmax_dropout_fwd(
@@ -365,6 +455,8 @@ def scale_mask_softmax_dropout_fwd(
     write_probs: bool = True,
     write_keep: bool = True,
     drop_scale: float | None = None,
+    bias: Tensor | None = None,
+    fill: float | None = None,
     *,
     block_n: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -375,18 +467,20 @@ def scale_mask_softmax_dropout_fwd(
     by default.  ``probs`` (the softmax, as :func:`scale_mask_softmax_fwd` gives it) and
     ``keep`` (bool) are written only when asked, else they are empty ``[0]`` tensors.
     ``seed`` is a one-element int64 tensor on ``x``'s device (read by the kernel: no sync).
+    ``bias`` and ``fill`` are as in :func:`scale_mask_softmax_fwd`.
     """
-    reason = check_dropout(x, mask, dim, p, seed)
+    reason = check_dropout(x, mask, dim, p, seed, bias, fill)
     if reason:
         raise ValueError(f"scale_mask_softmax_dropout_fwd: {reason}")
     ds = 1.0 / (1.0 - p) if drop_scale is None else float(drop_scale)
-    return _fwd(x, scale, mask, dim, (float(p), seed, ds, write_probs, write_keep), block_n)
+    drop = (float(p), seed, ds, write_probs, write_keep)
+    return _fwd(x, scale, mask, dim, drop, block_n, bias, fill)
 
 
 @_common.memo_reason
-def check_dropout(x, mask, dim, p, seed) -> str | None:
+def check_dropout(x, mask, dim, p, seed, bias=None, fill=None) -> str | None:
     """Why the fused dropout kernel cannot take the case, or None."""
-    r = check(x, mask, dim)
+    r = check(x, mask, dim, bias, fill)
     if r:
         return r
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p < 1.0:
@@ -398,10 +492,10 @@ def check_dropout(x, mask, dim, p, seed) -> str | None:
     return None
 
 
-def _fwd(x, scale, mask, dim, dropout, block_n):
+def _fwd(x, scale, mask, dim, dropout, block_n, bias=None, fill=None):
     dim = _wrap_dim(dim, x.dim())
     shape = tuple(x.shape)
-    o_dtype = out_dtype(x, mask)
+    o_dtype = out_dtype(x, mask, bias)
     y = _common.empty(shape, o_dtype, x.device)
     probs = keep = None
     if dropout is not None:
@@ -414,15 +508,17 @@ def _fwd(x, scale, mask, dim, dropout, block_n):
         return y, probs, keep
     n = shape[dim]
     rows = x.numel() // n
-    mode = 0 if mask is None else 2 if mask.dtype == torch.bool else 1
-    if mask is None:
-        (y, x), g1, g2, (ys, xs) = _plan([y, x], dim)
-        m, ms = x, xs
-    else:
-        m = mask.expand(shape)
-        if mode == 2:
-            m = m.view(torch.uint8)
-        (y, x, m), g1, g2, (ys, xs, ms) = _plan([y, x, m], dim)
+    add, bmask = _operands(mask, bias)
+    ts = [y, x]
+    if add is not None:
+        ts.append(add.expand(shape))
+    if bmask is not None:
+        ts.append(bmask.expand(shape).view(torch.uint8))
+    ts, g1, g2, strides = _plan(ts, dim)
+    (y, x), (ys, xs) = ts[:2], strides[:2]
+    a, as_ = (ts[2], strides[2]) if add is not None else (x, xs)
+    m, ms = (ts[-1], strides[-1]) if bmask is not None else (x, xs)
+    fill_value = -math.inf if fill is None else float(fill)
     # probs / keep are allocated as y (contiguous, same shape): y's strides address them
     probs_arg = probs if write_probs else y
     keep_arg = keep.view(torch.uint8) if write_keep else y
@@ -431,9 +527,10 @@ def _fwd(x, scale, mask, dim, dropout, block_n):
 
     def launch(cfg: autotune.Config, single: bool):
         _common.launch(_scale_mask_softmax_fwd_kernel, (rows,),
-            y, x, m, n, g1, g2, *xs, *ys, *ms, float(scale),
+            y, x, a, m, n, g1, g2, *xs, *ys, *as_, *ms, float(scale), fill_value,
             seed_arg, probs_arg, keep_arg, p, drop_scale,
-            MASK_MODE=mode, DROPOUT=drop, WRITE_PROBS=write_probs, WRITE_KEEP=write_keep,
+            HAS_ADD=add is not None, HAS_FILL=bmask is not None,
+            DROPOUT=drop, WRITE_PROBS=write_probs, WRITE_KEEP=write_keep,
             SINGLE=single, **cfg.as_kwargs(),
         )  # fmt: skip
 
@@ -443,7 +540,7 @@ def _fwd(x, scale, mask, dim, dropout, block_n):
         n,
         rows,
         x.dtype,
-        (y.dtype, mode, drop, write_probs, write_keep),
+        (y.dtype, _mode_key(add, bmask), drop, write_probs, write_keep),
         xs[3] == 1,
         block_n,
         launch,
@@ -460,13 +557,15 @@ def scale_mask_softmax_bwd(
     zero_nan: bool = False,
     keep: Tensor | None = None,
     drop_scale: float = 1.0,
+    mask: Tensor | None = None,
     *,
     block_n: int | None = None,
 ) -> Tensor:
     """``scale * out * (g - sum(g * out, dim))`` in ``input_dtype`` (contiguous), where
     ``g = grad``, or ``grad * keep * drop_scale`` with a dropout's bool ``keep`` mask;
-    ``zero_nan``: 0 where ``out`` is NaN (a bool mask's fully masked rows, as eager)."""
-    reason = check_bwd(grad, out, dim, input_dtype, keep)
+    ``zero_nan``: 0 where ``out`` is NaN (a bool mask's fully masked rows, as eager);
+    ``mask``: 0 where the forward's bool mask (broadcast) is True (a finite fill)."""
+    reason = check_bwd(grad, out, dim, input_dtype, keep, mask)
     if reason:
         raise ValueError(f"scale_mask_softmax_bwd: {reason}")
     dim = _wrap_dim(dim, grad.dim())
@@ -476,17 +575,19 @@ def scale_mask_softmax_bwd(
         return dx
     n = shape[dim]
     rows = grad.numel() // n
-    drop = keep is not None
+    drop, masked = keep is not None, mask is not None
     ts = [dx, grad, out] + ([keep.view(torch.uint8)] if drop else [])
+    ts += [mask.expand(shape).view(torch.uint8)] if masked else []
     ts, g1, g2, strides = _plan(ts, dim)
     dx, grad, out = ts[:3]
     k, ks = (ts[3], strides[3]) if drop else (out, strides[2])
+    m, ms = (ts[-1], strides[-1]) if masked else (out, strides[2])
 
     def launch(cfg: autotune.Config, single: bool):
         _common.launch(_scale_mask_softmax_bwd_kernel, (rows,),
             dx, grad, out, n, g1, g2, *strides[0], *strides[1], *strides[2], float(scale),
-            k, *ks, float(drop_scale),
-            ZERO_NAN=zero_nan, DROPOUT=drop, SINGLE=single, **cfg.as_kwargs(),
+            k, *ks, float(drop_scale), m, *ms,
+            ZERO_NAN=zero_nan, DROPOUT=drop, MASKED=masked, SINGLE=single, **cfg.as_kwargs(),
         )  # fmt: skip
 
     _launch(
@@ -495,7 +596,7 @@ def scale_mask_softmax_bwd(
         n,
         rows,
         grad.dtype,
-        (out.dtype, input_dtype, zero_nan, drop),
+        (out.dtype, input_dtype, zero_nan, drop, masked),
         strides[1][3] == 1 and strides[2][3] == 1,
         block_n,
         launch,
@@ -509,34 +610,51 @@ def scale_mask_softmax_bwd(
 @torch.library.custom_op(
     "tile::scale_mask_softmax",
     mutates_args=(),
-    schema="(Tensor x, float scale, Tensor? mask, int dim=-1) -> Tensor",
+    schema="(Tensor x, float scale, Tensor? mask, int dim=-1, Tensor? bias=None, "
+    "float? fill=None) -> Tensor",
 )
 @plans.planned("tile::scale_mask_softmax")
-def scale_mask_softmax_op(x, scale, mask, dim=-1):
-    """``softmax(x * scale + mask, dim)``; a bool mask means ``masked_fill(mask, -inf)``."""
-    if check(x, mask, dim) is not None:
-        return reference(x, scale, mask, dim)
-    mode = "none" if mask is None else "bool" if mask.dtype == torch.bool else "add"
+def scale_mask_softmax_op(x, scale, mask, dim=-1, bias=None, fill=None):
+    """``softmax(x * scale + mask, dim)``; a bool mask means ``masked_fill(mask, fill)``
+    (``fill`` -inf by default) after adding ``bias``."""
+    args = (x, scale, mask, dim, bias, fill)
+    if check(x, mask, dim, bias, fill) is not None:
+        return reference(*args)
     return _common.guarded(
         "scale_mask_softmax_fwd",
-        key=(x.dtype, None if mask is None else mask.dtype, mode),
-        run=lambda: scale_mask_softmax_fwd(x, scale, mask, dim),
-        fallback=lambda: reference(x, scale, mask, dim),
+        key=_guard_key(x, mask, bias, fill),
+        run=lambda: scale_mask_softmax_fwd(*args),
+        fallback=lambda: reference(*args),
+    )
+
+
+def _guard_key(x, mask, bias, fill) -> tuple:
+    """What a kernel failure is remembered by: the dtypes and mask operands."""
+    add, bmask = _operands(mask, bias)
+    return (
+        x.dtype,
+        None if add is None else add.dtype,
+        _mode_key(add, bmask),
+        fill is not None,
     )
 
 
 @scale_mask_softmax_op.register_fake
-def _(x, scale, mask, dim=-1):
-    return x.new_empty(x.shape, dtype=out_dtype(x, mask))
+def _(x, scale, mask, dim=-1, bias=None, fill=None):
+    return x.new_empty(x.shape, dtype=out_dtype(x, mask, bias))
 
 
-def _reference_bwd(grad, out, scale, dim, input_dtype, zero_nan=False, keep=None, drop_scale=1.0):
+def _reference_bwd(
+    grad, out, scale, dim, input_dtype, zero_nan=False, keep=None, drop_scale=1.0, mask=None
+):
     g, y = grad.to(torch.float32), out.to(torch.float32)
     if keep is not None:
         g = g * keep * drop_scale
     dx = scale * y * (g - (g * y).sum(dim, keepdim=True))
     if zero_nan:
         dx = dx.masked_fill(y.isnan(), 0.0)
+    if mask is not None:
+        dx = dx.masked_fill(mask, 0.0)
     return dx.to(input_dtype)
 
 
@@ -544,58 +662,78 @@ def _reference_bwd(grad, out, scale, dim, input_dtype, zero_nan=False, keep=None
     "tile::scale_mask_softmax_backward",
     mutates_args=(),
     schema="(Tensor grad, Tensor out, float scale, int dim, ScalarType input_dtype, "
-    "bool zero_nan=False, Tensor? keep=None, float drop_scale=1.0) -> Tensor",
+    "bool zero_nan=False, Tensor? keep=None, float drop_scale=1.0, Tensor? mask=None) "
+    "-> Tensor",
 )
 @plans.planned("tile::scale_mask_softmax_backward")
 def scale_mask_softmax_backward_op(
-    grad, out, scale, dim, input_dtype, zero_nan=False, keep=None, drop_scale=1.0
+    grad, out, scale, dim, input_dtype, zero_nan=False, keep=None, drop_scale=1.0, mask=None
 ):
     """``scale * out * (g - sum(g * out, dim))`` in ``input_dtype`` with ``g = grad``, or
     ``grad * keep * drop_scale`` (the backward of a dropout after the softmax);
     ``zero_nan``: 0 where ``out`` is NaN (the fully masked rows of a bool mask: eager's
-    masked_fill gives them a zero gradient)."""
-    args = (grad, out, scale, dim, input_dtype, zero_nan, keep, drop_scale)
+    masked_fill gives them a zero gradient); ``mask``: 0 where the forward's bool mask
+    is True (a finite fill: the filled entries had no gradient)."""
+    args = (grad, out, scale, dim, input_dtype, zero_nan, keep, drop_scale, mask)
     return _common.guarded_op(
         "scale_mask_softmax_bwd",
-        check_bwd(grad, out, dim, input_dtype, keep),
-        key=(grad.dtype, out.dtype, input_dtype, zero_nan, keep is not None),
+        check_bwd(grad, out, dim, input_dtype, keep, mask),
+        key=(grad.dtype, out.dtype, input_dtype, zero_nan, keep is not None, mask is not None),
         run=lambda: scale_mask_softmax_bwd(*args),
         fallback=lambda: _reference_bwd(*args),
     )
 
 
 @scale_mask_softmax_backward_op.register_fake
-def _(grad, out, scale, dim, input_dtype, zero_nan=False, keep=None, drop_scale=1.0):
+def _(grad, out, scale, dim, input_dtype, zero_nan=False, keep=None, drop_scale=1.0, mask=None):
     return grad.new_empty(grad.shape, dtype=input_dtype)
 
 
 def _setup(ctx, inputs, output):
-    x, scale, mask, dim = inputs
+    x, scale, mask, dim = inputs[:4]
+    bias, fill = (inputs[4:6] + (None, None))[:2]
     ctx.scale, ctx.dim, ctx.x_dtype = float(scale), dim, x.dtype
     ctx.mask_shape = None if mask is None else mask.shape
     ctx.mask_dtype = None if mask is None else mask.dtype
-    ctx.save_for_backward(output)
+    ctx.bias_shape = None if bias is None else bias.shape
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    # a finite fill leaves the filled entries a probability: their zero gradient is
+    # applied from the mask (with -inf they have none; a fully masked row is NaN)
+    ctx.finite_fill = fill is not None and not math.isinf(fill)
+    saved = (output, mask) if ctx.finite_fill else (output,)
+    ctx.save_for_backward(*saved)
 
 
 def _backward(ctx, grad):
-    (out,) = ctx.saved_tensors
-    return _backward_from(ctx, grad, out)
+    out, *mask = ctx.saved_tensors
+    needs = (*ctx.needs_input_grad, False, False)  # (bias absent from a short call)
+    gx, gmask, gbias = _backward_from(
+        ctx, grad, out, (needs[0], needs[2], needs[4]), mask=mask[0] if mask else None
+    )
+    return gx, None, gmask, None, gbias, None
 
 
-def _backward_from(ctx, grad, out, keep=None, drop_scale=1.0):
-    need_x = ctx.needs_input_grad[0]
-    need_mask = ctx.needs_input_grad[2] and ctx.mask_dtype is not None
-    gx = gmask = None
+def _backward_from(ctx, grad, out, needs, keep=None, drop_scale=1.0, mask=None):
+    """``(grad x, grad mask, grad bias)`` where ``needs`` says so: the added tensors'
+    grads are the softmax input's, summed to their shapes."""
+    need_x, need_mask, need_bias = needs
+    need_mask = need_mask and ctx.mask_dtype not in (None, torch.bool)
+    need_bias = need_bias and ctx.bias_dtype is not None
+    gx = gmask = gbias = None
     op = torch.ops.tile.scale_mask_softmax_backward
-    drop = {"keep": keep, "drop_scale": drop_scale}
-    if need_mask:  # d(softmax input) once, in the output dtype; both grads from it
-        dz = op(grad, out, 1.0, ctx.dim, out.dtype, **drop)
-        gmask = dz.sum_to_size(ctx.mask_shape).to(ctx.mask_dtype)
+    zero_nan = ctx.mask_dtype == torch.bool and mask is None
+    extra = {"keep": keep, "drop_scale": drop_scale, "mask": mask}
+    if need_mask or need_bias:  # d(softmax input) once, in the output dtype; grads from it
+        dz = op(grad, out, 1.0, ctx.dim, out.dtype, zero_nan, **extra)
+        if need_mask:
+            gmask = dz.sum_to_size(ctx.mask_shape).to(ctx.mask_dtype)
+        if need_bias:
+            gbias = dz.sum_to_size(ctx.bias_shape).to(ctx.bias_dtype)
         if need_x:
             gx = (dz * ctx.scale).to(ctx.x_dtype)
     elif need_x:
-        gx = op(grad, out, ctx.scale, ctx.dim, ctx.x_dtype, ctx.mask_dtype == torch.bool, **drop)
-    return gx, None, gmask, None
+        gx = op(grad, out, ctx.scale, ctx.dim, ctx.x_dtype, zero_nan, **extra)
+    return gx, gmask, gbias
 
 
 torch.library.register_autograd("tile::scale_mask_softmax", _backward, setup_context=_setup)
@@ -604,11 +742,13 @@ torch.library.register_autograd("tile::scale_mask_softmax", _backward, setup_con
 # --- softmax + dropout ------------------------------------------------------------------
 
 
-def reference_dropout(x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale):
+def reference_dropout(
+    x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale, bias=None, fill=None
+):
     """ATen fallback of ``tile::scale_mask_softmax_dropout``: the same semantics (a keep
     probability of ``1 - p``, outputs consistent with each other), a different random
     stream (a CPU generator seeded with ``seed``)."""
-    probs = reference(x, scale, mask, dim)
+    probs = reference(x, scale, mask, dim, bias, fill)
     gen = torch.Generator().manual_seed(int(seed.item()) & (2**63 - 1))
     keep = (torch.rand(probs.shape, generator=gen) > p).to(probs.device)
     y = torch.where(keep, probs * drop_scale, torch.zeros((), dtype=probs.dtype))
@@ -624,29 +764,30 @@ def reference_dropout(x, scale, mask, dim, p, seed, write_probs, write_keep, dro
     "tile::scale_mask_softmax_dropout",
     mutates_args=(),
     schema="(Tensor x, float scale, Tensor? mask, int dim, float p, Tensor seed, "
-    "bool write_probs, bool write_keep, float drop_scale) -> (Tensor, Tensor, Tensor)",
+    "bool write_probs, bool write_keep, float drop_scale, Tensor? bias=None, "
+    "float? fill=None) -> (Tensor, Tensor, Tensor)",
 )
 @plans.planned("tile::scale_mask_softmax_dropout")
 def scale_mask_softmax_dropout_op(
-    x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale
+    x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale, bias=None, fill=None
 ):
     """``dropout(softmax(x * scale + mask, dim), p)`` -> ``(out, probs, keep)``; ``probs``
-    and ``keep`` are empty unless asked for (the backward needs them).  Placed by the
-    fusion pass in graphs whose autograd is done; it has a backward for direct use."""
-    args = (x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale)
-    mode = "none" if mask is None else "bool" if mask.dtype == torch.bool else "add"
+    and ``keep`` are empty unless asked for (the backward needs them).  ``bias`` and
+    ``fill`` as in ``tile::scale_mask_softmax``.  Placed by the fusion pass in graphs whose
+    autograd is done; it has a backward for direct use."""
+    args = (x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale, bias, fill)
     return _common.guarded_op(
         "scale_mask_softmax_dropout_fwd",
-        check_dropout(x, mask, dim, p, seed),
-        key=(x.dtype, None if mask is None else mask.dtype, mode, write_probs, write_keep),
+        check_dropout(x, mask, dim, p, seed, bias, fill),
+        key=(*_guard_key(x, mask, bias, fill), write_probs, write_keep),
         run=lambda: scale_mask_softmax_dropout_fwd(*args),
         fallback=lambda: reference_dropout(*args),
     )
 
 
 @scale_mask_softmax_dropout_op.register_fake
-def _(x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale):
-    dt = out_dtype(x, mask)
+def _(x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale, bias=None, fill=None):
+    dt = out_dtype(x, mask, bias)
     return (
         x.new_empty(x.shape, dtype=dt),
         x.new_empty(x.shape if write_probs else (0,), dtype=dt),
@@ -655,10 +796,11 @@ def _(x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale):
 
 
 def _setup_dropout(ctx, inputs, output):
-    x, scale, mask, dim, _p, _seed, write_probs, write_keep, drop_scale = inputs
-    _setup(ctx, (x, scale, mask, dim), output[1])
+    x, scale, mask, dim, _p, _seed, write_probs, write_keep, drop_scale = inputs[:9]
+    bias, fill = (inputs[9:11] + (None, None))[:2]
+    _setup(ctx, (x, scale, mask, dim, bias, fill), output[1])
     ctx.drop_scale, ctx.complete = float(drop_scale), write_probs and write_keep
-    ctx.save_for_backward(output[1], output[2])
+    ctx.save_for_backward(output[1], output[2], *([mask] if ctx.finite_fill else []))
 
 
 def _backward_dropout(ctx, grad, _gprobs, _gkeep):
@@ -667,9 +809,13 @@ def _backward_dropout(ctx, grad, _gprobs, _gkeep):
             "tile::scale_mask_softmax_dropout: backward needs write_probs=True and "
             "write_keep=True (the probabilities and the keep mask)"
         )
-    probs, keep = ctx.saved_tensors
-    gx, _, gmask, _ = _backward_from(ctx, grad, probs, keep, ctx.drop_scale)
-    return gx, None, gmask, None, None, None, None, None, None
+    probs, keep, *mask = ctx.saved_tensors
+    needs = (*ctx.needs_input_grad, False, False)
+    gx, gmask, gbias = _backward_from(
+        ctx, grad, probs, (needs[0], needs[2], needs[9]), keep, ctx.drop_scale,
+        mask[0] if mask else None,
+    )  # fmt: skip
+    return gx, None, gmask, None, None, None, None, None, None, gbias, None
 
 
 torch.library.register_autograd(
@@ -679,32 +825,43 @@ torch.library.register_autograd(
 
 # --- compile-for-Hopper specs ------------------------------------------------------------
 
-_INT_FWD = ("N", "G1", "G2") + tuple(f"{p}_s{i}" for p in ("x", "y", "m") for i in "012n")
+_INT_FWD = ("N", "G1", "G2") + tuple(f"{p}_s{i}" for p in ("x", "y", "a", "m") for i in "012n")
 _INT_BWD = ("N", "G1", "G2") + tuple(f"{p}_s{i}" for p in ("dx", "dy", "y") for i in "012n")
-_MASK_PTR = {0: None, 1: None, 2: "*u8"}
 
 
 def _spec(
     fwd: bool, dt: torch.dtype, mode: int, single: bool, cfg: autotune.Config, drop=False
 ) -> dict:
+    """``mode`` as :func:`_mode_key`: bit 0 an added tensor, bit 1 a bool mask (in the
+    backward: the mask read for a finite fill)."""
     t = "*" + _common.triton_dtype_name(dt)
+    has_add, has_fill = bool(mode & 1), bool(mode & 2)
     if fwd:
         fn = _scale_mask_softmax_fwd_kernel
-        sig = {"y_ptr": t, "x_ptr": t, "m_ptr": _MASK_PTR[mode] or t}
-        ints, unit = _INT_FWD, ("x_sn", "y_sn", "m_sn")
-        consts = {"MASK_MODE": mode, "DROPOUT": drop, "WRITE_PROBS": drop, "WRITE_KEEP": drop}
+        sig = {"y_ptr": t, "x_ptr": t, "a_ptr": t, "m_ptr": "*u8" if has_fill else t}
+        ints, unit = _INT_FWD, ("x_sn", "y_sn", "a_sn", "m_sn")
+        consts = {
+            "HAS_ADD": has_add,
+            "HAS_FILL": has_fill,
+            "DROPOUT": drop,
+            "WRITE_PROBS": drop,
+            "WRITE_KEEP": drop,
+        }
     else:
         fn = _scale_mask_softmax_bwd_kernel
         sig = {"dx_ptr": t, "dy_ptr": t, "y_ptr": t}
-        ints, unit = _INT_BWD, ("dx_sn", "dy_sn", "y_sn", "k_sn")
-        consts = {"ZERO_NAN": mode == 2, "DROPOUT": drop}
+        ints, unit = _INT_BWD, ("dx_sn", "dy_sn", "y_sn", "k_sn", "m_sn")
+        consts = {"ZERO_NAN": has_fill, "DROPOUT": drop, "MASKED": has_fill}
     sig.update({a: "i32" for a in ints if a not in unit})
     sig["scale"] = "fp32"
     if not fwd:
         sig["k_ptr"] = "*u8" if drop else t
         sig.update({f"k_s{i}": "i32" for i in "012"})
         sig["drop_scale"] = "fp32"
+        sig["m_ptr"] = "*u8" if has_fill else t
+        sig.update({f"m_s{i}": "i32" for i in "012"})
     if fwd:
+        sig["fill"] = "fp32"
         sig.update(
             seed_ptr="*i64" if drop else t,
             probs_ptr=t,
@@ -740,7 +897,7 @@ def sm90_specs() -> list[dict]:
     heavy_s = max(single, key=lambda c: (c["BLOCK_N"], c.num_warps))
     heavy_l = max(looped, key=lambda c: (c["BLOCK_N"], c.num_warps))
     for dt in _common.SUPPORTED_DTYPES:
-        for mode in (0, 2):
+        for mode in (0, 2, 3):
             specs += [_spec(True, dt, mode, True, heavy_s), _spec(True, dt, mode, False, heavy_l)]
         specs += [_spec(False, dt, 2, True, heavy_s), _spec(False, dt, 2, False, heavy_l)]
         # dropout: every single-block and looped config, with a bool mask

@@ -31,36 +31,32 @@ class SoftmaxFusions(FuserBase):
             up, down = self._upcast_softmax(sm, x, half_to_float)
             if half_to_float and down is None:
                 continue
-            scale, mask, mode, base, consumed, consts = 1.0, None, None, up or x, [], []
+            scale, mask, bias, fill, base, consumed, consts = 1.0, None, None, None, up or x, [], []
             keep = None  # a where() whose condition says what to keep: the mask is its negation
-            # x may be: add(s, mask) | masked_fill(s, mask, -inf) | s ; s = mul(y, c) | div(y, c)
-            # (masked_fill as Inductor's decomposition has it: where(mask, -inf, s), or
-            # written the other way round, where(keep, s, -inf))
+            # x may be: masked_fill(z, mask, v) | z ; z = add(s, bias) | s ;
+            # s = mul(y, c) | div(y, c); v a constant (-inf drops the entry; MPT fills with
+            # finfo.min).  masked_fill also as Inductor's decomposition has it,
+            # where(mask, v, z), or written the other way round, where(keep, z, v)
             where = self._where_fill(base) if _single_use(base) else None
+            if _single_use(base) and base.target is aten.masked_fill.Scalar:
+                mask, fill = base.args[1], base.args[2]
+                consumed.append(base)
+                base = base.args[0]
+            elif where is not None:
+                cond, scores, fill, inverted = where
+                consts = [a for a in base.args[1:3] if a is not scores]
+                mask, keep = (None, cond) if inverted else (cond, None)
+                consumed.append(base)
+                base = scores
             if (
                 _single_use(base)
                 and base.target is aten.add.Tensor
                 and _is_tensor_node(base.args[1])
                 and base.kwargs.get("alpha", 1) == 1
             ):
-                mask, mode = base.args[1], "add"
+                bias = base.args[1]
                 consumed.append(base)
                 base = base.args[0]
-            elif (
-                _single_use(base)
-                and base.target is aten.masked_fill.Scalar
-                and base.args[2] == -math.inf
-            ):
-                mask, mode = base.args[1], "fill"
-                consumed.append(base)
-                base = base.args[0]
-            elif where is not None and where[2] == -math.inf:
-                cond, scores, _, inverted = where
-                consts = [a for a in base.args[1:3] if a is not scores]
-                mode = "fill"
-                mask, keep = (None, cond) if inverted else (cond, None)
-                consumed.append(base)
-                base = scores
             if (
                 _single_use(base)
                 and base.target in (aten.mul.Tensor, aten.div.Tensor)
@@ -80,18 +76,7 @@ class SoftmaxFusions(FuserBase):
             if up is not None:
                 consumed.insert(0, x)  # the upcast, erased after the ops before it
             xv = _val(base)
-            why = None
-            m = mask if keep is None else keep  # (the node the mask is read from)
-            if m is not None:
-                mv = _val(m)
-                if mode == "add" and mv.dtype != xv.dtype:
-                    why = f"mask {m.name} is {mv.dtype}, the scores {xv.dtype}"
-                elif not self._broadcasts_to(mv.shape, xv.shape):
-                    why = f"mask {m.name} {list(mv.shape)} does not broadcast to {list(xv.shape)}"
-                elif mode == "fill" and mv.dtype != torch.bool:
-                    why = f"masked_fill's mask {m.name} is {mv.dtype}, not bool"
-            if why is None and (not isinstance(dim, int) or dim % xv.dim() != xv.dim() - 1):
-                why = f"softmax over dim {dim}, not the last"
+            why = self._prologue_refusal(xv, mask if keep is None else keep, bias, fill, dim)
             if why is not None:
                 self._note(sm, f"prologue not fused: {why}")
                 continue
@@ -99,9 +84,13 @@ class SoftmaxFusions(FuserBase):
                 if keep is not None:
                     mask = self.graph.call_function(aten.logical_not.default, (keep,))
                     self._meta(mask)
-                fused = self.graph.call_function(
-                    tile.scale_mask_softmax.default, (base, scale, mask, -1)
-                )
+                if mask is None:  # an added tensor alone is the op's (float) mask
+                    args = (base, scale, bias, -1)
+                elif fill == -math.inf and bias is None:
+                    args = (base, scale, mask, -1)
+                else:
+                    args = (base, scale, mask, -1, bias, None if fill == -math.inf else fill)
+                fused = self.graph.call_function(tile.scale_mask_softmax.default, args)
                 self._meta(fused)
             result = down or sm  # the node the fused op stands for
             if (
@@ -123,10 +112,37 @@ class SoftmaxFusions(FuserBase):
                     nodes=[n.name for n in (*reversed(consumed), sm)],
                     targets=[short_target(n.target) for n in (*reversed(consumed), sm)],
                     inputs={"x": describe_value(xv)}
-                    | ({"mask": describe_value(_val(mask))} if mask is not None else {}),
-                    scalars={"scale": scale, "mask_mode": mode or "none"},
+                    | ({"mask": describe_value(_val(mask))} if mask is not None else {})
+                    | ({"bias": describe_value(_val(bias))} if bias is not None else {}),
+                    scalars={"scale": scale, "mask_mode": _mask_mode(mask, bias)}
+                    | ({"fill": fill} if mask is not None and fill != -math.inf else {}),
                 )
             )
+
+    def _prologue_refusal(self, xv, m, bias, fill, dim) -> str | None:
+        """Why a matched prologue (bool mask read from node ``m``, an added ``bias``, a
+        ``fill`` value) cannot go into the kernel with scores ``xv``, or None."""
+        float_types = (torch.float32, torch.float16, torch.bfloat16)
+        if bias is not None:
+            bv = _val(bias)
+            if bv.dtype not in float_types:
+                return f"added tensor {bias.name} is {bv.dtype}"
+            if not self._broadcasts_to(bv.shape, xv.shape):
+                return (
+                    f"added tensor {bias.name} {list(bv.shape)} does not broadcast to "
+                    f"{list(xv.shape)}"
+                )
+        if m is not None:
+            mv = _val(m)
+            if not self._broadcasts_to(mv.shape, xv.shape):
+                return f"mask {m.name} {list(mv.shape)} does not broadcast to {list(xv.shape)}"
+            if mv.dtype != torch.bool:
+                return f"masked_fill's mask {m.name} is {mv.dtype}, not bool"
+            if not isinstance(fill, (int, float)) or isinstance(fill, bool) or fill != fill:
+                return f"masked_fill's value {fill!r} is not a number"
+        if not isinstance(dim, int) or dim % xv.dim() != xv.dim() - 1:
+            return f"softmax over dim {dim}, not the last"
+        return None
 
     def _where_fill(self, node: Any):
         """``(cond, scores, value, inverted)`` for ``where(cond, value, scores)``
@@ -164,15 +180,11 @@ class SoftmaxFusions(FuserBase):
         what = f"{node.name} ({short_target(t)})"
         if not _single_use(node):
             return f"{what} has other users: it is computed apart"
-        if t is aten.masked_fill.Scalar and node.args[2] != -math.inf:
-            return f"{what} fills with {node.args[2]!r}; the kernel fills with -inf only"
-        if (w := self._where_fill(node)) is not None and w[2] != -math.inf:
-            return f"{what} fills with {w[2]!r}; the kernel fills with -inf only"
         if t in (aten.mul.Tensor, aten.div.Tensor) and isinstance(node.args[1], fx.Node):
             return f"{what}: the scale {describe_value(_val(node.args[1]))} is not a constant"
         return (
-            f"{what} is outside what the kernel takes: one mask (an added tensor, or "
-            "masked_fill with -inf) after one constant scale"
+            f"{what} is outside what the kernel takes: one constant scale, one added "
+            "tensor (alpha 1), then one masked_fill (or where) with a constant"
         )
 
     def _upcast_softmax(self, sm: fx.Node, x: Any, half_to_float: bool):
@@ -209,9 +221,9 @@ class SoftmaxFusions(FuserBase):
             if sm.op != "call_function":
                 continue
             if sm.target is tile.scale_mask_softmax.default:
-                x, scale, mask, dim = sm.args[:4]
+                x, scale, mask, dim, bias, fill = (*sm.args, None, None)[:6]
             elif sm.target is tile.softmax.default and sm.args[2] is False:
-                (x, dim), scale, mask = sm.args[:2], 1.0, None
+                (x, dim), scale, mask, bias, fill = sm.args[:2], 1.0, None, None, None
             else:
                 continue
             for u in list(sm.users):
@@ -221,7 +233,7 @@ class SoftmaxFusions(FuserBase):
                 if isinstance(found, str):
                     self._note(sm, found)
                     continue
-                self._splice_dropout(sm, x, scale, mask, dim, *found)
+                self._splice_dropout(sm, (x, scale, mask, dim, bias, fill), *found)
                 break
 
     def _dropout_after(self, sm: fx.Node, u: fx.Node):
@@ -265,9 +277,12 @@ class SoftmaxFusions(FuserBase):
         keeps = [k for k in gt.users if k is not u]
         return float(p), c, rnd.args[1], out, keeps, [out, u, gt, rnd]
 
-    def _splice_dropout(self, sm, x, scale, mask, dim, p, drop_scale, seed, out, keeps, chain):
+    def _splice_dropout(self, sm, prologue, p, drop_scale, seed, out, keeps, chain):
+        """Replace softmax ``sm`` (its ``prologue``: x, scale, mask, dim, bias, fill) and
+        the dropout ``chain`` after it by one ``tile::scale_mask_softmax_dropout``."""
         from ..codegen import fused_softmax
 
+        x, scale, mask, dim, bias, fill = prologue
         graph = self.graph
         others = [u for u in sm.users if u not in chain]
         if seed is None:  # native_dropout: draw a seed from torch's generator
@@ -278,14 +293,15 @@ class SoftmaxFusions(FuserBase):
             for n in [*seed.all_input_nodes, seed]:
                 if order[n] > order[sm]:
                     sm.prepend(n)
-        hinted = [shapes.hinted(_val(v)) if isinstance(v, fx.Node) else v for v in (x, mask)]
-        reason = fused_softmax.check_dropout(
-            hinted[0], hinted[1], dim, p, shapes.hinted(_val(seed))
-        )
+        hx, hm, hb = [
+            shapes.hinted(_val(v)) if isinstance(v, fx.Node) else v for v in (x, mask, bias)
+        ]
+        reason = fused_softmax.check_dropout(hx, hm, dim, p, shapes.hinted(_val(seed)), hb, fill)
         if reason:
             self._note(sm, f"dropout not fused: {reason}")
             return
         args = (x, scale, mask, dim, p, seed, bool(others), bool(keeps), drop_scale)
+        args += (bias, fill) if bias is not None or fill is not None else ()
         with graph.inserting_before(sm):
             fused = graph.call_function(torch.ops.tile.scale_mask_softmax_dropout.default, args)
             self._meta(fused)
@@ -318,7 +334,8 @@ class SoftmaxFusions(FuserBase):
                     if n.target is not operator.getitem
                 ],
                 inputs={"x": describe_value(_val(x))}
-                | ({"mask": describe_value(_val(mask))} if mask is not None else {}),
+                | ({"mask": describe_value(_val(mask))} if mask is not None else {})
+                | ({"bias": describe_value(_val(bias))} if bias is not None else {}),
                 scalars={
                     "p": p,
                     "scale": scale,
@@ -390,6 +407,13 @@ class SoftmaxFusions(FuserBase):
                     scalars={"scale": scale, "dropout": keep is not None},
                 )
             )
+
+
+def _mask_mode(mask: Any, bias: Any) -> str:
+    """The report's name for the prologue's mask operands."""
+    if mask is None:
+        return "none" if bias is None else "add"
+    return "fill" if bias is None else "add+fill"
 
 
 def _dropout_grad(grad: fx.Node):
