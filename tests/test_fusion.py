@@ -374,19 +374,29 @@ def test_finite_fill_after_a_bias_is_one_kernel(poison, form, fallback):
         assert op not in graph.code, graph.code
 
 
+def _mpt_half_attention(x, bias, m):
+    """MPT's eager attention in half precision: the fp32 ALiBi bias promotes the scores,
+    the softmax runs in fp32 and its result is cast back to the scores' dtype."""
+    z = (x * 0.35 + bias).masked_fill(m, torch.finfo(x.dtype).min)
+    return torch.softmax(z.float(), -1).to(x.dtype)
+
+
 @pytest.mark.parametrize(
-    "dtype, bias_dtype, tol",
+    "fn, dtype, bias_dtype, tol",
     [
-        (torch.float16, torch.float32, 2e-3),  # MPT in half: the fp32 ALiBi promotes
-        (torch.bfloat16, torch.bfloat16, 1.6e-2),
+        (_mpt_scores, torch.float16, torch.float32, 2e-3),  # fp32 result, as eager's
+        (_mpt_scores, torch.bfloat16, torch.bfloat16, 1.6e-2),
+        (_mpt_half_attention, torch.float16, torch.float32, 2e-3),  # stored as fp16
+        (_mpt_half_attention, torch.bfloat16, torch.float32, 1.6e-2),
     ],
-    ids=["fp16_fp32bias", "bf16"],
+    ids=["fp16_fp32bias", "bf16", "fp16_cast_back", "bf16_cast_back"],
 )
-def test_finite_fill_half_scores(poison, dtype, bias_dtype, tol):
+def test_finite_fill_half_scores(poison, fn, dtype, bias_dtype, tol):
     x, bias, m = _mpt_inputs(dtype, bias_dtype)
-    graph, launches = _run(_mpt_scores, x, bias, m, atol=tol, rtol=tol)
+    graph, launches = _run(fn, x, bias, m, atol=tol, rtol=tol)
     assert dict(launches) == {"scale_mask_softmax_fwd": 1}, dict(launches)
     assert graph.counts.get("fused_scale_mask_softmax") == 1, str(graph)
+    assert "_to_copy" not in graph.code and "convert_element_type" not in graph.code, graph.code
 
 
 @pytest.mark.parametrize("fallback", ["eager", "inductor"])

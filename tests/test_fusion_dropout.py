@@ -199,6 +199,38 @@ def test_training_forward_and_backward_are_one_kernel_each(poison, fallback):
     torch.testing.assert_close(x.grad, xr.grad, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fallback", ["eager", "inductor"])
+def test_mpt_attention_dropout_trains_in_one_kernel_each_way(poison, fallback):
+    """MPT's prologue (ALiBi bias, finite fill) with a dropout after the softmax: one
+    launch each way; the gradients are eager's with the kernel's keep mask."""
+    fill = torch.finfo(torch.float32).min
+
+    def fn(x, bias, m):
+        z = (x * 0.125 + bias).masked_fill(m, fill)
+        return F.dropout(torch.softmax(z, -1), p=P, training=True)
+
+    x = torch.randn(2, 3, 7, 11, requires_grad=True)
+    bias = torch.randn(3, 1, 11)
+    m = torch.rand(2, 1, 7, 11) < 0.3
+    m[0, 0, 3] = True  # an all-masked row: uniform probabilities, no gradient
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": fallback})
+    g = torch.randn(2, 3, 7, 11)
+    with _common.count_launches() as launches:
+        y = torch.compile(fn, backend=backend)(x, bias, m)
+        y.backward(g)
+    assert dict(launches) == {"scale_mask_softmax_dropout_fwd": 1, "scale_mask_softmax_bwd": 1}
+    assert backend.report.counts["fused_softmax_dropout"] == 1, str(backend.report)
+    xr = x.detach().clone().requires_grad_()
+    probs = torch.softmax((xr * 0.125 + bias).masked_fill(m, fill), -1)
+    keep = y.detach() != 0  # a filled entry's probability is 0 either way
+    ref = probs * keep / (1 - P)
+    ref.backward(g)
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-6, rtol=1e-5)
+    assert (x.grad[0, :, 3] == 0).all()
+
+
 def test_manual_seed_repeats_the_draws():
     x, mask = torch.randn(2, 2, 5, 9), torch.zeros(1, 1, 5, 9)
     compiled, _ = _compile("eager")

@@ -459,6 +459,28 @@ def test_scale_mask_softmax_bias_and_fill(poison, device, block_n, dtype, fill):
     assert (gx[m.expand_as(gx)] == 0).all()
 
 
+def test_scale_mask_softmax_stores_in_the_asked_dtype(poison, device):
+    """``dtype``: the fp32 probabilities stored as half, as ``softmax(...).to(half)``;
+    the gradients are the cast's and the softmax's, the bias's summed in fp32."""
+    x = torch.randn(2, 3, 5, 13, device=device).half().requires_grad_()
+    bias = torch.randn(3, 1, 13, device=device).requires_grad_()
+    m = torch.rand(2, 1, 5, 13, device=device) < 0.3
+    with _common.count_launches() as n:
+        y = torch.ops.tile.scale_mask_softmax(x, 0.5, m, -1, bias, -65504.0, torch.float16)
+    assert dict(n) == {"scale_mask_softmax_fwd": 1} and y.dtype == torch.float16
+    xr, br = x.detach().float().requires_grad_(), bias.detach().clone().requires_grad_()
+    ref = torch.softmax((xr.half() * 0.5 + br).masked_fill(m, -65504.0), -1).half()
+    torch.testing.assert_close(y, ref, atol=1e-3, rtol=1e-3)
+    g = torch.randn_like(y)
+    with _common.count_launches() as n:
+        gx, gb = torch.autograd.grad(y, [x, bias], g)
+    assert dict(n) == {"scale_mask_softmax_bwd": 1} and gx.dtype == torch.float16
+    gxr, gbr = torch.autograd.grad(ref, [xr, br], g)
+    torch.testing.assert_close(gx.float(), gxr, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(gb, gbr, atol=2e-3, rtol=2e-3)
+    assert "result dtype" in fused_softmax._dtype_reason(torch.float64)
+
+
 def test_scale_mask_softmax_bias_refusals(device):
     x = torch.randn(2, 4, 8, device=device)
     m = torch.rand(4, 8, device=device) < 0.5

@@ -433,16 +433,24 @@ def scale_mask_softmax_fwd(
     dim: int = -1,
     bias: Tensor | None = None,
     fill: float | None = None,
+    dtype: torch.dtype | None = None,
     *,
     block_n: int | None = None,
 ) -> Tensor:
     """``softmax(x * scale + mask, dim)`` (bool mask: ``fill``, by default ``-inf``, where
-    True, after adding ``bias``) in one pass.  Output contiguous, dtype :func:`out_dtype`.
+    True, after adding ``bias``) in one pass.  Output contiguous, dtype :func:`out_dtype`
+    or ``dtype`` (the fp32 result cast on store: ``softmax(...).to(dtype)``).
     ``block_n`` (tests) forces a block."""
-    reason = check(x, mask, dim, bias, fill)
+    reason = check(x, mask, dim, bias, fill) or _dtype_reason(dtype)
     if reason:
         raise ValueError(f"scale_mask_softmax_fwd: {reason}")
-    return _fwd(x, scale, mask, dim, None, block_n, bias, fill)[0]
+    return _fwd(x, scale, mask, dim, None, block_n, bias, fill, dtype)[0]
+
+
+def _dtype_reason(dtype: torch.dtype | None) -> str | None:
+    if dtype is None or dtype in _common.SUPPORTED_DTYPES:
+        return None
+    return f"result dtype {dtype} is not one of {list(_common.SUPPORTED_DTYPES)}"
 
 
 def scale_mask_softmax_dropout_fwd(
@@ -492,10 +500,10 @@ def check_dropout(x, mask, dim, p, seed, bias=None, fill=None) -> str | None:
     return None
 
 
-def _fwd(x, scale, mask, dim, dropout, block_n, bias=None, fill=None):
+def _fwd(x, scale, mask, dim, dropout, block_n, bias=None, fill=None, dtype=None):
     dim = _wrap_dim(dim, x.dim())
     shape = tuple(x.shape)
-    o_dtype = out_dtype(x, mask, bias)
+    o_dtype = dtype or out_dtype(x, mask, bias)
     y = _common.empty(shape, o_dtype, x.device)
     probs = keep = None
     if dropout is not None:
@@ -611,20 +619,26 @@ def scale_mask_softmax_bwd(
     "tile::scale_mask_softmax",
     mutates_args=(),
     schema="(Tensor x, float scale, Tensor? mask, int dim=-1, Tensor? bias=None, "
-    "float? fill=None) -> Tensor",
+    "float? fill=None, ScalarType? dtype=None) -> Tensor",
 )
 @plans.planned("tile::scale_mask_softmax")
-def scale_mask_softmax_op(x, scale, mask, dim=-1, bias=None, fill=None):
+def scale_mask_softmax_op(x, scale, mask, dim=-1, bias=None, fill=None, dtype=None):
     """``softmax(x * scale + mask, dim)``; a bool mask means ``masked_fill(mask, fill)``
-    (``fill`` -inf by default) after adding ``bias``."""
+    (``fill`` -inf by default) after adding ``bias``; the result cast to ``dtype`` when
+    given (MPT in half: ``softmax(fp32 scores).to(half)``)."""
     args = (x, scale, mask, dim, bias, fill)
-    if check(x, mask, dim, bias, fill) is not None:
-        return reference(*args)
+
+    def ref():
+        y = reference(*args)
+        return y if dtype is None else y.to(dtype)
+
+    if check(x, mask, dim, bias, fill) is not None or _dtype_reason(dtype) is not None:
+        return ref()
     return _common.guarded(
         "scale_mask_softmax_fwd",
-        key=_guard_key(x, mask, bias, fill),
-        run=lambda: scale_mask_softmax_fwd(*args),
-        fallback=lambda: reference(*args),
+        key=(*_guard_key(x, mask, bias, fill), dtype),
+        run=lambda: scale_mask_softmax_fwd(*args, dtype),
+        fallback=ref,
     )
 
 
@@ -640,8 +654,8 @@ def _guard_key(x, mask, bias, fill) -> tuple:
 
 
 @scale_mask_softmax_op.register_fake
-def _(x, scale, mask, dim=-1, bias=None, fill=None):
-    return x.new_empty(x.shape, dtype=out_dtype(x, mask, bias))
+def _(x, scale, mask, dim=-1, bias=None, fill=None, dtype=None):
+    return x.new_empty(x.shape, dtype=dtype or out_dtype(x, mask, bias))
 
 
 def _reference_bwd(
@@ -693,6 +707,7 @@ def _setup(ctx, inputs, output):
     x, scale, mask, dim = inputs[:4]
     bias, fill = (inputs[4:6] + (None, None))[:2]
     ctx.scale, ctx.dim, ctx.x_dtype = float(scale), dim, x.dtype
+    ctx.z_dtype = out_dtype(x, mask, bias)  # the softmax input's dtype, in eager
     ctx.mask_shape = None if mask is None else mask.shape
     ctx.mask_dtype = None if mask is None else mask.dtype
     ctx.bias_shape = None if bias is None else bias.shape
@@ -706,11 +721,11 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     out, *mask = ctx.saved_tensors
-    needs = (*ctx.needs_input_grad, False, False)  # (bias absent from a short call)
+    needs = (*ctx.needs_input_grad, False, False, False)  # (absent from a short call)
     gx, gmask, gbias = _backward_from(
         ctx, grad, out, (needs[0], needs[2], needs[4]), mask=mask[0] if mask else None
     )
-    return gx, None, gmask, None, gbias, None
+    return gx, None, gmask, None, gbias, None, None
 
 
 def _backward_from(ctx, grad, out, needs, keep=None, drop_scale=1.0, mask=None):
@@ -724,7 +739,7 @@ def _backward_from(ctx, grad, out, needs, keep=None, drop_scale=1.0, mask=None):
     zero_nan = ctx.mask_dtype == torch.bool and mask is None
     extra = {"keep": keep, "drop_scale": drop_scale, "mask": mask}
     if need_mask or need_bias:  # d(softmax input) once, in the output dtype; grads from it
-        dz = op(grad, out, 1.0, ctx.dim, out.dtype, zero_nan, **extra)
+        dz = op(grad, out, 1.0, ctx.dim, ctx.z_dtype, zero_nan, **extra)
         if need_mask:
             gmask = dz.sum_to_size(ctx.mask_shape).to(ctx.mask_dtype)
         if need_bias:

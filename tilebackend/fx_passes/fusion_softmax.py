@@ -80,17 +80,22 @@ class SoftmaxFusions(FuserBase):
             if why is not None:
                 self._note(sm, f"prologue not fused: {why}")
                 continue
+            kwargs = {}
+            if down is None and (down := self._half_cast_after(sm)) is not None:
+                kwargs["dtype"] = _val(down).dtype  # fp32 math, stored as the cast's
             with self.graph.inserting_before(sm):
                 if keep is not None:
                     mask = self.graph.call_function(aten.logical_not.default, (keep,))
                     self._meta(mask)
                 if mask is None:  # an added tensor alone is the op's (float) mask
                     args = (base, scale, bias, -1)
-                elif fill == -math.inf and bias is None:
-                    args = (base, scale, mask, -1)
                 else:
-                    args = (base, scale, mask, -1, bias, None if fill == -math.inf else fill)
-                fused = self.graph.call_function(tile.scale_mask_softmax.default, args)
+                    args = (base, scale, mask, -1)
+                    if bias is not None:
+                        kwargs["bias"] = bias
+                    if fill != -math.inf:
+                        kwargs["fill"] = fill
+                fused = self.graph.call_function(tile.scale_mask_softmax.default, args, kwargs)
                 self._meta(fused)
             result = down or sm  # the node the fused op stands for
             if (
@@ -106,16 +111,18 @@ class SoftmaxFusions(FuserBase):
                 if isinstance(n, fx.Node) and not n.users:
                     self.graph.erase_node(n)
             self.count += 1
+            fused_nodes = [*reversed(consumed), sm, *([down] if down is not None else [])]
             self.report.replacements.append(
                 Replacement(
                     pattern="fused_scale_mask_softmax",
-                    nodes=[n.name for n in (*reversed(consumed), sm)],
-                    targets=[short_target(n.target) for n in (*reversed(consumed), sm)],
+                    nodes=[n.name for n in fused_nodes],
+                    targets=[short_target(n.target) for n in fused_nodes],
                     inputs={"x": describe_value(xv)}
                     | ({"mask": describe_value(_val(mask))} if mask is not None else {})
                     | ({"bias": describe_value(_val(bias))} if bias is not None else {}),
                     scalars={"scale": scale, "mask_mode": _mask_mode(mask, bias)}
-                    | ({"fill": fill} if mask is not None and fill != -math.inf else {}),
+                    | ({"fill": fill} if mask is not None and fill != -math.inf else {})
+                    | ({"dtype": str(kwargs["dtype"])} if "dtype" in kwargs else {}),
                 )
             )
 
@@ -187,6 +194,21 @@ class SoftmaxFusions(FuserBase):
             "tensor (alpha 1), then one masked_fill (or where) with a constant"
         )
 
+    def _half_cast_after(self, sm: fx.Node) -> fx.Node | None:
+        """The cast of fp32 probabilities to half that is ``sm``'s only user (MPT's
+        ``softmax(scores.float()).to(half)`` whose scores are fp32 already: an fp32
+        bias promoted them), or None.  The kernel stores its fp32 result in that dtype:
+        the same rounding."""
+        (u,) = sm.users if len(sm.users) == 1 else (None,)
+        if u is None or u.target not in _CASTS or _val(sm).dtype != torch.float32:
+            return None
+        if set(u.kwargs) - {"dtype", "layout", "device"}:
+            return None  # a memory format: the kernel writes contiguous rows
+        uv, sv = _val(u), _val(sm)
+        if uv.dtype not in (torch.float16, torch.bfloat16) or uv.device != sv.device:
+            return None
+        return u
+
     def _upcast_softmax(self, sm: fx.Node, x: Any, half_to_float: bool):
         """For ``softmax(x16.float()).to(float16)`` (or ``half_to_float``): ``(x16, the
         cast back)``; ``(None, cast back)`` for half_to_float; ``(None, None)`` when the
@@ -221,7 +243,9 @@ class SoftmaxFusions(FuserBase):
             if sm.op != "call_function":
                 continue
             if sm.target is tile.scale_mask_softmax.default:
-                x, scale, mask, dim, bias, fill = (*sm.args, None, None)[:6]
+                x, scale, mask, dim, bias, fill, dtype = _scale_mask_softmax_args(sm)
+                if dtype is not None:
+                    continue  # stored cast to half: a dropout after it reads the cast
             elif sm.target is tile.softmax.default and sm.args[2] is False:
                 (x, dim), scale, mask, bias, fill = sm.args[:2], 1.0, None, None, None
             else:
@@ -407,6 +431,14 @@ class SoftmaxFusions(FuserBase):
                     scalars={"scale": scale, "dropout": keep is not None},
                 )
             )
+
+
+def _scale_mask_softmax_args(node: fx.Node) -> tuple:
+    """``(x, scale, mask, dim, bias, fill, dtype)`` of a ``tile::scale_mask_softmax``
+    node, defaults filled in."""
+    names = ("x", "scale", "mask", "dim", "bias", "fill", "dtype")
+    given = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    return tuple(given.get(k, -1 if k == "dim" else None) for k in names)
 
 
 def _mask_mode(mask: Any, bias: Any) -> str:
