@@ -146,6 +146,29 @@ def test_random_case_compares_the_kept_elements(device, name, kernel):
     assert tile["rel_err"] < 1e-5 and 0.0 < tile["dropped"] < 0.5
 
 
+def test_mpt_alibi_case_is_one_launch_in_half(device):
+    """The MPT attention-probabilities case: fp16 scores, an fp32 ALiBi bias, a finite
+    fill and the cast back to half all run in the one softmax kernel."""
+    torch = __import__("torch")
+    rows = []
+    case = kernels.select(kernels.anchor_cases("tiny"), ["alibi_softmax"])[0]
+    kernels.run_case(
+        case,
+        ["eager", "tile_eager"],
+        device=device,
+        dtype=torch.float16,
+        ceilings={},
+        timing=common.Timing(cpu_reps=1),
+        budget=common.Budget(600),
+        sink=rows.append,
+    )
+    eager, tile = rows
+    assert eager["status"] == tile["status"] == "ok", rows
+    assert tile["tile_launches"] == {"scale_mask_softmax_fwd": 1}, tile
+    assert tile["replaced"] == {"softmax": 1, "fused_scale_mask_softmax": 1}, tile
+    assert tile["rel_err"] < 1e-3
+
+
 def test_time_budget_skips_compiles(device):
     rows = []
     case = kernels.select(kernels.anchor_cases("tiny"), ["softmax_16"])[0]

@@ -136,6 +136,36 @@ def scale_mask_softmax_case(b: int, h: int, t: int, s: int) -> KernelCase:
     )
 
 
+def alibi_softmax_case(b: int, h: int, t: int, s: int) -> KernelCase:
+    """MPT's attention probabilities: ``softmax((scores * scale + alibi).masked_fill(mask,
+    finfo.min).float()).to(dtype)``, with an fp32 ALiBi bias of shape (h, 1, s) (it
+    promotes the scores to fp32) and a bool causal mask of shape (b, 1, t, s)."""
+
+    def make(device, dtype):
+        x = _randn(b, h, t, s, device=device, dtype=dtype, scale=4.0)
+        slopes = 2.0 ** -torch.arange(1, h + 1, device=device, dtype=torch.float32)
+        alibi = slopes.view(h, 1, 1) * torch.arange(1 - s, 1, device=device).view(1, 1, s)
+        causal = torch.ones(t, s, dtype=torch.bool, device=device).triu(1)
+        mask = causal.expand(b, 1, t, s).contiguous()
+        scale = 1.0 / math.sqrt(64)
+
+        def alibi_softmax(x, alibi, mask):
+            z = (x * scale + alibi).masked_fill(mask, torch.finfo(x.dtype).min)
+            return torch.softmax(z.float(), dim=-1).to(x.dtype)
+
+        return alibi_softmax, (x, alibi, mask)
+
+    return KernelCase(
+        name=f"alibi_softmax_{b}x{h}x{t}x{s}",
+        family="softmax",
+        bound="memory",
+        shape=f"{b}x{h}x{t}x{s}, alibi {h}x1x{s} fp32, bool mask {b}x1x{t}x{s}",
+        make=make,
+        flops=0,
+        nbytes=2.0 * b * h * t * s,  # scores in, probabilities out (the masks: < 5 %)
+    )
+
+
 def attention_dropout_case(b: int, h: int, t: int, s: int, p: float = 0.1) -> KernelCase:
     """HF's eager attention probabilities in training: ``dropout(softmax(scores * scale +
     mask), p)``.  Random draws differ between providers, so the error is taken on the
@@ -290,6 +320,7 @@ def anchor_cases(profile: str = "anchor") -> list[KernelCase]:
             linear_dropout_case(8192, 3072, 768),
             softmax_case(49152, 1024),
             scale_mask_softmax_case(4, 12, 1024, 1024),
+            alibi_softmax_case(4, 12, 1024, 1024),
             attention_dropout_case(4, 12, 1024, 1024),
             layernorm_case(16384, 768),
             layernorm_case(8192, 4096),
@@ -302,6 +333,7 @@ def anchor_cases(profile: str = "anchor") -> list[KernelCase]:
         linear_dropout_case(16, 48, 32),
         softmax_case(16, 32),
         scale_mask_softmax_case(2, 2, 8, 8),
+        alibi_softmax_case(2, 2, 8, 8),
         attention_dropout_case(2, 2, 8, 8),
         layernorm_case(16, 32),
         layernorm_case(8, 64),
