@@ -433,6 +433,38 @@ def test_half_attention_softmax_in_float32_is_one_kernel(poison, dtype, tol):
     assert "_to_copy" not in graph.code and "aten.add" not in graph.code
 
 
+@pytest.mark.parametrize("fallback", ["eager", "inductor"])
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)], ids=["fp16", "bf16"]
+)
+def test_half_attention_softmax_trains_with_its_prologue_fused(poison, dtype, tol, fallback):
+    """In training the fp32 probabilities are saved for the backward, so the cast back
+    stays; the half scores' scale and mask still join the kernel, which stores fp32."""
+    x = torch.randn(2, 3, 7, 7, dtype=dtype, requires_grad=True)
+    mask = torch.randn(2, 1, 7, 7, dtype=dtype)
+
+    def fn(x, m):
+        return F.softmax(x * 0.125 + m, dim=-1, dtype=torch.float32).to(x.dtype)
+
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": fallback})
+    with _common.count_launches() as launches:
+        torch.compile(fn, backend=backend)(x, mask).float().square().sum().backward()
+    assert launches["scale_mask_softmax_fwd"] == 1, dict(launches)
+    assert "softmax_fwd" not in launches, dict(launches)
+    (rep,) = [
+        r
+        for g in backend.report.graphs
+        for r in g.replacements
+        if r.pattern == "fused_scale_mask_softmax"
+    ]
+    assert rep.scalars["dtype"] == "torch.float32", rep.scalars
+    got = x.grad.clone()
+    x.grad = None
+    fn(x, mask).float().square().sum().backward()
+    torch.testing.assert_close(got, x.grad, atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 @pytest.mark.parametrize("sum_used", [False, True])
 def test_residual_add_norm_is_one_kernel(poison, norm, sum_used):

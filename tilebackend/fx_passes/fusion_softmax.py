@@ -27,10 +27,17 @@ class SoftmaxFusions(FuserBase):
             x, dim, half_to_float = sm.args[:3]
             # softmax(..., dtype=float32).to(half), Llama's eager attention in fp16 / bf16:
             # the upcast (or half_to_float) and the cast back are absorbed when the fp32
-            # probabilities are used only by that cast: one kernel, half in and out
+            # probabilities are used only by that cast: one kernel, half in and out.  When
+            # they are used otherwise too (training saves them), the kernel reads the half
+            # scores and stores the fp32 probabilities.
             up, down = self._upcast_softmax(sm, x, half_to_float)
-            if half_to_float and down is None:
-                continue
+            stored = None  # the dtype the kernel stores, when not the prologue's own
+            if down is None:
+                src = self._half_input(sm, x, half_to_float)
+                if src is None and half_to_float:
+                    continue
+                if src is not None:
+                    up, stored = (None if half_to_float else src), torch.float32
             scale, mask, bias, fill, base, consumed, consts = 1.0, None, None, None, up or x, [], []
             keep = None  # a where() whose condition says what to keep: the mask is its negation
             # x may be: masked_fill(z, mask, v) | z ; z = add(s, bias) | s ;
@@ -80,8 +87,8 @@ class SoftmaxFusions(FuserBase):
             if why is not None:
                 self._note(sm, f"prologue not fused: {why}")
                 continue
-            kwargs = {}
-            if down is None and (down := self._half_cast_after(sm)) is not None:
+            kwargs = {} if stored is None else {"dtype": stored}
+            if not kwargs and down is None and (down := self._half_cast_after(sm)) is not None:
                 kwargs["dtype"] = _val(down).dtype  # fp32 math, stored as the cast's
             with self.graph.inserting_before(sm):
                 if keep is not None:
@@ -216,18 +223,24 @@ class SoftmaxFusions(FuserBase):
         (down,) = sm.users if len(sm.users) == 1 else (None,)
         if down is None or down.target not in _CASTS:
             return None, None
+        src = self._half_input(sm, x, half_to_float)
+        if src is None or _val(down).dtype != _val(src).dtype:
+            return None, None
+        return (None if half_to_float else src), down
+
+    def _half_input(self, sm: fx.Node, x: Any, half_to_float: bool) -> Any:
+        """The half-precision scores of an fp32 softmax ``sm`` of input ``x``: ``x``
+        itself with ``half_to_float``, the source of a single-use upcast ``x``; else
+        None."""
         if half_to_float:
             src = x
         elif _single_use(x) and x.target in _CASTS and _is_tensor_node(x.args[0]):
             src = x.args[0]
         else:
-            return None, None
-        half = (torch.float16, torch.bfloat16)
-        if _val(src).dtype not in half or _val(down).dtype != _val(src).dtype:
-            return None, None
-        if _val(sm).dtype != torch.float32:
-            return None, None
-        return (None if half_to_float else src), down
+            return None
+        if _val(src).dtype not in (torch.float16, torch.bfloat16):
+            return None
+        return src if _val(sm).dtype == torch.float32 else None
 
     # --- dropout after a softmax ------------------------------------------------------
 
