@@ -459,6 +459,26 @@ def test_scale_mask_softmax_bias_and_fill(poison, device, block_n, dtype, fill):
     assert (gx[m.expand_as(gx)] == 0).all()
 
 
+@pytest.mark.parametrize("block_n", [None, 4])
+def test_scale_mask_softmax_two_added_tensors(poison, device, block_n):
+    """T5: a position bias added first, then a float mask; gradients for all three."""
+    x = torch.randn(2, 3, 5, 11, device=device, requires_grad=True)
+    pb = torch.randn(1, 3, 5, 11, device=device, requires_grad=True)
+    mask = torch.randn(2, 1, 1, 11, device=device, requires_grad=True)
+    y = fused_softmax.scale_mask_softmax_fwd(
+        x.detach(), 0.5, mask.detach(), -1, pb.detach(), block_n=block_n
+    )
+    ref = torch.softmax(x * 0.5 + pb + mask, -1)
+    torch.testing.assert_close(y, ref.detach(), atol=1e-6, rtol=1e-5)
+    with _common.count_launches() as n:
+        out = torch.ops.tile.scale_mask_softmax(x, 0.5, mask, -1, pb)
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, [x, pb, mask], g)
+    assert dict(n) == {"scale_mask_softmax_fwd": 1, "scale_mask_softmax_bwd": 1}, dict(n)
+    for a, b in zip(got, torch.autograd.grad(ref, [x, pb, mask], g), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_scale_mask_softmax_stores_in_the_asked_dtype(poison, device):
     """``dtype``: the fp32 probabilities stored as half, as ``softmax(...).to(half)``;
     the gradients are the cast's and the softmax's, the bias's summed in fp32."""
@@ -486,7 +506,7 @@ def test_scale_mask_softmax_bias_refusals(device):
     m = torch.rand(4, 8, device=device) < 0.5
     check = fused_softmax.check
     assert "broadcast" in check(x, m, -1, torch.zeros(3, 8, device=device), None)
-    assert "both added" in check(x, torch.zeros(4, 8, device=device), -1, x, None)
+    assert check(x, torch.zeros(4, 8, device=device), -1, x, None) is None  # two added
     assert "without a bool mask" in check(x, None, -1, None, -1e4)
     assert "bias: " in check(x, m, -1, torch.zeros(8, dtype=torch.int32, device=device), None)
     assert check(x, m, -1, torch.zeros(8, dtype=torch.float16, device=device), -1e4) is None

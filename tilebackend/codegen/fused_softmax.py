@@ -14,9 +14,10 @@ The op's operands (``mask`` polymorphic, as the common cases have one mask):
 * a bool ``mask``: ``True`` means *filled* (``masked_fill(mask, fill)``), ``fill``
   ``-inf`` by default; a finite fill is MPT's ``finfo.min``, where an all-masked row is
   uniform instead of NaN;
-* a float ``bias`` with a bool mask: added before the fill (MPT's ALiBi bias).
+* a float ``bias``: added first, then the mask is filled (MPT's ALiBi bias) or added
+  (T5's position bias, then its attention mask).
 
-The result dtype is eager's: ``x``'s promoted with the added tensor's.  Masks and biases
+The result dtype is eager's: ``x``'s promoted with the added tensors'.  Masks and biases
 broadcast to ``x`` (``[B, 1, T, T]`` or ``[1, 1, T, T]`` for ``[B, H, T, T]`` scores) and
 are read through their broadcast strides (0 on broadcast dims): they are never expanded in
 memory.  Rows are laid out as in :mod:`.softmax` (any dim, any strides, up to three
@@ -86,18 +87,20 @@ _MASK_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.bool)
 @triton.jit
 def _scores(
     x_row, a_row, m_row, offs, x_sn, a_sn, m_sn, scale, fill, N,
-    HAS_ADD: tl.constexpr, HAS_FILL: tl.constexpr,
+    HAS_ADD: tl.constexpr, M_MODE: tl.constexpr,
 ):  # fmt: skip
-    """``where(mask, fill, x * scale + add)`` over columns ``offs`` of one row, fp32;
-    ``-inf`` past the row end."""
+    """``where(mask, fill, x * scale + add)`` (``M_MODE`` 1) or ``x * scale + add + m``
+    (``M_MODE`` 2) over columns ``offs`` of one row, fp32; ``-inf`` past the row end."""
     inb = offs < N
     offs64 = offs.to(tl.int64)
     z = tl.load(x_row + offs64 * x_sn, mask=inb, other=0.0).to(tl.float32) * scale
     if HAS_ADD:
         z += tl.load(a_row + offs64 * a_sn, mask=inb, other=0.0).to(tl.float32)
-    if HAS_FILL:
+    if M_MODE == 1:
         mk = tl.load(m_row + offs64 * m_sn, mask=inb, other=0)
         z = tl.where(mk != 0, fill, z)
+    elif M_MODE == 2:
+        z += tl.load(m_row + offs64 * m_sn, mask=inb, other=0.0).to(tl.float32)
     return tl.where(inb, z, -float("inf"))
 
 
@@ -125,7 +128,8 @@ def _scale_mask_softmax_fwd_kernel(
     y_ptr,  # *out [G0, G1, G2] x [N] (contiguous)
     x_ptr,  # *in  [G0, G1, G2] x [N] (any strides)
     a_ptr,  # *in  added to x * scale, broadcast to x (stride 0 on broadcast dims)
-    m_ptr,  # *u8  bool mask broadcast to x: 1 = replaced by ``fill``
+    m_ptr,  # broadcast to x: *u8 bool mask, 1 = replaced by ``fill`` (M_MODE 1); or *in
+    # added after a_ptr's tensor (M_MODE 2: T5's position bias, then its mask)
     N,  # int: softmax-dim length
     G1,  # int: size of the 2nd non-softmax dim group
     G2,  # int: size of the 3rd (innermost) non-softmax dim group
@@ -153,7 +157,7 @@ def _scale_mask_softmax_fwd_kernel(
     p,  # fp32: drop probability
     drop_scale,  # fp32: kept values are multiplied by this (1 / (1 - p))
     HAS_ADD: tl.constexpr,  # a_ptr is read
-    HAS_FILL: tl.constexpr,  # m_ptr is read
+    M_MODE: tl.constexpr,  # m_ptr: 0 unread, 1 a bool mask filled, 2 added
     DROPOUT: tl.constexpr,  # y = where(rand(seed, index in y) > p, softmax * drop_scale, 0)
     WRITE_PROBS: tl.constexpr,
     WRITE_KEEP: tl.constexpr,
@@ -170,7 +174,7 @@ def _scale_mask_softmax_fwd_kernel(
     if DROPOUT:
         seed = tl.load(seed_ptr)
     if SINGLE:
-        z = _scores(x_row, a_row, m_row, cols, x_sn, a_sn, m_sn, scale, fill, N, HAS_ADD, HAS_FILL)
+        z = _scores(x_row, a_row, m_row, cols, x_sn, a_sn, m_sn, scale, fill, N, HAS_ADD, M_MODE)
         e = tl.exp(z - tl.max(z, axis=0))  # all -inf: NaN, like eager
         y = e / tl.sum(e, axis=0)
         _store_probs(
@@ -183,7 +187,7 @@ def _scale_mask_softmax_fwd_kernel(
         for start in range(0, N, BLOCK_N):
             z = _scores(
                 x_row, a_row, m_row, start + cols, x_sn, a_sn, m_sn, scale, fill, N,
-                HAS_ADD, HAS_FILL,
+                HAS_ADD, M_MODE,
             )  # fmt: skip
             m_new = tl.maximum(m, z, propagate_nan=tl.PropagateNan.ALL)  # a NaN stays
             d = tl.where(m_new == -float("inf"), 0.0, d * tl.exp(m - m_new) + tl.exp(z - m_new))
@@ -193,7 +197,7 @@ def _scale_mask_softmax_fwd_kernel(
         for start in range(0, N, BLOCK_N):
             offs = start + cols
             z = _scores(
-                x_row, a_row, m_row, offs, x_sn, a_sn, m_sn, scale, fill, N, HAS_ADD, HAS_FILL
+                x_row, a_row, m_row, offs, x_sn, a_sn, m_sn, scale, fill, N, HAS_ADD, M_MODE
             )  # fmt: skip
             y = tl.exp(z - row_max) / row_sum
             _store_probs(
@@ -307,11 +311,16 @@ def out_dtype(x: Tensor, mask: Tensor | None, bias: Tensor | None = None) -> tor
 
 
 def _operands(mask: Tensor | None, bias: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
-    """``(added tensor, bool mask)`` of the op's ``mask`` (float: added; bool: filled)
-    and ``bias`` (added)."""
-    if mask is not None and mask.dtype != torch.bool:
+    """The kernel's ``(a, m)`` for the op's ``mask`` (float: added; bool: filled) and
+    ``bias`` (added first): ``a`` is added, ``m`` filled from or added after ``a``."""
+    if mask is not None and mask.dtype != torch.bool and bias is None:
         return mask, None
     return bias, mask
+
+
+def _m_mode(m: Tensor | None) -> int:
+    """The kernel's ``M_MODE`` for its ``m`` operand: 0 none, 1 bool (filled), 2 added."""
+    return 0 if m is None else 1 if m.dtype == torch.bool else 2
 
 
 def _broadcast_reason(what: str, t: Tensor, x: Tensor, dtypes) -> str | None:
@@ -344,11 +353,8 @@ def check(x, mask, dim, bias=None, fill=None) -> str | None:
         return f"dim {dim} is out of range for a {x.dim()}-dim tensor"
     if mask is not None and (r := _broadcast_reason("mask", mask, x, _MASK_DTYPES)):
         return r
-    if bias is not None:
-        if mask is not None and mask.dtype != torch.bool:
-            return "a bias with a float mask (both added): add them first"
-        if r := _broadcast_reason("bias", bias, x, _common.SUPPORTED_DTYPES):
-            return r
+    if bias is not None and (r := _broadcast_reason("bias", bias, x, _common.SUPPORTED_DTYPES)):
+        return r
     if fill is not None:
         if isinstance(fill, bool) or not isinstance(fill, (int, float)):
             return f"fill {fill!r} is not a float"
@@ -396,18 +402,19 @@ def reference(
     """Eager: ``softmax(x * scale + mask)`` / ``softmax((x * scale + bias).masked_fill(mask,
     fill))`` (``fill`` -inf by default)."""
     z = x * scale
-    if mask is not None and mask.dtype != torch.bool:
-        z = z + mask
     if bias is not None:
         z = z + bias
+    if mask is not None and mask.dtype != torch.bool:
+        z = z + mask
     if mask is not None and mask.dtype == torch.bool:
         z = z.masked_fill(mask, -math.inf if fill is None else fill)
     return torch.softmax(z, dim).contiguous()
 
 
-def _mode_key(add: Tensor | None, bmask: Tensor | None) -> int:
-    """The mask operands as a tuning-key int: 0 none, 1 added, 2 bool, 3 both."""
-    return (add is not None) + 2 * (bmask is not None)
+def _mode_key(a: Tensor | None, m: Tensor | None) -> int:
+    """The kernel's operands as an int (tuning key, specs): bit 0 ``a`` added, bits 1-2
+    ``m``'s :func:`_m_mode` (2: a bool mask, 4: a second added tensor)."""
+    return (a is not None) + 2 * _m_mode(m)
 
 
 def _launch(kernel_name, kernel, n, rows, in_dtype, o_dtype, contiguous, block_n, launch):
@@ -516,16 +523,17 @@ def _fwd(x, scale, mask, dim, dropout, block_n, bias=None, fill=None, dtype=None
         return y, probs, keep
     n = shape[dim]
     rows = x.numel() // n
-    add, bmask = _operands(mask, bias)
+    add, mop = _operands(mask, bias)
     ts = [y, x]
     if add is not None:
         ts.append(add.expand(shape))
-    if bmask is not None:
-        ts.append(bmask.expand(shape).view(torch.uint8))
+    if mop is not None:
+        mx = mop.expand(shape)
+        ts.append(mx.view(torch.uint8) if mop.dtype == torch.bool else mx)
     ts, g1, g2, strides = _plan(ts, dim)
     (y, x), (ys, xs) = ts[:2], strides[:2]
     a, as_ = (ts[2], strides[2]) if add is not None else (x, xs)
-    m, ms = (ts[-1], strides[-1]) if bmask is not None else (x, xs)
+    m, ms = (ts[-1], strides[-1]) if mop is not None else (x, xs)
     fill_value = -math.inf if fill is None else float(fill)
     # probs / keep are allocated as y (contiguous, same shape): y's strides address them
     probs_arg = probs if write_probs else y
@@ -537,7 +545,7 @@ def _fwd(x, scale, mask, dim, dropout, block_n, bias=None, fill=None, dtype=None
         _common.launch(_scale_mask_softmax_fwd_kernel, (rows,),
             y, x, a, m, n, g1, g2, *xs, *ys, *as_, *ms, float(scale), fill_value,
             seed_arg, probs_arg, keep_arg, p, drop_scale,
-            HAS_ADD=add is not None, HAS_FILL=bmask is not None,
+            HAS_ADD=add is not None, M_MODE=_m_mode(mop),
             DROPOUT=drop, WRITE_PROBS=write_probs, WRITE_KEEP=write_keep,
             SINGLE=single, **cfg.as_kwargs(),
         )  # fmt: skip
@@ -548,7 +556,7 @@ def _fwd(x, scale, mask, dim, dropout, block_n, bias=None, fill=None, dtype=None
         n,
         rows,
         x.dtype,
-        (y.dtype, _mode_key(add, bmask), drop, write_probs, write_keep),
+        (y.dtype, _mode_key(add, mop), drop, write_probs, write_keep),
         xs[3] == 1,
         block_n,
         launch,
@@ -644,11 +652,11 @@ def scale_mask_softmax_op(x, scale, mask, dim=-1, bias=None, fill=None, dtype=No
 
 def _guard_key(x, mask, bias, fill) -> tuple:
     """What a kernel failure is remembered by: the dtypes and mask operands."""
-    add, bmask = _operands(mask, bias)
+    add, mop = _operands(mask, bias)
     return (
         x.dtype,
         None if add is None else add.dtype,
-        _mode_key(add, bmask),
+        None if mop is None else mop.dtype,
         fill is not None,
     )
 
@@ -847,17 +855,18 @@ _INT_BWD = ("N", "G1", "G2") + tuple(f"{p}_s{i}" for p in ("dx", "dy", "y") for 
 def _spec(
     fwd: bool, dt: torch.dtype, mode: int, single: bool, cfg: autotune.Config, drop=False
 ) -> dict:
-    """``mode`` as :func:`_mode_key`: bit 0 an added tensor, bit 1 a bool mask (in the
-    backward: the mask read for a finite fill)."""
+    """``mode`` as :func:`_mode_key`: bit 0 an added tensor, 2 a bool mask (in the
+    backward: the mask read for a finite fill), 4 a second added tensor."""
     t = "*" + _common.triton_dtype_name(dt)
-    has_add, has_fill = bool(mode & 1), bool(mode & 2)
+    has_add, m_mode = bool(mode & 1), mode >> 1
+    has_fill = m_mode == 1
     if fwd:
         fn = _scale_mask_softmax_fwd_kernel
         sig = {"y_ptr": t, "x_ptr": t, "a_ptr": t, "m_ptr": "*u8" if has_fill else t}
         ints, unit = _INT_FWD, ("x_sn", "y_sn", "a_sn", "m_sn")
         consts = {
             "HAS_ADD": has_add,
-            "HAS_FILL": has_fill,
+            "M_MODE": m_mode,
             "DROPOUT": drop,
             "WRITE_PROBS": drop,
             "WRITE_KEEP": drop,
@@ -912,7 +921,7 @@ def sm90_specs() -> list[dict]:
     heavy_s = max(single, key=lambda c: (c["BLOCK_N"], c.num_warps))
     heavy_l = max(looped, key=lambda c: (c["BLOCK_N"], c.num_warps))
     for dt in _common.SUPPORTED_DTYPES:
-        for mode in (0, 2, 3):
+        for mode in (0, 2, 3, 5):
             specs += [_spec(True, dt, mode, True, heavy_s), _spec(True, dt, mode, False, heavy_l)]
         specs += [_spec(False, dt, 2, True, heavy_s), _spec(False, dt, 2, False, heavy_l)]
         # dropout: every single-block and looped config, with a bool mask

@@ -15,8 +15,8 @@
   expression).  Tried first; when a result escapes the region (training graphs save both
   for the backward) the single-GEMM epilogue applies as before.
 * **softmax prologues**: ``softmax(x * scale + mask)`` (and ``/ s``, ``masked_fill(mask,
-  -inf)``, MPT's ``(x * scale + bias).masked_fill(mask, finfo.min)``, the ``where`` forms)
-  become ``tile::scale_mask_softmax``.
+  -inf)``, MPT's ``(x * scale + bias).masked_fill(mask, finfo.min)``, T5's
+  ``x + position_bias + mask``, the ``where`` forms) become ``tile::scale_mask_softmax``.
 * **dropout after a softmax**: ``native_dropout`` or Inductor's decomposition of it (its
   seed op kept) become ``tile::scale_mask_softmax_dropout``; in backward graphs the
   dropout's backward and the prologue's scale fold into

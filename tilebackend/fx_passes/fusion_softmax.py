@@ -43,7 +43,9 @@ class SoftmaxFusions(FuserBase):
             # x may be: masked_fill(z, mask, v) | z ; z = add(s, bias) | s ;
             # s = mul(y, c) | div(y, c); v a constant (-inf drops the entry; MPT fills with
             # finfo.min).  masked_fill also as Inductor's decomposition has it,
-            # where(mask, v, z), or written the other way round, where(keep, z, v)
+            # where(mask, v, z), or written the other way round, where(keep, z, v).
+            # Without a fill, z may add two tensors: add(add(s, bias), mask) (T5's
+            # position bias, then its attention mask).
             where = self._where_fill(base) if _single_use(base) else None
             if _single_use(base) and base.target is aten.masked_fill.Scalar:
                 mask, fill = base.args[1], base.args[2]
@@ -55,15 +57,13 @@ class SoftmaxFusions(FuserBase):
                 mask, keep = (None, cond) if inverted else (cond, None)
                 consumed.append(base)
                 base = scores
-            if (
-                _single_use(base)
-                and base.target is aten.add.Tensor
-                and _is_tensor_node(base.args[1])
-                and base.kwargs.get("alpha", 1) == 1
-            ):
-                bias = base.args[1]
+            added = []  # outermost first
+            while len(added) < (1 if fill is not None else 2) and _plain_add(base):
+                added.append(base.args[1])
                 consumed.append(base)
                 base = base.args[0]
+            bias = added[-1] if added else None  # added first
+            mask_added = added[0] if len(added) == 2 else None  # then this one
             if (
                 _single_use(base)
                 and base.target in (aten.mul.Tensor, aten.div.Tensor)
@@ -83,7 +83,8 @@ class SoftmaxFusions(FuserBase):
             if up is not None:
                 consumed.insert(0, x)  # the upcast, erased after the ops before it
             xv = _val(base)
-            why = self._prologue_refusal(xv, mask if keep is None else keep, bias, fill, dim)
+            m = mask if keep is None else keep
+            why = self._prologue_refusal(xv, m, added, fill, dim)
             if why is not None:
                 self._note(sm, f"prologue not fused: {why}")
                 continue
@@ -94,8 +95,11 @@ class SoftmaxFusions(FuserBase):
                 if keep is not None:
                     mask = self.graph.call_function(aten.logical_not.default, (keep,))
                     self._meta(mask)
-                if mask is None:  # an added tensor alone is the op's (float) mask
+                if mask is None and mask_added is None:  # one added tensor: the op's mask
                     args = (base, scale, bias, -1)
+                elif mask is None:
+                    args = (base, scale, mask_added, -1)
+                    kwargs["bias"] = bias
                 else:
                     args = (base, scale, mask, -1)
                     if bias is not None:
@@ -125,26 +129,25 @@ class SoftmaxFusions(FuserBase):
                     nodes=[n.name for n in fused_nodes],
                     targets=[short_target(n.target) for n in fused_nodes],
                     inputs={"x": describe_value(xv)}
-                    | ({"mask": describe_value(_val(mask))} if mask is not None else {})
+                    | ({"mask": describe_value(_val(m))} if (m := mask or mask_added) else {})
                     | ({"bias": describe_value(_val(bias))} if bias is not None else {}),
-                    scalars={"scale": scale, "mask_mode": _mask_mode(mask, bias)}
+                    scalars={"scale": scale, "mask_mode": _mask_mode(mask, added)}
                     | ({"fill": fill} if mask is not None and fill != -math.inf else {})
                     | ({"dtype": str(kwargs["dtype"])} if "dtype" in kwargs else {}),
                 )
             )
 
-    def _prologue_refusal(self, xv, m, bias, fill, dim) -> str | None:
-        """Why a matched prologue (bool mask read from node ``m``, an added ``bias``, a
-        ``fill`` value) cannot go into the kernel with scores ``xv``, or None."""
+    def _prologue_refusal(self, xv, m, added, fill, dim) -> str | None:
+        """Why a matched prologue (bool mask read from node ``m``, the ``added`` tensors,
+        a ``fill`` value) cannot go into the kernel with scores ``xv``, or None."""
         float_types = (torch.float32, torch.float16, torch.bfloat16)
-        if bias is not None:
-            bv = _val(bias)
-            if bv.dtype not in float_types:
-                return f"added tensor {bias.name} is {bv.dtype}"
-            if not self._broadcasts_to(bv.shape, xv.shape):
+        for t in added:
+            tv = _val(t)
+            if tv.dtype not in float_types:
+                return f"added tensor {t.name} is {tv.dtype}"
+            if not self._broadcasts_to(tv.shape, xv.shape):
                 return (
-                    f"added tensor {bias.name} {list(bv.shape)} does not broadcast to "
-                    f"{list(xv.shape)}"
+                    f"added tensor {t.name} {list(tv.shape)} does not broadcast to {list(xv.shape)}"
                 )
         if m is not None:
             mv = _val(m)
@@ -197,8 +200,9 @@ class SoftmaxFusions(FuserBase):
         if t in (aten.mul.Tensor, aten.div.Tensor) and isinstance(node.args[1], fx.Node):
             return f"{what}: the scale {describe_value(_val(node.args[1]))} is not a constant"
         return (
-            f"{what} is outside what the kernel takes: one constant scale, one added "
-            "tensor (alpha 1), then one masked_fill (or where) with a constant"
+            f"{what} is outside what the kernel takes: one constant scale, then added "
+            "tensors (alpha 1; two at most, one before a fill), then one masked_fill (or "
+            "where) with a constant"
         )
 
     def _half_cast_after(self, sm: fx.Node) -> fx.Node | None:
@@ -454,11 +458,20 @@ def _scale_mask_softmax_args(node: fx.Node) -> tuple:
     return tuple(given.get(k, -1 if k == "dim" else None) for k in names)
 
 
-def _mask_mode(mask: Any, bias: Any) -> str:
+def _mask_mode(mask: Any, added: list) -> str:
     """The report's name for the prologue's mask operands."""
-    if mask is None:
-        return "none" if bias is None else "add"
-    return "fill" if bias is None else "add+fill"
+    parts = ["add"] * len(added) + (["fill"] if mask is not None else [])
+    return "+".join(parts) or "none"
+
+
+def _plain_add(n: Any) -> bool:
+    """``n`` is a single-use ``add(a, t)`` of a tensor ``t``, alpha 1."""
+    return (
+        _single_use(n)
+        and n.target is aten.add.Tensor
+        and _is_tensor_node(n.args[1])
+        and n.kwargs.get("alpha", 1) == 1
+    )
 
 
 def _dropout_grad(grad: fx.Node):
