@@ -212,6 +212,30 @@ def test_swiglu_training_step_matches_eager(poison):
     assert any("dual GEMM" in s.reason for s in backend.report.skipped), str(backend.report)
 
 
+@pytest.mark.parametrize("fallback", ["eager", "inductor"])
+def test_swiglu_training_under_dynamic_shapes_fuses_the_gate(poison, fallback):
+    """dynamic=True training: the GEMM's 2-D result is viewed back to 3-D with a symbolic
+    batch x tokens, and the other GEMM's 3-D result reaches the gate as an extra input;
+    it is read viewed as [-1, N] (N static), so the gate still fuses into the epilogue,
+    for every size of one graph."""
+    torch.manual_seed(0)
+    mlp = _LlamaMLP(16, 24)
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": fallback})
+    compiled = torch.compile(mlp, backend=backend, dynamic=True)
+    for b, t in [(2, 5), (3, 7)]:
+        x = torch.randn(b, t, 16, requires_grad=True)
+        mlp.zero_grad(set_to_none=True)
+        with _common.count_launches() as launches:
+            compiled(x).square().sum().backward()
+        grads_like_eager([*mlp.parameters(), x], lambda x=x: mlp(x), atol=1e-4, rtol=1e-4)
+        assert launches["mm_epilogue_multi"] + launches["mm_epilogue"] >= 1, dict(launches)
+    fwd = [g for g in backend.report.graphs if g.name == "forward"]
+    assert fwd and fwd[0].symbolic, str(backend.report)
+    assert fwd[0].counts.get("fused_mm_epilogue", 0) >= 1, str(backend.report)
+    assert not any("is not 2-D" in s.reason for s in fwd[0].skipped), str(backend.report)
+
+
 class _GateUpMLP(torch.nn.Module):
     """Phi-3's MLP: one ``gate_up`` GEMM, chunked, then SwiGLU."""
 

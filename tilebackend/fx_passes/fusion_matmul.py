@@ -233,7 +233,7 @@ class MatmulFusions(FuserBase):
                 if (
                     not self._same(v.shape, out_shape)
                     or self.facts.prove_contiguous(v.shape, v.stride()) is not True
-                    or any(shapes.is_symbolic(d) for d in m_n)
+                    or shapes.is_symbolic(m_n[1])  # (a symbolic M is viewed as -1)
                 ):
                     return None, f"extra input {e.name} {tuple(v.shape)} is not 2-D"
                 extra_nodes.append(("view", e, [m_n[0], m_n[1]]))
@@ -256,7 +256,9 @@ class MatmulFusions(FuserBase):
         extras = []
         for kind, e, shape in extra_nodes:
             if kind == "view":
-                e = self.graph.call_function(aten.view.default, (e, shape))
+                m, n = shape  # N static; a symbolic M (batch x tokens) is what is left
+                size = [-1 if shapes.is_symbolic(m) else m, n]
+                e = self.graph.call_function(aten.view.default, (e, size))
                 self._meta(e)
             extras.append(e)
         return extras
