@@ -4,6 +4,7 @@ and in backward graphs the dropout's backward and the prologue's scale around
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from typing import Any
@@ -38,43 +39,11 @@ class SoftmaxFusions(FuserBase):
                     continue
                 if src is not None:
                     up, stored = (None if half_to_float else src), torch.float32
-            scale, mask, bias, fill, base, consumed, consts = 1.0, None, None, None, up or x, [], []
-            keep = None  # a where() whose condition says what to keep: the mask is its negation
-            # x may be: masked_fill(z, mask, v) | z ; z = add(s, bias) | s ;
-            # s = mul(y, c) | div(y, c); v a constant (-inf drops the entry; MPT fills with
-            # finfo.min).  masked_fill also as Inductor's decomposition has it,
-            # where(mask, v, z), or written the other way round, where(keep, z, v).
-            # Without a fill, z may add two tensors: add(add(s, bias), mask) (T5's
-            # position bias, then its attention mask).
-            where = self._where_fill(base) if _single_use(base) else None
-            if _single_use(base) and base.target is aten.masked_fill.Scalar:
-                mask, fill = base.args[1], base.args[2]
-                consumed.append(base)
-                base = base.args[0]
-            elif where is not None:
-                cond, scores, fill, inverted = where
-                consts = [a for a in base.args[1:3] if a is not scores]
-                mask, keep = (None, cond) if inverted else (cond, None)
-                consumed.append(base)
-                base = scores
-            added = []  # outermost first
-            while len(added) < (1 if fill is not None else 2) and _plain_add(base):
-                added.append(base.args[1])
-                consumed.append(base)
-                base = base.args[0]
+            pro = self._match_prologue(up or x)
+            base, consumed, added, keep = pro.base, pro.consumed, pro.added, pro.keep
+            mask, fill, scale = pro.mask, pro.fill, pro.scale
             bias = added[-1] if added else None  # added first
             mask_added = added[0] if len(added) == 2 else None  # then this one
-            if (
-                _single_use(base)
-                and base.target in (aten.mul.Tensor, aten.div.Tensor)
-                and isinstance(base.args[1], (int, float))
-                and not isinstance(base.args[1], bool)
-                and base.args[1] != 0
-            ):
-                c = float(base.args[1])
-                scale = c if base.target is aten.mul.Tensor else 1.0 / c
-                consumed.append(base)
-                base = base.args[0]
             left = self._not_absorbed(base)
             if left is not None:
                 self._note(sm, left)
@@ -118,7 +87,7 @@ class SoftmaxFusions(FuserBase):
                     self.graph.erase_node(mask)
                 continue
             result.replace_all_uses_with(fused)
-            for n in [*([down] if down is not None else []), sm, *consumed, *consts]:
+            for n in [*([down] if down is not None else []), sm, *consumed, *pro.consts]:
                 if isinstance(n, fx.Node) and not n.users:
                     self.graph.erase_node(n)
             self.count += 1
@@ -136,6 +105,40 @@ class SoftmaxFusions(FuserBase):
                     | ({"dtype": str(kwargs["dtype"])} if "dtype" in kwargs else {}),
                 )
             )
+
+    def _match_prologue(self, base: Any) -> _Prologue:
+        """Walk up from the softmax input ``base`` over what the kernel can take.
+
+        ``base`` may be: ``masked_fill(z, mask, v) | z``; ``z = add(s, t) | s`` (without a
+        fill, two adds: ``add(add(s, bias), mask)``, T5's position bias, then its attention
+        mask); ``s = mul(y, c) | div(y, c)``.  ``v`` is a constant (-inf drops the entry;
+        MPT fills with finfo.min).  masked_fill also as Inductor's decomposition has it,
+        ``where(mask, v, z)``, or written the other way round, ``where(keep, z, v)``."""
+        pro = _Prologue(base)
+        where = self._where_fill(base) if _single_use(base) else None
+        if _single_use(base) and base.target is aten.masked_fill.Scalar:
+            pro.mask, pro.fill = base.args[1], base.args[2]
+            pro.take(base, base.args[0])
+        elif where is not None:
+            cond, scores, pro.fill, inverted = where
+            pro.consts = [a for a in base.args[1:3] if a is not scores]
+            pro.mask, pro.keep = (None, cond) if inverted else (cond, None)
+            pro.take(base, scores)
+        while len(pro.added) < (1 if pro.fill is not None else 2) and _plain_add(pro.base):
+            pro.added.append(pro.base.args[1])
+            pro.take(pro.base, pro.base.args[0])
+        b = pro.base
+        c = b.args[1] if isinstance(b, fx.Node) and len(b.args) > 1 else None
+        if (
+            _single_use(b)
+            and b.target in (aten.mul.Tensor, aten.div.Tensor)
+            and isinstance(c, (int, float))
+            and not isinstance(c, bool)
+            and c != 0
+        ):
+            pro.scale = float(c) if b.target is aten.mul.Tensor else 1.0 / float(c)
+            pro.take(b, b.args[0])
+        return pro
 
     def _prologue_refusal(self, xv, m, added, fill, dim) -> str | None:
         """Why a matched prologue (bool mask read from node ``m``, the ``added`` tensors,
@@ -448,6 +451,28 @@ class SoftmaxFusions(FuserBase):
                     scalars={"scale": scale, "dropout": keep is not None},
                 )
             )
+
+
+@dataclasses.dataclass
+class _Prologue:
+    """What :meth:`SoftmaxFusions._match_prologue` found above a softmax: the scores
+    ``base``, the nodes ``consumed`` (outermost first), the ``added`` tensors (outermost
+    first), a bool ``mask`` (or its negation ``keep``) filled with ``fill``, the
+    ``scale``, and the constant nodes of a ``where`` (``consts``)."""
+
+    base: Any
+    consumed: list = dataclasses.field(default_factory=list)
+    added: list = dataclasses.field(default_factory=list)
+    mask: Any = None
+    keep: Any = None
+    fill: Any = None
+    scale: float = 1.0
+    consts: list = dataclasses.field(default_factory=list)
+
+    def take(self, node: fx.Node, below: Any) -> None:
+        """``node`` joins the kernel; the walk goes on at its input ``below``."""
+        self.consumed.append(node)
+        self.base = below
 
 
 def _scale_mask_softmax_args(node: fx.Node) -> tuple:
