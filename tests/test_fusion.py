@@ -372,7 +372,12 @@ def _mpt_inputs(dtype=torch.float32, bias_dtype=torch.float32, requires_grad=Fal
 
 @pytest.mark.parametrize(
     "form, fallback",
-    [("masked_fill", "eager"), ("masked_fill", "inductor"), ("where_keep", "eager")],
+    [
+        ("masked_fill", "eager"),
+        ("masked_fill", "inductor"),
+        ("where_keep", "eager"),
+        ("int_zero_fill", "eager"),  # masked_fill(m, 0): an int fill, entries kept at 0
+    ],
 )
 def test_finite_fill_after_a_bias_is_one_kernel(poison, form, fallback):
     """MPT's scale + ALiBi bias + masked_fill(finfo.min) prologue (and the where(keep, s,
@@ -381,6 +386,7 @@ def test_finite_fill_after_a_bias_is_one_kernel(poison, form, fallback):
     fns = {
         "masked_fill": _mpt_scores,
         "where_keep": lambda x, b, m: torch.softmax(torch.where(~m, x * 0.35 + b, -1e4), -1),
+        "int_zero_fill": lambda x, b, m: torch.softmax((x * 0.35 + b).masked_fill(m, 0), -1),
     }
     torch._dynamo.reset()
     backend = tilebackend.TileBackend(options={"fallback": fallback})
@@ -393,7 +399,8 @@ def test_finite_fill_after_a_bias_is_one_kernel(poison, form, fallback):
     assert graph.counts.get("fused_scale_mask_softmax") == 1, str(graph)
     assert dict(launches) == {"scale_mask_softmax_fwd": 1}, dict(launches)
     (rep,) = [r for r in graph.replacements if r.pattern == "fused_scale_mask_softmax"]
-    assert rep.scalars["mask_mode"] == "add+fill" and rep.scalars["fill"] < -1e3, rep.scalars
+    assert rep.scalars["mask_mode"] == "add+fill", rep.scalars
+    assert rep.scalars["fill"] == 0 if form == "int_zero_fill" else rep.scalars["fill"] < -1e3
     for op in ("aten.where", "aten.masked_fill", "aten.add", "aten.mul"):
         assert op not in graph.code, graph.code
 
