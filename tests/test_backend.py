@@ -645,3 +645,22 @@ def test_training_with_a_symbolic_float_scale(poison, fallback):
     assert launches["softmax_bwd"] == 1 or launches["scale_mask_softmax_bwd"] == 1, dict(launches)
     pre = backend.report.graphs[0]
     assert pre.name == "forward, before autograd" and pre.replacements, str(backend.report)
+
+
+@pytest.mark.parametrize("fallback", ["eager", "inductor"])
+def test_bf16_gemm_on_the_cpu_stays_aten(fallback):
+    """Triton's CPU interpreter multiplies bf16 ``tl.dot`` operands' bit patterns, so a
+    bf16 GEMM on the CPU is left to ATen (the report says why) rather than be wrong; with
+    Inductor the leftover ``mm`` it declines to decompose leaves no dead casts behind."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 24).to(torch.bfloat16)
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    fn = lambda x: torch.relu(lin(x)) @ lin.weight  # noqa: E731
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": fallback})
+    with torch.no_grad(), _common.count_launches() as launches:
+        out = torch.compile(fn, backend=backend)(x)
+        ref = fn(x)
+    torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
+    assert not any(k.startswith(("mm", "addmm", "bmm")) for k in launches), dict(launches)
+    assert any("triton#11584" in s.reason for s in backend.report.skipped), str(backend.report)

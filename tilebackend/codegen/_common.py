@@ -149,6 +149,16 @@ def dtype_reason(t: Any, allowed=SUPPORTED_DTYPES) -> str | None:
     return None
 
 
+def dot_reason(t: Any) -> str | None:
+    """Why a ``tl.dot`` kernel must not take tensor ``t``: Triton's CPU interpreter
+    multiplies bf16 operands' bit patterns (triton-lang/triton#11584), so a bf16 GEMM on
+    the CPU stays ATen's rather than return wrong numbers.  None on a GPU."""
+    dev = getattr(t, "device", None)
+    if getattr(t, "dtype", None) == torch.bfloat16 and getattr(dev, "type", None) == "cpu":
+        return "bf16 GEMMs are wrong in Triton's CPU interpreter (triton#11584)"
+    return None
+
+
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Allocate a kernel output; filled with NaN / a sentinel when poisoning is on."""
     if settings.current().poison_outputs:

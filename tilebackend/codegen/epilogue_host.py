@@ -90,7 +90,7 @@ def check_operands(
                 return f"{which} reads {leaf} but only {len(extras)} extra input(s) are given"
     tensors = {"a": a, **bs, **{k: t for k, t in biases.items() if t is not None}}
     for name, t in tensors.items():
-        r = _common.device_reason(t) or _common.dtype_reason(t)
+        r = _common.device_reason(t) or _common.dtype_reason(t) or _common.dot_reason(t)
         if r:
             return f"{name}: {r}"
     values = set().union(*map(pointwise.value_leaves, exprs))

@@ -376,7 +376,7 @@ def check(a: Any, b: Any, bias: Any = None, activation: str = "none") -> str | N
     """
     tensors = {"a": a, "b": b} if bias is None else {"a": a, "b": b, "bias": bias}
     for name, t in tensors.items():
-        r = _common.device_reason(t) or _common.dtype_reason(t)
+        r = _common.device_reason(t) or _common.dtype_reason(t) or _common.dot_reason(t)
         if r:
             return f"{name}: {r}"
     if activation not in ACTIVATIONS:
@@ -633,7 +633,7 @@ def linear_act_check(
     if bias is not None:
         tensors["bias"] = bias
     for name, t in tensors.items():
-        r = _common.device_reason(t) or _common.dtype_reason(t)
+        r = _common.device_reason(t) or _common.dtype_reason(t) or _common.dot_reason(t)
         if r:
             return f"{name}: {r}"
     if activation not in ACTIVATIONS:

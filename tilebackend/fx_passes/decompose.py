@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 import torch.fx as fx
 import torch.fx.traceback as fx_traceback
 
@@ -41,7 +42,21 @@ def decompose_leftovers(
     fake_mode = _compat.detect_fake_mode(vals)
     with fake_mode or contextlib.nullcontext(), fx_traceback.preserve_node_meta():
         new = make_fx(_Run(gm), decomposition_table=dict(table))(*vals)
+    _drop_dead_casts(new)
     return new, dict(found)
+
+
+def _drop_dead_casts(gm: fx.GraphModule) -> None:
+    """Erase the unused casts a decomposition traced before giving up: Inductor's
+    ``pw_cast_for_opmath`` decompositions (its ``mm`` on the CPU) upcast their inputs,
+    then return ``NotImplemented`` and the op is kept whole, leaving the casts behind;
+    Inductor has no lowering for a bare ``aten._to_copy``."""
+    casts = (torch.ops.aten._to_copy.default, torch.ops.prims.convert_element_type.default)
+    dead = [n for n in gm.graph.nodes if n.target in casts and not n.users]
+    for n in reversed(dead):
+        gm.graph.erase_node(n)
+    if dead:
+        gm.recompile()
 
 
 class _Run:
