@@ -714,6 +714,12 @@ def _(grad, out, scale, dim, input_dtype, zero_nan=False, keep=None, drop_scale=
 def _setup(ctx, inputs, output):
     x, scale, mask, dim = inputs[:4]
     bias, fill = (inputs[4:6] + (None, None))[:2]
+    _remember(ctx, x, scale, mask, dim, bias, fill)
+    ctx.save_for_backward(output, *([mask] if ctx.finite_fill else []))
+
+
+def _remember(ctx, x, scale, mask, dim, bias, fill) -> None:
+    """What the backward needs of the forward's arguments, besides saved tensors."""
     ctx.scale, ctx.dim, ctx.x_dtype = float(scale), dim, x.dtype
     ctx.z_dtype = out_dtype(x, mask, bias)  # the softmax input's dtype, in eager
     ctx.mask_shape = None if mask is None else mask.shape
@@ -723,8 +729,6 @@ def _setup(ctx, inputs, output):
     # a finite fill leaves the filled entries a probability: their zero gradient is
     # applied from the mask (with -inf they have none; a fully masked row is NaN)
     ctx.finite_fill = fill is not None and not math.isinf(fill)
-    saved = (output, mask) if ctx.finite_fill else (output,)
-    ctx.save_for_backward(*saved)
 
 
 def _backward(ctx, grad):
@@ -821,7 +825,7 @@ def _(x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale, bias=No
 def _setup_dropout(ctx, inputs, output):
     x, scale, mask, dim, _p, _seed, write_probs, write_keep, drop_scale = inputs[:9]
     bias, fill = (inputs[9:11] + (None, None))[:2]
-    _setup(ctx, (x, scale, mask, dim, bias, fill), output[1])
+    _remember(ctx, x, scale, mask, dim, bias, fill)
     ctx.drop_scale, ctx.complete = float(drop_scale), write_probs and write_keep
     ctx.save_for_backward(output[1], output[2], *([mask] if ctx.finite_fill else []))
 
