@@ -123,18 +123,15 @@ def main_rows(device, out, *extra):
     return data, {(r["name"], r["provider"]): r for r in data["rows"]}
 
 
-@pytest.mark.parametrize(
-    "name, kernel",
-    [("attention_dropout", "scale_mask_softmax_dropout_fwd"), ("linear_dropout", "mm_epilogue")],
-)
-def test_random_case_compares_the_kept_elements(device, name, kernel):
+def tiny_case_rows(device, name, dtype):
+    """The eager and tile_eager rows of the tiny kernel case ``name``, both ok."""
     rows = []
     case = kernels.select(kernels.anchor_cases("tiny"), [name])[0]
     kernels.run_case(
         case,
         ["eager", "tile_eager"],
         device=device,
-        dtype=__import__("torch").float32,
+        dtype=dtype,
         ceilings={},
         timing=common.Timing(cpu_reps=1),
         budget=common.Budget(600),
@@ -142,6 +139,15 @@ def test_random_case_compares_the_kept_elements(device, name, kernel):
     )
     eager, tile = rows
     assert eager["status"] == tile["status"] == "ok", rows
+    return eager, tile
+
+
+@pytest.mark.parametrize(
+    "name, kernel",
+    [("attention_dropout", "scale_mask_softmax_dropout_fwd"), ("linear_dropout", "mm_epilogue")],
+)
+def test_random_case_compares_the_kept_elements(device, name, kernel):
+    _, tile = tiny_case_rows(device, name, __import__("torch").float32)
     assert tile["tile_launches"] == {kernel: 1}, tile
     assert tile["rel_err"] < 1e-5 and 0.0 < tile["dropped"] < 0.5
 
@@ -149,21 +155,7 @@ def test_random_case_compares_the_kept_elements(device, name, kernel):
 def test_mpt_alibi_case_is_one_launch_in_half(device):
     """The MPT attention-probabilities case: fp16 scores, an fp32 ALiBi bias, a finite
     fill and the cast back to half all run in the one softmax kernel."""
-    torch = __import__("torch")
-    rows = []
-    case = kernels.select(kernels.anchor_cases("tiny"), ["alibi_softmax"])[0]
-    kernels.run_case(
-        case,
-        ["eager", "tile_eager"],
-        device=device,
-        dtype=torch.float16,
-        ceilings={},
-        timing=common.Timing(cpu_reps=1),
-        budget=common.Budget(600),
-        sink=rows.append,
-    )
-    eager, tile = rows
-    assert eager["status"] == tile["status"] == "ok", rows
+    _, tile = tiny_case_rows(device, "alibi_softmax", __import__("torch").float16)
     assert tile["tile_launches"] == {"scale_mask_softmax_fwd": 1}, tile
     assert tile["replaced"] == {"softmax": 1, "fused_scale_mask_softmax": 1}, tile
     assert tile["rel_err"] < 1e-3

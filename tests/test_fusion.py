@@ -35,6 +35,16 @@ def _run(fn, *args, atol=1e-4, rtol=1e-4):
     return graph, launches
 
 
+def _train_step(fn, *args, fallback="eager"):
+    """One training step of ``fn`` compiled afresh (loss: the sum of the squared output,
+    in fp32): ``(backend, launches)``; the gradients are left on the leaves."""
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": fallback})
+    with _common.count_launches() as launches:
+        torch.compile(fn, backend=backend)(*args).float().square().sum().backward()
+    return backend, launches
+
+
 @pytest.mark.parametrize(
     "name, make",
     [
@@ -264,10 +274,7 @@ def test_chunked_gate_up_gemm_trains(poison):
     the halves, the gate's epilogue fused), gradients as eager's."""
     mlp = _GateUpMLP(True)
     x = torch.randn(2, 5, 16, requires_grad=True)
-    torch._dynamo.reset()
-    backend = tilebackend.TileBackend(options={"fallback": "eager"})
-    with _common.count_launches() as launches:
-        torch.compile(mlp, backend=backend)(x).square().sum().backward()
+    _, launches = _train_step(mlp, x)
     grads_like_eager([*mlp.parameters(), x], lambda: mlp(x), atol=1e-5, rtol=1e-4)
     assert launches["mm_epilogue_multi"] == 1, dict(launches)
 
@@ -329,10 +336,7 @@ def test_where_mask_softmax_trains(poison, fallback):
     def fn(x, m):
         return torch.softmax(torch.where(m, x * 0.125, _NEG_INF), -1)
 
-    torch._dynamo.reset()
-    backend = tilebackend.TileBackend(options={"fallback": fallback})
-    with _common.count_launches() as launches:
-        torch.compile(fn, backend=backend)(x, causal).square().sum().backward()
+    backend, launches = _train_step(fn, x, causal, fallback=fallback)
     grads_like_eager([x], lambda: fn(x, causal), atol=1e-5, rtol=1e-5)
     assert launches["scale_mask_softmax_fwd"] == 1 and launches["softmax_bwd"] == 1, dict(launches)
     assert backend.report.counts.get("fused_scale_mask_softmax") == 1, str(backend.report)
@@ -432,10 +436,7 @@ def test_position_bias_and_mask_added_is_one_kernel(poison, fallback):
     assert rep.scalars["mask_mode"] == "add+add" and rep.inputs["bias"].startswith("float32[1, 3")
     assert "aten.add" not in graph.code and "aten.mul" not in graph.code, graph.code
     # training: the forward is the one launch, the gradients eager's
-    torch._dynamo.reset()
-    backend = tilebackend.TileBackend(options={"fallback": fallback})
-    with _common.count_launches() as launches:
-        torch.compile(_t5_scores, backend=backend)(x, pb, mask).square().sum().backward()
+    _, launches = _train_step(_t5_scores, x, pb, mask, fallback=fallback)
     grads_like_eager([x, pb], lambda: _t5_scores(x, pb, mask), atol=1e-5, rtol=1e-5)
     assert launches["scale_mask_softmax_fwd"] == 1, dict(launches)
 
@@ -471,10 +472,7 @@ def test_finite_fill_after_a_bias_trains(poison, fallback):
     the probabilities are uniform, not zero), and the bias gets its summed gradient."""
     x, bias, m = _mpt_inputs(requires_grad=True)
     bias.requires_grad_(True)
-    torch._dynamo.reset()
-    backend = tilebackend.TileBackend(options={"fallback": fallback})
-    with _common.count_launches() as launches:
-        torch.compile(_mpt_scores, backend=backend)(x, bias, m).square().sum().backward()
+    backend, launches = _train_step(_mpt_scores, x, bias, m, fallback=fallback)
     grads_like_eager([x, bias], lambda: _mpt_scores(x, bias, m), atol=1e-5, rtol=1e-5)
     assert launches["scale_mask_softmax_fwd"] == 1, dict(launches)
     assert backend.report.counts.get("fused_scale_mask_softmax") == 1, str(backend.report)
@@ -512,10 +510,7 @@ def test_half_attention_softmax_trains_with_its_prologue_fused(poison, dtype, to
     def fn(x, m):
         return F.softmax(x * 0.125 + m, dim=-1, dtype=torch.float32).to(x.dtype)
 
-    torch._dynamo.reset()
-    backend = tilebackend.TileBackend(options={"fallback": fallback})
-    with _common.count_launches() as launches:
-        torch.compile(fn, backend=backend)(x, mask).float().square().sum().backward()
+    backend, launches = _train_step(fn, x, mask, fallback=fallback)
     assert launches["scale_mask_softmax_fwd"] == 1, dict(launches)
     assert "softmax_fwd" not in launches, dict(launches)
     (rep,) = [
@@ -570,10 +565,7 @@ def test_residual_add_viewed_before_the_norm_is_one_kernel(poison, norm, rows):
     assert "aten.add.Tensor" not in graph.code, graph.code
 
     x.requires_grad_(), r.requires_grad_()
-    torch._dynamo.reset()
-    backend = tilebackend.TileBackend(options={"fallback": "eager"})
-    with _common.count_launches() as launches:
-        torch.compile(fn, backend=backend)(x, r).square().sum().backward()
+    backend, launches = _train_step(fn, x, r)
     grads_like_eager([x, r, w, b] if norm == "layer" else [x, r, w], lambda: fn(x, r), 1e-4, 1e-4)
     (fwd,) = [g for g in backend.report.graphs if g.name == "forward"]
     assert fwd.counts.get(f"fused_add_{norm}_norm") == 1, str(fwd)
