@@ -147,7 +147,9 @@ def dual_mm_epilogue_kernel(
     stride_on,
 {in_strides}    HAS_BIAS0: tl.constexpr,
     HAS_BIAS1: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    BIAS0_ROW: tl.constexpr,  # bias0 is one row over N (stride_c0m == 0)
+    BIAS1_ROW: tl.constexpr,
+{in_modes}    INPUT_PRECISION: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -166,13 +168,7 @@ def dual_mm_epilogue_kernel(
     )
 
     mask = mask_m[:, None] & mask_n[None, :]
-    if HAS_BIAS0:
-        bias0_ptrs = bias0_ptr + offs_m[:, None] * stride_c0m + offs_n[None, :] * stride_c0n
-        acc0 += tl.load(bias0_ptrs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS1:
-        bias1_ptrs = bias1_ptr + offs_m[:, None] * stride_c1m + offs_n[None, :] * stride_c1n
-        acc1 += tl.load(bias1_ptrs, mask=mask, other=0.0).to(tl.float32)
-    row0 = (offs_m // L1).to(tl.int64)
+{biases}    row0 = (offs_m // L1).to(tl.int64)
     row1 = (offs_m % L1).to(tl.int64)
     cols = offs_n.to(tl.int64)
 {loads}
@@ -185,7 +181,20 @@ def dual_mm_epilogue_kernel(
 
 def _render(expr: Any, bools: tuple[bool, ...], leaf_dtypes=None) -> str:
     """The module source of the kernel for ``expr`` with extras (``True`` = bool extra)."""
-    in_ptrs, in_strides, loads, leaves, bool_leaves = fused_matmul._render_extras(expr, bools)
+    in_ptrs, in_strides, in_modes, loads, leaves, bool_leaves = fused_matmul._render_extras(
+        expr, bools
+    )
+    biases = "".join(
+        fused_matmul.render_bias(
+            f"acc{i}",
+            f"bias{i}_ptr",
+            f"stride_c{i}m",
+            f"stride_c{i}n",
+            f"HAS_BIAS{i}",
+            f"BIAS{i}_ROW",
+        )
+        for i in (0, 1)
+    )
     body, (res,) = fused_matmul._render_expressions(
         [expr], {"ACC": "acc0", "ACC1": "acc1", **leaves}, bool_leaves, leaf_dtypes
     )
@@ -195,6 +204,8 @@ def _render(expr: Any, bools: tuple[bool, ...], leaf_dtypes=None) -> str:
         dtypes={k: str(v) for k, v in (leaf_dtypes or {}).items()},
         in_ptrs=in_ptrs,
         in_strides=in_strides,
+        in_modes=in_modes,
+        biases=biases,
         loads=loads,
         body=body,
         result=res,
@@ -432,6 +443,9 @@ def sm90_specs() -> list[dict]:
                         **{u: 1 for u in unit},
                         "HAS_BIAS0": True,
                         "HAS_BIAS1": True,
+                        # linear biases (one row) in half precision, full ones in fp32
+                        "BIAS0_ROW": dtype != torch.float32,
+                        "BIAS1_ROW": dtype != torch.float32,
                         "INPUT_PRECISION": precision,
                         "EVEN_K": False,
                         **dict(cfg.kwargs),

@@ -15,8 +15,9 @@ the same, and live here once:
 Every template's kernel takes its arguments in one order: ``a``, the B operands, the
 biases, the results, the extras; then ``M, N, K, L1``; the strides in the same order
 (every result has the first result's strides; an extra has three, see
-:func:`row_strides`); then one ``HAS_BIAS*`` flag per bias, ``INPUT_PRECISION``,
-``EVEN_K`` and the config's block sizes.
+:func:`row_strides`); then one ``HAS_BIAS*`` flag per bias, one ``BIAS*_ROW`` flag per
+bias, one ``IN{i}_MODE`` per extra (:func:`extra_mode`), ``INPUT_PRECISION``, ``EVEN_K``
+and the config's block sizes.
 """
 
 from __future__ import annotations
@@ -175,6 +176,22 @@ def extra_args(extras, lead: tuple[int, ...], n: int):
     return bools, args, strides
 
 
+#: ``IN{i}_MODE``, how a template reads extra ``i`` (a constexpr set from its strides):
+#: a ``[BLOCK_M, BLOCK_N]`` tile, one row broadcast over M (``s0 == s1 == 0``, read as
+#: ``[1, BLOCK_N]``) or one column broadcast over N (``sn == 0``, read as ``[BLOCK_M, 1]``).
+#: A broadcast operand read as a tile holds a tile of registers: beside a 128 x 256
+#: accumulator, that spills.
+EXTRA_TILE, EXTRA_ROW, EXTRA_COL = 0, 1, 2
+
+
+def extra_mode(s0: int, s1: int, sn: int) -> int:
+    """The ``IN{i}_MODE`` of an extra read through row strides ``s0, s1`` and column
+    stride ``sn`` (see :func:`row_strides`)."""
+    if s0 == 0 and s1 == 0:
+        return EXTRA_ROW
+    return EXTRA_COL if sn == 0 else EXTRA_TILE
+
+
 def _bias_arg(bias, M: int, N: int, unused: torch.Tensor):
     """A bias as the kernels read it: ``[M, N]`` through broadcast strides."""
     if bias is None:
@@ -225,6 +242,10 @@ def launch(
     precision = _mm._input_precision(a.dtype)
     flags = ["HAS_BIAS"] if len(biases) == 1 else [f"HAS_BIAS{i}" for i in range(len(biases))]
     has_bias = {f: bias is not None for f, bias in zip(flags, biases)}
+    # a bias that is one row over N (a linear's) is read as a vector
+    rows = ["BIAS_ROW"] if len(biases) == 1 else [f"BIAS{i}_ROW" for i in range(len(biases))]
+    bias_row = {f: b is not None and st[0] == 0 for f, b, (_, st) in zip(rows, biases, bias_args)}
+    modes = {f"IN{i}_MODE": extra_mode(*ex_strides[3 * i : 3 * i + 3]) for i in range(len(extras))}
     tensors = [a2, *bs, *(t for t, _ in bias_args), *outs2, *ex_args]
     strides = [*a2.stride()]
     for t in bs:
@@ -245,6 +266,8 @@ def launch(
             lead[-1],
             *strides,
             **has_bias,
+            **bias_row,
+            **modes,
             INPUT_PRECISION=precision,
             EVEN_K=K % cfg["BLOCK_K"] == 0,
             **cfg.as_kwargs(),
@@ -259,6 +282,8 @@ def launch(
         bucket(N),
         bucket(K),
         tuple(has_bias.values()),
+        tuple(bias_row.values()),
+        tuple(modes.values()),
         precision,
         a2.stride(-1) == 1,
         tuple(t.stride(-1) == 1 for t in bs),

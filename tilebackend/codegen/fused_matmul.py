@@ -94,7 +94,8 @@ def {kname}_kernel(
     stride_om,
     stride_on,
 {in_strides}    HAS_BIAS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    BIAS_ROW: tl.constexpr,  # the bias is one row over N (stride_cm == 0)
+{in_modes}    INPUT_PRECISION: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -113,10 +114,7 @@ def {kname}_kernel(
     )
 
     mask = mask_m[:, None] & mask_n[None, :]
-    if HAS_BIAS:
-        bias_ptrs = bias_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-        acc += tl.load(bias_ptrs, mask=mask, other=0.0).to(tl.float32)
-    row0 = (offs_m // L1).to(tl.int64)
+{bias}    row0 = (offs_m // L1).to(tl.int64)
     row1 = (offs_m % L1).to(tl.int64)
     cols = offs_n.to(tl.int64)
 {loads}
@@ -127,13 +125,31 @@ def {kname}_kernel(
 {stores}'''
 
 
+def render_bias(acc: str, ptr: str, sm: str, sn: str, flag: str, row: str, ind="    ") -> str:
+    """The template lines that add a bias (``[M, N]`` through strides ``sm, sn``) to
+    ``acc`` when ``flag``; one row over N (constexpr ``row``) is read as ``[1, BLOCK_N]``."""
+    lines = [
+        f"if {flag}:",
+        f"    if {row}:  # one row over N: a vector, not a tile of registers",
+        f"        {acc} += tl.load({ptr} + offs_n[None, :] * {sn}, mask=mask_n[None, :], other=0.0).to(tl.float32)",
+        "    else:",
+        f"        {acc} += tl.load({ptr} + offs_m[:, None] * {sm} + offs_n[None, :] * {sn}, mask=mask, other=0.0).to(tl.float32)",
+    ]
+    return "".join(f"{ind}{ln}\n" for ln in lines)
+
+
 def _render_extras(expr: Any, bools: tuple[bool, ...], ind: str = "    "):
     """The template parts that read the extras ``IN0..`` (shared with :mod:`.dual_matmul`):
-    ``(pointer args, stride args, load statements, leaf names, bool leaves)``.  ``expr``
-    may be a list of expressions (:mod:`.fused_matmul_multi`): the leaves any one reads."""
+    ``(pointer args, stride args, mode args, load statements, leaf names, bool leaves)``.
+    ``expr`` may be a list of expressions (:mod:`.fused_matmul_multi`): the leaves any
+    one reads."""
     n = len(bools)
     in_ptrs = "".join(f"{ind}in{i}_ptr,\n" for i in range(n))
     in_strides = "".join(f"{ind}in{i}_s0,\n{ind}in{i}_s1,\n{ind}in{i}_sn,\n" for i in range(n))
+    in_modes = "".join(
+        f"{ind}IN{i}_MODE: tl.constexpr,  # 0: [M, N] tile, 1: one row, 2: one column\n"
+        for i in range(n)
+    )
     exprs = expr if isinstance(expr, list) else [expr]
     used = set().union(*map(pointwise.input_leaves, exprs))
     seeds = set().union(*map(pointwise.seed_leaves, exprs))
@@ -149,16 +165,24 @@ def _render_extras(expr: Any, bools: tuple[bool, ...], ind: str = "    "):
             loads.append(f"{ind}in{i} = tl.load(in{i}_ptr)")
             leaves[f"IN{i}"] = f"in{i}"
             continue
-        ptrs = (
-            f"in{i}_ptr + (row0 * in{i}_s0 + row1 * in{i}_s1)[:, None] + cols[None, :] * in{i}_sn"
+        rows = f"(row0 * in{i}_s0 + row1 * in{i}_s1)"
+        cols = f"cols[None, :] * in{i}_sn"
+        ways = (
+            (_host.EXTRA_ROW, f"in{i}_ptr + {cols}", "mask_n[None, :]"),
+            (_host.EXTRA_COL, f"in{i}_ptr + {rows}[:, None]", "mask_m[:, None]"),
+            (_host.EXTRA_TILE, f"in{i}_ptr + {rows}[:, None] + {cols}", "mask"),
         )
         if bools[i]:  # passed as uint8
-            loads.append(f"{ind}in{i} = tl.load({ptrs}, mask=mask, other=0) != 0")
             bool_leaves.append(f"IN{i}")
-        else:
-            loads.append(f"{ind}in{i} = tl.load({ptrs}, mask=mask, other=0.0).to(tl.float32)")
+        for j, (mode, ptrs, mask) in enumerate(ways):
+            test = f"if IN{i}_MODE == {mode}:" if j == 0 else f"elif IN{i}_MODE == {mode}:"
+            if mode == _host.EXTRA_TILE:
+                test = "else:"
+            load = f"tl.load({ptrs}, mask={mask}, other=0"
+            load += ") != 0" if bools[i] else ".0).to(tl.float32)"
+            loads.append(f"{ind}{test}\n{ind}    in{i} = {load}")
         leaves[f"IN{i}"] = f"in{i}"
-    return in_ptrs, in_strides, "\n".join(loads), leaves, bool_leaves
+    return in_ptrs, in_strides, in_modes, "\n".join(loads), leaves, bool_leaves
 
 
 def _render_expressions(exprs: list[Any], leaves, bool_leaves, leaf_dtypes=None, ind="    "):
@@ -181,7 +205,7 @@ def render(kname: str, exprs: list[Any], bools: tuple[bool, ...], leaf_dtypes=No
     (``True`` = bool extra); ``leaf_dtypes`` lets casts round where eager's values were
     rounded.  Shared by the one-result and the several-result templates."""
     ind = "    "
-    in_ptrs, in_strides, loads, leaves, bool_leaves = _render_extras(exprs, bools)
+    in_ptrs, in_strides, in_modes, loads, leaves, bool_leaves = _render_extras(exprs, bools)
     body, results = _render_expressions(exprs, {"ACC": "acc", **leaves}, bool_leaves, leaf_dtypes)
     out_ptrs = "".join(
         f"{ind}out{i}_ptr,  # [M, N], the extra result {i}: strides of out_ptr\n"
@@ -201,6 +225,8 @@ def render(kname: str, exprs: list[Any], bools: tuple[bool, ...], leaf_dtypes=No
         dtypes={k: str(v) for k, v in (leaf_dtypes or {}).items()},
         in_ptrs=in_ptrs,
         in_strides=in_strides,
+        in_modes=in_modes,
+        bias=render_bias("acc", "bias_ptr", "stride_cm", "stride_cn", "HAS_BIAS", "BIAS_ROW"),
         loads=loads,
         body=body,
         result=results[0],
@@ -447,6 +473,18 @@ def sm90_specs() -> list[dict]:
     return epilogue_specs("mm_epilogue", kernel_for(SPEC_EXPR, (False, True)))
 
 
+def _spec_modes(dtype: torch.dtype) -> dict[str, Any]:
+    """The layouts the specs compile, each read somewhere: a linear's bias (one row) and
+    a row-broadcast bool extra in half precision; a full bias and a column in fp32.  The
+    float extra ``IN0`` is always a tile (a residual)."""
+    half = dtype != torch.float32
+    return {
+        "BIAS_ROW": half,
+        "IN0_MODE": _host.EXTRA_TILE,
+        "IN1_MODE": _host.EXTRA_ROW if half else _host.EXTRA_COL,
+    }
+
+
 def epilogue_specs(name: str, fn: Any, out_ptrs: tuple[tuple[str, bool], ...] = ()) -> list[dict]:
     """sm_90 specs of a generated epilogue kernel ``fn`` whose extras are one float and
     one bool input: one per (dtype, precision, config) of matmul's space.  ``out_ptrs``
@@ -476,6 +514,7 @@ def epilogue_specs(name: str, fn: Any, out_ptrs: tuple[tuple[str, bool], ...] = 
                     "constexprs": {
                         **{u: 1 for u in unit},
                         "HAS_BIAS": True,
+                        **_spec_modes(dtype),
                         "INPUT_PRECISION": precision,
                         "EVEN_K": False,
                         **dict(cfg.kwargs),

@@ -153,6 +153,7 @@ def _matmul_kernel(
     alpha,  # fp32 scale of A @ B
     beta,  # fp32 scale of the bias
     HAS_BIAS: tl.constexpr,
+    BIAS_ROW: tl.constexpr,  # the bias is one row over N (stride_cm == 0), read as [BLOCK_N]
     ACTIVATION: tl.constexpr,  # one of ACTIVATIONS
     INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee" (only matters for fp32 inputs)
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
@@ -191,9 +192,12 @@ def _matmul_kernel(
     mask = mask_m[:, None] & mask_n[None, :]
     if HAS_BIAS:
         bias_ptr += pid_batch * stride_cb
-        bias_ptrs = bias_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-        bias = tl.load(bias_ptrs, mask=mask, other=0.0).to(tl.float32)
-        acc += beta * bias
+        if BIAS_ROW:  # a [BLOCK_N] vector: a full tile would hold a second accumulator's registers
+            bias = tl.load(bias_ptr + offs_n * stride_cn, mask=mask_n, other=0.0)[None, :]
+        else:
+            bias_ptrs = bias_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+            bias = tl.load(bias_ptrs, mask=mask, other=0.0)
+        acc += beta * bias.to(tl.float32)
     acc = _apply_activation(acc, ACTIVATION)
 
     out_ptr += pid_batch * stride_ob
@@ -520,6 +524,7 @@ def matmul(
                 alpha,
                 beta,
                 HAS_BIAS=has_bias,
+                BIAS_ROW=has_bias and bias_st[1] == 0,
                 ACTIVATION=activation,
                 INPUT_PRECISION=precision,
                 EVEN_K=K % bk == 0,
@@ -534,6 +539,7 @@ def matmul(
         bucket(K),
         batch > 1,
         has_bias,
+        has_bias and bias_st[1] == 0,
         activation,
         precision,
         a.stride(-1) == 1,  # A k-contiguous (else m-contiguous / strided)
@@ -843,6 +849,8 @@ def sm90_specs() -> list[dict]:
             constexprs = {
                 **{name: 1 for name in unit},
                 "HAS_BIAS": True,
+                # a linear's bias (one row) in half precision; a full [M, N] one in fp32
+                "BIAS_ROW": dtype != torch.float32,
                 "ACTIVATION": "none",
                 "INPUT_PRECISION": precision,
                 "EVEN_K": False,
