@@ -332,6 +332,44 @@ def test_search_rejects_wrong_outputs_and_failures():
     assert set(res.rejected) == {cfgs[1]}
 
 
+class _Compiled:
+    """Stands for what a GPU launch returns: Triton's compiled kernel, with its spills."""
+
+    def __init__(self, spills: int):
+        self.n_spills = spills
+
+    def __getitem__(self, grid):  # kernel[grid](...) returns the compiled kernel
+        return lambda *a, **k: self
+
+
+def test_search_rejects_spilling_candidates_untimed():
+    """A candidate whose kernel spills more than SPILL_LIMIT registers is rejected before
+    it is timed; one at the limit is timed; the heuristic is timed whatever it spills."""
+    from tilebackend.codegen import _common
+
+    cfgs = space(4)
+    spills = {cfgs[0]: 40, cfgs[1]: autotune.SPILL_LIMIT + 1, cfgs[2]: autotune.SPILL_LIMIT}
+    current = {}
+
+    def run(c):
+        current["c"] = c
+        _common.launch(_Compiled(spills.get(c, 0)), (1,))
+
+    timed = []
+
+    def bench(f):
+        f()
+        timed.append(current["c"])
+        return {cfgs[0]: 3.0, cfgs[1]: 0.5, cfgs[2]: 2.0, cfgs[3]: 2.5}[current["c"]]
+
+    res = autotune.search(cfgs, cfgs[0], run, strategy="exhaustive", bench=bench)
+    assert set(timed) == {cfgs[0], cfgs[2], cfgs[3]}
+    assert set(res.rejected) == {cfgs[1]} and "spills 17 registers" in res.rejected[cfgs[1]]
+    assert res.best == cfgs[2] and res.heuristic_ms == 3.0
+    # outside a search, launches are not collected
+    assert not _common._watches
+
+
 def test_search_rotates_input_copies():
     seen = []
     runs = [lambda c, i=i: seen.append(i) for i in range(3)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tilebackend.codegen import _common, compile_check
+from tilebackend.codegen import _common, autotune, compile_check
 
 
 @pytest.mark.slow
@@ -38,3 +38,14 @@ def test_every_config_compiles_for_sm90():
     # the hints reach the compiler: the big fp16 matmul tiles are software-pipelined
     big = [r for r in results if r["name"].startswith("matmul_fp16_tf32_128x256x64")]
     assert big and big[0]["shared"] > 100_000, big
+    # registers, read from the cubins: no half-precision GEMM config spills (a linear's
+    # bias is read as a row, not a second tile of registers), nor does the heuristic's
+    # 128 x 128 tile of the generated epilogues with a bias, a residual and a mask
+    assert all("regs" in r and "stack" in r for r in results), results[0]
+    spills = {r["name"]: r["stack"] for r in results if r["stack"]}
+    half = ("matmul_fp16", "matmul_bf16", "dual_mm_epilogue_fp16", "dual_mm_epilogue_bf16")
+    assert not [n for n in spills if n.startswith(half)], spills
+    # (the five-result one spills a few words: within what the autotuner accepts)
+    heur = [r for r in results if "_128x128x64_g8_w8_s4" in r["name"]]
+    limit = 4 * autotune.SPILL_LIMIT
+    assert len(heur) >= 6 and not [r["name"] for r in heur if r["stack"] > limit], spills

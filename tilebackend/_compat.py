@@ -297,3 +297,14 @@ def is_core_op(target: Any) -> bool:
     return isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) and (
         str(target).split(".")[0] in ("aten", "prims")
     )
+
+
+def cuobjdump_path() -> str | None:
+    """The ``cuobjdump`` Triton ships with its NVIDIA backend (``triton.knobs``, triton
+    3.3+), or None.  Reads a cubin's register and local-memory use without a GPU."""
+    try:
+        from triton import knobs
+
+        return knobs.nvidia.cuobjdump.path
+    except Exception:
+        return None

@@ -171,10 +171,28 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return t
 
 
+_watches: list[list[Any]] = []  # open :func:`watch_launches` scopes, innermost last
+
+
+@contextmanager
+def watch_launches() -> Iterator[list[Any]]:
+    """Collect what each :func:`launch` in the scope returns (on a GPU, Triton's compiled
+    kernel, whose ``n_regs`` / ``n_spills`` the autotuner reads)."""
+    got: list[Any] = []
+    _watches.append(got)
+    try:
+        yield got
+    finally:
+        _watches.remove(got)
+
+
 def launch(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> Any:
     """``kernel[grid](*args, **kwargs)``; every tile kernel is launched through here, so
     that :mod:`.plans` can record the launch."""
-    return plans.on_launch(kernel, grid, args, kwargs)
+    compiled = plans.on_launch(kernel, grid, args, kwargs)
+    if _watches:
+        _watches[-1].append(compiled)
+    return compiled
 
 
 def host_op(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -287,3 +305,33 @@ def compile_for_target(
         target=GPUTarget("cuda", capability, 32),
         options={"num_warps": num_warps, "num_stages": num_stages},
     )
+
+
+def resource_usage(kernel) -> dict[str, int] | None:
+    """``{"regs", "local", "stack"}`` of a kernel compiled for an NVIDIA target: registers
+    per thread and bytes of local memory (register spills) and stack per thread, as
+    ``cuobjdump --dump-resource-usage`` reads them from the cubin.  None when there is no
+    cubin or no cuobjdump.  Needs no GPU."""
+    import re
+    import subprocess
+    import tempfile
+
+    from .. import _compat
+
+    tool, cubin = _compat.cuobjdump_path(), getattr(kernel, "asm", {}).get("cubin")
+    if not tool or not cubin:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run(
+            [tool, "--dump-resource-usage", f.name], capture_output=True, text=True, timeout=60
+        ).stdout
+    found = {k: re.search(rf"\b{k.upper()}:(\d+)", out) for k in ("reg", "local", "stack")}
+    if not all(found.values()):
+        return None
+    return {
+        "regs": int(found["reg"][1]),
+        "local": int(found["local"][1]),
+        "stack": int(found["stack"][1]),
+    }

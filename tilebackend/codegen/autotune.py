@@ -17,7 +17,8 @@ Per kernel and per key (dtype, shape bucket, flags), in this order:
    samples followed by a local search around the best, within ``tune_budget_s``.
    The heuristic config is always timed first and a candidate wins only when it is
    strictly faster; a candidate whose outputs differ from the heuristic's (allclose at
-   the dtype's tolerance) is rejected before its time counts.  Times are medians of
+   the dtype's tolerance), or whose kernel spills more than ``SPILL_LIMIT`` registers,
+   is rejected before its time counts.  Times are medians of
    ``triton.testing.do_bench`` (which flushes L2 between repeats); ``rotate=`` adds launch
    closures over copies of the inputs to cycle through.  Under an initialised
    ``torch.distributed`` group rank 0 decides and broadcasts the config; other ranks
@@ -41,7 +42,7 @@ from typing import Any
 
 from .. import settings
 from .._compat import interpret_mode
-from . import plans, tuning_cache
+from . import _common, plans, tuning_cache
 
 log = logging.getLogger("tilebackend")
 
@@ -50,6 +51,9 @@ QUICK_MAX_CANDIDATES = 4  # the heuristic config + 3 neighbours
 EXTERN = "EXTERN"
 QUICK_BUDGET_S = 2.0
 EXHAUSTIVE_LIMIT = 32  # spaces up to this size are timed in full by "exhaustive"
+#: a candidate whose kernel spills more 4-byte registers a thread than this is rejected
+#: untimed (Inductor's ``spill_threshold`` is 16 too); the heuristic config never is
+SPILL_LIMIT = 16
 _BENCH_ARGS = {"quick": (5, 25), "exhaustive": (10, 50)}  # do_bench warmup / rep (ms)
 
 
@@ -562,7 +566,13 @@ def search(
             for t in outs or ():
                 if t.dtype.is_floating_point:
                     t.fill_(float("nan"))  # an element the candidate forgets is caught
-            ret = run(cfg)  # compiles, and gives the outputs to check
+            with _common.watch_launches() as compiled:
+                ret = run(cfg)  # compiles, and gives the outputs to check
+            spills = max((getattr(k, "n_spills", 0) or 0 for k in compiled), default=0)
+            if spills > SPILL_LIMIT and cfg != heuristic:
+                rejected[cfg] = f"spills {spills} registers a thread (limit {SPILL_LIMIT})"
+                log.debug("config %s rejected: %s", cfg, rejected[cfg])
+                return None
             got = [t.clone() for t in (_tensors(outs) if outs is not None else _tensors(ret))]
             if state["ref"] is None:
                 state["ref"] = got

@@ -1,7 +1,10 @@
 """Compile every config of every kernel's tuning space for a GPU target, without a GPU.
 
 ``python -m tilebackend.codegen.compile_check [--capability 90] [--json]`` prints one line
-per failure (a compile error, or shared memory over the Hopper limit) and a summary.
+per failure (a compile error, or shared memory over the Hopper limit) and a summary,
+with the registers and the spills (``stack`` bytes a thread, read by ``cuobjdump``) of
+each config (``--json``): a config that spills is rejected untimed by the autotuner on
+a GPU, so a heuristic config must not.
 It must run where TRITON_INTERPRET is unset: interpreted kernels cannot be compiled.
 Pointer arguments (and the ``divisible`` ints a spec names) get Triton's 16-byte
 divisibility hint, as the JIT gives aligned tensors, so the pipelining (and the shared
@@ -57,6 +60,7 @@ def _compile_one(job: tuple[str, int, int]) -> dict:
         return {"name": spec["name"], "error": f"{type(e).__name__}: {str(e)[:400]}"}
     shared = int(kernel.metadata.shared)
     res = {"name": spec["name"], "shared": shared}
+    res.update(_common.resource_usage(kernel) or {})
     if shared > _common.HOPPER_SMEM_BYTES:
         res["error"] = f"shared memory {shared} B > {_common.HOPPER_SMEM_BYTES} B"
     return res
@@ -85,7 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         for r in fails:
             print(f"FAIL {r['name']}: {r['error']}")
         worst = max((r.get("shared", 0) for r in results), default=0)
-        print(f"COMPILED {len(results) - len(fails)}/{len(results)} (max shared {worst} B)")
+        spill = sorted((r for r in results if r.get("stack")), key=lambda r: -r["stack"])
+        for r in spill:
+            print(f"spills {r['stack']} B/thread ({r['regs']} registers): {r['name']}")
+        print(
+            f"COMPILED {len(results) - len(fails)}/{len(results)} (max shared {worst} B, "
+            f"{len(spill)} spill)"
+        )
     return 1 if fails else 0
 
 
