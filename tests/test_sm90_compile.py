@@ -19,7 +19,7 @@ def test_every_config_compiles_for_sm90():
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env.pop("TRITON_DEFAULT_FP_FUSION", None)  # our kernels ask for FMA contraction
     proc = subprocess.run(
         [sys.executable, "-m", "tilebackend.codegen.compile_check", "--json"],
         env=env,
@@ -29,6 +29,9 @@ def test_every_config_compiles_for_sm90():
         timeout=900,
     )
     results = json.loads(proc.stdout.strip().splitlines()[-1])
+    # triton 3.9 warns when a kernel leaves FMA contraction to its default (which 3.10
+    # turns off); every tile kernel asks for it (_common.FP_FUSION)
+    assert "TRITON_DEFAULT_FP_FUSION" not in proc.stderr, proc.stderr[-2000:]
     expected = sum(len(compile_check._specs(m)) for m in compile_check.MODULES)
     assert len(results) == expected
     assert len({r["name"] for r in results}) == expected
