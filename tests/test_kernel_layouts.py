@@ -112,6 +112,29 @@ def test_epilogue_bias_layouts(poison, gen_dir, device, launches, bias_shape, ro
     torch.testing.assert_close(out.double(), ref, atol=tol * 4, rtol=tol)
 
 
+@DTYPES
+def test_strided_vectors(poison, gen_dir, device, launches, dtype, tol):
+    """Row and column operands that are views with strides (every other element, a
+    column of a transposed tensor) are read through those strides."""
+    x = torch.randn(15, 13, device=device).to(dtype)
+    w = torch.randn(19, 13, device=device).to(dtype)
+    bias = torch.randn(38, device=device).to(dtype)[::2]
+    f = torch.randn(3, 15, device=device).to(dtype).t()[:, 1:2]  # [15, 1], row stride 1
+    b = (torch.rand(19, 2, device=device) > 0.5)[:, 1]  # [19], stride 2
+    out, ref = _epilogue(x, w, bias, f, b)
+    kw = _only(launches, "mm_epilogue")
+    assert (kw["BIAS_ROW"], kw["IN0_MODE"], kw["IN1_MODE"]) == (True, COL, ROW)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), ref, atol=tol * 4, rtol=tol)
+    launches.clear()
+    a = torch.randn(13, 15, device=device).to(dtype).t()  # transposed A
+    got = torch.ops.tile.addmm(bias, a, w.t())
+    kw = _only(launches, "matmul")
+    assert kw["BIAS_ROW"]
+    ref = bias.double() + a.double() @ w.double().t()
+    torch.testing.assert_close(got.double(), ref, atol=tol * 8, rtol=tol)
+
+
 @pytest.mark.parametrize("b0, b1", [((19,), (19,)), ((15, 19), (19,)), (None, (15, 1))], ids=str)
 @DTYPES
 def test_dual_epilogue_bias_layouts(poison, gen_dir, device, launches, b0, b1, dtype, tol):
