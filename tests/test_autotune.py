@@ -370,6 +370,59 @@ def test_search_rejects_spilling_candidates_untimed():
     assert not _common._watches
 
 
+def test_search_compiles_candidates_in_threads_before_timing(monkeypatch):
+    """With compile_workers, every candidate of a quick search is compiled (Triton's
+    warmup: nothing runs) by worker threads before the first timed launch; a candidate
+    that fails to compile there is still measured, and rejected, as before."""
+    import threading
+
+    from tilebackend.codegen import _common
+
+    monkeypatch.setattr(autotune, "interpret_mode", lambda: False)
+    cfgs = space(8)
+    events = []
+
+    class Kernel:
+        def warmup(self, *args, grid, **kwargs):
+            if kwargs["cfg"] == cfgs[2]:
+                raise RuntimeError("does not compile")
+            events.append(("compile", kwargs["cfg"], threading.get_ident()))
+            return self
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                if kwargs["cfg"] == cfgs[2]:
+                    raise RuntimeError("does not compile")
+                events.append(("run", kwargs["cfg"], threading.get_ident()))
+
+            return launch
+
+    kernel = Kernel()
+    res = autotune.search(
+        cfgs,
+        cfgs[1],
+        lambda c: _common.launch(kernel, (1,), cfg=c),
+        strategy="quick",
+        bench=lambda f: (f(), 1.0)[1],
+        compile_workers=4,
+    )
+    candidates = {cfgs[1], *autotune.neighbours(cfgs[1], [c for c in cfgs if c != cfgs[1]], 3)}
+    assert cfgs[2] in candidates and set(res.rejected) == {cfgs[2]}
+    compiled = [e for e in events if e[0] == "compile"]
+    first_run = next(i for i, e in enumerate(events) if e[0] == "run")
+    assert {e[1] for e in compiled} == candidates - {cfgs[2]} == set(res.timings)
+    assert all(e[0] == "compile" for e in events[:first_run])
+    assert len(compiled) == first_run  # each compiled once, all before any run
+    assert threading.get_ident() not in {e[2] for e in compiled}
+    assert all(e[2] == threading.get_ident() for e in events if e[0] == "run")
+    # without workers (and in the interpreter), nothing is compiled apart
+    events.clear()
+    autotune.search(
+        cfgs, cfgs[1], lambda c: _common.launch(kernel, (1,), cfg=c), bench=lambda f: 1.0
+    )
+    assert not [e for e in events if e[0] == "compile"]
+
+
 def test_search_rotates_input_copies():
     seen = []
     runs = [lambda c, i=i: seen.append(i) for i in range(3)]
@@ -459,6 +512,27 @@ def test_gpu_path_fills_and_consults_the_cache(monkeypatch):
     assert len(calls) == 5
 
 
+def test_gpu_path_compiles_candidates_on_the_set_threads(monkeypatch):
+    """select's search compiles its candidates first on compile_threads threads (default
+    min(8, CPUs)); compile_threads=1 compiles nothing apart."""
+    cfgs = space(5)
+    calls, run = _fake_gpu(monkeypatch, lambda c: 1.0)
+    seen = []
+    real = autotune.precompile
+    monkeypatch.setattr(
+        autotune, "precompile", lambda r, c, w: (seen.append((list(c), w)), real(r, c, w))
+    )
+    for threads, key in ((3, 1), (None, 2), (1, 3)):
+        seen.clear()
+        with settings.use(settings.Settings(compile_threads=threads)):
+            autotune.select("kern", (torch.float16, key), cfgs, cfgs[0], run)
+        if threads == 1:
+            assert seen == []
+        else:
+            assert seen and seen[0][1] == (threads or autotune.COMPILE_WORKERS)
+            assert len(seen[0][0]) == autotune.QUICK_MAX_CANDIDATES and seen[0][0][0] == cfgs[0]
+
+
 def test_coordinate_decision_logic():
     class FakeDist:
         def __init__(self, rank, value=None):
@@ -519,6 +593,16 @@ def test_settings_fields_and_errors(monkeypatch, tmp_path):
         settings.Settings.from_env()
     monkeypatch.delenv("TILEBACKEND_TUNE_BUDGET_S")
     monkeypatch.delenv("TILEBACKEND_SEARCH")
+    monkeypatch.setenv("TILEBACKEND_COMPILE_THREADS", "3")
+    assert settings.Settings.from_env().compile_threads == 3
+    monkeypatch.setenv("TILEBACKEND_COMPILE_THREADS", "many")
+    with pytest.raises(InvalidOptionValueError, match="TILEBACKEND_COMPILE_THREADS"):
+        settings.Settings.from_env()
+    monkeypatch.delenv("TILEBACKEND_COMPILE_THREADS")
+    assert settings.Settings.from_env().compile_threads is None
+    for bad in (0, True, 2.5, "4"):
+        with pytest.raises(InvalidOptionValueError, match="compile_threads"):
+            settings.Settings().with_options({"compile_threads": bad})
     with pytest.raises(InvalidOptionValueError, match="tune_budget_s"):
         settings.Settings().with_options({"tune_budget_s": 0})
     with pytest.raises(InvalidOptionValueError, match="search"):

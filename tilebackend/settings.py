@@ -33,6 +33,18 @@ def _env_float(var: str, name: str, default: float) -> float:
         ) from None
 
 
+def _env_int(var: str, name: str) -> int | None:
+    raw = os.environ.get(var)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidOptionValueError(
+            name=name, value=raw, expected=f"a whole number (env {var})"
+        ) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     #: Where the graph parts that no tile kernel covers go: "inductor", "eager", or
@@ -74,6 +86,10 @@ class Settings:
     #: carries everything our rewrite depends on; see ``compile_cache``).  env
     #: TILEBACKEND_COMPILE_CACHE
     compile_cache: bool = True
+    #: Threads that compile a tuning search's candidate configs before it times them
+    #: (Triton's compiler and ptxas release the GIL); None: min(8, CPUs), 1: one after
+    #: another.  env TILEBACKEND_COMPILE_THREADS
+    compile_threads: int | None = None
 
     _BOOLS = ("poison_outputs", "fusion", "verify", "specialize_floats", "compile_cache")
     _CHOICES = {
@@ -100,6 +116,7 @@ class Settings:
             fusion=_env_bool("TILEBACKEND_FUSION", True),
             specialize_floats=_env_bool("TILEBACKEND_SPECIALIZE_FLOATS", True),
             compile_cache=_env_bool("TILEBACKEND_COMPILE_CACHE", True),
+            compile_threads=_env_int("TILEBACKEND_COMPILE_THREADS", "compile_threads"),
         )._validated()
 
     @classmethod
@@ -140,6 +157,13 @@ class Settings:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
             raise InvalidOptionValueError(
                 name="tune_budget_s", value=budget, expected="a positive number of seconds"
+            )
+        threads = self.compile_threads
+        if threads is not None and (
+            isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+        ):
+            raise InvalidOptionValueError(
+                name="compile_threads", value=threads, expected="None or a whole number >= 1"
             )
         if self.tuning is not None:
             if not isinstance(self.tuning, str) or not self.tuning:

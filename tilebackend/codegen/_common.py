@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -178,6 +179,18 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 FP_FUSION = True
 
 _watches: list[list[Any]] = []  # open :func:`watch_launches` scopes, innermost last
+_thread = threading.local()
+
+
+@contextmanager
+def compile_only() -> Iterator[None]:
+    """In this thread's scope, :func:`launch` compiles its kernel (Triton's ``warmup``)
+    and runs nothing: the autotuner compiles its candidates in parallel this way."""
+    _thread.compile_only = True
+    try:
+        yield
+    finally:
+        _thread.compile_only = False
 
 
 @contextmanager
@@ -197,6 +210,8 @@ def launch(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> Any:
     that :mod:`.plans` can record the launch.  FMA contraction is asked for explicitly
     (see :data:`FP_FUSION`)."""
     kwargs["enable_fp_fusion"] = FP_FUSION
+    if getattr(_thread, "compile_only", False):
+        return kernel.warmup(*args, grid=grid, **kwargs)
     compiled = plans.on_launch(kernel, grid, args, kwargs)
     if _watches:
         _watches[-1].append(compiled)
