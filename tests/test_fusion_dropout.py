@@ -200,6 +200,32 @@ def test_training_forward_and_backward_are_one_kernel_each(poison, fallback):
 
 
 @pytest.mark.parametrize("fallback", ["eager", "inductor"])
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float16, 1e-3), (torch.bfloat16, 8e-3)], ids=["fp16", "bf16"]
+)
+def test_half_training_is_one_kernel_each_way(poison, fallback, dtype, tol):
+    """GPT-2 / BERT in half precision: Inductor's dropout casts its random draw to half
+    before comparing it with p; that form fuses too (the kernel compares its fp32 draw)."""
+    x = torch.randn(2, 3, 7, 11, dtype=dtype, requires_grad=True)
+    mask = torch.randn(2, 1, 7, 11, dtype=dtype)
+    compiled, backend = _compile(fallback)
+    g = torch.randn(2, 3, 7, 11, dtype=dtype)
+    with _common.count_launches() as launches:
+        y = compiled(x, mask)
+        y.backward(g)
+    assert dict(launches) == {"scale_mask_softmax_dropout_fwd": 1, "scale_mask_softmax_bwd": 1}
+    assert y.dtype == dtype
+    keep = y.detach() != 0
+    assert 0.5 < keep.float().mean() < 0.95
+    xr = x.detach().clone().requires_grad_()
+    w = torch.softmax(xr * 0.125 + mask, -1)
+    ref = torch.where(keep, w * (1 / (1 - P)), torch.zeros((), dtype=dtype))
+    ref.backward(g)
+    torch.testing.assert_close(y, ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(x.grad, xr.grad, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("fallback", ["eager", "inductor"])
 def test_mpt_attention_dropout_trains_in_one_kernel_each_way(poison, fallback):
     """MPT's prologue (ALiBi bias, finite fill) with a dropout after the softmax: one
     launch each way; the gradients are eager's with the kernel's keep mask."""
@@ -229,6 +255,78 @@ def test_mpt_attention_dropout_trains_in_one_kernel_each_way(poison, fallback):
     torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(x.grad, xr.grad, atol=1e-6, rtol=1e-5)
     assert (x.grad[0, :, 3] == 0).all()
+
+
+@pytest.mark.parametrize("fallback", ["eager", "inductor"])
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float16, 1e-3), (torch.bfloat16, 8e-3)], ids=["fp16", "bf16"]
+)
+def test_t5_upcast_softmax_cast_back_then_dropout(poison, fallback, dtype, tol):
+    """T5 in half precision: ``dropout(softmax(scores.float()).type_as(scores))`` with
+    its two added tensors.  The forward is one kernel (it writes the fp32 probabilities
+    the backward saves, and the dropout's half result, rounded as the cast and the
+    dropout round); the numbers are eager's given the kernel's keep mask."""
+
+    def fn(s, pos, m):
+        scores = s + pos + m
+        w = torch.softmax(scores.float(), dim=-1).type_as(scores)
+        return F.dropout(w, p=P, training=True)
+
+    s = torch.randn(2, 3, 7, 11, dtype=dtype, requires_grad=True)
+    pos = torch.randn(1, 3, 7, 11, dtype=dtype)
+    m = torch.where(torch.rand(2, 1, 1, 11) < 0.2, -1e4, 0.0).to(dtype)
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": fallback})
+    g = torch.randn(2, 3, 7, 11, dtype=dtype)
+    with _common.count_launches() as launches:
+        y = torch.compile(fn, backend=backend)(s, pos, m)
+        y.backward(g)
+    # one kernel each way: the backward reads the half gradient through the keep mask
+    assert dict(launches) == {"scale_mask_softmax_dropout_fwd": 1, "scale_mask_softmax_bwd": 1}
+    (rep,) = [
+        r for gr in backend.report.graphs for r in gr.replacements
+        if r.pattern == "fused_softmax_dropout"
+    ]  # fmt: skip
+    assert rep.scalars["cast"] == str(dtype) and rep.scalars["dtype"] == "torch.float32"
+    assert rep.scalars["writes_probs"] and rep.scalars["writes_keep"]
+    fwd = next(gr for gr in backend.report.graphs if gr.name == "forward")
+    for op in ("native_dropout", "inductor_random", "convert_element_type", "_to_copy"):
+        assert op not in fwd.code, (op, fwd.code)
+    assert backend.report.counts["fused_softmax_backward"] == 1, str(backend.report)
+    assert y.dtype == dtype
+    sr = s.detach().clone().requires_grad_()
+    w = torch.softmax((sr + pos + m).float(), dim=-1).type_as(sr)
+    keep = y.detach() != 0  # (no probability rounds to 0 here)
+    assert 0.5 < keep.float().mean() < 0.95
+    ref = torch.where(keep, w * (1 / (1 - P)), torch.zeros((), dtype=dtype))
+    ref.backward(g)
+    torch.testing.assert_close(y, ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(s.grad, sr.grad, atol=tol, rtol=tol)
+
+
+def test_dropout_after_an_absorbed_half_cast(poison):
+    """MPT in half precision, inference: the fp32 bias promotes the scores, the cast back
+    to half is absorbed into the softmax (stored as half); a dropout after it fuses too."""
+    fill = torch.finfo(torch.float16).min
+
+    def fn(x, bias, mk):
+        z = (x * 0.125 + bias).masked_fill(mk, fill)
+        return F.dropout(torch.softmax(z.float(), -1).to(torch.float16), p=P, training=True)
+
+    x = torch.randn(2, 3, 7, 11, dtype=torch.float16)
+    bias = torch.randn(3, 1, 11)  # fp32: the scores become fp32
+    mk = torch.rand(2, 1, 7, 11) < 0.3
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": "eager"})
+    with torch.no_grad(), _common.count_launches() as launches:
+        y = torch.compile(fn, backend=backend)(x, bias, mk)
+    assert dict(launches) == {"scale_mask_softmax_dropout_fwd": 1}, str(backend.report)
+    (rep,) = [r for r in backend.report.graphs[0].replacements if r.pattern.endswith("dropout")]
+    assert rep.scalars["dtype"] == "torch.float16" and "cast" not in rep.scalars
+    w = torch.softmax((x * 0.125 + bias).masked_fill(mk, fill).float(), -1).half()
+    keep = y != 0
+    ref = torch.where(keep, w * (1 / (1 - P)), torch.zeros((), dtype=torch.float16))
+    torch.testing.assert_close(y, ref, atol=1e-3, rtol=1e-3)
 
 
 def test_manual_seed_repeats_the_draws():

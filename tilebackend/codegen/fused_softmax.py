@@ -112,13 +112,16 @@ def _store_probs(
     """Store softmax values ``y`` (fp32) at element offsets ``offs`` of the output; with
     ``DROPOUT``, the output is the dropped-out ``y`` and the pre-dropout probabilities and
     the keep mask go to ``probs_ptr`` / ``keep_ptr`` when asked.  The random stream is
-    Philox keyed by ``seed`` and each element's offset in the output."""
+    Philox keyed by ``seed`` and each element's offset in the output.  As eager, the
+    dropout scales the probabilities rounded to the output's dtype (the probabilities'
+    own, or the one they are cast to before the dropout), and rounds again."""
     if DROPOUT:
         if WRITE_PROBS:
             tl.store(probs_ptr + offs, y.to(probs_ptr.dtype.element_ty), mask=inb)
         keep = tl.rand(seed, offs) > p
         if WRITE_KEEP:
             tl.store(keep_ptr + offs, keep.to(tl.uint8), mask=inb)
+        y = y.to(probs_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty).to(tl.float32)
         y = tl.where(keep, y * drop_scale, 0.0)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=inb)
 
@@ -209,12 +212,13 @@ def _scale_mask_softmax_fwd_kernel(
 @triton.jit
 def _grad(dy_row, k_row, offs, inb, dy_sn, k_sn, drop_scale, DROPOUT: tl.constexpr):
     """The output gradient over columns ``offs`` (int64) of a row, fp32; through the
-    dropout's keep mask and scale with ``DROPOUT``."""
-    g = tl.load(dy_row + offs * dy_sn, mask=inb, other=0.0).to(tl.float32)
+    dropout's keep mask and scale with ``DROPOUT``, rounded to the gradient's dtype as
+    eager's dropout backward rounds it (before a cast back to the probabilities')."""
+    g = tl.load(dy_row + offs * dy_sn, mask=inb, other=0.0)
     if DROPOUT:
         kept = tl.load(k_row + offs * k_sn, mask=inb, other=0) != 0
-        g = tl.where(kept, g * drop_scale, 0.0)
-    return g
+        g = tl.where(kept, g.to(tl.float32) * drop_scale, 0.0).to(dy_row.dtype.element_ty)
+    return g.to(tl.float32)
 
 
 @triton.jit
@@ -472,24 +476,34 @@ def scale_mask_softmax_dropout_fwd(
     drop_scale: float | None = None,
     bias: Tensor | None = None,
     fill: float | None = None,
+    dtype: torch.dtype | None = None,
+    cast: torch.dtype | None = None,
     *,
     block_n: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``dropout(softmax(x * scale + mask, dim), p)`` in one pass: ``(out, probs, keep)``.
+    """``dropout(softmax(x * scale + mask, dim).to(cast), p)`` in one pass:
+    ``(out, probs, keep)``.
 
     ``keep = rand(seed, i) > p`` for the element at flat index ``i`` of the (contiguous)
     output, ``out = where(keep, probs * drop_scale, 0)`` with ``drop_scale = 1 / (1 - p)``
     by default.  ``probs`` (the softmax, as :func:`scale_mask_softmax_fwd` gives it) and
     ``keep`` (bool) are written only when asked, else they are empty ``[0]`` tensors.
     ``seed`` is a one-element int64 tensor on ``x``'s device (read by the kernel: no sync).
-    ``bias`` and ``fill`` are as in :func:`scale_mask_softmax_fwd`.
+    ``bias``, ``fill`` and ``dtype`` (the probabilities') are as in
+    :func:`scale_mask_softmax_fwd`; ``cast`` (default: the probabilities' dtype) is the
+    dtype the probabilities are cast to before the dropout, and ``out``'s (T5 in half
+    precision: ``dropout(softmax(scores.float()).type_as(scores))``).
     """
-    reason = check_dropout(x, mask, dim, p, seed, bias, fill)
+    reason = (
+        check_dropout(x, mask, dim, p, seed, bias, fill)
+        or _dtype_reason(dtype)
+        or _dtype_reason(cast)
+    )
     if reason:
         raise ValueError(f"scale_mask_softmax_dropout_fwd: {reason}")
     ds = 1.0 / (1.0 - p) if drop_scale is None else float(drop_scale)
-    drop = (float(p), seed, ds, write_probs, write_keep)
-    return _fwd(x, scale, mask, dim, drop, block_n, bias, fill)
+    drop = (float(p), seed, ds, write_probs, write_keep, cast)
+    return _fwd(x, scale, mask, dim, drop, block_n, bias, fill, dtype)
 
 
 @_common.memo_reason
@@ -511,13 +525,14 @@ def _fwd(x, scale, mask, dim, dropout, block_n, bias=None, fill=None, dtype=None
     dim = _wrap_dim(dim, x.dim())
     shape = tuple(x.shape)
     o_dtype = dtype or out_dtype(x, mask, bias)
-    y = _common.empty(shape, o_dtype, x.device)
     probs = keep = None
     if dropout is not None:
-        p, seed, drop_scale, write_probs, write_keep = dropout
+        p, seed, drop_scale, write_probs, write_keep, cast = dropout
+        y = _common.empty(shape, cast or o_dtype, x.device)
         probs = _common.empty(shape if write_probs else (0,), o_dtype, x.device)
         keep = _common.empty(shape if write_keep else (0,), torch.bool, x.device)
     else:
+        y = _common.empty(shape, o_dtype, x.device)
         p, seed, drop_scale, write_probs, write_keep = 0.0, None, 1.0, False, False
     if math.prod(shape) == 0:
         return y, probs, keep
@@ -536,7 +551,11 @@ def _fwd(x, scale, mask, dim, dropout, block_n, bias=None, fill=None, dtype=None
     m, ms = (ts[-1], strides[-1]) if mop is not None else (x, xs)
     fill_value = -math.inf if fill is None else float(fill)
     # probs / keep are allocated as y (contiguous, same shape): y's strides address them
-    probs_arg = probs if write_probs else y
+    # (unwritten, the probabilities' pointer still types the rounding before the dropout)
+    if probs is None or write_probs:
+        probs_arg = probs if write_probs else y
+    else:
+        probs_arg = probs.new_empty((1,))
     keep_arg = keep.view(torch.uint8) if write_keep else y
     seed_arg = seed if seed is not None else y
     drop = dropout is not None
@@ -556,7 +575,7 @@ def _fwd(x, scale, mask, dim, dropout, block_n, bias=None, fill=None, dtype=None
         n,
         rows,
         x.dtype,
-        (y.dtype, _mode_key(add, mop), drop, write_probs, write_keep),
+        (y.dtype, probs_arg.dtype, _mode_key(add, mop), drop, write_probs, write_keep),
         xs[3] == 1,
         block_n,
         launch,
@@ -770,18 +789,21 @@ torch.library.register_autograd("tile::scale_mask_softmax", _backward, setup_con
 
 
 def reference_dropout(
-    x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale, bias=None, fill=None
-):
+    x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale, bias=None, fill=None,
+    dtype=None, cast=None,
+):  # fmt: skip
     """ATen fallback of ``tile::scale_mask_softmax_dropout``: the same semantics (a keep
     probability of ``1 - p``, outputs consistent with each other), a different random
     stream (a CPU generator seeded with ``seed``)."""
     probs = reference(x, scale, mask, dim, bias, fill)
+    probs = probs if dtype is None else probs.to(dtype)
     gen = torch.Generator().manual_seed(int(seed.item()) & (2**63 - 1))
     keep = (torch.rand(probs.shape, generator=gen) > p).to(probs.device)
-    y = torch.where(keep, probs * drop_scale, torch.zeros((), dtype=probs.dtype))
+    y = probs if cast is None else probs.to(cast)
+    y = torch.where(keep, y * drop_scale, torch.zeros((), dtype=y.dtype))
     empty = probs.new_empty((0,))
     return (
-        y.to(probs.dtype),
+        y,
         probs if write_probs else empty,
         keep if write_keep else empty.to(torch.bool),
     )
@@ -792,31 +814,41 @@ def reference_dropout(
     mutates_args=(),
     schema="(Tensor x, float scale, Tensor? mask, int dim, float p, Tensor seed, "
     "bool write_probs, bool write_keep, float drop_scale, Tensor? bias=None, "
-    "float? fill=None) -> (Tensor, Tensor, Tensor)",
+    "float? fill=None, ScalarType? dtype=None, ScalarType? cast=None) "
+    "-> (Tensor, Tensor, Tensor)",
 )
 @plans.planned("tile::scale_mask_softmax_dropout")
 def scale_mask_softmax_dropout_op(
-    x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale, bias=None, fill=None
-):
-    """``dropout(softmax(x * scale + mask, dim), p)`` -> ``(out, probs, keep)``; ``probs``
-    and ``keep`` are empty unless asked for (the backward needs them).  ``bias`` and
-    ``fill`` as in ``tile::scale_mask_softmax``.  Placed by the fusion pass in graphs whose
-    autograd is done; it has a backward for direct use."""
+    x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale, bias=None, fill=None,
+    dtype=None, cast=None,
+):  # fmt: skip
+    """``dropout(softmax(x * scale + mask, dim).to(cast), p)`` -> ``(out, probs, keep)``;
+    ``probs`` (in ``dtype``, as ``tile::scale_mask_softmax`` stores it) and ``keep`` are
+    empty unless asked for (the backward needs them); ``out`` is in ``cast``, by default
+    the probabilities' dtype.  ``bias`` and ``fill`` as in ``tile::scale_mask_softmax``.
+    Placed by the fusion pass in graphs whose autograd is done; it has a backward for
+    direct use."""
     args = (x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale, bias, fill)
+    args += (dtype, cast)
     return _common.guarded_op(
         "scale_mask_softmax_dropout_fwd",
-        check_dropout(x, mask, dim, p, seed, bias, fill),
-        key=(*_guard_key(x, mask, bias, fill), write_probs, write_keep),
+        check_dropout(x, mask, dim, p, seed, bias, fill)
+        or _dtype_reason(dtype)
+        or _dtype_reason(cast),
+        key=(*_guard_key(x, mask, bias, fill), write_probs, write_keep, dtype, cast),
         run=lambda: scale_mask_softmax_dropout_fwd(*args),
         fallback=lambda: reference_dropout(*args),
     )
 
 
 @scale_mask_softmax_dropout_op.register_fake
-def _(x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale, bias=None, fill=None):
-    dt = out_dtype(x, mask, bias)
+def _(
+    x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale, bias=None, fill=None,
+    dtype=None, cast=None,
+):  # fmt: skip
+    dt = dtype or out_dtype(x, mask, bias)
     return (
-        x.new_empty(x.shape, dtype=dt),
+        x.new_empty(x.shape, dtype=cast or dt),
         x.new_empty(x.shape if write_probs else (0,), dtype=dt),
         x.new_empty(x.shape if write_keep else (0,), dtype=torch.bool),
     )
@@ -842,7 +874,7 @@ def _backward_dropout(ctx, grad, _gprobs, _gkeep):
         ctx, grad, probs, (needs[0], needs[2], needs[9]), keep, ctx.drop_scale,
         mask[0] if mask else None,
     )  # fmt: skip
-    return gx, None, gmask, None, None, None, None, None, None, gbias, None
+    return gx, None, gmask, None, None, None, None, None, None, gbias, None, None, None
 
 
 torch.library.register_autograd(
@@ -857,10 +889,17 @@ _INT_BWD = ("N", "G1", "G2") + tuple(f"{p}_s{i}" for p in ("dx", "dy", "y") for 
 
 
 def _spec(
-    fwd: bool, dt: torch.dtype, mode: int, single: bool, cfg: autotune.Config, drop=False
+    fwd: bool,
+    dt: torch.dtype,
+    mode: int,
+    single: bool,
+    cfg: autotune.Config,
+    drop=False,
+    probs: torch.dtype | None = None,
 ) -> dict:
     """``mode`` as :func:`_mode_key`: bit 0 an added tensor, 2 a bool mask (in the
-    backward: the mask read for a finite fill), 4 a second added tensor."""
+    backward: the mask read for a finite fill), 4 a second added tensor; ``probs`` the
+    dtype of the probabilities a dropout writes (default ``dt``: no cast between)."""
     t = "*" + _common.triton_dtype_name(dt)
     has_add, m_mode = bool(mode & 1), mode >> 1
     has_fill = m_mode == 1
@@ -892,7 +931,7 @@ def _spec(
         sig["fill"] = "fp32"
         sig.update(
             seed_ptr="*i64" if drop else t,
-            probs_ptr=t,
+            probs_ptr=t if probs is None else "*" + _common.triton_dtype_name(probs),
             keep_ptr="*u8" if drop else t,
             p="fp32",
             drop_scale="fp32",
@@ -901,6 +940,7 @@ def _spec(
     consts.update({"SINGLE": single, **dict(cfg.kwargs)})
     kind = "fwd" if fwd else "bwd"
     kind += "_dropout" if drop else ""
+    kind += f"_probs_{probs}" if probs is not None else ""
     return {
         "name": f"scale_mask_softmax_{kind}[{t[1:]},mode={mode},single={single},{cfg}]",
         "fn": fn,
@@ -933,4 +973,7 @@ def sm90_specs() -> list[dict]:
         specs += [_spec(True, dt, 2, False, c, drop=True) for c in looped]
         specs += [_spec(False, dt, 0, True, c, drop=True) for c in single]
         specs += [_spec(False, dt, 0, False, c, drop=True) for c in looped]
+        if dt != torch.float32:  # T5: fp32 probabilities cast to half before the dropout
+            specs.append(_spec(True, dt, 5, True, heavy_s, drop=True, probs=torch.float32))
+            specs.append(_spec(True, dt, 5, False, heavy_l, drop=True, probs=torch.float32))
     return specs

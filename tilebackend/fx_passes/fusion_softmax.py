@@ -257,6 +257,9 @@ class SoftmaxFusions(FuserBase):
         Inductor's decomposition ``mul(mul(inductor_random(...) > p, s), 1 / (1 - p))``,
         whose seed node the fused op reads, so the random draws follow Inductor's seeding.
         The probabilities and the keep mask are written only when the backward saves them.
+        A cast of fp32 probabilities to half between the softmax and the dropout (T5:
+        ``dropout(softmax(scores.float()).type_as(scores))``) is fused too: the kernel
+        rounds as the cast does, and writes the dropout's result in half.
         """
         tile = torch.ops.tile
         for sm in list(self.graph.nodes):
@@ -264,21 +267,40 @@ class SoftmaxFusions(FuserBase):
                 continue
             if sm.target is tile.scale_mask_softmax.default:
                 x, scale, mask, dim, bias, fill, dtype = _scale_mask_softmax_args(sm)
-                if dtype is not None:
-                    continue  # stored cast to half: a dropout after it reads the cast
             elif sm.target is tile.softmax.default and sm.args[2] is False:
-                (x, dim), scale, mask, bias, fill = sm.args[:2], 1.0, None, None, None
+                (x, dim), scale, mask, bias, fill, dtype = sm.args[:2], 1.0, None, None, None, None
             else:
                 continue
             for u in list(sm.users):
-                found = self._dropout_after(sm, u)
+                cast = self._cast_to_half(sm, u)
+                if cast is not None:  # the dropout is the cast's only user
+                    found = self._dropout_after(cast, next(iter(cast.users)))
+                    if isinstance(found, tuple):
+                        *rest, chain = found
+                        found = (*rest, [*chain, cast])
+                else:
+                    found = self._dropout_after(sm, u)
                 if found is None:
                     continue
                 if isinstance(found, str):
                     self._note(sm, found)
                     continue
-                self._splice_dropout(sm, (x, scale, mask, dim, bias, fill), *found)
+                cast_to = None if cast is None else _val(cast).dtype
+                prologue = (x, scale, mask, dim, bias, fill, dtype, cast_to)
+                self._splice_dropout(sm, prologue, *found)
                 break
+
+    def _cast_to_half(self, sm: fx.Node, u: fx.Node) -> fx.Node | None:
+        """``u`` when it casts the fp32 probabilities ``sm`` to fp16 / bf16 (on their
+        device, no memory format) for its only user; else None."""
+        if u.target not in _CASTS or u.args[0] is not sm or len(u.users) != 1:
+            return None
+        if set(u.kwargs) - {"dtype", "layout", "device"}:
+            return None
+        uv, sv = _val(u), _val(sm)
+        if sv.dtype != torch.float32 or uv.device != sv.device:
+            return None
+        return u if uv.dtype in (torch.float16, torch.bfloat16) else None
 
     def _dropout_after(self, sm: fx.Node, u: fx.Node):
         """``(p, drop_scale, seed, out, keeps, chain)`` for a dropout of ``sm`` at user
@@ -301,6 +323,10 @@ class SoftmaxFusions(FuserBase):
         if not (isinstance(gt, fx.Node) and gt.target is aten.gt.Scalar):
             return None
         rnd, p = gt.args
+        drawn = [rnd]  # the random draw, and its cast to half (a half dropout's rand_like)
+        if isinstance(rnd, fx.Node) and rnd.target in _CASTS and len(rnd.users) == 1:
+            rnd = rnd.args[0]
+            drawn.append(rnd)
         if not (
             isinstance(rnd, fx.Node)
             and rnd.target is torch.ops.prims.inductor_random.default
@@ -319,14 +345,16 @@ class SoftmaxFusions(FuserBase):
         if not self._same(_val(rnd).shape, _val(sm).shape):
             return f"dropout {u.name}: the random tensor's shape differs from the softmax's"
         keeps = [k for k in gt.users if k is not u]
-        return float(p), c, rnd.args[1], out, keeps, [out, u, gt, rnd]
+        # (the kernel compares its fp32 draw: Inductor's numbers, not rounded to half)
+        return float(p), c, rnd.args[1], out, keeps, [out, u, gt, *drawn]
 
     def _splice_dropout(self, sm, prologue, p, drop_scale, seed, out, keeps, chain):
-        """Replace softmax ``sm`` (its ``prologue``: x, scale, mask, dim, bias, fill) and
+        """Replace softmax ``sm`` (its ``prologue``: x, scale, mask, dim, bias, fill, the
+        dtype it stores, the dtype its probabilities are cast to before the dropout) and
         the dropout ``chain`` after it by one ``tile::scale_mask_softmax_dropout``."""
         from ..codegen import fused_softmax
 
-        x, scale, mask, dim, bias, fill = prologue
+        x, scale, mask, dim, bias, fill, dtype, cast = prologue
         graph = self.graph
         others = [u for u in sm.users if u not in chain]
         if seed is None:  # native_dropout: draw a seed from torch's generator
@@ -345,9 +373,11 @@ class SoftmaxFusions(FuserBase):
             self._note(sm, f"dropout not fused: {reason}")
             return
         args = (x, scale, mask, dim, p, seed, bool(others), bool(keeps), drop_scale)
-        args += (bias, fill) if bias is not None or fill is not None else ()
+        given = {"bias": bias, "fill": fill, "dtype": dtype, "cast": cast}
+        kwargs = {k: v for k, v in given.items() if v is not None}
         with graph.inserting_before(sm):
-            fused = graph.call_function(torch.ops.tile.scale_mask_softmax_dropout.default, args)
+            op = torch.ops.tile.scale_mask_softmax_dropout.default
+            fused = graph.call_function(op, args, kwargs)
             self._meta(fused)
             parts = []
             for i in range(3):
@@ -385,15 +415,19 @@ class SoftmaxFusions(FuserBase):
                     "scale": scale,
                     "writes_probs": bool(others),
                     "writes_keep": bool(keeps),
-                },
+                }
+                | ({"dtype": str(dtype)} if dtype is not None else {})
+                | ({"cast": str(cast)} if cast is not None else {}),
             )
         )
 
     def softmax_backwards(self) -> None:
         """In backward graphs, ``tile::softmax_backward`` absorbs the dropout backward
         before it (``native_dropout_backward(g, keep, c)``, or Inductor's decompositions of
-        it: ``mul(mul(g, c), keep)``, ``mul(g, mul(keep.to(float), c))``) and the softmax
-        prologue's scale after it (``mul(dx, scale)``):
+        it: ``mul(mul(g, c), keep)``, ``mul(g, mul(keep.to(float), c))``), also when its
+        half result is cast to the fp32 probabilities' dtype (T5's cast before the
+        dropout; the kernel rounds as it does), and the softmax prologue's scale after it
+        (``mul(dx, scale)``):
         ``tile::scale_mask_softmax_backward`` reads ``g``, ``keep`` and the probabilities
         once and writes ``dx`` once."""
         tile = torch.ops.tile
@@ -406,22 +440,33 @@ class SoftmaxFusions(FuserBase):
                 continue
             consumed: list[fx.Node] = []
             g, keep, drop_scale = grad, None, 1.0
-            if _single_use(grad) and grad.target is aten.native_dropout_backward.default:
-                g, keep, drop_scale = grad.args[:3]
+            src = grad  # the dropout's backward, or under an upcast of its half result
+            if (
+                _single_use(grad)
+                and grad.target in _CASTS
+                and _is_tensor_node(grad.args[0])
+                and _val(grad.args[0]).dtype in (torch.float16, torch.bfloat16)
+            ):
+                src = grad.args[0]
                 consumed.append(grad)
-            elif _single_use(grad) and grad.target is aten.mul.Tensor:
-                found = _dropout_grad(grad)
+            if _single_use(src) and src.target is aten.native_dropout_backward.default:
+                g, keep, drop_scale = src.args[:3]
+                consumed.append(src)
+            elif _single_use(src) and src.target is aten.mul.Tensor:
+                found = _dropout_grad(src)
                 if found is not None:
                     g, keep, drop_scale, absorbed = found
-                    consumed += [grad, *absorbed]
+                    consumed += [src, *absorbed]
             if keep is not None and not (
                 self._same(_val(keep).shape, vg.shape)
                 and self._same(_val(g).shape, vg.shape)
-                and _val(g).dtype == vg.dtype
+                and _val(g).dtype == _val(src).dtype
                 and _val(keep).dtype == torch.bool
                 and isinstance(drop_scale, float)
             ):
                 g, keep, drop_scale, consumed = grad, None, 1.0, []
+            if keep is None:  # (an upcast over no dropout stays)
+                g, consumed = grad, []
             scale, tail = 1.0, None
             if len(sb.users) == 1:
                 (u,) = sb.users
