@@ -21,27 +21,17 @@ def _env_bool(name: str, default: bool) -> bool:
     return raw.strip().lower() not in ("0", "false", "no", "off")
 
 
-def _env_float(var: str, name: str, default: float) -> float:
+def _env_number(var: str, name: str, default: Any, kind: type, what: str) -> Any:
+    """``kind(env var)`` (float, int), ``default`` when unset; a clear error naming
+    ``what`` the value should be when it does not parse."""
     raw = os.environ.get(var)
     if raw is None or raw.strip() == "":
         return default
     try:
-        return float(raw)
+        return kind(raw)
     except ValueError:
         raise InvalidOptionValueError(
-            name=name, value=raw, expected=f"a number of seconds (env {var})"
-        ) from None
-
-
-def _env_int(var: str, name: str) -> int | None:
-    raw = os.environ.get(var)
-    if raw is None or raw.strip() == "":
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidOptionValueError(
-            name=name, value=raw, expected=f"a whole number (env {var})"
+            name=name, value=raw, expected=f"{what} (env {var})"
         ) from None
 
 
@@ -110,13 +100,17 @@ class Settings:
             disable=names("TILEBACKEND_DISABLE"),
             poison_outputs=_env_bool("TILEBACKEND_POISON", False),
             search=os.environ.get("TILEBACKEND_SEARCH", "quick") or "quick",
-            tune_budget_s=_env_float("TILEBACKEND_TUNE_BUDGET_S", "tune_budget_s", 30.0),
+            tune_budget_s=_env_number(
+                "TILEBACKEND_TUNE_BUDGET_S", "tune_budget_s", 30.0, float, "a number of seconds"
+            ),
             tuning=os.environ.get("TILEBACKEND_TUNING") or None,
             verify=_env_bool("TILEBACKEND_VERIFY", False),
             fusion=_env_bool("TILEBACKEND_FUSION", True),
             specialize_floats=_env_bool("TILEBACKEND_SPECIALIZE_FLOATS", True),
             compile_cache=_env_bool("TILEBACKEND_COMPILE_CACHE", True),
-            compile_threads=_env_int("TILEBACKEND_COMPILE_THREADS", "compile_threads"),
+            compile_threads=_env_number(
+                "TILEBACKEND_COMPILE_THREADS", "compile_threads", None, int, "a whole number"
+            ),
         )._validated()
 
     @classmethod
