@@ -30,6 +30,7 @@ why); ``observers`` are called with each new decision (``tilebackend.tune`` uses
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
@@ -61,6 +62,7 @@ SPILL_LIMIT = 16
 #: GIL: 4 bf16 GEMM configs for sm_90 compile in 4.7 s on 2 threads against 7.9 s one
 #: after another, on a 2-core CPU)
 COMPILE_WORKERS = min(8, os.cpu_count() or 1)
+PRECOMPILE_WAIT_S = 300.0  # then the search goes on, compiling what is left as it times
 _BENCH_ARGS = {"quick": (5, 25), "exhaustive": (10, 50)}  # do_bench warmup / rep (ms)
 
 
@@ -659,8 +661,11 @@ def precompile(run: Callable[[Config], Any], configs: Sequence[Config], workers:
         except Exception as e:  # measure() reports it
             log.debug("precompiling %s failed: %s", cfg, e)
 
-    with ThreadPoolExecutor(min(workers, len(configs))) as pool:
-        list(pool.map(one, configs))
+    pool = ThreadPoolExecutor(min(workers, len(configs)), thread_name_prefix="tile-compile")
+    try:  # (a compile still running after the wait is left to finish on its own)
+        concurrent.futures.wait([pool.submit(one, c) for c in configs], PRECOMPILE_WAIT_S)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _sample_then_local(heuristic, rest, rng: random.Random, best: Callable[[], Config | None]):
