@@ -331,8 +331,9 @@ def compile_for_target(
 
 
 def resource_usage(kernel) -> dict[str, int] | None:
-    """``{"regs", "local", "stack"}`` of a kernel compiled for an NVIDIA target: registers
-    per thread and bytes of local memory (register spills) and stack per thread, as
+    """``{"regs", "local", "stack"}`` of a kernel compiled for an NVIDIA target, per
+    thread: registers, bytes of local-memory arrays, and bytes of stack frame (where
+    ptxas spills registers: ``ptxas -v`` reports the same bytes as spill stores), as
     ``cuobjdump --dump-resource-usage`` reads them from the cubin.  None when there is no
     cubin or no cuobjdump.  Needs no GPU."""
     import re
