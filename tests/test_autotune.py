@@ -751,6 +751,42 @@ def test_tuned_config_never_slower_than_heuristic():
     assert t_tuned <= t_heur * 1.10, (d.config, t_tuned, t_heur)
 
 
+@pytest.mark.gpu
+def test_quick_search_on_the_gpu_precompiles_and_reads_spills(tmp_path, monkeypatch):
+    """A real quick search of a GEMM epilogue with a residual and a mask: its candidates
+    are compiled on threads first (each timed launch then finds its kernel compiled), the
+    kernels' spills are read, and every config timed or rejected says why."""
+    import time
+
+    from tilebackend.codegen import fused_matmul  # noqa: F401  (tile::mm_epilogue)
+    from tilebackend.codegen import pointwise as pw
+
+    monkeypatch.setenv("TILEBACKEND_CACHE_DIR", str(tmp_path))
+    tuning_cache._caches.clear()
+    autotune.reset()
+    x = torch.randn(4096, 768, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(3072, 768, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(3072, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(4096, 3072, device="cuda", dtype=torch.bfloat16)
+    mask = torch.rand(4096, 3072, device="cuda") > 0.1
+    expr = ("where", "IN1", ("add", ("gelu", "ACC", "tanh"), "IN0"), 0.0)
+    seen = []
+    real = autotune.precompile
+    monkeypatch.setattr(
+        autotune, "precompile", lambda r, c, n: (seen.append(len(c)), real(r, c, n))[1]
+    )
+    t0 = time.perf_counter()
+    with settings.use(settings.Settings(search="quick")):
+        out = torch.ops.tile.mm_epilogue(x, w.t(), bias, [res, mask], pw.dumps(expr))
+    elapsed = time.perf_counter() - t0
+    ref = torch.where(mask, torch.nn.functional.gelu(x @ w.t() + bias, approximate="tanh") + res, 0)
+    torch.testing.assert_close(out, ref, atol=0.1, rtol=0.05)
+    d = next(d for k, d in autotune.decisions.items() if k[0] == "mm_epilogue")
+    assert seen == [autotune.QUICK_MAX_CANDIDATES] and d.source == "tuned"
+    assert d.tried + len(d.rejected) == autotune.QUICK_MAX_CANDIDATES, (d.tried, d.rejected)
+    print(f"quick search {elapsed:.1f} s: {d.config}; rejected {d.rejected}")
+
+
 @pytest.mark.parametrize("aten_faster", [True, False])
 def test_plain_gemm_times_cublas_as_a_baseline(monkeypatch, aten_faster):
     """On a GPU the plain GEMM's tuning also times ATen's GEMM (first, whatever the
