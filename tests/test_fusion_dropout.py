@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import tilebackend
-from tilebackend.codegen import _common, fused_softmax
+from tilebackend.codegen import _common, fused_softmax, fused_softmax_dropout
 
 P = 0.25
 
@@ -41,7 +41,7 @@ def test_dropout_kernel(poison, device, dtype, atol, rtol, mask_kind, block_n):
         "bool": torch.rand(1, 4, 37, device=device) > 0.7,
     }[mask_kind]
     # poisoned outputs: an element the kernel leaves unwritten is NaN and fails below
-    y, probs, keep = fused_softmax.scale_mask_softmax_dropout_fwd(
+    y, probs, keep = fused_softmax_dropout.scale_mask_softmax_dropout_fwd(
         x, 0.5, mask, -1, P, _seed(device), block_n=block_n
     )
     ref = fused_softmax.reference(x.float(), 0.5, mask, -1).to(y.dtype)
@@ -50,12 +50,12 @@ def test_dropout_kernel(poison, device, dtype, atol, rtol, mask_kind, block_n):
     expect = torch.where(keep, probs.float() / (1 - P), 0.0).to(dtype)
     torch.testing.assert_close(y, expect, atol=atol, rtol=rtol)
     # the same seed draws the same mask, whatever is written; another seed another one
-    y2, p2, k2 = fused_softmax.scale_mask_softmax_dropout_fwd(
+    y2, p2, k2 = fused_softmax_dropout.scale_mask_softmax_dropout_fwd(
         x, 0.5, mask, -1, P, _seed(device), False, False, block_n=block_n
     )
     assert p2.numel() == 0 and k2.numel() == 0
     torch.testing.assert_close(y2, y, atol=0, rtol=0)
-    _, _, k3 = fused_softmax.scale_mask_softmax_dropout_fwd(
+    _, _, k3 = fused_softmax_dropout.scale_mask_softmax_dropout_fwd(
         x, 0.5, mask, -1, P, _seed(device, 99), block_n=block_n
     )
     assert not torch.equal(k3, keep)
@@ -63,7 +63,9 @@ def test_dropout_kernel(poison, device, dtype, atol, rtol, mask_kind, block_n):
 
 def test_dropout_keeps_one_minus_p(device):
     x = torch.randn(64, 301, device=device)
-    _, _, keep = fused_softmax.scale_mask_softmax_dropout_fwd(x, 1.0, None, -1, P, _seed(device))
+    _, _, keep = fused_softmax_dropout.scale_mask_softmax_dropout_fwd(
+        x, 1.0, None, -1, P, _seed(device)
+    )
     assert abs(keep.float().mean().item() - (1 - P)) < 0.02
     # no structure across rows or columns: each row and column keeps about the same share
     assert keep.float().mean(1).std() < 0.1 and keep.float().mean(0).std() < 0.1
@@ -72,7 +74,7 @@ def test_dropout_keeps_one_minus_p(device):
 @pytest.mark.parametrize("shape", [(0, 5), (4, 0), (1, 1), (2, 3, 1)])
 def test_dropout_kernel_edge_sizes(poison, device, shape):
     x = torch.randn(shape, device=device)
-    y, probs, keep = fused_softmax.scale_mask_softmax_dropout_fwd(
+    y, probs, keep = fused_softmax_dropout.scale_mask_softmax_dropout_fwd(
         x, 1.0, None, -1, P, _seed(device)
     )
     assert y.shape == probs.shape == keep.shape == x.shape
@@ -82,7 +84,7 @@ def test_dropout_kernel_edge_sizes(poison, device, shape):
 
 def test_dropout_kernel_non_contiguous(poison, device):
     x = torch.randn(5, 3, 11, device=device).transpose(0, 2)  # [11, 3, 5], softmax over 5
-    y, probs, keep = fused_softmax.scale_mask_softmax_dropout_fwd(
+    y, probs, keep = fused_softmax_dropout.scale_mask_softmax_dropout_fwd(
         x, 2.0, None, -1, P, _seed(device)
     )
     torch.testing.assert_close(probs, torch.softmax(x * 2.0, -1))
@@ -91,15 +93,15 @@ def test_dropout_kernel_non_contiguous(poison, device):
 
 def test_dropout_kernel_refuses_what_it_cannot_do(device):
     x = torch.randn(2, 8, device=device)
-    assert "not in (0, 1)" in fused_softmax.check_dropout(x, None, -1, 1.0, _seed(device))
-    assert "int64" in fused_softmax.check_dropout(x, None, -1, 0.5, torch.zeros(1))
+    assert "not in (0, 1)" in fused_softmax_dropout.check_dropout(x, None, -1, 1.0, _seed(device))
+    assert "int64" in fused_softmax_dropout.check_dropout(x, None, -1, 0.5, torch.zeros(1))
     with pytest.raises(ValueError, match="not in"):
-        fused_softmax.scale_mask_softmax_dropout_fwd(x, 1.0, None, -1, 0.0, _seed(device))
+        fused_softmax_dropout.scale_mask_softmax_dropout_fwd(x, 1.0, None, -1, 0.0, _seed(device))
 
 
 def test_backward_kernel_through_the_keep_mask(poison, device):
     x = torch.randn(6, 29, device=device)
-    y, probs, keep = fused_softmax.scale_mask_softmax_dropout_fwd(
+    y, probs, keep = fused_softmax_dropout.scale_mask_softmax_dropout_fwd(
         x, 0.5, None, -1, P, _seed(device)
     )
     g = torch.randn_like(y)
@@ -138,7 +140,7 @@ def test_op_with_bias_and_finite_fill(poison, device, block_n):
     m = torch.rand(2, 1, 11, device=device) < 0.3
     m[0, 0] = True
     fill = torch.finfo(torch.float32).min
-    y, probs, keep = fused_softmax.scale_mask_softmax_dropout_fwd(
+    y, probs, keep = fused_softmax_dropout.scale_mask_softmax_dropout_fwd(
         x.detach(), 0.125, m, -1, P, _seed(device), bias=bias.detach(), fill=fill,
         block_n=block_n,
     )  # fmt: skip

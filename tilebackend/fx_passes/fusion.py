@@ -184,6 +184,7 @@ def fuse(gm: fx.GraphModule, report: GraphReport) -> int:
         fused_matmul_multi,
         fused_norm,
         fused_softmax,
+        fused_softmax_dropout,
     )
 
     f = _Fuser(gm, report)

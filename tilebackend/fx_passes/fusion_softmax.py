@@ -352,7 +352,7 @@ class SoftmaxFusions(FuserBase):
         """Replace softmax ``sm`` (its ``prologue``: x, scale, mask, dim, bias, fill, the
         dtype it stores, the dtype its probabilities are cast to before the dropout) and
         the dropout ``chain`` after it by one ``tile::scale_mask_softmax_dropout``."""
-        from ..codegen import fused_softmax
+        from ..codegen import fused_softmax_dropout
 
         x, scale, mask, dim, bias, fill, dtype, cast = prologue
         graph = self.graph
@@ -368,7 +368,9 @@ class SoftmaxFusions(FuserBase):
         hx, hm, hb = [
             shapes.hinted(_val(v)) if isinstance(v, fx.Node) else v for v in (x, mask, bias)
         ]
-        reason = fused_softmax.check_dropout(hx, hm, dim, p, shapes.hinted(_val(seed)), hb, fill)
+        reason = fused_softmax_dropout.check_dropout(
+            hx, hm, dim, p, shapes.hinted(_val(seed)), hb, fill
+        )
         if reason:
             self._note(sm, f"dropout not fused: {reason}")
             return
