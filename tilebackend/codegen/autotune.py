@@ -12,9 +12,10 @@ Per kernel and per key (dtype, shape bucket, flags), in this order:
 4. GPU: this process's earlier choice; else the on-disk cache (``tuning_cache``); else a
    search, whose result is cached.  Search ``"quick"`` (default) times the heuristic
    config and its nearest neighbours (at most ``QUICK_MAX_CANDIDATES`` configs and
-   ``QUICK_BUDGET_S`` seconds), compiled first on parallel threads (:func:`precompile`); ``"exhaustive"`` (``mode="max-autotune"``) times every
-   config of the pruned space when it has at most ``EXHAUSTIVE_LIMIT``, else random
-   samples followed by a local search around the best, within ``tune_budget_s``.
+   ``QUICK_BUDGET_S`` seconds), compiled first on parallel threads (:func:`precompile`);
+   ``"exhaustive"`` (``mode="max-autotune"``) times every config of the pruned space
+   when it has at most ``EXHAUSTIVE_LIMIT``, else random samples followed by a local
+   search around the best, within ``tune_budget_s``.
    The heuristic config is always timed first and a candidate wins only when it is
    strictly faster; a candidate whose outputs differ from the heuristic's (allclose at
    the dtype's tolerance), or whose kernel spills more than ``SPILL_LIMIT`` registers,

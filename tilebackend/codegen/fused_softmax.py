@@ -488,11 +488,12 @@ def _fwd(x, scale, mask, dim, dropout, block_n, bias=None, fill=None, dtype=None
     m, ms = (ts[-1], strides[-1]) if mop is not None else (x, xs)
     fill_value = -math.inf if fill is None else float(fill)
     # probs / keep are allocated as y (contiguous, same shape): y's strides address them
-    # (unwritten, the probabilities' pointer still types the rounding before the dropout)
-    if probs is None or write_probs:
-        probs_arg = probs if write_probs else y
+    if write_probs:
+        probs_arg = probs
+    elif probs is not None and probs.dtype != y.dtype:  # unwritten, it types the rounding
+        probs_arg = probs.new_empty((1,))  # before the dropout (cast to y's dtype)
     else:
-        probs_arg = probs.new_empty((1,))
+        probs_arg = y
     keep_arg = keep.view(torch.uint8) if write_keep else y
     seed_arg = seed if seed is not None else y
     drop = dropout is not None

@@ -493,6 +493,7 @@ def matmul(
     else:
         bias_st = (0, 0, 0)  # never read (HAS_BIAS is False)
     bias_t = bias if has_bias else out
+    bias_row = has_bias and bias_st[1] == 0  # one row over N: read as a vector
 
     precision = _input_precision(a.dtype)
 
@@ -524,7 +525,7 @@ def matmul(
                 alpha,
                 beta,
                 HAS_BIAS=has_bias,
-                BIAS_ROW=has_bias and bias_st[1] == 0,
+                BIAS_ROW=bias_row,
                 ACTIVATION=activation,
                 INPUT_PRECISION=precision,
                 EVEN_K=K % bk == 0,
@@ -539,7 +540,7 @@ def matmul(
         bucket(K),
         batch > 1,
         has_bias,
-        has_bias and bias_st[1] == 0,
+        bias_row,
         activation,
         precision,
         a.stride(-1) == 1,  # A k-contiguous (else m-contiguous / strided)

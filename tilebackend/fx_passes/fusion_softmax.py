@@ -214,14 +214,7 @@ class SoftmaxFusions(FuserBase):
         bias promoted them), or None.  The kernel stores its fp32 result in that dtype:
         the same rounding."""
         (u,) = sm.users if len(sm.users) == 1 else (None,)
-        if u is None or u.target not in _CASTS or _val(sm).dtype != torch.float32:
-            return None
-        if set(u.kwargs) - {"dtype", "layout", "device"}:
-            return None  # a memory format: the kernel writes contiguous rows
-        uv, sv = _val(u), _val(sm)
-        if uv.dtype not in (torch.float16, torch.bfloat16) or uv.device != sv.device:
-            return None
-        return u
+        return None if u is None else self._cast_to_half(sm, u)
 
     def _upcast_softmax(self, sm: fx.Node, x: Any, half_to_float: bool):
         """For ``softmax(x16.float()).to(float16)`` (or ``half_to_float``): ``(x16, the
@@ -273,7 +266,9 @@ class SoftmaxFusions(FuserBase):
                 continue
             for u in list(sm.users):
                 cast = self._cast_to_half(sm, u)
-                if cast is not None:  # the dropout is the cast's only user
+                if cast is not None and len(cast.users) != 1:
+                    continue  # the dropout must be the cast's only user
+                if cast is not None:
                     found = self._dropout_after(cast, next(iter(cast.users)))
                     if isinstance(found, tuple):
                         *rest, chain = found
@@ -291,12 +286,12 @@ class SoftmaxFusions(FuserBase):
                 break
 
     def _cast_to_half(self, sm: fx.Node, u: fx.Node) -> fx.Node | None:
-        """``u`` when it casts the fp32 probabilities ``sm`` to fp16 / bf16 (on their
-        device, no memory format) for its only user; else None."""
-        if u.target not in _CASTS or u.args[0] is not sm or len(u.users) != 1:
+        """``u`` when it casts the fp32 probabilities ``sm`` to fp16 / bf16 on their
+        device; else None."""
+        if u.target not in _CASTS or u.args[0] is not sm:
             return None
         if set(u.kwargs) - {"dtype", "layout", "device"}:
-            return None
+            return None  # a memory format: the kernel writes contiguous rows
         uv, sv = _val(u), _val(sm)
         if sv.dtype != torch.float32 or uv.device != sv.device:
             return None
@@ -466,9 +461,9 @@ class SoftmaxFusions(FuserBase):
                 and _val(keep).dtype == torch.bool
                 and isinstance(drop_scale, float)
             ):
-                g, keep, drop_scale, consumed = grad, None, 1.0, []
-            if keep is None:  # (an upcast over no dropout stays)
-                g, consumed = grad, []
+                keep = None
+            if keep is None:  # no dropout absorbed (an upcast over none stays)
+                g, drop_scale, consumed = grad, 1.0, []
             scale, tail = 1.0, None
             if len(sb.users) == 1:
                 (u,) = sb.users
