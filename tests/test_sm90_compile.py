@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from tilebackend.codegen import _common, autotune, compile_check
+from tilebackend.codegen import _common, autotune, compile_check, matmul
 
 
 @pytest.mark.slow
@@ -52,3 +53,8 @@ def test_every_config_compiles_for_sm90():
     heur = [r for r in results if "_128x128x64_g8_w8_s4" in r["name"]]
     limit = 4 * autotune.SPILL_LIMIT
     assert len(heur) >= 6 and not [r["name"] for r in heur if r["stack"] > limit], spills
+    # the persistent TMA configs (offered on Hopper for fp16/bf16 epilogues) compile for
+    # both generated epilogue templates (fp16, bf16), within what the autotuner accepts
+    tma = {r["name"]: r["stack"] for r in results if r["name"].endswith("_tma")}
+    assert len(tma) == 2 * 2 * len(matmul.tma_configs(torch.bfloat16)), sorted(tma)
+    assert all(s <= limit for s in tma.values()), tma

@@ -308,3 +308,26 @@ def cuobjdump_path() -> str | None:
         return knobs.nvidia.cuobjdump.path
     except Exception:
         return None
+
+
+def has_device_tma() -> bool:
+    """Whether this Triton builds TMA descriptors in a kernel (``tl.make_tensor_descriptor``:
+    triton >= 3.4; the interpreter runs them too)."""
+    import triton.language as tl
+
+    return hasattr(tl, "make_tensor_descriptor")
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_triton_allocator() -> None:
+    """Give Triton an allocator for the global scratch a kernel that builds TMA descriptors
+    needs (128 bytes a program, allocated by each launch), unless one is set already in
+    this context (Triton keeps it in a ContextVar: a new thread starts without one)."""
+    import triton
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .. import settings
+from .. import _compat, settings
 from .._compat import interpret_mode
 from . import plans
 
@@ -79,8 +79,10 @@ def _meta(args: Sequence[Any], inputs: list | None, ptrs: dict | None) -> tuple:
             if inputs is None:
                 out.append((a.dtype, a.device, a.shape, a.stride()))
             else:
-                alias = ptrs.setdefault(a.data_ptr(), len(inputs))
-                out.append((a.dtype, a.device, a.shape, a.stride(), alias))
+                ptr = a.data_ptr()
+                alias = ptrs.setdefault(ptr, len(inputs))
+                # (alignment too: a launch may read 16-byte aligned inputs through TMA)
+                out.append((a.dtype, a.device, a.shape, a.stride(), alias, ptr % 16 == 0))
                 inputs.append(a)
         elif isinstance(a, (list, tuple)):
             out.append((len(a), _meta(a, inputs, ptrs)))
@@ -205,14 +207,31 @@ def watch_launches() -> Iterator[list[Any]]:
         _watches.remove(got)
 
 
+class _WithScratch:
+    """``kernel[grid]`` that first gives Triton its scratch allocator (a kernel that builds
+    TMA descriptors needs one; recorded as the launch, so a replayed plan sets it too)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        _compat.ensure_triton_allocator()
+        return self.fn(*args, **kwargs)
+
+
 def launch(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> Any:
     """``kernel[grid](*args, **kwargs)``; every tile kernel is launched through here, so
     that :mod:`.plans` can record the launch.  FMA contraction is asked for explicitly
-    (see :data:`FP_FUSION`)."""
+    (see :data:`FP_FUSION`).  A ``TMA=True`` launch gets Triton's scratch allocator."""
     kwargs["enable_fp_fusion"] = FP_FUSION
     if getattr(_thread, "compile_only", False):
         return kernel.warmup(*args, grid=grid, **kwargs)
-    compiled = plans.on_launch(kernel, grid, args, kwargs)
+    if kwargs.get("TMA") and not interpret_mode():
+        compiled = plans.on_call(_WithScratch(kernel[grid]), args, kwargs)
+    else:
+        compiled = plans.on_launch(kernel, grid, args, kwargs)
     if _watches:
         _watches[-1].append(compiled)
     return compiled
@@ -276,6 +295,41 @@ def reset_failures() -> None:
     """Forget kernels that failed (tests use this)."""
     _broken.clear()
     _warned.clear()
+
+
+#: Programs a persistent kernel runs in the interpreter (a few, so that each walks
+#: several tiles in the tests).
+INTERPRET_PROGRAMS = 3
+
+
+def persistent_programs(device: torch.device) -> int:
+    """How many programs a persistent kernel launches on ``device``: one per SM (the
+    TMA GEMM configs use most of an SM's shared memory)."""
+    if device.type != "cuda":
+        return INTERPRET_PROGRAMS
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def tma_capable(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can use TMA descriptors: a Hopper or later GPU (or
+    the interpreter) with a Triton that builds them in a kernel."""
+    if not _compat.has_device_tma():
+        return False
+    if device.type != "cuda":
+        return interpret_mode()
+    return _capability(
+        device.index if device.index is not None else torch.cuda.current_device()
+    ) >= (9, 0)
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def tf32_allowed() -> bool:

@@ -200,6 +200,27 @@ def _bias_arg(bias, M: int, N: int, unused: torch.Tensor):
     return full, full.stride()
 
 
+def tma_layout(a2: torch.Tensor, b: torch.Tensor) -> str | None:
+    """How a persistent TMA config can read ``a2 [M, K] @ b [K, N]``: ``"nk"`` when ``b``
+    is ``W.t()`` of a row-major ``W [N, K]`` (a linear's weight), ``"kn"`` when ``b`` is
+    row-major, None when TMA cannot (no Hopper, a dtype other than fp16/bf16, or an
+    operand that is not row-major up to that transpose with 16-byte aligned rows)."""
+    if a2.dtype not in (torch.float16, torch.bfloat16) or not _common.tma_capable(a2.device):
+        return None
+    size = a2.element_size()
+
+    def rows_ok(t: torch.Tensor, row_stride: int) -> bool:
+        return (row_stride * size) % 16 == 0 and t.data_ptr() % 16 == 0
+
+    if a2.stride(1) != 1 or not rows_ok(a2, a2.stride(0)):
+        return None
+    if b.stride(0) == 1 and rows_ok(b, b.stride(1)):
+        return "nk"
+    if b.stride(1) == 1 and rows_ok(b, b.stride(0)):
+        return "kn"
+    return None
+
+
 def launch(
     name: str,
     kernel_for: Callable[[tuple[bool, ...], dict | None], Any],
@@ -213,6 +234,7 @@ def launch(
     space: Callable[[torch.dtype, str], list[autotune.Config]] = _mm.config_space,
     heuristic: Callable[..., autotune.Config] = _mm.heuristic_config,
     jit_fns: tuple = (),
+    tma: bool = False,
 ) -> list[torch.Tensor]:
     """Run a generated GEMM-epilogue kernel: one result per expression of ``exprs``
     (parsed, already checked), each ``a.shape[:-1] + (N,)`` in its expression's dtype,
@@ -222,7 +244,9 @@ def launch(
     kinds (``leaf_dtypes`` is None unless an expression casts); the flags are
     ``HAS_BIAS`` for one bias, ``HAS_BIAS0, HAS_BIAS1, ...`` for several.  ``space`` and
     ``heuristic`` are the template's tuning space and first guess; ``jit_fns`` are the
-    ``@triton.jit`` helpers its source calls (for the tuning key)."""
+    ``@triton.jit`` helpers its source calls (for the tuning key).  ``tma``: the template
+    has the persistent TMA main loop (constexprs ``TMA`` and ``B_NK``), whose configs are
+    tuning candidates where :func:`tma_layout` allows."""
     ldt = leaf_dtypes(a, extras, accs)
     out_dtypes = [pointwise.infer_dtype(e, ldt) for e in exprs]
     K, N = a.shape[-1], bs[0].shape[-1]
@@ -254,8 +278,18 @@ def launch(
         strides += st
     strides += [*outs2[0].stride(), *ex_strides]
 
+    layout = tma_layout(a2, bs[0]) if tma and len(bs) == 1 else None
+    flags = {"B_NK": layout == "nk"} if tma else {}
+
     def run(cfg: autotune.Config) -> None:
-        grid = (_common.cdiv(M, cfg["BLOCK_M"]) * _common.cdiv(N, cfg["BLOCK_N"]),)
+        tiles = _common.cdiv(M, cfg["BLOCK_M"]) * _common.cdiv(N, cfg["BLOCK_N"])
+        kw = cfg.as_kwargs()
+        if cfg.get("TMA"):
+            grid = (min(tiles, _common.persistent_programs(a.device)),)
+        else:
+            grid = (tiles,)
+            if tma:
+                kw["TMA"] = False
         _common.launch(
             kernel,
             grid,
@@ -270,7 +304,8 @@ def launch(
             **modes,
             INPUT_PRECISION=precision,
             EVEN_K=K % cfg["BLOCK_K"] == 0,
-            **cfg.as_kwargs(),
+            **flags,
+            **kw,
         )
 
     bucket = autotune.bucket
@@ -290,8 +325,11 @@ def launch(
         hashlib.sha256(text.encode()).hexdigest()[:12],
         bools,
         tuple(ldt.values()) if cast else (),
+        layout,
     )
     configs, first = _mm.tuning_choices(space, heuristic, a.dtype, precision, M, N, K)
+    if layout is not None and min(M, N) >= 64:  # (smaller: no tile of theirs is full)
+        configs += _mm.prune_configs(_mm.tma_configs(a.dtype), M, N, K)
     cfg = autotune.select(
         name, key, configs, first, run, outputs=lambda: outs, fn=(kernel, *jit_fns)
     )

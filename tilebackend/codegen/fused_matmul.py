@@ -7,7 +7,10 @@ side as ``IN0`` when a GEMM result is also used elsewhere, else both GEMMs run i
 string (the format of :mod:`.pointwise`).  The kernel is generated from a template: the GEMM main loop
 of :mod:`.matmul` (grouped-M order, masked edges, fp32 accumulator), then the extra inputs
 loaded through broadcast strides, the printed expression, and one store in the
-expression's result dtype.
+expression's result dtype.  The template has two main loops, chosen by the constexpr
+``TMA``: one program per output tile (pointer loads, any strides), or, on Hopper, a
+persistent loop (one program per SM walks the tiles) over :func:`.matmul.tma_mainloop`,
+for fp16/bf16 operands TMA can read (``epilogue_host.tma_layout``); the tuner times both.
 
 Generated sources are content-addressed: the file ``mm_epilogue_<sha>.py`` is written
 (atomically) under ``$TILEBACKEND_DEBUG_DIR`` or ``<tuning cache dir>/generated``
@@ -31,6 +34,7 @@ import logging
 import os
 import sys
 import tempfile
+import textwrap
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -72,13 +76,13 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice  # noqa: F401  (used by some expressions)
 
-from tilebackend.codegen.matmul import gemm_mainloop, grouped_tile
+from tilebackend.codegen.matmul import gemm_mainloop, grouped_tile, tile_coords, tma_mainloop
 
 
 @triton.jit
 def {kname}_kernel(
-    a_ptr,  # [M, K], any strides
-    b_ptr,  # [K, N], any strides
+    a_ptr,  # [M, K], any strides (TMA: row stride stride_am, unit column stride)
+    b_ptr,  # [K, N], any strides (TMA: unit stride along N, or along K when B_NK)
     bias_ptr,  # [M, N] through broadcast strides; unread unless HAS_BIAS
     out_ptr,  # [M, N], row stride stride_om, column stride stride_on
 {out_ptrs}{in_ptrs}    M,
@@ -101,28 +105,56 @@ def {kname}_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    TMA: tl.constexpr,  # persistent: A and B through TMA descriptors (Hopper and later)
+    B_NK: tl.constexpr,  # (TMA) B is W.t() of a row-major W [N, K]
 ):
-    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    acc = gemm_mainloop(
-        a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, K,
-        stride_am, stride_ak, stride_bk, stride_bn,
-        INPUT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
-    )
+    if TMA:  # each program walks the tiles num_programs apart
+        a_desc = tl.make_tensor_descriptor(
+            a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K]
+        )
+        if B_NK:
+            b_desc = tl.make_tensor_descriptor(
+                b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K]
+            )
+        else:
+            b_desc = tl.make_tensor_descriptor(
+                b_ptr, shape=[K, N], strides=[stride_bk, 1], block_shape=[BLOCK_K, BLOCK_N]
+            )
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(axis=0), num_tiles, tl.num_programs(axis=0), flatten=True):
+            pid_m, pid_n = tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            acc = tma_mainloop(
+                a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, K,
+                B_NK, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            )
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+{tma_epilogue}
+    else:
+        pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = gemm_mainloop(
+            a_ptr, b_ptr, offs_m, offs_n, offs_m < M, offs_n < N, K,
+            stride_am, stride_ak, stride_bk, stride_bn,
+            INPUT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+        )
+{epilogue}'''
 
-    mask = mask_m[:, None] & mask_n[None, :]
-{bias}    row0 = (offs_m // L1).to(tl.int64)
-    row1 = (offs_m % L1).to(tl.int64)
-    cols = offs_n.to(tl.int64)
+#: The tile's epilogue (at the kernel body's indentation; placed in both main loops).
+_EPILOGUE = """\
+mask_m = offs_m < M
+mask_n = offs_n < N
+mask = mask_m[:, None] & mask_n[None, :]
+{bias}row0 = (offs_m // L1).to(tl.int64)
+row1 = (offs_m % L1).to(tl.int64)
+cols = offs_n.to(tl.int64)
 {loads}
-    # --- the expression (fp32) ---
+# --- the expression (fp32) ---
 {body}
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, {result}.to(out_ptr.dtype.element_ty), mask=mask)
-{stores}'''
+out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+tl.store(out_ptrs, {result}.to(out_ptr.dtype.element_ty), mask=mask)
+{stores}"""
 
 
 def render_bias(acc: str, ptr: str, sm: str, sn: str, flag: str, row: str, ind="    ") -> str:
@@ -205,31 +237,38 @@ def render(kname: str, exprs: list[Any], bools: tuple[bool, ...], leaf_dtypes=No
     (``True`` = bool extra); ``leaf_dtypes`` lets casts round where eager's values were
     rounded.  Shared by the one-result and the several-result templates."""
     ind = "    "
-    in_ptrs, in_strides, in_modes, loads, leaves, bool_leaves = _render_extras(exprs, bools)
-    body, results = _render_expressions(exprs, {"ACC": "acc", **leaves}, bool_leaves, leaf_dtypes)
+    in_ptrs, in_strides, in_modes, _, leaves, bool_leaves = _render_extras(exprs, bools)
+    loads = _render_extras(exprs, bools, ind="")[3]
+    body, results = _render_expressions(
+        exprs, {"ACC": "acc", **leaves}, bool_leaves, leaf_dtypes, ind=""
+    )
     out_ptrs = "".join(
         f"{ind}out{i}_ptr,  # [M, N], the extra result {i}: strides of out_ptr\n"
         for i in range(1, len(exprs))
     )
     stores = "".join(
-        f"{ind}out{i}_ptrs = out{i}_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on\n"
-        f"{ind}tl.store(out{i}_ptrs, {results[i]}.to(out{i}_ptr.dtype.element_ty), mask=mask)\n"
+        f"out{i}_ptrs = out{i}_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on\n"
+        f"tl.store(out{i}_ptrs, {results[i]}.to(out{i}_ptr.dtype.element_ty), mask=mask)\n"
         for i in range(1, len(exprs))
+    )
+    epilogue = _EPILOGUE.format(
+        bias=render_bias("acc", "bias_ptr", "stride_cm", "stride_cn", "HAS_BIAS", "BIAS_ROW", ""),
+        loads=loads,
+        body=body,
+        result=results[0],
+        stores=stores,
     )
     return _TEMPLATE.format(
         kname=kname,
         out_ptrs=out_ptrs,
-        stores=stores,
         expr=[pointwise.dumps(e) for e in exprs],
         bools=list(bools),
         dtypes={k: str(v) for k, v in (leaf_dtypes or {}).items()},
         in_ptrs=in_ptrs,
         in_strides=in_strides,
         in_modes=in_modes,
-        bias=render_bias("acc", "bias_ptr", "stride_cm", "stride_cn", "HAS_BIAS", "BIAS_ROW"),
-        loads=loads,
-        body=body,
-        result=results[0],
+        tma_epilogue=textwrap.indent(epilogue, " " * 12),
+        epilogue=textwrap.indent(epilogue, " " * 8),
     )
 
 
@@ -388,7 +427,14 @@ def matmul_epilogue(
         raise KernelError(kernel="mm_epilogue", reason=reason)
     e = _parse(expr)
     (out,) = _host.launch(
-        "mm_epilogue", lambda bools, dts: kernel_for(e, bools, dts), a, [b], [bias], extras, [e]
+        "mm_epilogue",
+        lambda bools, dts: kernel_for(e, bools, dts),
+        a,
+        [b],
+        [bias],
+        extras,
+        [e],
+        tma=True,
     )
     return out
 
@@ -487,9 +533,10 @@ def _spec_modes(dtype: torch.dtype) -> dict[str, Any]:
 
 def epilogue_specs(name: str, fn: Any, out_ptrs: tuple[tuple[str, bool], ...] = ()) -> list[dict]:
     """sm_90 specs of a generated epilogue kernel ``fn`` whose extras are one float and
-    one bool input: one per (dtype, precision, config) of matmul's space.  ``out_ptrs``
-    are more output pointers ``(name, is_bool)`` after ``out_ptr`` (multi-output)."""
-    unit = ("stride_ak", "stride_bn", "stride_cn", "stride_on", "in0_sn", "in1_sn")
+    one bool input: one per (dtype, precision, config) of matmul's space, with a
+    row-major ``B``, and one per persistent TMA config (2-byte dtypes), with a linear's
+    ``B = W.t()``.  ``out_ptrs`` are more output pointers ``(name, is_bool)`` after
+    ``out_ptr`` (multi-output)."""
     ints = ("M", "N", "K", "L1", "stride_am", "stride_ak", "stride_bk", "stride_bn")
     ints += ("stride_cm", "stride_cn", "stride_om", "stride_on")
     ints += ("in0_s0", "in0_s1", "in0_sn", "in1_s0", "in1_s1", "in1_sn")
@@ -497,17 +544,24 @@ def epilogue_specs(name: str, fn: Any, out_ptrs: tuple[tuple[str, bool], ...] = 
     for dtype, precision in _mm.SM90_VARIANTS:
         tname = _common.triton_dtype_name(dtype)
         ptr = "*" + tname
-        sig = {"a_ptr": ptr, "b_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr}
-        sig.update({n: "*u8" if is_bool else ptr for n, is_bool in out_ptrs})
-        sig.update({"in0_ptr": ptr, "in1_ptr": "*u8"})
-        sig.update({n: "i32" for n in ints if n not in unit})
-        for cfg in _mm.config_space(dtype, precision):
+        configs = [(c, False) for c in _mm.config_space(dtype, precision)]
+        if precision == "tf32":  # (the 2-byte dtypes' one variant)
+            configs += [(c, True) for c in _mm.tma_configs(dtype)]
+        for cfg, tma in configs:
+            b_unit = "stride_bk" if tma else "stride_bn"
+            unit = ("stride_ak", b_unit, "stride_cn", "stride_on", "in0_sn", "in1_sn")
+            sig = {"a_ptr": ptr, "b_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr}
+            sig.update({n: "*u8" if is_bool else ptr for n, is_bool in out_ptrs})
+            sig.update({"in0_ptr": ptr, "in1_ptr": "*u8"})
+            sig.update({n: "i32" for n in ints if n not in unit})
+            b_rows = "stride_bn" if tma else "stride_bk"
             specs.append(
                 {
                     "name": (
                         f"{name}_{tname}_{precision}_"
                         f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
                         f"_g{cfg['GROUP_M']}_w{cfg.num_warps}_s{cfg.num_stages}"
+                        + ("_tma" if tma else "")
                     ),
                     "fn": fn,
                     "signature": dict(sig),
@@ -517,9 +571,11 @@ def epilogue_specs(name: str, fn: Any, out_ptrs: tuple[tuple[str, bool], ...] = 
                         **_spec_modes(dtype),
                         "INPUT_PRECISION": precision,
                         "EVEN_K": False,
+                        "TMA": False,
+                        "B_NK": tma,
                         **dict(cfg.kwargs),
                     },
-                    "divisible": ["M", "N", "K", "stride_am", "stride_bk", "stride_om", "in0_s1"],
+                    "divisible": ["M", "N", "K", "stride_am", b_rows, "stride_om", "in0_s1"],
                     "num_warps": cfg.num_warps,
                     "num_stages": cfg.num_stages,
                 }

@@ -120,6 +120,7 @@ def matmul_epilogue_multi(
         [bias],
         extras,
         es,
+        tma=True,
     )
 
 

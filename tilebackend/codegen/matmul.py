@@ -78,7 +78,13 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
     """``(pid_m, pid_n)``: program id -> output tile, grouped along M so that GROUP_M
     row-blocks of A stay in L2 while the tiles of one column-block of B are computed
     (tutorial 03).  Shared with the generated kernels of :mod:`.fused_matmul`."""
-    pid = tl.program_id(axis=0)
+    return tile_coords(tl.program_id(axis=0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+
+@triton.jit
+def tile_coords(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)`` of output tile number ``pid`` in :func:`grouped_tile`'s order
+    (a persistent kernel walks the tile numbers itself)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
@@ -126,6 +132,33 @@ def gemm_mainloop(
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
+def tma_mainloop(
+    a_desc,  # [M, K] tensor descriptor, blocks [BLOCK_M, BLOCK_K]
+    b_desc,  # [N, K] (B_NK: a weight W, B = W.t()) or [K, N] descriptor
+    off_m,  # first row of this tile
+    off_n,  # first column of this tile
+    K,
+    B_NK: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """:func:`gemm_mainloop` through TMA descriptors (Hopper's tensor memory accelerator
+    copies each tile to shared memory; rows and columns past the edges read as zero, so
+    nothing is masked)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        a = a_desc.load([off_m, k])
+        if B_NK:
+            b = b_desc.load([off_n, k]).T
+        else:
+            b = b_desc.load([k, off_n])
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     return acc
 
 
@@ -221,6 +254,16 @@ _SPACE_MMA = (
     (16, 64, 128, 1, 4, 4),  # skinny M (decode-like): no wasted rows
     (16, 64, 32, 1, 4, 4),  # skinny M with a short K (and the floor for tiny problems)
 )
+# Persistent TMA twins (``TMA=True``: :func:`tma_mainloop`, one program per SM), for the
+# generated epilogue templates on Hopper with 2-byte inputs whose A and B are row-major
+# up to a transpose.  A program holds its tile's epilogue state across the tile loop:
+# compiled for sm_90, 128 x 256 and 4-warp 128 x 128 tiles spill, so they are not here.
+_SPACE_TMA = (
+    (128, 128, 64, 8, 8, 4),
+    (128, 128, 64, 8, 8, 3),
+    (128, 64, 64, 8, 8, 4),
+    (64, 128, 64, 8, 8, 4),
+)
 # fp32 with input_precision="ieee" runs on FMA units: big tiles only add registers.
 _SPACE_FMA = (
     (128, 128, 32, 8, 8, 3),
@@ -257,6 +300,18 @@ def _configs_from(space_mma, space_fma, dtype: torch.dtype, precision: str):
         )
         for bm, bn, bk, gm, w, s in space
     )
+
+
+def tma_configs(dtype: torch.dtype) -> list[autotune.Config]:
+    """The persistent TMA configs (``TMA=True``) for ``dtype`` inputs (2-byte ones only)."""
+    if dtype.itemsize != 2:
+        return []
+    return [
+        autotune.Config.make(
+            num_warps=w, num_stages=s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, TMA=True
+        )
+        for bm, bn, bk, gm, w, s in _SPACE_TMA
+    ]
 
 
 def _limit(n: int, smallest: int) -> int:
