@@ -17,6 +17,7 @@ import torch
 from tilebackend.codegen import (  # noqa: F401  (registers the tile:: ops)
     _common,
     autotune,
+    dual_matmul,
     epilogue_host,
     fused_matmul,
     fused_matmul_multi,
@@ -133,6 +134,30 @@ def test_persistent_tma_multi_output(poison, gen_dir, device, launches, pick_tma
     torch.testing.assert_close(out.double(), ref.relu(), atol=2e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("layout", ["nk", "kn"])
+def test_persistent_tma_dual_epilogue(poison, gen_dir, device, launches, pick_tma, layout):
+    """SwiGLU's dual GEMM: both weights through TMA, two accumulators a tile."""
+    m, n, k = 200, 136, 72
+    a = torch.randn(m, k, device=device).half()
+    w0, w1 = _weights(n, k, torch.float16, device), _weights(n, k, torch.float16, device)
+    b0, b1 = (w0.t(), w1.t()) if layout == "nk" else (w0.t().contiguous(), w1.t().contiguous())
+    bias1 = torch.randn(n, device=device).half()
+    expr = pw.dumps(("mul", ("silu", "ACC"), "ACC1"))
+    out = torch.ops.tile.dual_mm_epilogue(a, b0, b1, None, bias1, [], expr)
+    (name, grid, kw), *rest = launches
+    assert not rest and "dual_mm_epilogue" in name
+    assert kw["TMA"] is True and kw["B_NK"] == (layout == "nk") and grid == (3,)
+    g, u = a.double() @ b0.double(), a.double() @ b1.double() + bias1.double()
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), torch.nn.functional.silu(g) * u, atol=5e-2, rtol=1e-2)
+    # the two weights read different ways: no TMA config is offered
+    launches.clear()
+    out = torch.ops.tile.dual_mm_epilogue(a, w0.t(), w1.t().contiguous(), None, bias1, [], expr)
+    assert not any(c.get("TMA") for c in pick_tma[-1])
+    assert [kw["TMA"] for _, _, kw in launches] == [False]
+    torch.testing.assert_close(out.double(), torch.nn.functional.silu(g) * u, atol=5e-2, rtol=1e-2)
+
+
 def test_no_tma_where_it_cannot(device, launches, pick_tma):
     """Small problems, 4-byte dtypes, misaligned rows: no TMA config is offered, and the
     launch runs the non-persistent loop."""
@@ -215,5 +240,23 @@ def test_tma_configs_on_the_gpu(device):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(autotune, "select", lambda *_, cfg=cfg, **__: cfg)
             out = fused_matmul.matmul_epilogue(a, w.t(), bias, [res], GELU_RES)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out.float(), ref, atol=6e-2, rtol=2e-2, msg=str(cfg))
+
+
+@pytest.mark.gpu
+def test_tma_dual_configs_on_the_gpu(device):
+    """bf16 on a Hopper GPU: every dual TMA config runs Llama's SwiGLU and matches eager."""
+    if device != "cuda" or torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("needs a Hopper GPU")
+    m, n, k = 2048, 5632, 2048
+    a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    w0, w1 = (torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5 for _ in range(2))
+    expr = pw.dumps(("mul", ("silu", "ACC"), "ACC1"))
+    ref = torch.nn.functional.silu(a.float() @ w0.float().t()) * (a.float() @ w1.float().t())
+    for cfg in dual_matmul.tma_configs(torch.bfloat16):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(autotune, "select", lambda *_, cfg=cfg, **__: cfg)
+            out = dual_matmul.dual_matmul_epilogue(a, w0.t(), w1.t(), None, None, [], expr)
         torch.cuda.synchronize()
         torch.testing.assert_close(out.float(), ref, atol=6e-2, rtol=2e-2, msg=str(cfg))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tilebackend.codegen import _common, autotune, compile_check, matmul
+from tilebackend.codegen import _common, autotune, compile_check, dual_matmul, matmul
 
 
 @pytest.mark.slow
@@ -54,7 +54,9 @@ def test_every_config_compiles_for_sm90():
     limit = 4 * autotune.SPILL_LIMIT
     assert len(heur) >= 6 and not [r["name"] for r in heur if r["stack"] > limit], spills
     # the persistent TMA configs (offered on Hopper for fp16/bf16 epilogues) compile for
-    # both generated epilogue templates (fp16, bf16), within what the autotuner accepts
+    # the three generated epilogue templates (fp16, bf16), within what the autotuner accepts
     tma = {r["name"]: r["stack"] for r in results if r["name"].endswith("_tma")}
-    assert len(tma) == 2 * 2 * len(matmul.tma_configs(torch.bfloat16)), sorted(tma)
+    per_dtype = 2 * len(matmul.tma_configs(torch.bfloat16))  # mm_epilogue(_multi)
+    per_dtype += len(dual_matmul.tma_configs(torch.bfloat16))
+    assert len(tma) == 2 * per_dtype, sorted(tma)
     assert all(s <= limit for s in tma.values()), tma

@@ -64,8 +64,9 @@ def meta_key(args: Sequence[Any], inputs: list[torch.Tensor] | None = None) -> t
     itself.  Raises TypeError for symbolic sizes or an unhashable argument.
 
     With ``inputs`` (a list), the tensors are also collected there in order and each is
-    keyed by its aliasing too (the index of the first input with its data pointer), as
-    :mod:`.plans` needs; that reads data pointers (RuntimeError for fake tensors)."""
+    keyed by its aliasing too (the index of the first input with its data pointer) and
+    by whether it is 16-byte aligned (a launch may read it through TMA), as :mod:`.plans`
+    needs; that reads data pointers (RuntimeError for fake tensors)."""
     ptrs: dict[int, int] | None = {} if inputs is not None else None
     key = _meta(args, inputs, ptrs)
     hash(key)  # fail here (not in a dict) for symbolic sizes

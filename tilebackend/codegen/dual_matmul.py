@@ -11,7 +11,9 @@ accumulators) and stores once; neither GEMM result is written to memory.  The fu
 are used only by one pointwise region.
 
 The kernel is generated like :mod:`.fused_matmul`'s (same source cache, same extra-input
-loads and expression printer); the main loop is :func:`dual_gemm_mainloop` below.  Two
+loads and expression printer); the main loop is :func:`dual_gemm_mainloop` below, or on
+Hopper the persistent :func:`tma_dual_mainloop` (``TMA=True`` configs, offered when TMA
+can read ``a`` and both weights one way).  Two
 accumulators double the registers of a tile and ``B`` costs two tiles of shared memory per
 stage, so the tuning space is smaller than :mod:`.matmul`'s (128 x 64 or 64 x 128 tiles at most).
 
@@ -23,6 +25,7 @@ bias broadcasts to ``[M, N]`` (``[N]`` or ``[M, N]``), each extra broadcasts to 
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 import torch
@@ -103,6 +106,36 @@ def dual_gemm_mainloop(
     return acc0, acc1
 
 
+@triton.jit
+def tma_dual_mainloop(
+    a_desc,  # [M, K] tensor descriptor, blocks [BLOCK_M, BLOCK_K]
+    b0_desc,  # [N, K] (B_NK: B0 = W0.t()) or [K, N] descriptor
+    b1_desc,  # the same for B1
+    off_m,  # first row of this tile
+    off_n,  # first column of this tile
+    K,
+    B_NK: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """:func:`dual_gemm_mainloop` through TMA descriptors (edges read as zero)."""
+    acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        a = a_desc.load([off_m, k])
+        if B_NK:
+            b0 = b0_desc.load([off_n, k]).T
+            b1 = b1_desc.load([off_n, k]).T
+        else:
+            b0 = b0_desc.load([k, off_n])
+            b1 = b1_desc.load([k, off_n])
+        acc0 = tl.dot(a, b0, acc0, input_precision=INPUT_PRECISION)
+        acc1 = tl.dot(a, b1, acc1, input_precision=INPUT_PRECISION)
+    return acc0, acc1
+
+
 # --- the template -------------------------------------------------------------------
 
 _TEMPLATE = '''\
@@ -117,8 +150,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice  # noqa: F401  (used by some expressions)
 
-from tilebackend.codegen.dual_matmul import dual_gemm_mainloop
-from tilebackend.codegen.matmul import grouped_tile
+from tilebackend.codegen.dual_matmul import dual_gemm_mainloop, tma_dual_mainloop
+from tilebackend.codegen.matmul import grouped_tile, tile_coords
 
 
 @triton.jit
@@ -155,35 +188,68 @@ def dual_mm_epilogue_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    TMA: tl.constexpr,  # persistent: A, B0 and B1 through TMA descriptors (Hopper and later)
+    B_NK: tl.constexpr,  # (TMA) B0 and B1 are W.t() of row-major weights [N, K]
 ):
-    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    acc0, acc1 = dual_gemm_mainloop(
-        a_ptr, b0_ptr, b1_ptr, offs_m, offs_n, mask_m, mask_n, K,
-        stride_am, stride_ak, stride_b0k, stride_b0n, stride_b1k, stride_b1n,
-        INPUT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
-    )
+    if TMA:  # each program walks the tiles num_programs apart
+        a_desc = tl.make_tensor_descriptor(
+            a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K]
+        )
+        if B_NK:
+            b0_desc = tl.make_tensor_descriptor(
+                b0_ptr, shape=[N, K], strides=[stride_b0n, 1], block_shape=[BLOCK_N, BLOCK_K]
+            )
+            b1_desc = tl.make_tensor_descriptor(
+                b1_ptr, shape=[N, K], strides=[stride_b1n, 1], block_shape=[BLOCK_N, BLOCK_K]
+            )
+        else:
+            b0_desc = tl.make_tensor_descriptor(
+                b0_ptr, shape=[K, N], strides=[stride_b0k, 1], block_shape=[BLOCK_K, BLOCK_N]
+            )
+            b1_desc = tl.make_tensor_descriptor(
+                b1_ptr, shape=[K, N], strides=[stride_b1k, 1], block_shape=[BLOCK_K, BLOCK_N]
+            )
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(axis=0), num_tiles, tl.num_programs(axis=0), flatten=True):
+            pid_m, pid_n = tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            acc0, acc1 = tma_dual_mainloop(
+                a_desc, b0_desc, b1_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, K,
+                B_NK, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            )
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+{tma_epilogue}
+    else:
+        pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc0, acc1 = dual_gemm_mainloop(
+            a_ptr, b0_ptr, b1_ptr, offs_m, offs_n, offs_m < M, offs_n < N, K,
+            stride_am, stride_ak, stride_b0k, stride_b0n, stride_b1k, stride_b1n,
+            INPUT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+        )
+{epilogue}'''
 
-    mask = mask_m[:, None] & mask_n[None, :]
-{biases}    row0 = (offs_m // L1).to(tl.int64)
-    row1 = (offs_m % L1).to(tl.int64)
-    cols = offs_n.to(tl.int64)
+#: The tile's epilogue (at the kernel body's indentation; placed in both main loops).
+_EPILOGUE = """\
+mask_m = offs_m < M
+mask_n = offs_n < N
+mask = mask_m[:, None] & mask_n[None, :]
+{biases}row0 = (offs_m // L1).to(tl.int64)
+row1 = (offs_m % L1).to(tl.int64)
+cols = offs_n.to(tl.int64)
 {loads}
-    # --- the expression (fp32) ---
+# --- the expression (fp32) ---
 {body}
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, {result}.to(out_ptr.dtype.element_ty), mask=mask)
-'''
+out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+tl.store(out_ptrs, {result}.to(out_ptr.dtype.element_ty), mask=mask)
+"""
 
 
 def _render(expr: Any, bools: tuple[bool, ...], leaf_dtypes=None) -> str:
     """The module source of the kernel for ``expr`` with extras (``True`` = bool extra)."""
-    in_ptrs, in_strides, in_modes, loads, leaves, bool_leaves = fused_matmul._render_extras(
-        expr, bools
-    )
+    in_ptrs, in_strides, in_modes, _, leaves, bool_leaves = fused_matmul._render_extras(expr, bools)
+    loads = fused_matmul._render_extras(expr, bools, ind="")[3]
     biases = "".join(
         fused_matmul.render_bias(
             f"acc{i}",
@@ -192,12 +258,14 @@ def _render(expr: Any, bools: tuple[bool, ...], leaf_dtypes=None) -> str:
             f"stride_c{i}n",
             f"HAS_BIAS{i}",
             f"BIAS{i}_ROW",
+            "",
         )
         for i in (0, 1)
     )
     body, (res,) = fused_matmul._render_expressions(
-        [expr], {"ACC": "acc0", "ACC1": "acc1", **leaves}, bool_leaves, leaf_dtypes
+        [expr], {"ACC": "acc0", "ACC1": "acc1", **leaves}, bool_leaves, leaf_dtypes, ind=""
     )
+    epilogue = _EPILOGUE.format(biases=biases, loads=loads, body=body, result=res)
     return _TEMPLATE.format(
         expr=pointwise.dumps(expr),
         bools=list(bools),
@@ -205,10 +273,8 @@ def _render(expr: Any, bools: tuple[bool, ...], leaf_dtypes=None) -> str:
         in_ptrs=in_ptrs,
         in_strides=in_strides,
         in_modes=in_modes,
-        biases=biases,
-        loads=loads,
-        body=body,
-        result=res,
+        tma_epilogue=textwrap.indent(epilogue, " " * 12),
+        epilogue=textwrap.indent(epilogue, " " * 8),
     )
 
 
@@ -243,11 +309,26 @@ _SPACE_FMA = (
 )
 
 
+# Persistent TMA twins of the 8-warp tiles (:func:`tma_dual_mainloop`), on Hopper for
+# fp16/bf16 operands TMA can read (see ``epilogue_host.tma_layout``).
+_SPACE_TMA = (
+    (128, 64, 64, 8, 8, 3),
+    (128, 64, 64, 8, 8, 4),
+    (64, 128, 64, 8, 8, 3),
+    (64, 128, 64, 8, 8, 4),
+)
+
+
 def config_space(
     dtype: torch.dtype = torch.float16, precision: str = "tf32"
 ) -> list[autotune.Config]:
     """Every config tried for ``dtype`` inputs at ``precision`` (before shape pruning)."""
     return _mm.configs_from(_SPACE_MMA, _SPACE_FMA, dtype, precision)
+
+
+def tma_configs(dtype: torch.dtype) -> list[autotune.Config]:
+    """The persistent TMA configs (``TMA=True``) for ``dtype`` inputs (2-byte ones only)."""
+    return _mm.tma_configs(dtype, _SPACE_TMA)
 
 
 def heuristic_config(
@@ -341,7 +422,8 @@ def dual_matmul_epilogue(
         accs=_ACCS,
         space=config_space,
         heuristic=heuristic_config,
-        jit_fns=(dual_gemm_mainloop,),
+        jit_fns=(dual_gemm_mainloop, tma_dual_mainloop),
+        tma_space=tma_configs,
     )
     return out
 
@@ -401,8 +483,8 @@ SPEC_EXPR = ("mul", ("silu", "ACC"), "ACC1")
 
 def sm90_specs() -> list[dict]:
     """One spec per (dtype, precision, config) of this file's space for :data:`SPEC_EXPR`
-    (row-major operands, both biases, ragged K)."""
-    unit = ("stride_ak", "stride_b0n", "stride_b1n", "stride_c0n", "stride_c1n", "stride_on")
+    (row-major operands, both biases, ragged K), and one per persistent TMA config (2-byte
+    dtypes, the linears' ``W.t()``)."""
     ints = (
         "M",
         "N",
@@ -426,13 +508,21 @@ def sm90_specs() -> list[dict]:
     for dtype, precision in _mm.SM90_VARIANTS:
         tname = _common.triton_dtype_name(dtype)
         ptr = "*" + tname
-        sig = {n: ptr for n in ("a_ptr", "b0_ptr", "b1_ptr", "bias0_ptr", "bias1_ptr", "out_ptr")}
-        sig.update({n: "i32" for n in ints if n not in unit})
-        for cfg in config_space(dtype, precision):
+        configs = [(c, False) for c in config_space(dtype, precision)]
+        if precision == "tf32":  # (the 2-byte dtypes' one variant)
+            configs += [(c, True) for c in tma_configs(dtype)]
+        for cfg, tma in configs:
+            # row-major B0 and B1, or (TMA) the linears' W0.t() and W1.t()
+            unit = ("stride_ak", "stride_b0k" if tma else "stride_b0n")
+            unit += ("stride_b1k" if tma else "stride_b1n", "stride_c0n", "stride_c1n", "stride_on")
+            sig = {n: ptr for n in ("a_ptr", "b0_ptr", "b1_ptr", "bias0_ptr", "bias1_ptr")}
+            sig["out_ptr"] = ptr
+            sig.update({n: "i32" for n in ints if n not in unit})
+            b_rows = ["stride_b0n", "stride_b1n"] if tma else ["stride_b0k", "stride_b1k"]
             name = (
                 f"dual_mm_epilogue_{tname}_{precision}_"
                 f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
-                f"_g{cfg['GROUP_M']}_w{cfg.num_warps}_s{cfg.num_stages}"
+                f"_g{cfg['GROUP_M']}_w{cfg.num_warps}_s{cfg.num_stages}" + ("_tma" if tma else "")
             )
             specs.append(
                 {
@@ -448,17 +538,11 @@ def sm90_specs() -> list[dict]:
                         "BIAS1_ROW": dtype != torch.float32,
                         "INPUT_PRECISION": precision,
                         "EVEN_K": False,
+                        "TMA": False,
+                        "B_NK": tma,
                         **dict(cfg.kwargs),
                     },
-                    "divisible": [
-                        "M",
-                        "N",
-                        "K",
-                        "stride_am",
-                        "stride_b0k",
-                        "stride_b1k",
-                        "stride_om",
-                    ],
+                    "divisible": ["M", "N", "K", "stride_am", *b_rows, "stride_om"],
                     "num_warps": cfg.num_warps,
                     "num_stages": cfg.num_stages,
                 }

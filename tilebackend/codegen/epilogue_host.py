@@ -234,7 +234,7 @@ def launch(
     space: Callable[[torch.dtype, str], list[autotune.Config]] = _mm.config_space,
     heuristic: Callable[..., autotune.Config] = _mm.heuristic_config,
     jit_fns: tuple = (),
-    tma: bool = False,
+    tma_space: Callable[[torch.dtype], list[autotune.Config]] | None = None,
 ) -> list[torch.Tensor]:
     """Run a generated GEMM-epilogue kernel: one result per expression of ``exprs``
     (parsed, already checked), each ``a.shape[:-1] + (N,)`` in its expression's dtype,
@@ -244,9 +244,10 @@ def launch(
     kinds (``leaf_dtypes`` is None unless an expression casts); the flags are
     ``HAS_BIAS`` for one bias, ``HAS_BIAS0, HAS_BIAS1, ...`` for several.  ``space`` and
     ``heuristic`` are the template's tuning space and first guess; ``jit_fns`` are the
-    ``@triton.jit`` helpers its source calls (for the tuning key).  ``tma``: the template
-    has the persistent TMA main loop (constexprs ``TMA`` and ``B_NK``), whose configs are
-    tuning candidates where :func:`tma_layout` allows."""
+    ``@triton.jit`` helpers its source calls (for the tuning key).  ``tma_space``: the
+    template has a persistent TMA main loop (constexprs ``TMA`` and ``B_NK``), and these
+    are its configs (``TMA=True``), tuning candidates where :func:`tma_layout` reads
+    every B operand one way."""
     ldt = leaf_dtypes(a, extras, accs)
     out_dtypes = [pointwise.infer_dtype(e, ldt) for e in exprs]
     K, N = a.shape[-1], bs[0].shape[-1]
@@ -278,8 +279,9 @@ def launch(
         strides += st
     strides += [*outs2[0].stride(), *ex_strides]
 
-    layout = tma_layout(a2, bs[0]) if tma and len(bs) == 1 else None
-    flags = {"B_NK": layout == "nk"} if tma else {}
+    layouts = {tma_layout(a2, b) for b in bs} if tma_space is not None else {None}
+    layout = layouts.pop() if len(layouts) == 1 else None
+    flags = {"B_NK": layout == "nk"} if tma_space is not None else {}
 
     def run(cfg: autotune.Config) -> None:
         tiles = _common.cdiv(M, cfg["BLOCK_M"]) * _common.cdiv(N, cfg["BLOCK_N"])
@@ -288,7 +290,7 @@ def launch(
             grid = (min(tiles, _common.persistent_programs(a.device)),)
         else:
             grid = (tiles,)
-            if tma:
+            if tma_space is not None:
                 kw["TMA"] = False
         _common.launch(
             kernel,
@@ -329,7 +331,7 @@ def launch(
     )
     configs, first = _mm.tuning_choices(space, heuristic, a.dtype, precision, M, N, K)
     if layout is not None and min(M, N) >= 64:  # (smaller: no tile of theirs is full)
-        configs += _mm.prune_configs(_mm.tma_configs(a.dtype), M, N, K)
+        configs += _mm.prune_configs(tma_space(a.dtype), M, N, K)
     cfg = autotune.select(
         name, key, configs, first, run, outputs=lambda: outs, fn=(kernel, *jit_fns)
     )

@@ -434,7 +434,7 @@ def matmul_epilogue(
         [bias],
         extras,
         [e],
-        tma=True,
+        tma_space=_mm.tma_configs,
     )
     return out
 

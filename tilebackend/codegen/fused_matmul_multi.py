@@ -24,6 +24,7 @@ from ..exc import KernelError
 from . import _common, plans, pointwise
 from . import epilogue_host as _host
 from . import fused_matmul as _fm
+from . import matmul as _mm
 
 __all__ = ["MAX_EXTRA_OUTPUTS", "check", "kernel_for", "matmul_epilogue_multi", "reference"]
 
@@ -120,7 +121,7 @@ def matmul_epilogue_multi(
         [bias],
         extras,
         es,
-        tma=True,
+        tma_space=_mm.tma_configs,
     )
 
 

@@ -302,15 +302,16 @@ def _configs_from(space_mma, space_fma, dtype: torch.dtype, precision: str):
     )
 
 
-def tma_configs(dtype: torch.dtype) -> list[autotune.Config]:
-    """The persistent TMA configs (``TMA=True``) for ``dtype`` inputs (2-byte ones only)."""
+def tma_configs(dtype: torch.dtype, space=_SPACE_TMA) -> list[autotune.Config]:
+    """The persistent TMA configs (``TMA=True``) for ``dtype`` inputs (2-byte ones only)
+    from a ``(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)`` table."""
     if dtype.itemsize != 2:
         return []
     return [
         autotune.Config.make(
             num_warps=w, num_stages=s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, TMA=True
         )
-        for bm, bn, bk, gm, w, s in _SPACE_TMA
+        for bm, bn, bk, gm, w, s in space
     ]
 
 
