@@ -55,14 +55,16 @@ def _logits(model, ids):
             "bert",
             "sdpa",
             # (the embeddings' LayerNorm(tokens + positions [1, S, H]) is an add+norm too)
-            {"layer_norm": 5, "addmm": 12, "fused_add_layer_norm": 5, "fused_mm_epilogue": 2},
+            {"layer_norm": 5, "addmm": 12, "fused_add_layer_norm": 5, "fused_mm_epilogue": 2}
+            | {"grouped_mm": 2},  # query, key and value linears: one launch a layer
         ),
         (
             "llama",
             "eager",
             {"rms_norm_llama": 5, "mm": 15, "bmm": 4, "softmax": 2}
             | {"fused_add_rms_norm": 4, "fused_scale_mask_softmax": 2}
-            | {"fused_dual_mm_epilogue": 2},  # SwiGLU: gate and up GEMMs in one launch
+            | {"fused_dual_mm_epilogue": 2}  # SwiGLU: gate and up GEMMs in one launch
+            | {"grouped_mm": 2},
         ),
     ],
 )
@@ -79,9 +81,11 @@ def test_hf_inference_matches_eager(poison, name, attn, expected):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
     assert backend.report.counts == expected, str(backend.report)
     # one launch per replaced anchor; a fusion absorbs its anchor, so it adds no launch,
-    # and a dual GEMM runs two anchors in one launch
-    anchors = sum(v for k, v in expected.items() if not k.startswith("fused_"))
-    assert sum(launches.values()) == anchors - expected.get("fused_dual_mm_epilogue", 0)
+    # a dual GEMM runs two anchors in one launch, a grouped one three (q, k, v)
+    anchors = sum(v for k, v in expected.items() if not k.startswith(("fused_", "grouped_")))
+    saved = expected.get("fused_dual_mm_epilogue", 0) + 2 * expected.get("grouped_mm", 0)
+    assert sum(launches.values()) == anchors - saved
+    assert launches["grouped_mm"] == expected.get("grouped_mm", 0)
     if "fused_dual_mm_epilogue" in expected:
         assert launches["dual_mm_epilogue"] == expected["fused_dual_mm_epilogue"]
 

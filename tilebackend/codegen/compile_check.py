@@ -27,6 +27,7 @@ MODULES = (
     "fused_matmul",
     "fused_matmul_multi",
     "dual_matmul",
+    "grouped_matmul",
     "fused_softmax",
     "fused_norm",
     "dropout",

@@ -14,6 +14,8 @@
   ``tile::dual_mm_epilogue`` (one kernel, two accumulators: ``ACC`` and ``ACC1`` of the
   expression).  Tried first; when a result escapes the region (training graphs save both
   for the backward) the single-GEMM epilogue applies as before.
+* **grouped GEMMs**: the plain GEMMs left that share their ``a`` (attention's query, key
+  and value linears) become one ``tile::grouped_mm`` launch (:mod:`.fusion_grouped`).
 * **softmax prologues**: ``softmax(x * scale + mask)`` (and ``/ s``, ``masked_fill(mask,
   -inf)``, MPT's ``(x * scale + bias).masked_fill(mask, finfo.min)``, T5's
   ``x + position_bias + mask``, the ``where`` forms) become ``tile::scale_mask_softmax``.
@@ -31,7 +33,7 @@
 It runs on graphs whose autograd is already done (inference, and the partitioned forward
 and backward graphs), after the anchors were replaced by the rewrite.  The matmul passes
 live in :mod:`.fusion_matmul`, the softmax ones in :mod:`.fusion_softmax`, the dropout
-lowering in :mod:`.fusion_dropout`, the shared
+lowering in :mod:`.fusion_dropout`, the grouped GEMMs in :mod:`.fusion_grouped`, the shared
 base in :mod:`.fusion_core`; this module holds the norm pass and the order they run in.
 """
 
@@ -46,11 +48,11 @@ from ..codegen.fused_norm import broadcasts_over_leading_dims
 from ..report import GraphReport, Replacement, describe_value, short_target
 from .fusion_core import _is_tensor_node, _val, aten
 from .fusion_dropout import DropoutLowering
-from .fusion_matmul import MatmulFusions
+from .fusion_grouped import GroupedGemms
 from .fusion_softmax import SoftmaxFusions
 
 
-class _Fuser(MatmulFusions, SoftmaxFusions, DropoutLowering):
+class _Fuser(GroupedGemms, SoftmaxFusions, DropoutLowering):
     # --- residual add + norm -----------------------------------------------------------
 
     def _repeats(self, small, big, k: int) -> bool:
@@ -185,6 +187,7 @@ def fuse(gm: fx.GraphModule, report: GraphReport) -> int:
         fused_norm,
         fused_softmax,
         fused_softmax_dropout,
+        grouped_matmul,
     )
 
     f = _Fuser(gm, report)
@@ -196,6 +199,7 @@ def fuse(gm: fx.GraphModule, report: GraphReport) -> int:
     f.split_gemms()  # a gate_up GEMM chunked in two: two GEMMs of W's halves
     f.dual_matmul_epilogues()  # first: a SwiGLU pair wins over one GEMM's epilogue
     f.matmul_epilogues()
+    f.grouped_gemms()  # last: the GEMMs no epilogue took, sharing an input
     f.restore_dropouts()  # where a lowered dropout did not fuse
     f.merge_seeds()  # one randint for all the seeds the fused ops draw with
     if f.count or f.touched:

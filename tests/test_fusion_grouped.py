@@ -1,0 +1,174 @@
+"""Grouped GEMMs: the plain GEMMs of one input (attention's query, key and value
+linears) run as one ``tile::grouped_mm`` launch, forward and backward right."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import grads_like_eager
+
+import tilebackend
+from tilebackend.codegen import _common
+from tilebackend.codegen import grouped_matmul as gm
+
+
+class QKV(torch.nn.Module):
+    """Attention's input projections over a normalized input (GQA: fewer key/value
+    columns), then scores and their product with the values (batched GEMMs: the three
+    results meet in no pointwise op, so no dual GEMM takes two of them)."""
+
+    def __init__(self, d=24, q=24, kv=24, bias=True):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(d)
+        self.q = torch.nn.Linear(d, q, bias=bias)
+        self.k = torch.nn.Linear(d, kv, bias=bias)
+        self.v = torch.nn.Linear(d, kv, bias=bias)
+
+    def forward(self, x):
+        h = self.norm(x)
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        return (q[..., : k.shape[-1]] @ k.transpose(-1, -2)) @ v
+
+
+def _compile(fn, fallback="eager", **kw):
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": fallback})
+    return torch.compile(fn, backend=backend, **kw), backend
+
+
+@pytest.mark.parametrize(
+    "q, kv, bias", [(24, 24, True), (40, 8, False), (17, 5, True)], ids=["mha", "gqa", "odd"]
+)
+@pytest.mark.parametrize("fallback", ["eager", "inductor"])
+def test_qkv_projections_are_one_launch(poison, q, kv, bias, fallback):
+    torch.manual_seed(0)
+    m = QKV(q=q, kv=kv, bias=bias)
+    x = torch.randn(2, 7, 24)
+    f, backend = _compile(m, fallback)
+    with torch.no_grad(), _common.count_launches() as launches:
+        out = f(x)
+        ref = m(x)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    (graph,) = backend.report.graphs
+    assert graph.counts.get("grouped_mm") == 1, str(graph)
+    assert launches["grouped_mm"] == 1 and not launches["addmm"] and not launches["mm"]
+    assert "tile.addmm" not in graph.code and "tile.mm." not in graph.code, graph.code
+
+
+def test_qkv_training_gradients(poison):
+    torch.manual_seed(0)
+    m = QKV(q=40, kv=8)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    f, backend = _compile(m)
+    with _common.count_launches() as launches:
+        f(x).square().sum().backward()
+    assert launches["grouped_mm"] == 1  # the forward's three projections
+    grouped = {g.name: g.counts.get("grouped_mm", 0) for g in backend.report.graphs}
+    assert sum(grouped.values()) == 1, grouped  # in the forward graph
+    grads_like_eager([x, *m.parameters()], lambda: m(x), atol=1e-4, rtol=1e-4)
+
+
+def test_more_gemms_than_a_launch_takes(poison):
+    """Five linears of one input: one grouped launch of four, the fifth plain."""
+    torch.manual_seed(0)
+    lins = torch.nn.ModuleList(torch.nn.Linear(16, 8 + i) for i in range(5))
+    x = torch.randn(6, 16)
+
+    def fn(x):
+        return [lin(x) for lin in lins]
+
+    f, backend = _compile(fn)
+    with torch.no_grad(), _common.count_launches() as launches:
+        outs = f(x)
+    for got, lin in zip(outs, lins):
+        torch.testing.assert_close(got, lin(x), atol=1e-5, rtol=1e-5)
+    assert launches["grouped_mm"] == 1 and launches["addmm"] == 1, dict(launches)
+    (rep,) = [r for r in backend.report.graphs[0].replacements if r.pattern == "grouped_mm"]
+    assert rep.scalars["groups"] == gm.MAX_GROUPS
+
+
+def test_not_grouped_when_a_weight_depends_on_a_result(poison):
+    """A second GEMM whose weight is computed from the first's result cannot run in the
+    same launch; explain() says why."""
+    torch.manual_seed(0)
+    w1, w2 = torch.randn(8, 16), torch.randn(8, 16)
+    x = torch.randn(6, 16)
+
+    def fn(x):
+        y = x @ w1.t()
+        return y, x @ (w2 * y.mean()).t()
+
+    f, backend = _compile(fn)
+    with torch.no_grad(), _common.count_launches() as launches:
+        y, z = f(x)
+    torch.testing.assert_close(z, x @ (w2 * (x @ w1.t()).mean()).t(), atol=1e-5, rtol=1e-5)
+    assert not launches["grouped_mm"] and launches["mm"] == 2, dict(launches)
+    assert any("not grouped" in s.reason for s in backend.report.skipped), backend.explain()
+
+
+def test_mixed_bias_and_inputs_are_not_grouped(poison):
+    """GEMMs of different inputs, or one with a bias and one without, stay apart."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8, bias=False)
+    c = torch.nn.Linear(12, 8)
+    x, y = torch.randn(6, 16), torch.randn(6, 12)
+    f, _ = _compile(lambda x, y: a(x) + b(x) + c(y))
+    with torch.no_grad(), _common.count_launches() as launches:
+        out = f(x, y)
+    torch.testing.assert_close(out, a(x) + b(x) + c(y), atol=1e-5, rtol=1e-5)
+    assert not launches["grouped_mm"], dict(launches)
+
+
+def test_dynamic_tokens(poison):
+    """dynamic=True: one graph, grouped, right for each token count (no specialising;
+    Dynamo itself specialises sizes 0 and 1)."""
+    torch.manual_seed(0)
+    m = QKV(q=24, kv=8)
+    f, backend = _compile(m, dynamic=True)
+    with torch.no_grad():
+        for t in (3, 11, 6):
+            x = torch.randn(2, t, 24)
+            with _common.count_launches() as launches:
+                out = f(x)
+            torch.testing.assert_close(out, m(x), atol=1e-4, rtol=1e-4)
+            assert launches["grouped_mm"] == 1
+    assert len(backend.report.graphs) == 1
+
+
+@pytest.mark.parametrize(
+    "dtype, atol, rtol", [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-2, 1e-2)]
+)
+def test_grouped_kernel_shapes(poison, device, dtype, atol, rtol):
+    """The op: odd and size-1 widths, transposed and row-major weights, zero rows."""
+    torch.manual_seed(0)
+    a = torch.randn(37, 24, device=device).to(dtype)
+    ws = [torch.randn(n, 24, device=device).to(dtype) for n in (33, 1, 16)]
+    bs = [ws[0].t(), ws[1].t(), ws[2].t().contiguous()]
+    cs = [torch.randn(w.shape[0], device=device).to(dtype) for w in ws]
+    for biases in (cs, []):
+        with _common.count_launches() as launches:
+            outs = torch.ops.tile.grouped_mm(a, bs, biases)
+        assert launches["grouped_mm"] == 1
+        refs = gm.reference(a.double(), [b.double() for b in bs], [c.double() for c in biases])
+        for o, r in zip(outs, refs):
+            assert o.is_contiguous() and o.dtype == dtype
+            torch.testing.assert_close(o.double(), r, atol=atol, rtol=rtol)
+    empty = torch.ops.tile.grouped_mm(a[:0], bs, cs)
+    assert [tuple(o.shape) for o in empty] == [(0, 33), (0, 1), (0, 16)]
+
+
+def test_grouped_op_refuses_bad_inputs(device):
+    a = torch.randn(5, 8, device=device)
+    b = torch.randn(8, 4, device=device)
+    assert "2 to 4" in gm.check(a, [b], [])
+    assert "all or none" in gm.check(a, [b, b], [torch.randn(4, device=device)])
+    assert "inner sizes" in gm.check(a, [b, torch.randn(7, 4, device=device)], [])
+    assert "mixed dtypes" in gm.check(a, [b, b.half()], [])
+    # refused inputs (K == 0) still give the right numbers (ATen)
+    a0, b0 = torch.randn(5, 0, device=device), torch.randn(0, 4, device=device)
+    ones = torch.ones(4, device=device)
+    assert gm.check(a0, [b0, b0], [ones, ones]) == "K == 0"
+    with _common.count_launches() as launches:
+        outs = torch.ops.tile.grouped_mm(a0, [b0, b0], [ones, ones])
+    assert not launches["grouped_mm"]
+    torch.testing.assert_close(outs[1], torch.ones(5, 4, device=device))

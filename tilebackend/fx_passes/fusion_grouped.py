@@ -1,0 +1,131 @@
+"""Grouped GEMMs (see :mod:`.fusion`): plain GEMMs of one input, one launch.
+
+Attention's query, key and value linears (BERT, ViT, Llama) read one normalized input;
+an unfused gated MLP does too.  After the epilogue passes, the ``tile::mm`` /
+``tile::addmm`` nodes left plain (no epilogue fused) that share their ``a`` become one
+``tile::grouped_mm`` (up to :data:`~..codegen.grouped_matmul.MAX_GROUPS` a launch), its
+results read back with ``getitem``.  Weights and biases a later GEMM reads are views of
+graph inputs: the views move up to the first GEMM, where the grouped call goes.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..report import Replacement, describe_value, short_target
+from . import shapes
+from .fusion_core import _val
+from .fusion_matmul import MatmulFusions
+
+
+class GroupedGemms(MatmulFusions):
+    def grouped_gemms(self) -> None:
+        """Group the plain 2-D GEMMs of one ``a`` (one dtype; all with a ``[N]`` bias or
+        none) into ``tile::grouped_mm`` calls, in graph order."""
+        from ..codegen import grouped_matmul
+
+        groups: list[list[tuple[fx.Node, Any, Any, Any]]] = []
+        for node in self.graph.nodes:
+            parts = self._gemm_parts(node)
+            if parts is None:
+                continue
+            a, b, bias = parts
+            va, vb = _val(a), _val(b)
+            if va is None or vb is None or va.dim() != 2 or vb.dim() != 2:
+                continue
+            if bias is not None and getattr(_val(bias), "ndim", None) != 1:
+                continue  # (a full [M, N] bias: not this kernel's)
+            for group in groups:
+                n0, a0, b0, bias0 = group[0]
+                if (
+                    len(group) < grouped_matmul.MAX_GROUPS
+                    and (bias0 is None) == (bias is None)
+                    and _val(b0).dtype == vb.dtype
+                    and self._same_input(a0, a)
+                ):
+                    group.append((node, a, b, bias))
+                    break
+            else:
+                groups.append([(node, a, b, bias)])
+        for group in groups:
+            if len(group) > 1:
+                self._fuse_grouped(group)
+
+    def _fuse_grouped(self, group: list[tuple[fx.Node, Any, Any, Any]]) -> None:
+        from ..codegen import grouped_matmul
+
+        first = group[0][0]
+        order = self._order()
+        kept = [group[0]]
+        for member in group[1:]:
+            operands = [x for x in member[2:] if isinstance(x, fx.Node)]
+            if all(self._hoistable(x, first, order) for x in operands):
+                for x in operands:
+                    self._hoist(x, first, order)
+                kept.append(member)
+            else:
+                self._note(
+                    member[0], f"not grouped with {first.name}: its weight is computed later"
+                )
+        if len(kept) < 2:
+            return
+        a = kept[0][1]
+        bs = [m[2] for m in kept]
+        biases = [m[3] for m in kept if m[3] is not None]
+        hinted = [shapes.hinted(_val(x)) for x in (a, *bs, *biases)]
+        reason = grouped_matmul.check(hinted[0], hinted[1 : 1 + len(bs)], hinted[1 + len(bs) :])
+        if reason is not None:
+            self._note(first, f"grouped GEMM refused: {reason}")
+            return
+        graph = self.graph
+        with graph.inserting_before(first):
+            grouped = graph.call_function(torch.ops.tile.grouped_mm.default, (a, bs, biases))
+            self._meta(grouped)
+            items = []
+            for i in range(len(kept)):
+                item = graph.call_function(operator.getitem, (grouped, i))
+                self._meta(item)
+                items.append(item)
+        for (node, a_i, _, _), item in zip(kept, items):
+            node.replace_all_uses_with(item)
+            graph.erase_node(node)
+            if a_i is not a and isinstance(a_i, fx.Node) and not a_i.users:
+                graph.erase_node(a_i)  # another view of the shared input
+        self.count += 1
+        self.report.replacements.append(
+            Replacement(
+                pattern="grouped_mm",
+                nodes=[m[0].name for m in kept],
+                targets=[short_target(m[0].target) for m in kept],
+                inputs={
+                    "a": describe_value(_val(a)),
+                    **{f"b{i}": describe_value(_val(b)) for i, b in enumerate(bs)},
+                },
+                scalars={"groups": len(kept)},
+            )
+        )
+
+    @staticmethod
+    def _hoistable(x: fx.Node, first: fx.Node, order: dict[fx.Node, int], depth: int = 4) -> bool:
+        """``x`` is defined before ``first``, or is a view op whose inputs are (or can be
+        moved there in turn, ``depth`` deep)."""
+        if order[x] < order[first]:
+            return True
+        if depth == 0 or x.op != "call_function":
+            return False
+        if not getattr(x.target, "is_view", False):
+            return False
+        return all(GroupedGemms._hoistable(y, first, order, depth - 1) for y in x.all_input_nodes)
+
+    def _hoist(self, x: fx.Node, first: fx.Node, order: dict[fx.Node, int]) -> None:
+        """Move ``x`` (and what it reads) just before ``first``, keeping their order."""
+        if order[x] < order[first]:
+            return
+        for y in x.all_input_nodes:
+            self._hoist(y, first, order)
+        first.prepend(x)
+        order[x] = order[first] - 0.5  # (now before first)
