@@ -460,6 +460,29 @@ def test_input_precision_follows_torch(monkeypatch):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
+def test_input_precision_when_both_tf32_apis_were_used(monkeypatch):
+    """A program that set TF32 through the legacy flag and through ``fp32_precision``
+    makes torch's ``allow_tf32`` raise; the GEMMs read the newer setting instead."""
+    monkeypatch.setattr(mm, "interpret_mode", lambda: False)
+    matmul = torch.backends.cuda.matmul
+    old_flag, old_precision = matmul.allow_tf32, matmul.fp32_precision
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (torch warns about the legacy flag)
+            matmul.allow_tf32 = True
+            matmul.fp32_precision = "ieee"
+            with pytest.raises(RuntimeError):
+                matmul.allow_tf32  # noqa: B018  (the property raises for mixed APIs)
+            assert mm._input_precision(torch.float32) == "ieee"
+            matmul.fp32_precision = "tf32"
+            assert mm._input_precision(torch.float32) == "tf32"
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            matmul.fp32_precision = old_precision
+            matmul.allow_tf32 = old_flag  # (last: the legacy flag reads again)
+
+
 def test_sm90_specs_cover_every_dtype():
     specs = mm.sm90_specs()
     names = {s["name"] for s in specs}

@@ -331,3 +331,13 @@ def ensure_triton_allocator() -> None:
 
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         triton.set_allocator(_scratch)
+
+
+def cublas_allow_tf32() -> bool:
+    """``torch.backends.cuda.matmul.allow_tf32`` without its Python ``__getattr__`` (read
+    on every fp32 GEMM call), and without its error when a program set TF32 through both
+    the legacy flag and ``fp32_precision`` (then the newer setting holds)."""
+    try:
+        return bool(torch._C._get_cublas_allow_tf32())
+    except RuntimeError:
+        return torch.backends.cuda.matmul.fp32_precision == "tf32"

@@ -74,21 +74,27 @@ def meta_key(args: Sequence[Any], inputs: list[torch.Tensor] | None = None) -> t
 
 
 def _meta(args: Sequence[Any], inputs: list | None, ptrs: dict | None) -> tuple:
+    # (every tile-op call builds this key: kept to plain loops and local names)
     out: list[Any] = []
+    append = out.append
+    tensor = torch.Tensor
     for a in args:
-        if isinstance(a, torch.Tensor):
+        if isinstance(a, tensor):
             if inputs is None:
-                out.append((a.dtype, a.device, a.shape, a.stride()))
+                append((a.dtype, a.device, a.shape, a.stride()))
             else:
                 ptr = a.data_ptr()
                 alias = ptrs.setdefault(ptr, len(inputs))
                 # (alignment too: a launch may read 16-byte aligned inputs through TMA)
-                out.append((a.dtype, a.device, a.shape, a.stride(), alias, ptr % 16 == 0))
+                append((a.dtype, a.device, a.shape, a.stride(), alias, ptr % 16 == 0))
                 inputs.append(a)
         elif isinstance(a, (list, tuple)):
-            out.append((len(a), _meta(a, inputs, ptrs)))
+            if any(isinstance(x, (tensor, list, tuple)) for x in a):
+                append((len(a), _meta(a, inputs, ptrs)))
+            else:  # sizes, dims: the values themselves
+                append((len(a), tuple(a)))
         else:
-            out.append(a)
+            append(a)
     return tuple(out)
 
 
@@ -335,7 +341,7 @@ def _capability(index: int) -> tuple[int, int]:
 
 def tf32_allowed() -> bool:
     """Follow PyTorch's numerics setting for fp32 matmul."""
-    return bool(torch.backends.cuda.matmul.allow_tf32)
+    return _compat.cublas_allow_tf32()
 
 
 def triton_dtype_name(dtype: torch.dtype) -> str:
