@@ -106,17 +106,25 @@ def test_not_grouped_when_a_weight_depends_on_a_result(poison):
     assert any("not grouped" in s.reason for s in backend.report.skipped), backend.explain()
 
 
-def test_mixed_bias_and_inputs_are_not_grouped(poison):
-    """GEMMs of different inputs, or one with a bias and one without, stay apart."""
+def test_other_inputs_are_not_grouped_and_mixed_biases_are(poison):
+    """Linears of one input group whether they have a bias or not (Whisper's key
+    projection has none); a linear of another input stays apart."""
     torch.manual_seed(0)
     a, b = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8, bias=False)
     c = torch.nn.Linear(12, 8)
     x, y = torch.randn(6, 16), torch.randn(6, 12)
-    f, _ = _compile(lambda x, y: a(x) + b(x) + c(y))
+
+    def fn(x, y):
+        return a(x), b(x), c(y)
+
+    f, backend = _compile(fn)
     with torch.no_grad(), _common.count_launches() as launches:
         out = f(x, y)
-    torch.testing.assert_close(out, a(x) + b(x) + c(y), atol=1e-5, rtol=1e-5)
-    assert not launches["grouped_mm"], dict(launches)
+    for got, ref in zip(out, fn(x, y)):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert launches["grouped_mm"] == 1, dict(launches)
+    (rep,) = [r for r in backend.report.graphs[0].replacements if r.pattern == "grouped_mm"]
+    assert rep.targets == ["tile.addmm", "tile.mm"]
 
 
 def test_dynamic_tokens(poison):
@@ -145,11 +153,13 @@ def test_grouped_kernel_shapes(poison, device, dtype, atol, rtol):
     ws = [torch.randn(n, 24, device=device).to(dtype) for n in (33, 1, 16)]
     bs = [ws[0].t(), ws[1].t(), ws[2].t().contiguous()]
     cs = [torch.randn(w.shape[0], device=device).to(dtype) for w in ws]
-    for biases in (cs, []):
+    for biases in (cs, [None] * 3, [cs[0], None, cs[2]]):
         with _common.count_launches() as launches:
             outs = torch.ops.tile.grouped_mm(a, bs, biases)
         assert launches["grouped_mm"] == 1
-        refs = gm.reference(a.double(), [b.double() for b in bs], [c.double() for c in biases])
+        refs = gm.reference(
+            a.double(), [b.double() for b in bs], [c if c is None else c.double() for c in biases]
+        )
         for o, r in zip(outs, refs):
             assert o.is_contiguous() and o.dtype == dtype
             torch.testing.assert_close(o.double(), r, atol=atol, rtol=rtol)
@@ -160,10 +170,11 @@ def test_grouped_kernel_shapes(poison, device, dtype, atol, rtol):
 def test_grouped_op_refuses_bad_inputs(device):
     a = torch.randn(5, 8, device=device)
     b = torch.randn(8, 4, device=device)
-    assert "2 to 4" in gm.check(a, [b], [])
-    assert "all or none" in gm.check(a, [b, b], [torch.randn(4, device=device)])
-    assert "inner sizes" in gm.check(a, [b, torch.randn(7, 4, device=device)], [])
-    assert "mixed dtypes" in gm.check(a, [b, b.half()], [])
+    assert "2 to 4" in gm.check(a, [b], [None])
+    assert "one each" in gm.check(a, [b, b], [torch.randn(4, device=device)])
+    assert "inner sizes" in gm.check(a, [b, torch.randn(7, 4, device=device)], [None, None])
+    assert "mixed dtypes" in gm.check(a, [b, b.half()], [None, None])
+    assert "is not [4]" in gm.check(a, [b, b], [None, torch.randn(5, device=device)])
     # refused inputs (K == 0) still give the right numbers (ATen)
     a0, b0 = torch.randn(5, 0, device=device), torch.randn(0, 4, device=device)
     ones = torch.ones(4, device=device)

@@ -11,7 +11,8 @@ concatenated).  The fusion pass builds the call from plain GEMMs of one ``A``
 (``fx_passes/fusion_matmul.py``).
 
 Shapes: ``a`` is ``[M, K]``, each ``B_g`` is ``[K, N_g]`` (any strides: a weight comes as
-``W.t()``), one dtype; the biases are all absent or all ``[N_g]`` vectors.  Results are
+``W.t()``), one dtype; each group's bias is absent or a ``[N_g]`` vector (Whisper's key
+projection has none, its query and value ones do).  Results are
 ``[M, N_g]``, contiguous, in the input dtype.  On a GPU the tuner also times ATen's
 GEMMs one after another (cuBLAS), so the grouped call is never slower than them.
 """
@@ -43,7 +44,7 @@ def _grouped_mm_kernel(
     b1_ptr,  # [K, N1]
     b2_ptr,  # [K, N2] (fewer groups: b0's pointer, N2 = 0)
     b3_ptr,  # [K, N3]
-    c0_ptr,  # [N0] bias (unread unless HAS_BIAS)
+    c0_ptr,  # [N0] bias (unread unless HAS_BIAS and h0)
     c1_ptr,  # [N1]
     c2_ptr,  # [N2]
     c3_ptr,  # [N3]
@@ -71,7 +72,11 @@ def _grouped_mm_kernel(
     c1n,
     c2n,
     c3n,
-    HAS_BIAS: tl.constexpr,
+    h0,  # 1 when that group has a bias, else 0
+    h1,
+    h2,
+    h3,
+    HAS_BIAS: tl.constexpr,  # some group has one
     INPUT_PRECISION: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
     BLOCK_M: tl.constexpr,
@@ -89,16 +94,16 @@ def _grouped_mm_kernel(
     # pointers and strides of every group share, e.g. 16-byte alignment: a main loop per
     # group would not share its shared memory with the others)
     if pid_n < t0:
-        b_ptr, sk, sn, c_ptr, cn, o_ptr, N = b0_ptr, s0k, s0n, c0_ptr, c0n, o0_ptr, N0
+        b_ptr, sk, sn, c_ptr, cn, o_ptr, N, hb = b0_ptr, s0k, s0n, c0_ptr, c0n, o0_ptr, N0, h0
         tile_n = pid_n
     elif pid_n < t01:
-        b_ptr, sk, sn, c_ptr, cn, o_ptr, N = b1_ptr, s1k, s1n, c1_ptr, c1n, o1_ptr, N1
+        b_ptr, sk, sn, c_ptr, cn, o_ptr, N, hb = b1_ptr, s1k, s1n, c1_ptr, c1n, o1_ptr, N1, h1
         tile_n = pid_n - t0
     elif pid_n < t012:
-        b_ptr, sk, sn, c_ptr, cn, o_ptr, N = b2_ptr, s2k, s2n, c2_ptr, c2n, o2_ptr, N2
+        b_ptr, sk, sn, c_ptr, cn, o_ptr, N, hb = b2_ptr, s2k, s2n, c2_ptr, c2n, o2_ptr, N2, h2
         tile_n = pid_n - t01
     else:
-        b_ptr, sk, sn, c_ptr, cn, o_ptr, N = b3_ptr, s3k, s3n, c3_ptr, c3n, o3_ptr, N3
+        b_ptr, sk, sn, c_ptr, cn, o_ptr, N, hb = b3_ptr, s3k, s3n, c3_ptr, c3n, o3_ptr, N3, h3
         tile_n = pid_n - t012
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] within the group
@@ -122,8 +127,9 @@ def _grouped_mm_kernel(
         BLOCK_N,
         BLOCK_K,
     )
-    if HAS_BIAS:  # one row over N: a [BLOCK_N] vector
-        acc += tl.load(c_ptr + offs_n * cn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:  # one row over N: a [BLOCK_N] vector (read only where the group has one)
+        bias = tl.load(c_ptr + offs_n * cn, mask=offs_n < N * hb, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
     out_ptrs = o_ptr + offs_m[:, None] * N + offs_n[None, :]
     tl.store(out_ptrs, acc.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -137,10 +143,10 @@ def check(a: Any, bs: Any, biases: Any) -> str | None:
     bs, biases = list(bs), list(biases)
     if not 2 <= len(bs) <= MAX_GROUPS:
         return f"expects 2 to {MAX_GROUPS} B operands, got {len(bs)}"
-    if biases and len(biases) != len(bs):
-        return f"{len(biases)} biases for {len(bs)} B operands (all or none)"
+    if len(biases) != len(bs):
+        return f"{len(biases)} biases for {len(bs)} B operands (one each, None for none)"
     tensors = {"a": a, **{f"b{i}": b for i, b in enumerate(bs)}}
-    tensors.update({f"bias{i}": c for i, c in enumerate(biases)})
+    tensors.update({f"bias{i}": c for i, c in enumerate(biases) if c is not None})
     for name, t in tensors.items():
         r = _common.device_reason(t) or _common.dtype_reason(t) or _common.dot_reason(t)
         if r:
@@ -155,7 +161,7 @@ def check(a: Any, bs: Any, biases: Any) -> str | None:
         if b.shape[0] != a.shape[1]:
             return f"inner sizes differ: a {tuple(a.shape)} @ b{i} {tuple(b.shape)}"
     for i, (b, c) in enumerate(zip(bs, biases)):
-        if c.dim() != 1 or c.shape[0] != b.shape[1]:
+        if c is not None and (c.dim() != 1 or c.shape[0] != b.shape[1]):
             return f"bias{i} of shape {tuple(c.shape)} is not [{b.shape[1]}]"
     if a.shape[1] == 0:
         return "K == 0"
@@ -167,27 +173,24 @@ def check(a: Any, bs: Any, biases: Any) -> str | None:
 
 def reference(a: torch.Tensor, bs, biases) -> list[torch.Tensor]:
     """ATen: one ``mm`` / ``addmm`` per group."""
-    bs, biases = list(bs), list(biases)
-    if not biases:
-        return [torch.mm(a, b) for b in bs]
-    return [torch.addmm(c, a, b) for b, c in zip(bs, biases)]
+    return [torch.mm(a, b) if c is None else torch.addmm(c, a, b) for b, c in zip(bs, biases)]
 
 
 def _aten_into(outs, a, bs, biases) -> None:
     """The ATen baseline config: cuBLAS, one GEMM per group, into the results."""
-    for i, (o, b) in enumerate(zip(outs, bs)):
-        if biases:
-            _common.host_op(torch.addmm, biases[i], a, b, out=o)
+    for o, b, c in zip(outs, bs, biases):
+        if c is not None:
+            _common.host_op(torch.addmm, c, a, b, out=o)
         else:
             _common.host_op(torch.mm, a, b, out=o)
         _common.launch_counts["aten_gemm"] += 1
 
 
 def grouped_matmul(
-    a: torch.Tensor, bs: list[torch.Tensor], biases: list[torch.Tensor] | tuple = ()
+    a: torch.Tensor, bs: list[torch.Tensor], biases: list[torch.Tensor | None]
 ) -> list[torch.Tensor]:
-    """``[a @ b + bias for each group]`` in one launch.  Raises ``KernelError`` when
-    :func:`check` refuses the inputs."""
+    """``[a @ b + bias for each group]`` in one launch (``biases``: one per group, None
+    for none).  Raises ``KernelError`` when :func:`check` refuses the inputs."""
     bs, biases = list(bs), list(biases)
     reason = check(a, bs, biases)
     if reason:
@@ -198,13 +201,15 @@ def grouped_matmul(
     if M == 0 or sum(ns) == 0:
         return outs
     pad = MAX_GROUPS - len(bs)
-    has_bias = bool(biases)
+    flags = [int(c is not None) for c in biases] + [0] * pad
+    has_bias = any(flags)
     b_args = bs + [bs[0]] * pad
-    c_args = (biases if has_bias else bs) + [bs[0]] * pad  # (unread without a bias)
+    # (a group without a bias passes its B: the pointers share a dtype; never read)
+    c_args = [b if c is None else c for b, c in zip(bs, biases)] + [bs[0]] * pad
     o_args = outs + [outs[0]] * pad
     n_args = ns + [0] * pad
     b_strides = [s for b in b_args for s in b.stride()]
-    c_strides = [c.stride(0) if has_bias else 0 for c in c_args[: len(bs)]] + [0] * pad
+    c_strides = [0 if c is None else c.stride(0) for c in biases] + [0] * pad
     precision = _mm._input_precision(a.dtype)
     n_total = sum(ns)
 
@@ -227,6 +232,7 @@ def grouped_matmul(
             *a.stride(),
             *b_strides,
             *c_strides,
+            *flags,
             HAS_BIAS=has_bias,
             INPUT_PRECISION=precision,
             EVEN_K=K % cfg["BLOCK_K"] == 0,
@@ -239,7 +245,7 @@ def grouped_matmul(
         bucket(M),
         tuple(bucket(n) for n in ns),
         bucket(K),
-        has_bias,
+        tuple(flags),
         precision,
         a.stride(-1) == 1,
         tuple(b.stride(-1) == 1 for b in bs),
@@ -261,7 +267,7 @@ def grouped_matmul(
 @torch.library.custom_op(
     "tile::grouped_mm",
     mutates_args=(),
-    schema="(Tensor a, Tensor[] bs, Tensor[] biases) -> Tensor[]",
+    schema="(Tensor a, Tensor[] bs, Tensor?[] biases) -> Tensor[]",
 )
 @plans.planned("tile::grouped_mm")
 def grouped_mm_op(a, bs, biases):
@@ -270,7 +276,7 @@ def grouped_mm_op(a, bs, biases):
     return _common.guarded_op(
         "grouped_mm",
         check(a, bs, biases),
-        key=(a.dtype, len(bs), bool(biases)),
+        key=(a.dtype, len(bs), tuple(c is None for c in biases)),
         run=lambda: grouped_matmul(a, bs, biases),
         fallback=lambda: reference(a, bs, biases),
     )
@@ -283,8 +289,7 @@ def _(a, bs, biases):
 
 def _setup(ctx, inputs, output):
     a, bs, biases = inputs
-    ctx.n = len(bs)
-    ctx.has_bias = bool(biases)
+    ctx.has_bias = [c is not None for c in biases]
     ctx.save_for_backward(a, *bs)
 
 
@@ -294,7 +299,10 @@ def _backward(ctx, grads):
     pairs = [(g, b) for g, b in zip(grads, bs) if g is not None]
     ga = sum(g @ b.t() for g, b in pairs) if need_a and pairs else None
     gbs = [None if g is None else a.t() @ g for g in grads] if need_bs else None
-    gcs = [None if g is None else g.sum(0) for g in grads] if need_c and ctx.has_bias else None
+    if need_c:
+        gcs = [g.sum(0) if g is not None and h else None for g, h in zip(grads, ctx.has_bias)]
+    else:
+        gcs = None
     return ga, gbs, gcs
 
 
@@ -310,6 +318,7 @@ def sm90_specs() -> list[dict]:
     unit = ("stride_ak", "s0k", "s1k", "s2k", "s3k", "c0n", "c1n", "c2n", "c3n")
     ints = ("M", "K", "N0", "N1", "N2", "N3", "stride_am", "stride_ak")
     ints += ("s0k", "s0n", "s1k", "s1n", "s2k", "s2n", "s3k", "s3n", "c0n", "c1n", "c2n", "c3n")
+    ints += ("h0", "h1", "h2", "h3")
     specs = []
     for dtype, precision in _mm.SM90_VARIANTS:
         tname = _common.triton_dtype_name(dtype)

@@ -24,7 +24,7 @@ from .fusion_matmul import MatmulFusions
 
 class GroupedGemms(MatmulFusions):
     def grouped_gemms(self) -> None:
-        """Group the plain 2-D GEMMs of one ``a`` (one dtype; all with a ``[N]`` bias or
+        """Group the plain 2-D GEMMs of one ``a`` (one dtype; each with a ``[N]`` bias or
         none) into ``tile::grouped_mm`` calls, in graph order."""
         from ..codegen import grouped_matmul
 
@@ -40,10 +40,9 @@ class GroupedGemms(MatmulFusions):
             if bias is not None and getattr(_val(bias), "ndim", None) != 1:
                 continue  # (a full [M, N] bias: not this kernel's)
             for group in groups:
-                n0, a0, b0, bias0 = group[0]
+                _, a0, b0, _ = group[0]
                 if (
                     len(group) < grouped_matmul.MAX_GROUPS
-                    and (bias0 is None) == (bias is None)
                     and _val(b0).dtype == vb.dtype
                     and self._same_input(a0, a)
                 ):
@@ -75,8 +74,8 @@ class GroupedGemms(MatmulFusions):
             return
         a = kept[0][1]
         bs = [m[2] for m in kept]
-        biases = [m[3] for m in kept if m[3] is not None]
-        hinted = [shapes.hinted(_val(x)) for x in (a, *bs, *biases)]
+        biases = [m[3] for m in kept]
+        hinted = [None if x is None else shapes.hinted(_val(x)) for x in (a, *bs, *biases)]
         reason = grouped_matmul.check(hinted[0], hinted[1 : 1 + len(bs)], hinted[1 + len(bs) :])
         if reason is not None:
             self._note(first, f"grouped GEMM refused: {reason}")
