@@ -161,6 +161,24 @@ def test_mpt_alibi_case_is_one_launch_in_half(device):
     assert tile["rel_err"] < 1e-3
 
 
+@pytest.mark.parametrize("name", ["qkv_projection_16x32x32+32+32", "qkv_projection_16x32x32+8+8"])
+def test_qkv_case_is_one_grouped_launch(device, name):
+    """The query/key/value projection case runs one grouped GEMM, and its error covers
+    all three results."""
+    eager, tile = tiny_case_rows(device, name, __import__("torch").float32)
+    assert tile["tile_launches"] == {"grouped_mm": 1}, tile
+    assert tile["replaced"].get("grouped_mm") == 1, tile
+    assert eager["max_abs_err"] == 0 and tile["rel_err"] < 1e-5
+
+
+def test_errors_cover_every_result():
+    import torch
+
+    ref = (torch.zeros(2), torch.ones(3))
+    assert common.errors((torch.zeros(2), torch.ones(3)), ref)["max_abs_err"] == 0
+    assert common.errors((torch.zeros(2), torch.full((3,), 3.0)), ref)["max_abs_err"] == 2
+
+
 def test_time_budget_skips_compiles(device):
     rows = []
     case = kernels.select(kernels.anchor_cases("tiny"), ["softmax_16"])[0]

@@ -128,13 +128,16 @@ def first_tensor(out: Any) -> torch.Tensor | None:
 
 
 def errors(out: Any, ref: Any) -> dict[str, float | None]:
-    """``max_abs_err`` = max |out - ref|, ``rel_err`` = that / max |ref| (in fp32)."""
-    a, b = first_tensor(out), first_tensor(ref)
-    if a is None or b is None or a.shape != b.shape:
+    """``max_abs_err`` = max |out - ref|, ``rel_err`` = that / max |ref| (in fp32); over
+    every result when both are tuples of tensors (q, k and v), else the first tensor's."""
+    pairs = [(first_tensor(out), first_tensor(ref))]
+    if isinstance(out, (list, tuple)) and isinstance(ref, (list, tuple)) and len(out) == len(ref):
+        if all(isinstance(t, torch.Tensor) for t in (*out, *ref)):
+            pairs = list(zip(out, ref))
+    if any(a is None or b is None or a.shape != b.shape for a, b in pairs):
         return {"max_abs_err": None, "rel_err": None}
-    b = b.to(a.device)
-    diff = (a.float() - b.float()).abs().max().item()
-    scale = b.float().abs().max().item()
+    diff = max((a.float() - b.to(a.device).float()).abs().max().item() for a, b in pairs)
+    scale = max(b.float().abs().max().item() for _, b in pairs)
     return {"max_abs_err": diff, "rel_err": diff / scale if scale else diff}
 
 

@@ -87,6 +87,31 @@ def linear_bias_gelu_case(m: int, k: int, n: int) -> KernelCase:
     )
 
 
+def qkv_projection_case(m: int, k: int, nq: int, nkv: int, bias: bool) -> KernelCase:
+    """Attention's query, key and value linears of one input (``nkv < nq``: GQA)."""
+
+    def make(device, dtype):
+        x = _randn(m, k, device=device, dtype=dtype)
+        ws = [_randn(n, k, device=device, dtype=dtype, scale=k**-0.5) for n in (nq, nkv, nkv)]
+        bs = [_randn(n, device=device, dtype=dtype) if bias else None for n in (nq, nkv, nkv)]
+
+        def qkv_projection(x, wq, wk, wv, bq, bk, bv):
+            return F.linear(x, wq, bq), F.linear(x, wk, bk), F.linear(x, wv, bv)
+
+        return qkv_projection, (x, *ws, *bs)
+
+    n = nq + 2 * nkv
+    return KernelCase(
+        name=f"qkv_projection_{m}x{k}x{nq}+{nkv}+{nkv}",
+        family="mm",
+        bound="compute",
+        shape=f"{m}x{k} @ W[{nq}|{nkv}|{nkv}x{k}]^T" + (" + b" if bias else ""),
+        make=make,
+        flops=2.0 * m * n * k,
+        nbytes=0,
+    )
+
+
 def softmax_case(m: int, n: int, sweep: bool = False) -> KernelCase:
     def make(device, dtype):
         x = _randn(m, n, device=device, dtype=dtype, scale=2.0)
@@ -318,6 +343,8 @@ def anchor_cases(profile: str = "anchor") -> list[KernelCase]:
             mm_case(4096, 4096, 4096),
             linear_bias_gelu_case(8192, 768, 3072),
             linear_dropout_case(8192, 3072, 768),
+            qkv_projection_case(4096, 768, 768, 768, bias=True),  # BERT-base, b8 x t512
+            qkv_projection_case(4096, 2048, 2048, 256, bias=False),  # the Llama row's GQA
             softmax_case(49152, 1024),
             scale_mask_softmax_case(4, 12, 1024, 1024),
             alibi_softmax_case(4, 12, 1024, 1024),
@@ -331,6 +358,8 @@ def anchor_cases(profile: str = "anchor") -> list[KernelCase]:
         mm_case(32, 32, 32),
         linear_bias_gelu_case(16, 32, 48),
         linear_dropout_case(16, 48, 32),
+        qkv_projection_case(16, 32, 32, 32, bias=True),
+        qkv_projection_case(16, 32, 32, 8, bias=False),
         softmax_case(16, 32),
         scale_mask_softmax_case(2, 2, 8, 8),
         alibi_softmax_case(2, 2, 8, 8),
