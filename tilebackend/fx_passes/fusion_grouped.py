@@ -95,6 +95,13 @@ class GroupedGemms(MatmulFusions):
             if a_i is not a and isinstance(a_i, fx.Node) and not a_i.users:
                 graph.erase_node(a_i)  # another view of the shared input
         self.count += 1
+        # (the epilogue pass noted why no epilogue fused into them: they run grouped now)
+        grouped_names = {m[0].name for m in kept}
+        self.report.skipped[:] = [
+            s
+            for s in self.report.skipped
+            if not (s.pattern == "fusion" and s.node in grouped_names)
+        ]
         self.report.replacements.append(
             Replacement(
                 pattern="grouped_mm",
