@@ -5,7 +5,8 @@
 #      time per tile-op call (benchmarks/host_overhead.py)
 #   3. model benchmarks (GPT-2, Llama-style, BERT, ViT; GPT-2 training step)
 #   4. (full run, time permitting) kernel size sweeps and inductor max-autotune
-#   5. the comparison table, printed LAST (tile vs eager vs inductor, and vs the anchors
+#   5. the README's Results section (readme_results.md), and the comparison table, printed
+#      LAST (tile vs eager vs inductor, and vs the anchors
 #      in shared/anchors when present)
 # Everything lands in RESULTS_DIR (results.json/.csv/.md, PNG plots, logs).  The whole run
 # is budgeted to finish within 6 minutes (ONESHOT_BUDGET_S, default 330 s of work; each
@@ -164,6 +165,9 @@ if [ $QUICK = 0 ]; then
 fi
 
 # --- 5. the comparison table, last ------------------------------------------------------
+# the README's Results section for this run (apply it where the repo lives:
+#   python -m tilebackend.bench.readme RESULTS_DIR --readme README.md)
+[ "$DEV" = cuda ] && $PY -m tilebackend.bench.readme "$OUT" >"$OUT/readme_results.md" 2>"$OUT/readme_results.log"
 echo
 echo "$TESTS_SUMMARY"
 say "results in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"

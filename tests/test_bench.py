@@ -290,3 +290,59 @@ def test_cuda_graph_providers(device):
     ]
     table = output.comparison_table(rows)
     assert "with CUDA graphs" in table and "tile/ind   1.25" in table, table
+
+
+def _gpu_run() -> dict:
+    env = {"device": "NVIDIA H200", "date": "2026-12-01T10:00:00", "torch": "2.11.0"}
+    env["triton"] = "3.6.0"
+    rows = [
+        {"suite": "ceiling", "name": "ceiling.copy", "ms": 1.0, "gbps": 4200.0},
+        {"suite": "kernel", "name": "softmax_4x12", "provider": "eager", "status": "ok"}
+        | {"ms": 0.3, "dtype": "bfloat16"},
+        {"suite": "kernel", "name": "softmax_4x12", "provider": "inductor", "status": "ok"}
+        | {"ms": 0.2},
+        {"suite": "kernel", "name": "softmax_4x12", "provider": "tile", "status": "ok"}
+        | {"ms": 0.1, "pct_ceiling": 88.0},
+        {"suite": "model", "name": "gpt2_b8_t512_infer", "provider": "eager", "status": "ok"}
+        | {"ms": 7.0},
+        {"suite": "model", "name": "gpt2_b8_t512_infer", "provider": "tile", "status": "error"},
+        {"suite": "model", "name": "gpt2_b8_t512_infer", "provider": "tile_eager"}
+        | {"status": "ok", "ms": 3.5},
+    ]
+    return {"meta": {"env": env}, "rows": rows}
+
+
+def test_readme_results_section(tmp_path):
+    from tilebackend.bench import readme
+
+    text = readme.section(_gpu_run(), source="run1")
+    assert "**NVIDIA H200**" in text and "triton 3.6.0" in text and "bfloat16" in text
+    assert "copy 4200 GB/s" in text
+    assert "| softmax_4x12 | 0.3 | 0.2 | 0.1 | 3.00 | 2.00 | 88 |" in text, text
+    assert "| gpt2_b8_t512_infer (fallback=eager) | 7 | - | 3.5 | 2.00 | - |  |" in text, text
+    old = "# T\n\nintro\n\n## Results\n\nNo GPU run yet.\n\n## Next\n\nkept\n"
+    new = readme.replace_section(old, text)
+    assert new.startswith("# T\n\nintro\n\n## Results\n") and "No GPU run" not in new
+    assert new.endswith("\n## Next\n\nkept\n") and new.count("## Results") == 1
+    assert readme.replace_section("# T\n", text).endswith(text)
+    # the CLI, on a results folder
+    (tmp_path / "results.json").write_text(json.dumps(_gpu_run()))
+    md = tmp_path / "README.md"
+    md.write_text(old)
+    assert readme.main([str(tmp_path), "--readme", str(md)]) == 0
+    assert "softmax_4x12" in md.read_text() and "kept" in md.read_text()
+
+
+def test_readme_results_refuses_a_cpu_run(tmp_path):
+    from tilebackend.bench import readme
+
+    run = _gpu_run()
+    run["meta"]["env"]["device"] = "cpu (Triton interpreter)"
+    with pytest.raises(ValueError, match="not a GPU run"):
+        readme.section(run)
+    run = _gpu_run()
+    run["rows"] = [r for r in run["rows"] if not r.get("provider", "").startswith("tile")]
+    with pytest.raises(ValueError, match="no tile row"):
+        readme.section(run)
+    (tmp_path / "results.json").write_text(json.dumps(run))
+    assert readme.main([str(tmp_path)]) == 2
