@@ -26,6 +26,7 @@ MODULES = (
     "matmul",
     "fused_matmul",
     "fused_matmul_multi",
+    "fused_matmul_sum",
     "dual_matmul",
     "grouped_matmul",
     "fused_softmax",

@@ -235,6 +235,7 @@ def launch(
     heuristic: Callable[..., autotune.Config] = _mm.heuristic_config,
     jit_fns: tuple = (),
     tma_space: Callable[[torch.dtype], list[autotune.Config]] | None = None,
+    terms: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
 ) -> list[torch.Tensor]:
     """Run a generated GEMM-epilogue kernel: one result per expression of ``exprs``
     (parsed, already checked), each ``a.shape[:-1] + (N,)`` in its expression's dtype,
@@ -247,7 +248,9 @@ def launch(
     ``@triton.jit`` helpers its source calls (for the tuning key).  ``tma_space``: the
     template has a persistent TMA main loop (constexprs ``TMA`` and ``B_NK``), and these
     are its configs (``TMA=True``), tuning candidates where :func:`tma_layout` reads
-    every B operand one way."""
+    every B operand one way.  ``terms``: more ``(A_t [*, K_t], B_t [K_t, N])`` GEMMs whose
+    products the template adds into the accumulator (after the extras in the arguments:
+    their pointers, then each one's ``K_t`` and strides, and an ``EVEN_K{t}`` flag)."""
     ldt = leaf_dtypes(a, extras, accs)
     out_dtypes = [pointwise.infer_dtype(e, ldt) for e in exprs]
     K, N = a.shape[-1], bs[0].shape[-1]
@@ -271,13 +274,18 @@ def launch(
     rows = ["BIAS_ROW"] if len(biases) == 1 else [f"BIAS{i}_ROW" for i in range(len(biases))]
     bias_row = {f: b is not None and st[0] == 0 for f, b, (_, st) in zip(rows, biases, bias_args)}
     modes = {f"IN{i}_MODE": extra_mode(*ex_strides[3 * i : 3 * i + 3]) for i in range(len(extras))}
+    terms2 = [(ta.reshape(M, ta.shape[-1]), tb) for ta, tb in terms]
     tensors = [a2, *bs, *(t for t, _ in bias_args), *outs2, *ex_args]
+    tensors += [t for pair in terms2 for t in pair]
     strides = [*a2.stride()]
     for t in bs:
         strides += t.stride()
     for _, st in bias_args:
         strides += st
     strides += [*outs2[0].stride(), *ex_strides]
+    for ta, tb in terms2:
+        strides += [ta.shape[1], *ta.stride(), *tb.stride()]
+    even = {f"EVEN_K{t}": ta.shape[1] for t, (ta, _) in enumerate(terms2)}
 
     layouts = {tma_layout(a2, b) for b in bs} if tma_space is not None else {None}
     layout = layouts.pop() if len(layouts) == 1 else None
@@ -306,6 +314,7 @@ def launch(
             **modes,
             INPUT_PRECISION=precision,
             EVEN_K=K % cfg["BLOCK_K"] == 0,
+            **{f: k % cfg["BLOCK_K"] == 0 for f, k in even.items()},
             **flags,
             **kw,
         )
@@ -328,6 +337,16 @@ def launch(
         bools,
         tuple(ldt.values()) if cast else (),
         layout,
+        *(
+            (
+                tuple(
+                    (bucket(ta.shape[1]), ta.stride(-1) == 1, tb.stride(-1) == 1)
+                    for ta, tb in terms2
+                ),
+            )
+            if terms2
+            else ()
+        ),
     )
     configs, first = _mm.tuning_choices(space, heuristic, a.dtype, precision, M, N, K)
     if layout is not None and min(M, N) >= 64:  # (smaller: no tile of theirs is full)

@@ -77,7 +77,7 @@ import triton.language as tl
 from triton.language.extra import libdevice  # noqa: F401  (used by some expressions)
 
 from tilebackend.codegen.matmul import gemm_mainloop, grouped_tile, tile_coords, tma_mainloop
-
+{term_import}
 
 @triton.jit
 def {kname}_kernel(
@@ -85,7 +85,7 @@ def {kname}_kernel(
     b_ptr,  # [K, N], any strides (TMA: unit stride along N, or along K when B_NK)
     bias_ptr,  # [M, N] through broadcast strides; unread unless HAS_BIAS
     out_ptr,  # [M, N], row stride stride_om, column stride stride_on
-{out_ptrs}{in_ptrs}    M,
+{out_ptrs}{in_ptrs}{term_ptrs}    M,
     N,
     K,
     L1,  # rows of M are (i0, i1) with i1 < L1: extras' rows are i0 * s0 + i1 * s1
@@ -97,9 +97,9 @@ def {kname}_kernel(
     stride_cn,
     stride_om,
     stride_on,
-{in_strides}    HAS_BIAS: tl.constexpr,
+{in_strides}{term_ints}    HAS_BIAS: tl.constexpr,
     BIAS_ROW: tl.constexpr,  # the bias is one row over N (stride_cm == 0)
-{in_modes}    INPUT_PRECISION: tl.constexpr,
+{in_modes}{term_flags}    INPUT_PRECISION: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -129,7 +129,7 @@ def {kname}_kernel(
             )
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-{tma_epilogue}
+{tma_terms}{tma_epilogue}
     else:
         pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -139,7 +139,7 @@ def {kname}_kernel(
             stride_am, stride_ak, stride_bk, stride_bn,
             INPUT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
         )
-{epilogue}'''
+{terms}{epilogue}'''
 
 #: The tile's epilogue (at the kernel body's indentation; placed in both main loops).
 _EPILOGUE = """\
@@ -231,11 +231,14 @@ def _render_expressions(exprs: list[Any], leaves, bool_leaves, leaf_dtypes=None,
     return "\n".join(ind + ln for ln in lines) or f"{ind}pass", results
 
 
-def render(kname: str, exprs: list[Any], bools: tuple[bool, ...], leaf_dtypes=None) -> str:
+def render(
+    kname: str, exprs: list[Any], bools: tuple[bool, ...], leaf_dtypes=None, terms: int = 0
+) -> str:
     """The module source of the ``{kname}_kernel`` that stores each of ``exprs`` (the
     first to ``out_ptr``, the others to ``out1_ptr``, ... with its strides), with extras
     (``True`` = bool extra); ``leaf_dtypes`` lets casts round where eager's values were
-    rounded.  Shared by the one-result and the several-result templates."""
+    rounded.  ``terms``: more GEMMs ``T{t}a @ T{t}b`` added into the accumulator before
+    the epilogue (:mod:`.fused_matmul_sum`).  Shared by the GEMM-epilogue templates."""
     ind = "    "
     in_ptrs, in_strides, in_modes, _, leaves, bool_leaves = _render_extras(exprs, bools)
     loads = _render_extras(exprs, bools, ind="")[3]
@@ -258,8 +261,15 @@ def render(kname: str, exprs: list[Any], bools: tuple[bool, ...], leaf_dtypes=No
         result=results[0],
         stores=stores,
     )
+    t_ptrs, t_ints, t_flags, t_loops = _render_terms(terms)
     return _TEMPLATE.format(
         kname=kname,
+        term_import="from tilebackend.codegen.matmul import gemm_mainloop_acc\n" if terms else "",
+        term_ptrs=t_ptrs,
+        term_ints=t_ints,
+        term_flags=t_flags,
+        tma_terms=textwrap.indent(t_loops, " " * 12),
+        terms=textwrap.indent(t_loops, " " * 8),
         out_ptrs=out_ptrs,
         expr=[pointwise.dumps(e) for e in exprs],
         bools=list(bools),
@@ -270,6 +280,30 @@ def render(kname: str, exprs: list[Any], bools: tuple[bool, ...], leaf_dtypes=No
         tma_epilogue=textwrap.indent(epilogue, " " * 12),
         epilogue=textwrap.indent(epilogue, " " * 8),
     )
+
+
+def _render_terms(n: int, ind: str = "    ") -> tuple[str, str, str, str]:
+    """The template parts of ``n`` more GEMMs summed into the accumulator: pointer args,
+    int args (each term's K and strides), constexpr args, and the main loops."""
+    ptrs = "".join(
+        f"{ind}t{t}a_ptr,  # [M, K{t}] A of GEMM term {t}, any strides\n"
+        f"{ind}t{t}b_ptr,  # [K{t}, N] B of GEMM term {t}, any strides\n"
+        for t in range(n)
+    )
+    ints = "".join(
+        f"{ind}K{t},\n{ind}t{t}a_sm,\n{ind}t{t}a_sk,\n{ind}t{t}b_sk,\n{ind}t{t}b_sn,\n"
+        for t in range(n)
+    )
+    flags = "".join(f"{ind}EVEN_K{t}: tl.constexpr,\n" for t in range(n))
+    loops = "".join(
+        f"acc = gemm_mainloop_acc(\n"
+        f"    acc, t{t}a_ptr, t{t}b_ptr, offs_m, offs_n, offs_m < M, offs_n < N, K{t},\n"
+        f"    t{t}a_sm, t{t}a_sk, t{t}b_sk, t{t}b_sn,\n"
+        f"    INPUT_PRECISION, EVEN_K{t}, BLOCK_M, BLOCK_N, BLOCK_K,\n"
+        f")\n"
+        for t in range(n)
+    )
+    return ptrs, ints, flags, loops
 
 
 def _render(expr: Any, bools: tuple[bool, ...], leaf_dtypes=None) -> str:

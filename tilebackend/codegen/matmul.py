@@ -117,10 +117,53 @@ def gemm_mainloop(
 ):
     """The fp32 ``[BLOCK_M, BLOCK_N]`` tile of ``A @ B`` (masked edges, no epilogue).
     Shared with the generated kernels of :mod:`.fused_matmul`."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    return gemm_mainloop_acc(
+        acc,
+        a_ptr,
+        b_ptr,
+        offs_m,
+        offs_n,
+        mask_m,
+        mask_n,
+        K,
+        stride_am,
+        stride_ak,
+        stride_bk,
+        stride_bn,
+        INPUT_PRECISION,
+        EVEN_K,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+    )
+
+
+@triton.jit
+def gemm_mainloop_acc(
+    acc,  # [BLOCK_M, BLOCK_N] fp32: what A @ B is added to
+    a_ptr,  # [M, K], any strides
+    b_ptr,  # [K, N], any strides
+    offs_m,  # [BLOCK_M] rows of this tile
+    offs_n,  # [BLOCK_N] columns of this tile
+    mask_m,  # offs_m < M
+    mask_n,  # offs_n < N
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    INPUT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``acc + A @ B`` for one tile: :func:`gemm_mainloop` from a given accumulator (a
+    sum of GEMMs runs one after another into one accumulator)."""
     offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn  # [BLOCK_K, BLOCK_N]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)

@@ -14,6 +14,9 @@
   ``tile::dual_mm_epilogue`` (one kernel, two accumulators: ``ACC`` and ``ACC1`` of the
   expression).  Tried first; when a result escapes the region (training graphs save both
   for the backward) the single-GEMM epilogue applies as before.
+* **sums of GEMMs**: an extra input that is a plain GEMM result the epilogue only adds to
+  the accumulator (a backward's ``dq @ Wq + dk @ Wk + dv @ Wv``) runs in the same kernel
+  as a term of ``tile::mm_sum_epilogue`` (:mod:`.fusion_sum`).
 * **grouped GEMMs**: the plain GEMMs left that share their ``a`` (attention's query, key
   and value linears) become one ``tile::grouped_mm`` launch (:mod:`.fusion_grouped`).
 * **softmax prologues**: ``softmax(x * scale + mask)`` (and ``/ s``, ``masked_fill(mask,
@@ -184,6 +187,7 @@ def fuse(gm: fx.GraphModule, report: GraphReport) -> int:
         dual_matmul,
         fused_matmul,
         fused_matmul_multi,
+        fused_matmul_sum,
         fused_norm,
         fused_softmax,
         fused_softmax_dropout,

@@ -84,6 +84,12 @@ class MatmulFusions(FuserBase):
         if extra_nodes is None:
             self._note(gemm, why)
             return
+        expr, extra_nodes, terms = self._gemm_terms(
+            gemm, sink, pointwise.canonical(expr), extra_nodes
+        )
+        if terms:
+            self._fuse_sum(gemm, parts, root, region, sink, expr, extra_nodes, terms)
+            return
         hinted = [shapes.hinted(_val(x)) for x in (a, b, bias)]
         expr_s = pointwise.dumps(expr)
         ex_vals = self._extra_values(extra_nodes)
@@ -111,6 +117,89 @@ class MatmulFusions(FuserBase):
                 targets=["mm", *[short_target(n.target) for n in region]],
                 inputs={"a": describe_value(_val(a)), "b": describe_value(_val(b))},
                 scalars={"expr": expr_s},
+            )
+        )
+
+    # --- a sum of GEMMs (see :mod:`.fusion_sum`) -------------------------------------------
+
+    def _term_gemm(self, e: fx.Node, sink: fx.Node):
+        """``(gemm, chain)`` when extra ``e`` is a plain ``tile::mm`` result of the output's
+        shape reached through views that nothing else reads, else None."""
+        out = _val(sink)  # (an extra broadcasts to it: a full-size view of a GEMM is it)
+        chain, n = [], e
+        while n.target in _VIEWS and len(n.users) == 1 and isinstance(n.args[0], fx.Node):
+            chain.append(n)
+            n = n.args[0]
+        if n.target is not torch.ops.tile.mm.default or len(n.users) != 1:
+            return None
+        vt, va = _val(n), _val(n.args[0])
+        if vt is None or va is None or vt.dim() != 2 or va.dim() != 2:
+            return None
+        if not self._same(vt.shape, (math.prod(out.shape[:-1]), out.shape[-1])):
+            return None
+        return n, chain
+
+    def _gemm_terms(self, gemm, sink, expr, extra_nodes):
+        """``(expr, extra_nodes, terms)``: the extras that are GEMMs added straight to the
+        accumulator become terms ``(gemm, chain)``; the rest keep their order, renumbered."""
+        from ..codegen import fused_matmul_sum
+        from .fusion_sum import absorb, renumber
+
+        found = {}
+        for i, (_, e, _) in enumerate(extra_nodes):
+            if _val(e).dtype == _val(gemm).dtype and (t := self._term_gemm(e, sink)) is not None:
+                found[i] = t
+        if not found:
+            return expr, extra_nodes, []
+        expr, taken = absorb(expr, set(found), fused_matmul_sum.MAX_TERMS)
+        if not taken:
+            return expr, extra_nodes, []
+        kept = [i for i in range(len(extra_nodes)) if i not in taken]
+        expr = renumber(expr, {old: new for new, old in enumerate(kept)})
+        return expr, [extra_nodes[i] for i in kept], [found[i] for i in taken]
+
+    def _fuse_sum(self, gemm, parts, root, region, sink, expr, extra_nodes, terms) -> None:
+        """Fuse ``gemm``, its GEMM ``terms`` and the region as one ``tile::mm_sum_epilogue``."""
+        from ..codegen import fused_matmul_sum, pointwise
+
+        a, b, bias = parts
+        t_as = [g.args[0] for g, _ in terms]
+        t_bs = [g.args[1] for g, _ in terms]
+        expr_s = pointwise.dumps(expr)
+        hinted = [shapes.hinted(_val(x)) for x in (a, b, bias)]
+        reason = fused_matmul_sum.check(
+            *hinted,
+            [shapes.hinted(_val(x)) for x in t_as],
+            [shapes.hinted(_val(x)) for x in t_bs],
+            self._extra_values(extra_nodes),
+            expr_s,
+        )
+        if reason is not None:
+            self._note(gemm, f"sum of GEMMs refused: {reason}")
+            return
+        ex_vals = self._extra_values(extra_nodes)
+        got = pointwise.infer_dtype(expr, fused_matmul_sum._host.leaf_dtypes(hinted[0], ex_vals))
+        if got != _val(sink).dtype:
+            self._note(gemm, f"{sink.name}'s dtype {_val(sink).dtype} is not its expression's")
+            return
+        also = [n for g, chain in terms for n in (*chain, g)]
+        self._splice(
+            torch.ops.tile.mm_sum_epilogue.default,
+            (a, b, bias, t_as, t_bs, expr_s),
+            [gemm],
+            [root],
+            region,
+            sink,
+            extra_nodes,
+            also=also,
+        )
+        self.report.replacements.append(
+            Replacement(
+                pattern="fused_mm_sum_epilogue",
+                nodes=[gemm.name, *(g.name for g, _ in terms), *(n.name for n in region)],
+                targets=["mm", *("mm" for _ in terms), *[short_target(n.target) for n in region]],
+                inputs={"a": describe_value(_val(a)), "b": describe_value(_val(b))},
+                scalars={"expr": expr_s, "terms": len(terms)},
             )
         )
 
