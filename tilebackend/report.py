@@ -49,6 +49,8 @@ class Skipped:
     reason: str
 
     def __str__(self) -> str:
+        if self.pattern == "fusion":  # (a tile op that still runs its kernel, unfused)
+            return f"{self.node} [{self.target}] not fused with its neighbours: {self.reason}"
         return f"{self.node} [{self.target}] left to the fallback by {self.pattern}: {self.reason}"
 
 
@@ -100,7 +102,7 @@ class Report:
             for r in g.replacements:
                 lines.append(f"  replaced  {r}")
             for s in g.skipped:
-                lines.append(f"  left      {s}")
+                lines.append(f"  {'unfused' if s.pattern == 'fusion' else 'left':9} {s}")
             for n in g.notes:
                 lines.append(f"  note      {n}")
             if not (g.replacements or g.skipped or g.notes):
