@@ -310,6 +310,7 @@ def cuobjdump_path() -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=1)
 def has_device_tma() -> bool:
     """Whether this Triton builds TMA descriptors in a kernel (``tl.make_tensor_descriptor``:
     triton >= 3.4; the interpreter runs them too)."""

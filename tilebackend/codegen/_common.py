@@ -312,14 +312,12 @@ INTERPRET_PROGRAMS = 3
 def persistent_programs(device: torch.device) -> int:
     """How many programs a persistent kernel launches on ``device``: one per SM (the
     TMA GEMM configs use most of an SM's shared memory)."""
-    if device.type != "cuda":
-        return INTERPRET_PROGRAMS
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return sm_count(device) if device.type == "cuda" else INTERPRET_PROGRAMS
 
 
-@functools.lru_cache(maxsize=16)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of CUDA ``device`` (read once per device)."""
+    return _cuda_properties(_cuda_index(device)).multi_processor_count
 
 
 def tma_capable(device: torch.device) -> bool:
@@ -329,14 +327,17 @@ def tma_capable(device: torch.device) -> bool:
         return False
     if device.type != "cuda":
         return interpret_mode()
-    return _capability(
-        device.index if device.index is not None else torch.cuda.current_device()
-    ) >= (9, 0)
+    props = _cuda_properties(_cuda_index(device))
+    return (props.major, props.minor) >= (9, 0)
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @functools.lru_cache(maxsize=16)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+def _cuda_properties(index: int) -> Any:
+    return torch.cuda.get_device_properties(index)
 
 
 def tf32_allowed() -> bool:

@@ -151,7 +151,7 @@ import triton.language as tl
 from triton.language.extra import libdevice  # noqa: F401  (used by some expressions)
 
 from tilebackend.codegen.dual_matmul import dual_gemm_mainloop, tma_dual_mainloop
-from tilebackend.codegen.matmul import grouped_tile, tile_coords
+from tilebackend.codegen.matmul import b_descriptor, grouped_tile, tile_coords
 
 
 @triton.jit
@@ -195,20 +195,8 @@ def dual_mm_epilogue_kernel(
         a_desc = tl.make_tensor_descriptor(
             a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K]
         )
-        if B_NK:
-            b0_desc = tl.make_tensor_descriptor(
-                b0_ptr, shape=[N, K], strides=[stride_b0n, 1], block_shape=[BLOCK_N, BLOCK_K]
-            )
-            b1_desc = tl.make_tensor_descriptor(
-                b1_ptr, shape=[N, K], strides=[stride_b1n, 1], block_shape=[BLOCK_N, BLOCK_K]
-            )
-        else:
-            b0_desc = tl.make_tensor_descriptor(
-                b0_ptr, shape=[K, N], strides=[stride_b0k, 1], block_shape=[BLOCK_K, BLOCK_N]
-            )
-            b1_desc = tl.make_tensor_descriptor(
-                b1_ptr, shape=[K, N], strides=[stride_b1k, 1], block_shape=[BLOCK_K, BLOCK_N]
-            )
+        b0_desc = b_descriptor(b0_ptr, N, K, stride_b0k, stride_b0n, B_NK, BLOCK_N, BLOCK_K)
+        b1_desc = b_descriptor(b1_ptr, N, K, stride_b1k, stride_b1n, B_NK, BLOCK_N, BLOCK_K)
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(axis=0), num_tiles, tl.num_programs(axis=0), flatten=True):
             pid_m, pid_n = tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -248,8 +236,9 @@ tl.store(out_ptrs, {result}.to(out_ptr.dtype.element_ty), mask=mask)
 
 def _render(expr: Any, bools: tuple[bool, ...], leaf_dtypes=None) -> str:
     """The module source of the kernel for ``expr`` with extras (``True`` = bool extra)."""
-    in_ptrs, in_strides, in_modes, _, leaves, bool_leaves = fused_matmul._render_extras(expr, bools)
-    loads = fused_matmul._render_extras(expr, bools, ind="")[3]
+    in_ptrs, in_strides, in_modes, loads, leaves, bool_leaves = fused_matmul._render_extras(
+        expr, bools
+    )
     biases = "".join(
         fused_matmul.render_bias(
             f"acc{i}",

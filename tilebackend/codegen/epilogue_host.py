@@ -359,20 +359,32 @@ def launch(
 
 
 def recompute_backward(
-    ctx, grads: Sequence[torch.Tensor | None], reference: Callable[..., Any], n_fixed: int
+    ctx,
+    grads: Sequence[torch.Tensor | None],
+    reference: Callable[..., Any],
+    n_fixed: int,
+    list_lens: Sequence[int] = (),
 ) -> list:
     """Gradients of a GEMM-epilogue custom op whose ``ctx.saved_tensors`` are its
-    ``n_fixed`` leading tensor arguments (None where absent) then its extras, with
-    ``ctx.args`` the non-tensor arguments after the extras: the forward is recomputed
-    with ``reference(*fixed, extras, *ctx.args)`` under autograd and differentiated.
-    Returns one gradient per input of the op (None for the non-tensor ones)."""
+    ``n_fixed`` leading tensor arguments (None where absent), then the items of its
+    tensor-list arguments (``list_lens`` gives the length of each but the last, the
+    extras, which take the rest), with ``ctx.args`` the non-tensor arguments after them:
+    the forward is recomputed with ``reference(*fixed, *lists, *ctx.args)`` under
+    autograd and differentiated.  Returns one gradient per input of the op (a list per
+    list argument, None for the non-tensor ones)."""
     need = ctx.needs_input_grad
+    saved = list(ctx.saved_tensors)
+    bounds = [n_fixed]
+    for n in list_lens:
+        bounds.append(bounds[-1] + n)
+    bounds.append(len(saved))
     with torch.enable_grad():
         leaves = [
             t.detach().requires_grad_(t.is_floating_point()) if t is not None else None
-            for t in ctx.saved_tensors
+            for t in saved
         ]
-        outs = reference(*leaves[:n_fixed], leaves[n_fixed:], *ctx.args)
+        lists = [leaves[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+        outs = reference(*leaves[:n_fixed], *lists, *ctx.args)
         outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
         wanted = [t for t in leaves if t is not None and t.requires_grad]
@@ -385,5 +397,8 @@ def recompute_backward(
     it = iter(got)
     g = [next(it) if (t is not None and t.requires_grad) else None for t in leaves]
     fixed = [g[i] if need[i] else None for i in range(n_fixed)]
-    extras = [gi if need[n_fixed] else None for gi in g[n_fixed:]]
-    return [*fixed, extras, *(None for _ in ctx.args)]
+    grad_lists = [
+        [gi if need[n_fixed + j] else None for gi in g[lo:hi]]
+        for j, (lo, hi) in enumerate(zip(bounds, bounds[1:]))
+    ]
+    return [*fixed, *grad_lists, *(None for _ in ctx.args)]

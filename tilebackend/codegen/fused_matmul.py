@@ -76,7 +76,9 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice  # noqa: F401  (used by some expressions)
 
-from tilebackend.codegen.matmul import gemm_mainloop, grouped_tile, tile_coords, tma_mainloop
+from tilebackend.codegen.matmul import (
+    b_descriptor, gemm_mainloop, grouped_tile, tile_coords, tma_mainloop,
+)
 {term_import}
 
 @triton.jit
@@ -112,14 +114,7 @@ def {kname}_kernel(
         a_desc = tl.make_tensor_descriptor(
             a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K]
         )
-        if B_NK:
-            b_desc = tl.make_tensor_descriptor(
-                b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K]
-            )
-        else:
-            b_desc = tl.make_tensor_descriptor(
-                b_ptr, shape=[K, N], strides=[stride_bk, 1], block_shape=[BLOCK_K, BLOCK_N]
-            )
+        b_desc = b_descriptor(b_ptr, N, K, stride_bk, stride_bn, B_NK, BLOCK_N, BLOCK_K)
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(axis=0), num_tiles, tl.num_programs(axis=0), flatten=True):
             pid_m, pid_n = tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -172,7 +167,9 @@ def render_bias(acc: str, ptr: str, sm: str, sn: str, flag: str, row: str, ind="
 
 def _render_extras(expr: Any, bools: tuple[bool, ...], ind: str = "    "):
     """The template parts that read the extras ``IN0..`` (shared with :mod:`.dual_matmul`):
-    ``(pointer args, stride args, mode args, load statements, leaf names, bool leaves)``.
+    ``(pointer args, stride args, mode args, load statements, leaf names, bool leaves)``;
+    the arguments indented by ``ind``, the loads at the kernel body's level (the
+    templates indent them into each main loop).
     ``expr`` may be a list of expressions (:mod:`.fused_matmul_multi`): the leaves any
     one reads."""
     n = len(bools)
@@ -187,14 +184,14 @@ def _render_extras(expr: Any, bools: tuple[bool, ...], ind: str = "    "):
     seeds = set().union(*map(pointwise.seed_leaves, exprs))
     loads = []
     if seeds:  # rand's counter: the element's flat index in the [M, N] result
-        loads.append(f"{ind}{RAND_INDEX} = offs_m[:, None] * N + offs_n[None, :]")
+        loads.append(f"{RAND_INDEX} = offs_m[:, None] * N + offs_n[None, :]")
     leaves = {}
     bool_leaves = []
     for i in range(n):
         if f"IN{i}" not in used:
             continue
         if f"IN{i}" in seeds:  # a one-element int64 seed, read once
-            loads.append(f"{ind}in{i} = tl.load(in{i}_ptr)")
+            loads.append(f"in{i} = tl.load(in{i}_ptr)")
             leaves[f"IN{i}"] = f"in{i}"
             continue
         rows = f"(row0 * in{i}_s0 + row1 * in{i}_s1)"
@@ -212,7 +209,7 @@ def _render_extras(expr: Any, bools: tuple[bool, ...], ind: str = "    "):
                 test = "else:"
             load = f"tl.load({ptrs}, mask={mask}, other=0"
             load += ") != 0" if bools[i] else ".0).to(tl.float32)"
-            loads.append(f"{ind}{test}\n{ind}    in{i} = {load}")
+            loads.append(f"{test}\n    in{i} = {load}")
         leaves[f"IN{i}"] = f"in{i}"
     return in_ptrs, in_strides, in_modes, "\n".join(loads), leaves, bool_leaves
 
@@ -240,8 +237,7 @@ def render(
     rounded.  ``terms``: more GEMMs ``T{t}a @ T{t}b`` added into the accumulator before
     the epilogue (:mod:`.fused_matmul_sum`).  Shared by the GEMM-epilogue templates."""
     ind = "    "
-    in_ptrs, in_strides, in_modes, _, leaves, bool_leaves = _render_extras(exprs, bools)
-    loads = _render_extras(exprs, bools, ind="")[3]
+    in_ptrs, in_strides, in_modes, loads, leaves, bool_leaves = _render_extras(exprs, bools)
     body, results = _render_expressions(
         exprs, {"ACC": "acc", **leaves}, bool_leaves, leaf_dtypes, ind=""
     )

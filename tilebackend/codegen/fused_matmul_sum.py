@@ -148,7 +148,7 @@ def _(a, b, bias, term_as, term_bs, extras, expr):
 
 def _setup(ctx, inputs, output):
     a, b, bias, term_as, term_bs, extras, expr = inputs
-    ctx.n = len(term_as)
+    ctx.n_terms = len(term_as)
     ctx.args = (expr,)
     ctx.save_for_backward(a, b, bias, *term_as, *term_bs, *extras)
 
@@ -156,27 +156,8 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad):
     """Recompute with eager ops under autograd and differentiate (direct calls only: the
     fused op runs in graphs whose autograd is done)."""
-    saved = list(ctx.saved_tensors)
-    n = ctx.n
-    a, b, bias = saved[:3]
-    tas, tbs, extras = saved[3 : 3 + n], saved[3 + n : 3 + 2 * n], saved[3 + 2 * n :]
-    need = ctx.needs_input_grad
-    with torch.enable_grad():
-        leaves = [
-            None if t is None else t.detach().requires_grad_(t.is_floating_point())
-            for t in (a, b, bias, *tas, *tbs, *extras)
-        ]
-        la, lb, lbias = leaves[:3]
-        ltas, ltbs, lex = leaves[3 : 3 + n], leaves[3 + n : 3 + 2 * n], leaves[3 + 2 * n :]
-        out = reference(la, lb, lbias, ltas, ltbs, lex, *ctx.args)
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        got = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
-    g = [next(got) if (t is not None and t.requires_grad) else None for t in leaves]
-    ga, gb, gbias = (g[i] if need[i] else None for i in range(3))
-    gtas = g[3 : 3 + n] if need[3] else None
-    gtbs = g[3 + n : 3 + 2 * n] if need[4] else None
-    gex = g[3 + 2 * n :] if need[5] else None
-    return ga, gb, gbias, gtas, gtbs, gex, None
+    n = ctx.n_terms
+    return tuple(_host.recompute_backward(ctx, [grad], reference, 3, list_lens=(n, n)))
 
 
 torch.library.register_autograd("tile::mm_sum_epilogue", _backward, setup_context=_setup)

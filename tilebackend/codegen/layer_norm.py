@@ -354,8 +354,7 @@ def as_rows(t: torch.Tensor, m: int, n: int) -> tuple[torch.Tensor, int]:
 def row_programs(m: int, device: torch.device) -> int:
     """How many programs share the rows when partial dW / dB sums are kept per program."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(m, 2 * sms))
+        return max(1, min(m, 2 * _common.sm_count(device)))
     return max(1, min(m, 4))
 
 

@@ -179,6 +179,29 @@ def gemm_mainloop_acc(
 
 
 @triton.jit
+def b_descriptor(
+    b_ptr,  # [K, N] (row-major), or W [N, K] row-major with B = W.t() when B_NK
+    N,
+    K,
+    stride_bk,  # B's row stride (unless B_NK)
+    stride_bn,  # W's row stride (B_NK)
+    B_NK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The TMA descriptor :func:`tma_mainloop` reads a B operand through: ``[N, K]`` in
+    ``[BLOCK_N, BLOCK_K]`` blocks for a linear's ``W.t()``, else ``[K, N]``."""
+    if B_NK:
+        return tl.make_tensor_descriptor(
+            b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K]
+        )
+    else:
+        return tl.make_tensor_descriptor(
+            b_ptr, shape=[K, N], strides=[stride_bk, 1], block_shape=[BLOCK_K, BLOCK_N]
+        )
+
+
+@triton.jit
 def tma_mainloop(
     a_desc,  # [M, K] tensor descriptor, blocks [BLOCK_M, BLOCK_K]
     b_desc,  # [N, K] (B_NK: a weight W, B = W.t()) or [K, N] descriptor

@@ -70,9 +70,10 @@ class MatmulFusions(FuserBase):
                 self._note(gemm, why)
 
     def _fuse_closed(self, gemm, parts, root, region, sink, extras) -> None:
-        """Fuse the closed ``region`` into ``gemm`` as one ``tile::mm_epilogue`` (or note
-        why not)."""
-        from ..codegen import fused_matmul, pointwise
+        """Fuse the closed ``region`` into ``gemm`` as one ``tile::mm_epilogue`` (or, when
+        extras are GEMMs the region adds to the accumulator, ``tile::mm_sum_epilogue``
+        with them as terms), or note why not."""
+        from ..codegen import fused_matmul, fused_matmul_sum, pointwise
 
         a, b, bias = parts
         try:
@@ -87,36 +88,35 @@ class MatmulFusions(FuserBase):
         expr, extra_nodes, terms = self._gemm_terms(
             gemm, sink, pointwise.canonical(expr), extra_nodes
         )
-        if terms:
-            self._fuse_sum(gemm, parts, root, region, sink, expr, extra_nodes, terms)
-            return
         hinted = [shapes.hinted(_val(x)) for x in (a, b, bias)]
         expr_s = pointwise.dumps(expr)
         ex_vals = self._extra_values(extra_nodes)
-        reason = fused_matmul.check(*hinted, ex_vals, expr_s)
+        if terms:
+            t_as, t_bs = [g.args[0] for g, _ in terms], [g.args[1] for g, _ in terms]
+            op, args = torch.ops.tile.mm_sum_epilogue.default, (a, b, bias, t_as, t_bs, expr_s)
+            t_vals = [[shapes.hinted(_val(x)) for x in xs] for xs in (t_as, t_bs)]
+            reason = fused_matmul_sum.check(*hinted, *t_vals, ex_vals, expr_s)
+            what = "sum of GEMMs"
+        else:
+            op, args = torch.ops.tile.mm_epilogue.default, (a, b, bias, expr_s)
+            reason = fused_matmul.check(*hinted, ex_vals, expr_s)
+            what = "fused epilogue"
         if reason is not None:
-            self._note(gemm, f"fused epilogue refused: {reason}")
+            self._note(gemm, f"{what} refused: {reason}")
             return
         got = pointwise.infer_dtype(expr, fused_matmul._leaf_dtypes(hinted[0], ex_vals))
         if got != _val(sink).dtype:  # never a silently different result dtype
             self._note(gemm, f"{sink.name}'s dtype {_val(sink).dtype} is not its expression's")
             return
-        self._splice(
-            torch.ops.tile.mm_epilogue.default,
-            (a, b, bias, expr_s),
-            [gemm],
-            [root],
-            region,
-            sink,
-            extra_nodes,
-        )
+        also = [n for g, chain in terms for n in (*chain, g)]  # the terms' GEMMs and views
+        self._splice(op, args, [gemm], [root], region, sink, extra_nodes, also=also)
         self.report.replacements.append(
             Replacement(
-                pattern="fused_mm_epilogue",
-                nodes=[gemm.name, *(n.name for n in region)],
-                targets=["mm", *[short_target(n.target) for n in region]],
+                pattern="fused_mm_sum_epilogue" if terms else "fused_mm_epilogue",
+                nodes=[gemm.name, *(g.name for g, _ in terms), *(n.name for n in region)],
+                targets=["mm", *("mm" for _ in terms), *[short_target(n.target) for n in region]],
                 inputs={"a": describe_value(_val(a)), "b": describe_value(_val(b))},
-                scalars={"expr": expr_s},
+                scalars={"expr": expr_s, **({"terms": len(terms)} if terms else {})},
             )
         )
 
@@ -157,51 +157,6 @@ class MatmulFusions(FuserBase):
         kept = [i for i in range(len(extra_nodes)) if i not in taken]
         expr = renumber(expr, {old: new for new, old in enumerate(kept)})
         return expr, [extra_nodes[i] for i in kept], [found[i] for i in taken]
-
-    def _fuse_sum(self, gemm, parts, root, region, sink, expr, extra_nodes, terms) -> None:
-        """Fuse ``gemm``, its GEMM ``terms`` and the region as one ``tile::mm_sum_epilogue``."""
-        from ..codegen import fused_matmul_sum, pointwise
-
-        a, b, bias = parts
-        t_as = [g.args[0] for g, _ in terms]
-        t_bs = [g.args[1] for g, _ in terms]
-        expr_s = pointwise.dumps(expr)
-        hinted = [shapes.hinted(_val(x)) for x in (a, b, bias)]
-        reason = fused_matmul_sum.check(
-            *hinted,
-            [shapes.hinted(_val(x)) for x in t_as],
-            [shapes.hinted(_val(x)) for x in t_bs],
-            self._extra_values(extra_nodes),
-            expr_s,
-        )
-        if reason is not None:
-            self._note(gemm, f"sum of GEMMs refused: {reason}")
-            return
-        ex_vals = self._extra_values(extra_nodes)
-        got = pointwise.infer_dtype(expr, fused_matmul_sum._host.leaf_dtypes(hinted[0], ex_vals))
-        if got != _val(sink).dtype:
-            self._note(gemm, f"{sink.name}'s dtype {_val(sink).dtype} is not its expression's")
-            return
-        also = [n for g, chain in terms for n in (*chain, g)]
-        self._splice(
-            torch.ops.tile.mm_sum_epilogue.default,
-            (a, b, bias, t_as, t_bs, expr_s),
-            [gemm],
-            [root],
-            region,
-            sink,
-            extra_nodes,
-            also=also,
-        )
-        self.report.replacements.append(
-            Replacement(
-                pattern="fused_mm_sum_epilogue",
-                nodes=[gemm.name, *(g.name for g, _ in terms), *(n.name for n in region)],
-                targets=["mm", *("mm" for _ in terms), *[short_target(n.target) for n in region]],
-                inputs={"a": describe_value(_val(a)), "b": describe_value(_val(b))},
-                scalars={"expr": expr_s, "terms": len(terms)},
-            )
-        )
 
     def _grow(self, roots: list[fx.Node], pointwise):
         """Absorb pointwise users of the region grown from ``roots`` (one GEMM result, or
