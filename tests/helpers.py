@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+import tilebackend
+
 
 def grads_like_eager(leaves, eager, atol, rtol):
     """The gradients a compiled run left on ``leaves`` match eager's: they are taken and
@@ -16,3 +18,11 @@ def grads_like_eager(leaves, eager, atol, rtol):
     for g, t in zip(got, leaves, strict=True):
         torch.testing.assert_close(g, t.grad, atol=atol, rtol=rtol)
     return ref
+
+
+def compile_tile(fn, options=None, **kw):
+    """``(torch.compile(fn, backend=tile), backend)`` after a Dynamo reset; ``options``
+    default to the eager fallback."""
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options=options or {"fallback": "eager"})
+    return torch.compile(fn, backend=backend, **kw), backend

@@ -10,19 +10,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import grads_like_eager
+from helpers import compile_tile, grads_like_eager
 
 import tilebackend
 from tilebackend.codegen import _common
 from tilebackend.models import Block, RMSNorm, TinyTransformer
 
 EAGER = {"fallback": "eager"}
-
-
-def compile_tile(fn, options=EAGER, **kw):
-    torch._dynamo.reset()
-    backend = tilebackend.TileBackend(options=options)
-    return torch.compile(fn, backend=backend, **kw), backend
 
 
 def run_checked(fn, *args, options=EAGER, expect=(), atol=1e-5, rtol=1e-5, **kw):

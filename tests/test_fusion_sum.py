@@ -5,19 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import grads_like_eager
+from helpers import compile_tile, grads_like_eager
 from test_fusion_grouped import QKV
 
-import tilebackend
 from tilebackend.codegen import _common
 from tilebackend.codegen import fused_matmul_sum as fms
 from tilebackend.fx_passes.fusion_sum import absorb, renumber
-
-
-def _compile(fn, fallback="eager", **kw):
-    torch._dynamo.reset()
-    backend = tilebackend.TileBackend(options={"fallback": fallback})
-    return torch.compile(fn, backend=backend, **kw), backend
 
 
 def test_absorb_and_renumber():
@@ -42,7 +35,7 @@ def test_sum_of_three_gemms_is_one_launch(poison, fallback):
     def fn(x, y, z):
         return torch.relu(x @ w1 + y @ w2 + z @ w3) * 2
 
-    f, backend = _compile(fn, fallback)
+    f, backend = compile_tile(fn, {"fallback": fallback})
     with torch.no_grad(), _common.count_launches() as launches:
         out = f(x, y, z)
     torch.testing.assert_close(out, fn(x, y, z), atol=1e-4, rtol=1e-4)
@@ -65,22 +58,26 @@ def test_a_gemm_used_elsewhere_stays_an_extra(poison):
         p = y @ w2
         return x @ w1 + p, p.sum()
 
-    f, _ = _compile(fn)
+    f, _ = compile_tile(fn)
     with torch.no_grad(), _common.count_launches() as launches:
         out, s = f(x, y)
     torch.testing.assert_close(out, fn(x, y)[0], atol=1e-4, rtol=1e-4)
     assert not launches["mm_sum_epilogue"], dict(launches)
 
 
-def test_qkv_backward_input_gradient_is_one_launch(poison):
-    """Training: the gradient of the normalized input, ``dq @ Wq + dk @ Wk + dv @ Wv``,
-    is one launch in the backward graph, and every gradient matches eager."""
+def test_qkv_training_is_grouped_forward_and_summed_backward(poison):
+    """Training attention's projections: the forward's three are one grouped launch, the
+    gradient of the normalized input, ``dq @ Wq + dk @ Wk + dv @ Wv``, one launch in the
+    backward graph, and every gradient matches eager."""
     torch.manual_seed(0)
     m = QKV(q=40, kv=8)
     x = torch.randn(3, 5, 24, requires_grad=True)
-    f, backend = _compile(m)
+    f, backend = compile_tile(m)
     with _common.count_launches() as launches:
         f(x).square().sum().backward()
+    assert launches["grouped_mm"] == 1  # the forward's three projections
+    grouped = {g.name: g.counts.get("grouped_mm", 0) for g in backend.report.graphs}
+    assert sum(grouped.values()) == 1, grouped  # in the forward graph
     assert launches["mm_sum_epilogue"] == 1, dict(launches)
     bwd = [g for g in backend.report.graphs if g.name == "backward"]
     assert bwd and bwd[0].counts.get("fused_mm_sum_epilogue") == 1, str(bwd)
@@ -141,7 +138,7 @@ def test_dynamic_rows_do_not_specialise(poison):
     def fn(x, y):
         return torch.tanh(x @ w1 + y @ w2)
 
-    f, backend = _compile(fn, dynamic=True)
+    f, backend = compile_tile(fn, dynamic=True)
     with torch.no_grad():
         for m in (9, 4, 13):
             x, y = torch.randn(m, 16), torch.randn(m, 5)
@@ -150,3 +147,25 @@ def test_dynamic_rows_do_not_specialise(poison):
             torch.testing.assert_close(out, fn(x, y), atol=1e-4, rtol=1e-4)
             assert dict(launches) == {"mm_sum_epilogue": 1}, dict(launches)
     assert len(backend.report.graphs) == 1
+
+
+def test_sum_op_gradients_direct_call(device):
+    """Called directly under autograd, the op's gradients (recomputed with eager ops)
+    reach every input, each term's A and B included, and match eager's."""
+    torch.manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, device=device, requires_grad=True)
+
+    a, b, bias = leaf(6, 4), leaf(4, 5), leaf(5)
+    tas, tbs, r = [leaf(6, 3), leaf(6, 2)], [leaf(3, 5), leaf(2, 5)], leaf(6, 5)
+    expr = '["mul",["add","ACC","IN0"],["add","ACC","IN0"]]'
+    leaves = [a, b, bias, *tas, *tbs, r]
+    with _common.count_launches() as launches:
+        out = torch.ops.tile.mm_sum_epilogue(a, b, bias, tas, tbs, [r], expr)
+    assert launches["mm_sum_epilogue"] == 1
+    got = torch.autograd.grad(out.sum(), leaves)
+    ref = fms.reference(a, b, bias, tas, tbs, [r], expr)
+    want = torch.autograd.grad(ref.sum(), leaves)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
