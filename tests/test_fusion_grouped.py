@@ -86,6 +86,52 @@ def test_not_grouped_when_a_weight_depends_on_a_result(poison):
     assert any("not grouped" in s.reason for s in backend.report.skipped), backend.explain()
 
 
+@pytest.mark.parametrize("draws", [False, True], ids=["moves", "random"])
+def test_group_runs_at_its_last_gemm_when_a_weight_comes_late(poison, draws):
+    """The second weight is computed after the first GEMM (no view to hoist): the group
+    runs where the second GEMM is, and the first result's reader moves after it.  A
+    reader that draws random numbers cannot move (the draws would be reordered): then
+    the GEMMs stay apart and explain() names the op."""
+    torch.manual_seed(0)
+    x, w1, w2 = torch.randn(7, 5), torch.randn(5, 3), torch.randn(5, 4)
+
+    def fn(x, w1, w2):
+        y = (x @ w1).sum(0)
+        return (torch.bernoulli(y.sigmoid()) if draws else y), x @ (w2 * 2)
+
+    f, backend = compile_tile(fn)
+    with torch.no_grad(), _common.count_launches() as launches:
+        y, z = f(x, w1, w2)
+    torch.testing.assert_close(z, x @ (w2 * 2), atol=1e-5, rtol=1e-5)
+    if not draws:
+        torch.testing.assert_close(y, (x @ w1).sum(0), atol=1e-5, rtol=1e-5)
+        assert launches["grouped_mm"] == 1 and not launches["mm"], dict(launches)
+        return
+    assert not launches["grouped_mm"] and launches["mm"] == 2, dict(launches)
+    why = [s.reason for s in backend.report.skipped if "not grouped" in s.reason]
+    assert why and "bernoulli" in why[0] and "cannot move" in why[0], backend.explain()
+
+
+def test_merged_views_stop_at_a_mutation():
+    """Duplicate views of one value become one node, but never across a mutation of
+    what they view."""
+    from tilebackend.fx_passes.cse import merge_views
+
+    aten = torch.ops.aten
+    g = torch.fx.Graph()
+    x, y = g.placeholder("x"), g.placeholder("y")
+    v = [g.call_function(aten.view.default, (x, [6])) for _ in range(2)]
+    g.call_function(aten.copy_.default, (x, y))
+    w = [g.call_function(aten.view.default, (x, [6])) for _ in range(2)]
+    t = [g.call_function(aten.t.default, (y,)), g.call_function(aten.t.default, (x,))]
+    g.output((*v, *w, *t))
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    assert merge_views(gm) == 2
+    out = next(iter(n for n in gm.graph.nodes if n.op == "output")).args[0]
+    assert out[0] is out[1] and out[2] is out[3] and out[1] is not out[2]
+    assert out[4] is not out[5]
+
+
 def test_other_inputs_are_not_grouped_and_mixed_biases_are(poison):
     """Linears of one input group whether they have a bias or not (Whisper's key
     projection has none); a linear of another input stays apart."""

@@ -66,18 +66,22 @@ def test_a_gemm_used_elsewhere_stays_an_extra(poison):
 
 
 def test_qkv_training_is_grouped_forward_and_summed_backward(poison):
-    """Training attention's projections: the forward's three are one grouped launch, the
-    gradient of the normalized input, ``dq @ Wq + dk @ Wk + dv @ Wv``, one launch in the
-    backward graph, and every gradient matches eager."""
+    """Training attention's projections: the forward's three are one grouped launch; in
+    the backward, the gradient of the normalized input, ``dq @ Wq + dk @ Wk + dv @ Wv``,
+    is one launch and the weights' gradients (``x^T @ dq``, ``x^T @ dk``, ``x^T @ dv``:
+    one saved ``x``, its views merged before autograd) another; every gradient matches
+    eager."""
     torch.manual_seed(0)
     m = QKV(q=40, kv=8)
     x = torch.randn(3, 5, 24, requires_grad=True)
     f, backend = compile_tile(m)
     with _common.count_launches() as launches:
         f(x).square().sum().backward()
-    assert launches["grouped_mm"] == 1  # the forward's three projections
     grouped = {g.name: g.counts.get("grouped_mm", 0) for g in backend.report.graphs}
-    assert sum(grouped.values()) == 1, grouped  # in the forward graph
+    assert grouped == {"forward, before autograd": 0, "forward": 1, "backward": 1}, grouped
+    assert launches["grouped_mm"] == 2, dict(launches)
+    (bwd_group,) = [r for r in backend.report.graphs[-1].replacements if r.pattern == "grouped_mm"]
+    assert bwd_group.scalars["groups"] == 3, bwd_group
     assert launches["mm_sum_epilogue"] == 1, dict(launches)
     bwd = [g for g in backend.report.graphs if g.name == "backward"]
     assert bwd and bwd[0].counts.get("fused_mm_sum_epilogue") == 1, str(bwd)

@@ -109,6 +109,9 @@ def test_hf_training_step_gradients_match_eager(poison, name):
     for k in (norm_bwd, "scale_mask_softmax_bwd", "mm"):
         assert launches[k] >= 1, (k, dict(launches))
     assert backend.report.counts["fused_softmax_backward"] == 2, str(backend.report)
+    if name == "llama":  # q/k/v's and gate/up's weight gradients: one launch each a layer
+        bwd = [g.counts.get("grouped_mm", 0) for g in backend.report.graphs if g.name == "backward"]
+        assert bwd == [4] and launches["grouped_mm"] == 6, (bwd, dict(launches))
 
 
 def test_gpt2_training_with_attention_dropout_fuses_and_repeats(poison):

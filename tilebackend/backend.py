@@ -301,7 +301,9 @@ class TileBackend:
         work = _copy_gm(gm)
         try:
             from .fx_passes import shapes
+            from .fx_passes.cse import merge_views
 
+            merge_views(work)
             gr.symbolic = shapes.symbols_of(work)
             with settings.use(self.settings), shapes.GuardWatch(shapes.shape_env_of(work)) as gw:
                 n = rewrite(work, patterns, table_key, gr)

@@ -59,17 +59,24 @@ class GroupedGemms(MatmulFusions):
 
         first = group[0][0]
         order = self._order()
-        kept = [group[0]]
-        for member in group[1:]:
-            operands = [x for x in member[2:] if isinstance(x, fx.Node)]
-            if all(self._hoistable(x, first, order) for x in operands):
-                for x in operands:
-                    self._hoist(x, first, order)
-                kept.append(member)
-            else:
-                self._note(
-                    member[0], f"not grouped with {first.name}: its weight is computed later"
-                )
+        sunk = self._sinkable(group, order)
+        if not isinstance(sunk, str):  # every GEMM goes where the last one is
+            kept, at = group, group[-1][0]
+        else:  # the later GEMMs' weights move up to the first
+            kept, at, why = [group[0]], first, sunk
+            sunk = []
+            for member in group[1:]:
+                operands = [x for x in member[2:] if isinstance(x, fx.Node)]
+                if all(self._hoistable(x, first, order) for x in operands):
+                    for x in operands:
+                        self._hoist(x, first, order)
+                    kept.append(member)
+                else:
+                    self._note(
+                        member[0],
+                        f"not grouped with {first.name}: its weight is computed later, "
+                        f"and the group cannot run there: {why}",
+                    )
         if len(kept) < 2:
             return
         a = kept[0][1]
@@ -81,7 +88,7 @@ class GroupedGemms(MatmulFusions):
             self._note(first, f"grouped GEMM refused: {reason}")
             return
         graph = self.graph
-        with graph.inserting_before(first):
+        with graph.inserting_before(at):
             grouped = graph.call_function(torch.ops.tile.grouped_mm.default, (a, bs, biases))
             self._meta(grouped)
             items = []
@@ -89,6 +96,10 @@ class GroupedGemms(MatmulFusions):
                 item = graph.call_function(operator.getitem, (grouped, i))
                 self._meta(item)
                 items.append(item)
+        tail = items[-1]
+        for n in sunk:  # (the earlier GEMMs' users, now after their results)
+            tail.append(n)
+            tail = n
         for (node, a_i, _, _), item in zip(kept, items):
             node.replace_all_uses_with(item)
             graph.erase_node(node)
@@ -115,6 +126,30 @@ class GroupedGemms(MatmulFusions):
             )
         )
 
+    def _sinkable(
+        self, group: list[tuple[fx.Node, Any, Any, Any]], order: dict[fx.Node, int]
+    ) -> list[fx.Node] | str:
+        """The nodes to move after the grouped call when it goes where the group's last
+        GEMM is, or why it cannot: a GEMM's operand derives from an earlier GEMM's
+        result, or a node reading an earlier result cannot move (it mutates or draws
+        random numbers).  In a backward graph each weight gradient ``x^T @ dy_i`` follows
+        the computation of its ``dy_i``, which reads the previous one's results."""
+        first, last = group[0][0], group[-1][0]
+        members = {m[0] for m in group}
+        tainted = set(members) - {last}
+        moved: list[fx.Node] = []
+        for n in list(self.graph.nodes)[order[first] : order[last]]:
+            if n in members or not any(x in tainted for x in n.all_input_nodes):
+                continue
+            if n.op != "call_function" or _fixed(n):
+                return f"{n.name} ({short_target(n.target)}) reads an earlier GEMM's result and cannot move"
+            tainted.add(n)
+            moved.append(n)
+        for m in group:
+            if any(x in tainted for x in m[1:] if isinstance(x, fx.Node)):
+                return f"{m[0].name}'s operands read an earlier GEMM's result"
+        return moved
+
     @staticmethod
     def _hoistable(x: fx.Node, first: fx.Node, order: dict[fx.Node, int], depth: int = 4) -> bool:
         """``x`` is defined before ``first``, or is a view op whose inputs are (or can be
@@ -135,3 +170,12 @@ class GroupedGemms(MatmulFusions):
             self._hoist(y, first, order)
         first.prepend(x)
         order[x] = order[first] - 0.5  # (now before first)
+
+
+def _fixed(node: fx.Node) -> bool:
+    """``node`` may not change places: it mutates, or it draws random numbers (moving it
+    would reorder the generator's draws)."""
+    from .cse import mutates
+
+    tags = getattr(node.target, "tags", ())
+    return mutates(node) or torch.Tag.nondeterministic_seeded in tags

@@ -1,0 +1,85 @@
+"""Common view ops merged: one node per ``view``/``t``/... of one value with one set of
+arguments.
+
+AOTAutograd's graphs are not CSE'd the way we need them.  Each linear on an N-d input
+adds its own ``view(x, [M, K])``; in a training graph autograd then saves each linear's
+view for its weight gradient, and the backward receives them as *separate* inputs, so
+nothing there can tell that ``dWq = dq^T @ x``, ``dWk = dk^T @ x`` and ``dWv = dv^T @ x``
+read one ``x`` (and group them into one launch).  Merged before autograd, the three
+linears share one view, which the partitioner saves once.
+
+Only view ops are merged (they are free and pure); a mutation (``copy_`` of a graph input,
+any op whose schema mutates) starts a new generation, so a view taken after it is never
+merged with one taken before.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+__all__ = ["merge_views"]
+
+_aten = torch.ops.aten
+_VIEWS = frozenset(
+    {
+        _aten.view.default,
+        _aten._unsafe_view.default,
+        _aten.reshape.default,
+        _aten.t.default,
+        _aten.transpose.int,
+        _aten.permute.default,
+        _aten.expand.default,
+        _aten.unsqueeze.default,
+        _aten.squeeze.dim,
+        _aten.squeeze.dims,
+        _aten.squeeze.default,
+        _aten.slice.Tensor,
+        _aten.select.int,
+        _aten.alias.default,
+    }
+)
+
+
+def _frozen(x):
+    if isinstance(x, (list, tuple)):
+        return tuple(_frozen(v) for v in x)
+    if isinstance(x, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in x.items()))
+    return x
+
+
+def mutates(node: fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:  # a Python callable: pure if it is getitem or symbolic arithmetic
+        module = getattr(node.target, "__module__", None)
+        name = getattr(node.target, "__name__", "")
+        return not (module in ("_operator", "operator", "math") or name.startswith("sym_"))
+    return schema.is_mutable
+
+
+def merge_views(gm: fx.GraphModule) -> int:
+    """Merge ``gm``'s duplicate view ops in place; return how many were removed."""
+    seen: dict[tuple, fx.Node] = {}
+    generation = removed = 0
+    for node in list(gm.graph.nodes):
+        if mutates(node):
+            generation += 1
+            continue
+        if node.op != "call_function" or node.target not in _VIEWS:
+            continue
+        try:
+            key = (generation, node.target, _frozen(node.args), _frozen(node.kwargs))
+            hash(key)
+        except TypeError:  # an unhashable argument: leave it
+            continue
+        first = seen.setdefault(key, node)
+        if first is not node:
+            node.replace_all_uses_with(first)
+            gm.graph.erase_node(node)
+            removed += 1
+    if removed:
+        gm.recompile()
+    return removed
