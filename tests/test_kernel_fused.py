@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from tilebackend.codegen import _common, fused_matmul, fused_norm, fused_softmax, pointwise
 from tilebackend.codegen import pointwise as pw
+from tilebackend.codegen import pointwise_aten as pa
 
 # GPT-2's gelu-tanh written out over the GEMM accumulator (as the graph pass produces it)
 GELU_TANH = (
@@ -157,8 +158,8 @@ def test_dtype_rules():
     assert pw.infer_dtype(("sign", "IN1"), d) == b
     assert pw.infer_dtype(("logical_and", "ACC", "IN1"), d) == b
     assert pw.infer_dtype(("logical_or", "ACC", 0.0), d) == b
-    assert pw.infer_dtype(pw.from_aten(torch.ops.aten.hardswish.default, ["ACC"]), d) == f16
-    assert pw.infer_dtype(pw.from_aten(torch.ops.aten.clamp.Tensor, ["ACC", "IN0"]), d) == f32
+    assert pw.infer_dtype(pa.from_aten(torch.ops.aten.hardswish.default, ["ACC"]), d) == f16
+    assert pw.infer_dtype(pa.from_aten(torch.ops.aten.clamp.Tensor, ["ACC", "IN0"]), d) == f32
 
 
 def test_format_roundtrip_and_errors():
@@ -194,47 +195,47 @@ def test_aten_mapping():
         aten.add.Scalar,
         aten.mul.Scalar,
     ):
-        assert pw.is_pointwise(op), op
-    assert not pw.is_pointwise(aten.mm.default)
-    assert pw.from_aten(aten.add.Tensor, ["ACC", "IN0"], {"alpha": 2}) == (
+        assert pa.is_pointwise(op), op
+    assert not pa.is_pointwise(aten.mm.default)
+    assert pa.from_aten(aten.add.Tensor, ["ACC", "IN0"], {"alpha": 2}) == (
         "add",
         "ACC",
         ("mul", "IN0", 2.0),
     )
-    assert pw.from_aten(aten.gelu.default, ["ACC"], {"approximate": "tanh"}) == (
+    assert pa.from_aten(aten.gelu.default, ["ACC"], {"approximate": "tanh"}) == (
         "gelu",
         "ACC",
         "tanh",
     )
-    assert pw.from_aten(aten._to_copy.default, ["ACC"], {"dtype": torch.float16}) == (
+    assert pa.from_aten(aten._to_copy.default, ["ACC"], {"dtype": torch.float16}) == (
         "to",
         "ACC",
         "float16",
     )
-    assert pw.from_aten(aten.rsub.Scalar, ["ACC", 1.0], {}) == ("sub", 1.0, "ACC")
-    assert pw.from_aten(aten.masked_fill.Scalar, ["ACC", "IN0", 0.0], {}) == (
+    assert pa.from_aten(aten.rsub.Scalar, ["ACC", 1.0], {}) == ("sub", 1.0, "ACC")
+    assert pa.from_aten(aten.masked_fill.Scalar, ["ACC", "IN0", 0.0], {}) == (
         "where",
         "IN0",
         0.0,
         "ACC",
     )
     with pytest.raises(pw.ExprError):
-        pw.from_aten(aten.mm.default, ["ACC", "IN0"], {})
+        pa.from_aten(aten.mm.default, ["ACC", "IN0"], {})
     # activations: scalars positional or by name, ATen's defaults
-    assert pw.from_aten(aten.clamp.default, ["ACC"], {"max": 2}) == ("minimum", "ACC", 2.0)
-    assert pw.from_aten(aten.hardtanh.default, ["ACC"]) == pw.from_aten(
+    assert pa.from_aten(aten.clamp.default, ["ACC"], {"max": 2}) == ("minimum", "ACC", 2.0)
+    assert pa.from_aten(aten.hardtanh.default, ["ACC"]) == pa.from_aten(
         aten.clamp.default, ["ACC", -1.0, 1.0]
     )
-    assert pw.from_aten(aten.leaky_relu.default, ["ACC"]) == pw.from_aten(
+    assert pa.from_aten(aten.leaky_relu.default, ["ACC"]) == pa.from_aten(
         aten.leaky_relu.default, ["ACC"], {"negative_slope": 0.01}
     )
-    assert pw.from_aten(aten.softplus.default, ["ACC"])[0] == "where"
+    assert pa.from_aten(aten.softplus.default, ["ACC"])[0] == "where"
     with pytest.raises(pw.ExprError):  # eager raises too
-        pw.from_aten(aten.clamp.default, ["ACC", None, None])
+        pa.from_aten(aten.clamp.default, ["ACC", None, None])
     with pytest.raises(pw.ExprError):  # eager raises: in-place backward, negative slope
-        pw.from_aten(aten.leaky_relu_backward.default, ["ACC", "IN0", -0.1, True])
+        pa.from_aten(aten.leaky_relu_backward.default, ["ACC", "IN0", -0.1, True])
     with pytest.raises(pw.ExprError):  # a tensor where ATen takes a scalar
-        pw.from_aten(aten.hardtanh.default, ["ACC", "IN0", 1.0])
+        pa.from_aten(aten.hardtanh.default, ["ACC", "IN0", 1.0])
 
 
 # --- GEMM + epilogue ------------------------------------------------------------------------
@@ -736,7 +737,7 @@ def test_backward_ops_written_out_match_aten(poison, gen_dir, op, kwargs, saved,
     become expressions: through the generated kernel they match ATen's own op."""
     grad = torch.randn(7, 13).to(dtype)
     other = saved(torch.randn(7, 13) * 3).to(dtype)
-    expr = pw.from_aten(op, ["ACC", "IN0"], kwargs)
+    expr = pa.from_aten(op, ["ACC", "IN0"], kwargs)
     with _common.count_launches() as n:
         out = _printer_kernel_run(expr, {"ACC": grad, "IN0": other})
     assert n["mm_epilogue"] == 1  # the generated kernel ran, not the ATen fallback
@@ -828,7 +829,7 @@ def test_activation_ops_in_gemm_epilogue_match_aten(
         s = saved(s)
     s1 = torch.randn(M, N) + 1.0
     a, b, s, s1 = (t.to(dtype) for t in (a, b, s, s1))
-    expr = pw.from_aten(op, args, kwargs)
+    expr = pa.from_aten(op, args, kwargs)
     extras = [s, s1][: len(pw.input_leaves(expr) - {"ACC"})]
     is_bool = pw.infer_dtype(expr, {"ACC": dtype, "IN0": dtype, "IN1": dtype}) == torch.bool
     if is_bool:  # the GEMM kernels store float results: read the bool as 0.0 / 1.0
@@ -863,7 +864,7 @@ def test_relu_backward_written_out_matches_aten(poison, gen_dir):
     grad, x = torch.randn(7, 13), torch.randn(7, 13)
     x[0, :3] = 0.0  # at the threshold: ReLU's gradient is 0 there
     op = torch.ops.aten.threshold_backward.default
-    expr = pw.from_aten(op, ["ACC", "IN0", 0])
+    expr = pa.from_aten(op, ["ACC", "IN0", 0])
     with _common.count_launches() as n:
         out = _printer_kernel_run(expr, {"ACC": grad, "IN0": x})
     assert n["mm_epilogue"] == 1

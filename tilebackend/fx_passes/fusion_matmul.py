@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ..codegen import pointwise_aten
 from ..report import Replacement, describe_value, short_target
 from . import shapes
 from .fusion_core import _VIEWS, FuserBase, _descendants, _is_tensor_node, _val, aten
@@ -197,7 +198,7 @@ class MatmulFusions(FuserBase):
             u = frontier.pop(0)
             if u in inside:
                 continue
-            if u.op != "call_function" or not pointwise.is_pointwise(u.target):
+            if u.op != "call_function" or not pointwise_aten.is_pointwise(u.target):
                 why = why or f"{u.name} ({u.target}) is not pointwise"
                 continue
             ins = [a for a in u.all_input_nodes]
@@ -261,7 +262,7 @@ class MatmulFusions(FuserBase):
         for n in region:
             args = [conv(a) for a in n.args]
             kwargs = {k: conv(v) for k, v in n.kwargs.items()}
-            env[n] = pointwise.from_aten(n.target, args, kwargs)
+            env[n] = pointwise_aten.from_aten(n.target, args, kwargs)
         return [env[o] for o in outputs], leaves
 
     def _extra_inputs(self, gemm, sink, leaves):
@@ -564,7 +565,11 @@ class MatmulFusions(FuserBase):
             stack = list(root.users)
             while stack:
                 n = stack.pop()
-                if n in seen or n.op != "call_function" or not pointwise.is_pointwise(n.target):
+                if (
+                    n in seen
+                    or n.op != "call_function"
+                    or not pointwise_aten.is_pointwise(n.target)
+                ):
                     continue
                 seen.add(n)
                 stack.extend(n.users)
