@@ -823,3 +823,103 @@ def test_plain_gemm_times_cublas_as_a_baseline(monkeypatch, aten_faster):
     assert (d.config == mm.ATEN_CONFIG) == aten_faster, d
     assert d.source == "tuned" and timed.count(True) == 1 and timed[1] is True, timed
     assert plans.stats[("tile::addmm", "replayed")] >= 2
+
+
+def _epilogue_cases():
+    from tilebackend.codegen import (  # noqa: F401  (registers the tile:: ops)
+        dual_matmul,
+        fused_matmul,
+        fused_matmul_multi,
+        fused_matmul_sum,
+    )
+    from tilebackend.codegen import pointwise as pw
+
+    torch.manual_seed(0)
+    x, w, w1 = torch.randn(9, 16), torch.randn(24, 16), torch.randn(24, 16)
+    bias, res = torch.randn(24), torch.randn(9, 24)
+    gelu = ("add", ("gelu", "ACC", "tanh"), "IN0")
+    tile = torch.ops.tile
+    ta, tb = torch.randn(9, 7), torch.randn(7, 24)
+    return {
+        "mm_epilogue": (
+            lambda: tile.mm_epilogue(x, w.t(), bias, [res], pw.dumps(gelu)),
+            lambda: torch.nn.functional.gelu(x @ w.t() + bias, approximate="tanh") + res,
+        ),
+        "mm_epilogue_multi": (
+            lambda: tile.mm_epilogue_multi(
+                x, w.t(), bias, [res], [pw.dumps(gelu), pw.dumps(("gt", "ACC", 0.0))]
+            ),
+            lambda: [
+                torch.nn.functional.gelu(x @ w.t() + bias, approximate="tanh") + res,
+                x @ w.t() + bias > 0,
+            ],
+        ),
+        "dual_mm_epilogue": (
+            lambda: tile.dual_mm_epilogue(
+                x, w.t(), w1.t(), None, bias, [], pw.dumps(("mul", ("silu", "ACC"), "ACC1"))
+            ),
+            lambda: torch.nn.functional.silu(x @ w.t()) * (x @ w1.t() + bias),
+        ),
+        "mm_sum_epilogue": (
+            lambda: tile.mm_sum_epilogue(
+                x, w.t(), None, [ta], [tb], [res], pw.dumps(("add", "ACC", "IN0"))
+            ),
+            lambda: x @ w.t() + ta @ tb + res,
+        ),
+    }
+
+
+@pytest.mark.parametrize("kernel", list(_epilogue_cases()))
+@pytest.mark.parametrize("unfused_faster", [True, False])
+def test_fused_gemm_times_the_unfused_ops_as_a_baseline(monkeypatch, kernel, unfused_faster):
+    """On a GPU a fused GEMM's tuning also times ATen's GEMM followed by its epilogue in
+    eager ops, and runs that only when it measured faster: a fused kernel is never
+    slower than what it replaced.  (The GPU path simulated: timings faked.)"""
+    import triton.testing
+
+    from tilebackend.codegen import _common, epilogue_host
+
+    def do_bench(fn, **kw):
+        before = _common.launch_counts["aten_gemm"]
+        fn()
+        ran_aten = _common.launch_counts["aten_gemm"] > before
+        return (0.5 if ran_aten else 1.0) if unfused_faster else (2.0 if ran_aten else 1.0)
+
+    monkeypatch.setattr(autotune, "interpret_mode", lambda: False)
+    monkeypatch.setattr(epilogue_host, "interpret_mode", lambda: False)
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    call, ref = _epilogue_cases()[kernel]
+    with settings.use(settings.Settings(poison_outputs=True)):
+        for _ in range(3):
+            with _common.count_launches() as n:
+                out = call()
+            torch.testing.assert_close(out, ref(), atol=1e-4, rtol=1e-4)
+    (d,) = [d for k, d in autotune.decisions.items() if k[0] == kernel]
+    assert (d.config == matmul.ATEN_CONFIG) == unfused_faster, d
+    assert (n["aten_gemm"] > 0) == unfused_faster and n[kernel] == 1, dict(n)
+
+
+def test_no_unfused_baseline_for_an_epilogue_that_draws(monkeypatch):
+    """A dropout drawn in the epilogue has no eager twin (the kernel's random stream is its
+    own): the fused kernel is the only candidate."""
+    import triton.testing
+
+    from tilebackend.codegen import _common, epilogue_host, fused_matmul  # noqa: F401
+    from tilebackend.codegen import pointwise as pw
+
+    seen: list[list] = []
+    real = autotune.select
+
+    def select(kernel, key, configs, *a, **k):
+        seen.append(list(configs))
+        return real(kernel, key, configs, *a, **k)
+
+    monkeypatch.setattr(autotune, "interpret_mode", lambda: False)
+    monkeypatch.setattr(epilogue_host, "interpret_mode", lambda: False)
+    monkeypatch.setattr(autotune, "select", select)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), 1.0)[1])
+    x, w, seed = torch.randn(9, 16), torch.randn(16, 24), torch.tensor([7])
+    expr = ("where", ("gt", ("rand", "IN0"), 0.5), ("mul", "ACC", 2.0), 0.0)
+    with _common.count_launches() as n:
+        torch.ops.tile.mm_epilogue(x, w, None, [seed], pw.dumps(expr))
+    assert seen and matmul.ATEN_CONFIG not in seen[0] and not n["aten_gemm"], dict(n)

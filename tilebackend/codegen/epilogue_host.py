@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .._compat import interpret_mode
 from . import _common, autotune, pointwise
 from . import matmul as _mm
 
@@ -292,6 +293,9 @@ def launch(
     flags = {"B_NK": layout == "nk"} if tma_space is not None else {}
 
     def run(cfg: autotune.Config) -> None:
+        if cfg.get(autotune.EXTERN) is not None:
+            _unfused(outs, a2, bs, biases, extras, exprs, accs, terms2, (*lead, N))
+            return
         tiles = _common.cdiv(M, cfg["BLOCK_M"]) * _common.cdiv(N, cfg["BLOCK_N"])
         kw = cfg.as_kwargs()
         if cfg.get("TMA"):
@@ -351,11 +355,34 @@ def launch(
     configs, first = _mm.tuning_choices(space, heuristic, a.dtype, precision, M, N, K)
     if layout is not None and min(M, N) >= 64:  # (smaller: no tile of theirs is full)
         configs += _mm.prune_configs(tma_space(a.dtype), M, N, K)
+    if not interpret_mode() and not any(pointwise.seed_leaves(e) for e in exprs):
+        configs.append(_mm.ATEN_CONFIG)  # timed beside ours: never slower than unfused
     cfg = autotune.select(
         name, key, configs, first, run, outputs=lambda: outs, fn=(kernel, *jit_fns)
     )
     run(cfg)
     return outs
+
+
+def _unfused(outs, a2, bs, biases, extras, exprs, accs, terms2, shape) -> None:
+    """The baseline a fused kernel must beat: ATen's GEMMs (cuBLAS on a GPU; the sum
+    template's terms added to its one accumulator), then the expressions in eager ops
+    (eager's dtypes and rounding), copied into ``outs``.  Expressions that draw random
+    numbers have no such baseline (the kernel's stream is its own)."""
+    leaves: dict[str, Any] = {}
+    for name, b, bias in zip(accs, bs, biases):
+        acc = a2 @ b if bias is None else torch.addmm(bias, a2, b)
+        for ta, tb in terms2:
+            acc = acc + ta @ tb
+        leaves[name] = acc.view(shape)
+        _common.launch_counts["aten_gemm"] += 1
+    leaves.update({f"IN{i}": e for i, e in enumerate(extras)})
+    for out, e in zip(outs, exprs):
+        r = pointwise.evaluate(e, leaves, shape)
+        if isinstance(r, torch.Tensor):
+            out.copy_(r)
+        else:
+            out.fill_(r)
 
 
 def recompute_backward(
