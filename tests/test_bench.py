@@ -161,10 +161,17 @@ def test_mpt_alibi_case_is_one_launch_in_half(device):
     assert tile["rel_err"] < 1e-3
 
 
-@pytest.mark.parametrize("name", ["qkv_projection_16x32x32+32+32", "qkv_projection_16x32x32+8+8"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "qkv_projection_16x32x32+32+32",
+        "qkv_projection_16x32x32+8+8",
+        "qkv_weight_grads_16x32x32+8+8",
+    ],
+)
 def test_qkv_case_is_one_grouped_launch(device, name):
-    """The query/key/value projection case runs one grouped GEMM, and its error covers
-    all three results."""
+    """The query/key/value projection case (and its weight gradients') runs one grouped
+    GEMM, and its error covers all three results."""
     eager, tile = tiny_case_rows(device, name, __import__("torch").float32)
     assert tile["tile_launches"] == {"grouped_mm": 1}, tile
     assert tile["replaced"].get("grouped_mm") == 1, tile

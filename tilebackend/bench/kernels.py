@@ -112,6 +112,32 @@ def qkv_projection_case(m: int, k: int, nq: int, nkv: int, bias: bool) -> Kernel
     )
 
 
+def qkv_weight_grads_case(m: int, k: int, nq: int, nkv: int) -> KernelCase:
+    """The backward's weight gradients of those linears, as AOTAutograd writes them:
+    ``(x^T @ dy_i)^T`` for each projection's output gradient ``dy_i`` (one ``x``)."""
+
+    def make(device, dtype):
+        x = _randn(m, k, device=device, dtype=dtype)
+        dys = [_randn(m, n, device=device, dtype=dtype, scale=m**-0.5) for n in (nq, nkv, nkv)]
+
+        def qkv_weight_grads(x, dq, dk, dv):
+            xt = x.t()
+            return (xt @ dq).t(), (xt @ dk).t(), (xt @ dv).t()
+
+        return qkv_weight_grads, (x, *dys)
+
+    n = nq + 2 * nkv
+    return KernelCase(
+        name=f"qkv_weight_grads_{m}x{k}x{nq}+{nkv}+{nkv}",
+        family="mm",
+        bound="compute",
+        shape=f"x[{m}x{k}]^T @ dy[{m}x({nq}|{nkv}|{nkv})]",
+        make=make,
+        flops=2.0 * m * n * k,
+        nbytes=0,
+    )
+
+
 def softmax_case(m: int, n: int, sweep: bool = False) -> KernelCase:
     def make(device, dtype):
         x = _randn(m, n, device=device, dtype=dtype, scale=2.0)
@@ -345,6 +371,7 @@ def anchor_cases(profile: str = "anchor") -> list[KernelCase]:
             linear_dropout_case(8192, 3072, 768),
             qkv_projection_case(4096, 768, 768, 768, bias=True),  # BERT-base, b8 x t512
             qkv_projection_case(4096, 2048, 2048, 256, bias=False),  # the Llama row's GQA
+            qkv_weight_grads_case(4096, 2048, 2048, 256),  # and their training backward's
             softmax_case(49152, 1024),
             scale_mask_softmax_case(4, 12, 1024, 1024),
             alibi_softmax_case(4, 12, 1024, 1024),
@@ -360,6 +387,7 @@ def anchor_cases(profile: str = "anchor") -> list[KernelCase]:
         linear_dropout_case(16, 48, 32),
         qkv_projection_case(16, 32, 32, 32, bias=True),
         qkv_projection_case(16, 32, 32, 8, bias=False),
+        qkv_weight_grads_case(16, 32, 32, 8),
         softmax_case(16, 32),
         scale_mask_softmax_case(2, 2, 8, 8),
         alibi_softmax_case(2, 2, 8, 8),
