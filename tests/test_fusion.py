@@ -207,6 +207,28 @@ def test_swiglu_gemm_result_used_outside_keeps_two_launches(poison):
     assert "not fused" in why, why
 
 
+def test_chained_training_epilogues_both_fuse(poison):
+    """A training forward's MLP with an activation after each linear: each GEMM's
+    epilogue also writes the value the backward saves, and the second GEMM reads the
+    first's fused result (it used to read the erased node: fusion failed with a
+    KeyError and a warning)."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 13, requires_grad=True)
+    w1 = torch.randn(32, 13, requires_grad=True)
+    w2 = torch.randn(24, 32, requires_grad=True)
+
+    def fn(x):
+        return F.gelu(F.linear(F.gelu(F.linear(x, w1)), w2))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backend, launches = _train_step(fn, x)
+    assert launches["mm_epilogue_multi"] == 2, dict(launches)
+    fwd = [g for g in backend.report.graphs if g.name == "forward"][0]
+    assert fwd.counts.get("fused_mm_epilogue") == 2 and not fwd.notes, str(fwd)
+    grads_like_eager([x, w1, w2], lambda: fn(x), atol=1e-4, rtol=1e-4)
+
+
 def test_swiglu_training_step_matches_eager(poison):
     """Training: the forward graph saves the GEMM results for the backward, so no dual
     GEMM there; gradients match eager."""

@@ -63,9 +63,12 @@ class MatmulFusions(FuserBase):
                 open_candidates.append((gemm, parts, root if region else None, why))
                 continue
             self._fuse_closed(gemm, parts, root, region, sink, extras)
-        for gemm, parts, root, why in open_candidates:
+        for gemm, _, root, why in open_candidates:
+            # (read again: an earlier open fusion replaced the values it wrote, which a
+            # later GEMM may read, as an MLP's second linear reads the first's GELU)
+            parts = self._gemm_parts(gemm)
             root = root or self._view_root(gemm)
-            if root is not None:
+            if root is not None and parts is not None:
                 why = self._fuse_open(gemm, parts, root, pointwise)
             if why:
                 self._note(gemm, why)
