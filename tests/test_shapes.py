@@ -242,3 +242,29 @@ def test_residual_rms_norm_over_a_symbolic_hidden_size_fuses(poison):
             assert dict(launches) == {"add_rms_norm_fwd": 1}, dict(launches)
     _one_compile(backend, ["inference"])
     assert backend.report.counts.get("fused_add_rms_norm") == 1, str(backend.report)
+
+
+def test_training_baddbmm_with_a_broadcast_bias_under_dynamic_shapes(poison):
+    """The pre-autograd rewrite propagates fake values through ``baddbmm``, whose meta
+    function expands the ``[N]`` bias to symbolic sizes: that needs the Python
+    dispatcher (without it the rewrite failed with "SymIntArrayRef expected to contain
+    only concrete integers" and the graph ran without tile kernels)."""
+    import warnings
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": "eager", "compile_cache": False})
+    f = torch.compile(torch.baddbmm, backend=backend, dynamic=True)
+    bias = torch.randn(16, requires_grad=True)
+    for batch in (3, 5):
+        bias.grad = None
+        a = torch.randn(batch, 7, 8, requires_grad=True)
+        b = torch.randn(batch, 16, 8).transpose(-1, -2).requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with _common.count_launches() as launches:
+                f(bias, a, b).square().sum().backward()
+        assert launches["baddbmm"] == 1 and launches["bmm"] == 2, dict(launches)
+        grads_like_eager([bias, a, b], lambda a=a, b=b: torch.baddbmm(bias, a, b), 1e-4, 1e-4)
+    pre = [g for g in backend.report.graphs if g.name == "forward, before autograd"]
+    assert pre and pre[0].counts.get("baddbmm") == 1, str(backend.report)

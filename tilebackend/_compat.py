@@ -44,6 +44,16 @@ def custom_op_parts(op: Any) -> tuple[Any, Any] | None:
 # --- AOTAutograd / Inductor (private) ------------------------------------------------
 
 
+def python_dispatcher():
+    """The context AOTAutograd and Inductor propagate fake values in: some ATen meta
+    functions (``baddbmm``'s bias expand) take symbolic sizes only through the Python
+    dispatcher, and fail with "SymIntArrayRef expected to contain only concrete
+    integers" without it (depending on which kernels earlier traces left registered)."""
+    from torch._dispatch.python import enable_python_dispatcher
+
+    return enable_python_dispatcher()
+
+
 def aot_module_simplified(*args: Any, **kwargs: Any):
     from torch._functorch.aot_autograd import aot_module_simplified as fn
 

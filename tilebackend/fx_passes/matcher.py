@@ -375,7 +375,7 @@ def _set_meta(node: fx.Node, fake_mode) -> None:
     kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: n.meta.get("val"))
     if fake_mode is None:
         return
-    with fake_mode:
+    with fake_mode, _compat.python_dispatcher():
         node.meta["val"] = node.target(*args, **kwargs)
 
 
