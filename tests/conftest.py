@@ -5,11 +5,25 @@ before tilebackend's kernel modules are imported.  Set TILEBACKEND_TEST_DEVICE=c
 GPU machine to run the same tests on the GPU instead (the interpreter is then left off).
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 DEVICE = os.environ.get("TILEBACKEND_TEST_DEVICE", "cpu")
 if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Every run starts from empty caches, as on a fresh machine: tuning results, traced
+# patterns, generated sources and the stored pre-autograd graphs (in Inductor's cache
+# dir) from an earlier run or an older checkout would otherwise skip the code under test
+# (a warm store once hid a rewrite that failed on every first compile).
+# TILEBACKEND_TEST_SHARED_CACHES=1 keeps the user's caches (faster reruns).
+if os.environ.get("TILEBACKEND_TEST_SHARED_CACHES", "0") in ("", "0"):
+    _caches = tempfile.mkdtemp(prefix="tilebackend-tests-")
+    os.environ["TILEBACKEND_CACHE_DIR"] = os.path.join(_caches, "tilebackend")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_caches, "inductor")
+    atexit.register(shutil.rmtree, _caches, ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

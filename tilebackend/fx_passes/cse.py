@@ -8,9 +8,10 @@ nothing there can tell that ``dWq = dq^T @ x``, ``dWk = dk^T @ x`` and ``dWv = d
 read one ``x`` (and group them into one launch).  Merged before autograd, the three
 linears share one view, which the partitioner saves once.
 
-Only view ops are merged (they are free and pure); a mutation (``copy_`` of a graph input,
-any op whose schema mutates) starts a new generation, so a view taken after it is never
-merged with one taken before.
+Only view ops are merged (they are free and pure), and not those the graph returns (two
+returned views stay two tensors); a mutation (``copy_`` of a graph input, any op whose
+schema mutates) starts a new generation, so a view taken after it is never merged with
+one taken before.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def merge_views(gm: fx.GraphModule) -> int:
             continue
         if node.op != "call_function" or node.target not in _VIEWS:
             continue
+        if any(u.op == "output" for u in node.users):
+            continue  # (a returned view stays its own tensor, as in eager)
         try:
             key = (generation, node.target, _frozen(node.args), _frozen(node.kwargs))
             hash(key)
