@@ -252,7 +252,12 @@ def _render(expr: Any, bools: tuple[bool, ...], leaf_dtypes=None) -> str:
         for i in (0, 1)
     )
     body, (res,) = fused_matmul._render_expressions(
-        [expr], {"ACC": "acc0", "ACC1": "acc1", **leaves}, bool_leaves, leaf_dtypes, ind=""
+        [expr],
+        {"ACC": "acc0", "ACC1": "acc1", **leaves},
+        bool_leaves,
+        leaf_dtypes,
+        ind="",
+        tile="acc0",
     )
     epilogue = _EPILOGUE.format(biases=biases, loads=loads, body=body, result=res)
     return _TEMPLATE.format(

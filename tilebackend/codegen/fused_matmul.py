@@ -11,6 +11,9 @@ expression's result dtype.  The template has two main loops, chosen by the const
 ``TMA``: one program per output tile (pointer loads, any strides), or, on Hopper, a
 persistent loop (one program per SM walks the tiles) over :func:`.matmul.tma_mainloop`,
 for fp16/bf16 operands TMA can read (``epilogue_host.tma_layout``); the tuner times both.
+The constexpr ``EPI_SPLIT`` runs the epilogue on the accumulator's two column halves one
+after the other (``tl.split``), so a heavy epilogue of a wide tile stays in registers
+(``epilogue_host.split_twin``).
 
 Generated sources are content-addressed: the file ``mm_epilogue_<sha>.py`` is written
 (atomically) under ``$TILEBACKEND_DEBUG_DIR`` or ``<tuning cache dir>/generated``
@@ -109,6 +112,7 @@ def {kname}_kernel(
     GROUP_M: tl.constexpr,
     TMA: tl.constexpr,  # persistent: A and B through TMA descriptors (Hopper and later)
     B_NK: tl.constexpr,  # (TMA) B is W.t() of a row-major W [N, K]
+    EPI_SPLIT: tl.constexpr,  # the epilogue runs on two [BLOCK_M, BLOCK_N // 2] halves
 ):
     if TMA:  # each program walks the tiles num_programs apart
         a_desc = tl.make_tensor_descriptor(
@@ -135,6 +139,21 @@ def {kname}_kernel(
             INPUT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
         )
 {terms}{epilogue}'''
+
+#: The epilogue on the accumulator's two column halves, one after the other (``EPI_SPLIT``):
+#: the extras, the expression's values and the stores of a half tile are live at a time,
+#: which keeps a heavy epilogue of a 128x128 tile out of spilled registers.
+_SPLIT = """\
+if EPI_SPLIT:
+    acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+    acc = acc_lo
+{half}
+    offs_n = offs_n + BLOCK_N // 2
+    acc = acc_hi
+{half}
+else:
+{whole}"""
 
 #: The tile's epilogue (at the kernel body's indentation; placed in both main loops).
 _EPILOGUE = """\
@@ -214,16 +233,18 @@ def _render_extras(expr: Any, bools: tuple[bool, ...], ind: str = "    "):
     return in_ptrs, in_strides, in_modes, "\n".join(loads), leaves, bool_leaves
 
 
-def _render_expressions(exprs: list[Any], leaves, bool_leaves, leaf_dtypes=None, ind="    "):
+def _render_expressions(
+    exprs: list[Any], leaves, bool_leaves, leaf_dtypes=None, ind="    ", tile: str = "acc"
+):
     """The printed expressions as template text, in one body (a shared sub-tree is
     computed once): ``(indented body, result name of each)``; a constant result is
-    broadcast to the tile."""
+    broadcast to the shape of ``tile`` (the accumulator, or the half the epilogue is on)."""
     lines, results, constants = pointwise.print_triton_many(
         exprs, leaves, bool_leaves, leaf_dtypes=leaf_dtypes, index=RAND_INDEX
     )
     for i, const in enumerate(constants):
         if const:
-            lines.append(f"_res{i} = tl.zeros((BLOCK_M, BLOCK_N), tl.float32) + {results[i]}")
+            lines.append(f"_res{i} = tl.zeros_like({tile}) + {results[i]}")
             results[i] = f"_res{i}"
     return "\n".join(ind + ln for ln in lines) or f"{ind}pass", results
 
@@ -256,6 +277,9 @@ def render(
         body=body,
         result=results[0],
         stores=stores,
+    )
+    epilogue = _SPLIT.format(
+        half=textwrap.indent(epilogue, ind), whole=textwrap.indent(epilogue, ind)
     )
     t_ptrs, t_ints, t_flags, t_loops = _render_terms(terms)
     return _TEMPLATE.format(
@@ -577,6 +601,7 @@ def epilogue_specs(name: str, fn: Any, out_ptrs: tuple[tuple[str, bool], ...] = 
         configs = [(c, False) for c in _mm.config_space(dtype, precision)]
         if precision == "tf32":  # (the 2-byte dtypes' one variant)
             configs += [(c, True) for c in _mm.tma_configs(dtype)]
+        configs += [(_host.split_twin(c), tma) for c, tma in configs if _host.split_twin(c)]
         for cfg, tma in configs:
             b_unit = "stride_bk" if tma else "stride_bn"
             unit = ("stride_ak", b_unit, "stride_cn", "stride_on", "in0_sn", "in1_sn")
@@ -592,6 +617,7 @@ def epilogue_specs(name: str, fn: Any, out_ptrs: tuple[tuple[str, bool], ...] = 
                         f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
                         f"_g{cfg['GROUP_M']}_w{cfg.num_warps}_s{cfg.num_stages}"
                         + ("_tma" if tma else "")
+                        + ("_split" if cfg.get("EPI_SPLIT") else "")
                     ),
                     "fn": fn,
                     "signature": dict(sig),
@@ -603,6 +629,7 @@ def epilogue_specs(name: str, fn: Any, out_ptrs: tuple[tuple[str, bool], ...] = 
                         "EVEN_K": False,
                         "TMA": False,
                         "B_NK": tma,
+                        "EPI_SPLIT": False,
                         **dict(cfg.kwargs),
                     },
                     "divisible": ["M", "N", "K", "stride_am", b_rows, "stride_om", "in0_s1"],

@@ -207,6 +207,7 @@ def sm90_specs() -> list[dict]:
                         **{f"EVEN_K{t}": False for t in range(n_terms)},
                         "TMA": False,
                         "B_NK": False,
+                        "EPI_SPLIT": False,
                         **dict(cfg.kwargs),
                     },
                     "divisible": ["M", "N", "K", "stride_am", "stride_bk", "stride_om"]
