@@ -229,6 +229,25 @@ def test_chained_training_epilogues_both_fuse(poison):
     grads_like_eager([x, w1, w2], lambda: fn(x), atol=1e-4, rtol=1e-4)
 
 
+def test_chained_gated_blocks_are_two_dual_gemms(poison):
+    """A second SwiGLU block reads the first's product: each pair is one dual GEMM (the
+    second pair used to read the replaced product: fusion failed, with a warning)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    w1, w3 = torch.randn(32, 16) * 0.25, torch.randn(32, 16) * 0.25
+    w4, w5 = torch.randn(8, 32) * 0.2, torch.randn(8, 32) * 0.2
+
+    def fn(x):
+        h = F.silu(F.linear(x, w1)) * F.linear(x, w3)
+        return F.silu(F.linear(h, w4)) * F.linear(h, w5)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graph, launches = _run(fn, x)
+    assert dict(launches) == {"dual_mm_epilogue": 2}, dict(launches)
+    assert graph.counts.get("fused_dual_mm_epilogue") == 2 and not graph.notes, str(graph)
+
+
 def test_swiglu_training_step_matches_eager(poison):
     """Training: the forward graph saves the GEMM results for the backward, so no dual
     GEMM there; gradients match eager."""

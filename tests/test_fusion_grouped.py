@@ -112,6 +112,28 @@ def test_group_runs_at_its_last_gemm_when_a_weight_comes_late(poison, draws):
     assert why and "bernoulli" in why[0] and "cannot move" in why[0], backend.explain()
 
 
+def test_groups_of_a_grouped_result(poison):
+    """Two GEMMs read a result of an earlier group: both groups run (the second used to
+    read the replaced result: fusion failed, with a warning)."""
+    import warnings
+
+    torch.manual_seed(0)
+    x, w1, w2 = torch.randn(5, 16), torch.randn(16, 8), torch.randn(16, 8)
+    w3, w4 = torch.randn(8, 4), torch.randn(8, 6)
+
+    def fn(x):
+        h = x @ w1
+        return h @ w3, h @ w4, x @ w2
+
+    f, backend = compile_tile(fn)
+    with torch.no_grad(), warnings.catch_warnings(), _common.count_launches() as launches:
+        warnings.simplefilter("error")
+        outs = f(x)
+    for o, r in zip(outs, fn(x), strict=True):
+        torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-5)
+    assert dict(launches) == {"grouped_mm": 2}, dict(launches)
+
+
 def test_merged_views_stop_at_a_mutation():
     """Duplicate views of one value become one node, but never across a mutation of
     what they view, and not when the graph returns them (they stay two tensors)."""

@@ -57,6 +57,12 @@ class GroupedGemms(MatmulFusions):
     def _fuse_grouped(self, group: list[tuple[fx.Node, Any, Any, Any]]) -> None:
         from ..codegen import grouped_matmul
 
+        # (operands read afresh: a group fused before may have replaced what these read,
+        # as the GEMMs of one result read that result)
+        fresh = [(m[0], self._gemm_parts(m[0])) for m in group]
+        group = [(n, *parts) for n, parts in fresh if parts is not None]
+        if len(group) < 2:
+            return
         first = group[0][0]
         order = self._order()
         sunk = self._sinkable(group, order)

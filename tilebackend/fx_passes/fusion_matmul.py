@@ -517,13 +517,16 @@ class MatmulFusions(FuserBase):
         :meth:`matmul_epilogues`, which would fuse the region into one GEMM only."""
         from ..codegen import pointwise
 
-        gemms = [(n, p) for n in self.graph.nodes if (p := self._gemm_parts(n)) is not None]
+        gemms = [n for n in self.graph.nodes if self._gemm_parts(n) is not None]
         taken: set[fx.Node] = set()
-        for i, (g0, p0) in enumerate(gemms):
-            for g1, p1 in gemms[i + 1 :]:
+        for i, g0 in enumerate(gemms):
+            for g1 in gemms[i + 1 :]:
                 if g0 in taken:
                     break
-                if g1 in taken or not self._same_input(p0[0], p1[0]):
+                # (read afresh: a pair fused before may have replaced what these read, as
+                # a second gated block reads the first's product)
+                p0, p1 = self._gemm_parts(g0), self._gemm_parts(g1)
+                if g1 in taken or p0 is None or p1 is None or not self._same_input(p0[0], p1[0]):
                     continue
                 roots = [self._gemm_root(g0), self._gemm_root(g1)]
                 if not self._meet_in_pointwise(roots, pointwise):
