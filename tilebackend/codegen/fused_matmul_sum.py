@@ -168,7 +168,8 @@ torch.library.register_autograd("tile::mm_sum_epilogue", _backward, setup_contex
 
 def sm90_specs() -> list[dict]:
     """The backward's input gradient, ``dq @ Wq + dk @ Wk + dv @ Wv`` (two terms, row-major
-    operands), in fp16 and bf16: the heuristic tile, the big ones, the persistent twin."""
+    operands), in fp16 and bf16: the heuristic tile, the big ones, the persistent twin,
+    and the split epilogue (``EPI_SPLIT``) of each."""
     n_terms = 2
     fn = kernel_for('"ACC"', n_terms)
     unit = ("stride_ak", "stride_bn", "stride_cn", "stride_on", "t0a_sk", "t0b_sn")
@@ -187,6 +188,7 @@ def sm90_specs() -> list[dict]:
         space = _mm.config_space(dtype, "tf32")
         configs = [c for c in space if c["BLOCK_M"] * c["BLOCK_N"] >= 128 * 128]
         configs += _mm.tma_configs(dtype)[:1]
+        configs += [_host.split_twin(c) for c in configs]  # (how a GPU's heuristic starts)
         for cfg in configs:
             tma = bool(cfg.get("TMA"))
             specs.append(
@@ -195,6 +197,7 @@ def sm90_specs() -> list[dict]:
                         f"mm_sum_epilogue_{tname}_{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x"
                         f"{cfg['BLOCK_K']}_g{cfg['GROUP_M']}_w{cfg.num_warps}_s{cfg.num_stages}"
                         + ("_tma" if tma else "")
+                        + ("_split" if cfg.get("EPI_SPLIT") else "")
                     ),
                     "fn": fn,
                     "signature": dict(sig),
