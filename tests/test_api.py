@@ -281,6 +281,33 @@ def test_verify_reverts_wrong_replacement_with_one_warning():
     assert any("wrong_swish" in n for g in rep.graphs for n in g.notes)
 
 
+def test_verify_leaves_random_draws_out_and_keeps_fused_dropout():
+    """Training attention with dropout: the fused kernel draws its own stream, so the
+    outputs that depend on the draws are not compared (the report says so); the rest
+    are, and nothing is reverted (dropout used to make verify blame the softmax)."""
+    import torch.nn.functional as F
+
+    def attn(s, m):
+        return F.dropout(torch.softmax(s * 0.3 + m, -1), 0.1, training=True)
+
+    s, m = torch.randn(2, 3, 8, 8, requires_grad=True), torch.randn(1, 1, 8, 8)
+    compiled, be = _compile(attn, verify=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = compiled(s, m)
+        out.sum().backward()
+    kept = out != 0
+    p = torch.softmax(s * 0.3 + m, -1)
+    torch.testing.assert_close(out[kept], (p / 0.9)[kept])
+    counts = be.report.counts
+    assert counts.get("fused_softmax_dropout") == 1, str(be.report)
+    assert not [x for x in be.report.skipped if "reverted" in x.reason], str(be.report)
+    fwd = [g for g in be.report.graphs if g.name == "forward"][0]
+    assert any("random draws" in n for n in fwd.notes), fwd.notes
+    bwd = [g for g in be.report.graphs if g.name == "backward"][0]
+    assert not any("random draws" in n for n in bwd.notes)  # (all compared)
+
+
 def test_verify_keeps_correct_replacements_silently():
     compiled, be = _compile(lambda x: torch.softmax(x, -1), verify=True)
     x = torch.randn(3, 8)

@@ -78,6 +78,27 @@ def compare(got: Any, ref: Any, where: str = "output") -> str | None:
     return None if same else f"{where}: {got!r} != {ref!r}"
 
 
+def random_outputs(gm: fx.GraphModule) -> set[int]:
+    """Positions of ``gm``'s (flat) outputs that depend on a random draw (dropout's
+    mask, ``rand``): a fused kernel draws its own stream, so those cannot be compared
+    with the original's."""
+    drawn: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        seeded = torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ())
+        if seeded or any(x in drawn for x in n.all_input_nodes):
+            drawn.add(n)
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    flat = out if isinstance(out, (list, tuple)) else [out]
+    return {i for i, v in enumerate(flat) if isinstance(v, fx.Node) and v in drawn}
+
+
+def _without(values: Any, drop: set[int]) -> Any:
+    if not drop:
+        return values
+    flat = values if isinstance(values, (list, tuple)) else [values]
+    return [None if i in drop else v for i, v in enumerate(flat)]
+
+
 def _clone(args: Sequence[Any]) -> list[Any]:
     return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
 
@@ -122,6 +143,7 @@ class Verifier:
         self.report = report
         self.scope = scope
         self._fn: Callable | None = None
+        self.drawn = random_outputs(original)  # (compared: the others)
 
     def __getattr__(self, name: str) -> Any:  # Inductor's compiled-graph attributes
         compiled = self.__dict__.get("compiled")
@@ -141,14 +163,21 @@ class Verifier:
     # --- the first call -------------------------------------------------------------
 
     def _run(self, gm: fx.GraphModule, args: Sequence[Any], rng) -> Any:
+        """``gm``'s outputs on clones of ``args`` from the RNG state ``rng``, those that
+        depend on random draws left out (None)."""
         _set_rng_state(rng)
         with torch.no_grad():
-            return gm(*_clone(args))
+            return _without(gm(*_clone(args)), self.drawn)
 
     def _decide(self, args: list[Any]):
         rng = _rng_state()
         ref = self._run(self.original, args, rng)
         why = compare(self._run(self.rewritten, args, rng), ref)
+        if self.drawn:
+            self.report.notes.append(
+                f"verify: {len(self.drawn)} output(s) depend on random draws "
+                "(a fused kernel draws its own stream): not compared"
+            )
         if why is None:
             log.info("verify: graph %r: every replacement matches", self.report.name)
             return self.compiled, self._replay(self.compiled, rng)
