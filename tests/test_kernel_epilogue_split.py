@@ -187,3 +187,33 @@ def test_heuristic_wide_tile_is_split_and_small_ones_are_not(poison, monkeypatch
     assert epilogue_host.split_twin(small) is None
     narrow = autotune.Config.make(4, 4, BLOCK_M=256, BLOCK_N=32, BLOCK_K=32, GROUP_M=8)
     assert epilogue_host.split_twin(narrow) is None
+
+
+@pytest.mark.gpu
+def test_split_epilogues_on_the_gpu(device):
+    """bf16 on a GPU: GPT-2's MLP shape with a GELU, a residual and a mask, through the
+    split twins of the heuristic 128 x 128 tile and (Hopper) of its persistent TMA twin
+    (two compiles, to fit the one-shot's test cap); both match eager."""
+    if device != "cuda":
+        pytest.skip("needs a GPU")
+    from tilebackend.codegen import matmul
+
+    m, n, k = 4096, 3072, 768
+    a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5
+    bias = torch.randn(n, device=device, dtype=torch.bfloat16)
+    res = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+    mask = torch.rand(m, n, device=device) > 0.1
+    expr = pw.dumps(("where", "IN1", ("add", GELU, "IN0"), 0.0))
+    acc = a.float() @ w.float().t() + bias.float()
+    ref = torch.where(mask, torch.nn.functional.gelu(acc, approximate="tanh") + res.float(), 0)
+    heur = matmul.heuristic_config(m, n, k, torch.bfloat16)
+    configs = [epilogue_host.split_twin(heur)]
+    if torch.cuda.get_device_capability() >= (9, 0):
+        configs.append(epilogue_host.split_twin(matmul.tma_configs(torch.bfloat16)[0]))
+    for cfg in configs:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(autotune, "select", lambda *_, cfg=cfg, **__: cfg)
+            out = fused_matmul.matmul_epilogue(a, w.t(), bias, [res, mask], expr)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out.float(), ref, atol=6e-2, rtol=2e-2, msg=str(cfg))
