@@ -314,37 +314,54 @@ torch.library.register_autograd("tile::grouped_mm", _backward, setup_context=_se
 
 def sm90_specs() -> list[dict]:
     """One spec per (dtype, precision, config) of matmul's space: a linear's weights
-    (``W.t()``, unit stride along K) with biases, ragged K."""
-    unit = ("stride_ak", "s0k", "s1k", "s2k", "s3k", "c0n", "c1n", "c2n", "c3n")
+    (``W.t()``, unit stride along K) with biases, ragged K; and, for the 2-byte dtypes,
+    a training backward's weight gradients (``x^T @ dy_i``: ``a`` column-major, each B
+    row-major, no bias; the widths divisible by 16, as the JIT specialises them: B's rows
+    are then read 16 bytes at a time)."""
     ints = ("M", "K", "N0", "N1", "N2", "N3", "stride_am", "stride_ak")
     ints += ("s0k", "s0n", "s1k", "s1n", "s2k", "s2n", "s3k", "s3n", "c0n", "c1n", "c2n", "c3n")
     ints += ("h0", "h1", "h2", "h3")
+    layouts = {
+        "": (
+            ("stride_ak", "s0k", "s1k", "s2k", "s3k", "c0n", "c1n", "c2n", "c3n"),
+            ["M", "K", "stride_am", "s0n", "s1n", "s2n", "s3n"],
+            True,
+        ),
+        "_wgrad": (
+            ("stride_am", "s0n", "s1n", "s2n", "s3n", "c0n", "c1n", "c2n", "c3n"),
+            ["M", "K", "N0", "N1", "N2", "N3", "stride_ak", "s0k", "s1k", "s2k", "s3k"],
+            False,
+        ),
+    }
     specs = []
     for dtype, precision in _mm.SM90_VARIANTS:
         tname = _common.triton_dtype_name(dtype)
         ptrs = [f"{p}{g}_ptr" for p in ("b", "c", "o") for g in range(MAX_GROUPS)]
-        sig = {n: "*" + tname for n in ("a_ptr", *ptrs)}
-        sig.update({n: "i32" for n in ints if n not in unit})
-        for cfg in _mm.config_space(dtype, precision):
-            specs.append(
-                {
-                    "name": (
-                        f"grouped_mm_{tname}_{precision}_"
-                        f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
-                        f"_g{cfg['GROUP_M']}_w{cfg.num_warps}_s{cfg.num_stages}"
-                    ),
-                    "fn": _grouped_mm_kernel,
-                    "signature": dict(sig),
-                    "constexprs": {
-                        **{u: 1 for u in unit},
-                        "HAS_BIAS": True,
-                        "INPUT_PRECISION": precision,
-                        "EVEN_K": False,
-                        **dict(cfg.kwargs),
-                    },
-                    "divisible": ["M", "K", "stride_am", "s0n", "s1n", "s2n", "s3n"],
-                    "num_warps": cfg.num_warps,
-                    "num_stages": cfg.num_stages,
-                }
-            )
+        for suffix, (unit, divisible, bias) in layouts.items():
+            if suffix and dtype.itemsize != 2:
+                continue
+            sig = {n: "*" + tname for n in ("a_ptr", *ptrs)}
+            sig.update({n: "i32" for n in ints if n not in unit})
+            for cfg in _mm.config_space(dtype, precision):
+                specs.append(
+                    {
+                        "name": (
+                            f"grouped_mm_{tname}_{precision}_"
+                            f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
+                            f"_g{cfg['GROUP_M']}_w{cfg.num_warps}_s{cfg.num_stages}{suffix}"
+                        ),
+                        "fn": _grouped_mm_kernel,
+                        "signature": dict(sig),
+                        "constexprs": {
+                            **{u: 1 for u in unit},
+                            "HAS_BIAS": bias,
+                            "INPUT_PRECISION": precision,
+                            "EVEN_K": False,
+                            **dict(cfg.kwargs),
+                        },
+                        "divisible": divisible,
+                        "num_warps": cfg.num_warps,
+                        "num_stages": cfg.num_stages,
+                    }
+                )
     return specs
