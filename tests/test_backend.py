@@ -658,3 +658,68 @@ def test_bf16_gemm_on_the_cpu_stays_aten(fallback):
     torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
     assert not any(k.startswith(("mm", "addmm", "bmm")) for k in launches), dict(launches)
     assert any("triton#11584" in s.reason for s in backend.report.skipped), str(backend.report)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Round in the forward, pass the gradient through unchanged."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.round()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def _bn_softmax():
+    m = torch.nn.Sequential(torch.nn.BatchNorm1d(16), torch.nn.Softmax(-1))
+    return m, lambda x: m(x), torch.randn(8, 16)
+
+
+def _emb_max_norm():
+    emb, ln = torch.nn.Embedding(10, 16, max_norm=1.0), torch.nn.LayerNorm(16)
+    ids = torch.tensor([[1, 2, 3, 1], [4, 5, 6, 7]])
+    return torch.nn.ModuleList([emb, ln]), lambda _: ln(emb(ids) * 3.0), torch.randn(1)
+
+
+def _custom_function():
+    ln = torch.nn.LayerNorm(16)
+    return ln, lambda x: _StraightThrough.apply(ln(x) * 4.0).softmax(-1), torch.randn(8, 16)
+
+
+def _item_of_a_grad_tensor():
+    ln = torch.nn.LayerNorm(16)
+    return ln, lambda x: ln(x) * x.max().item(), torch.randn(8, 16)
+
+
+@pytest.mark.parametrize(
+    "make", [_bn_softmax, _emb_max_norm, _custom_function, _item_of_a_grad_tensor]
+)
+def test_training_graphs_a_no_grad_trace_cannot_stand_for(poison, make):
+    """Graphs whose no-grad ATen trace autograd must not differentiate in their place:
+    BatchNorm's running statistics (an in-place update: the compile used to fail), an
+    ``Embedding(max_norm=...)`` (its weight renormed in place: no gradient), a custom
+    ``autograd.Function`` (its backward ignored) and ``.item()`` of a tensor that needs
+    grad (gradients flowed through the number).  They are rewritten after partitioning
+    only: the tile kernels still run, the gradients are autograd's."""
+    torch.manual_seed(0)
+    module, fn, x = make()
+    x.requires_grad_()
+    f, backend = compile_tile(fn, fullgraph=make is _item_of_a_grad_tensor)
+    with _common.count_launches() as launches:
+        f(x).square().sum().backward()
+    leaves = [x, *(p for p in module.parameters() if p.requires_grad)]
+    got = [None if t.grad is None else t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    module.train()
+    fn(x).square().sum().backward()
+    for g, t in zip(got, leaves, strict=True):
+        if t.grad is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, t.grad, atol=1e-4, rtol=1e-4)
+    names = [g.name for g in backend.report.graphs]
+    assert "forward, before autograd" not in names and "backward" in names, names
+    assert sum(launches.values()) >= 2, dict(launches)

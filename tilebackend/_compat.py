@@ -252,6 +252,12 @@ def grad_mode_ops() -> set:
     return {torch._C._set_grad_enabled, torch.autograd.grad, torch.enable_grad}
 
 
+def is_higher_order_op(target: Any) -> bool:
+    """``target`` is a higher-order op (a custom ``autograd.Function``'s
+    ``autograd_function_apply``, a checkpointed region, ``cond``, ...)."""
+    return isinstance(target, torch._ops.HigherOrderOperator)
+
+
 def fake_tensor_mode():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -157,6 +157,42 @@ def _views_as_reshapes(gm: fx.GraphModule) -> None:
         gm.recompile()
 
 
+def _autograd_unsafe(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> str | None:
+    """Why differentiating ``gm``'s no-grad ATen trace would not give autograd's
+    gradients of ``gm`` (then the training graph is only rewritten after partitioning),
+    or None.  The trace runs without grad, so it loses: a grad-mode change; a number read
+    from a tensor that needs grad (``x.max().item()``, traced as a tensor op through
+    which gradients would then flow); a custom ``autograd.Function`` (its forward is
+    inlined, its backward lost); and any in-place op (BatchNorm's running statistics,
+    ``Embedding(max_norm=...)``'s renorm of its weight), which autograd must see where
+    it happens."""
+    aten = torch.ops.aten
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    grad = {
+        n for n, x in zip(phs, example_inputs) if isinstance(x, torch.Tensor) and x.requires_grad
+    }
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            continue
+        if any(x in grad for x in n.all_input_nodes):
+            grad.add(n)
+        reads = (n.op == "call_method" and n.target in ("item", "tolist")) or (
+            n.op == "call_function" and n.target is aten._local_scalar_dense.default
+        )
+        if reads and n in grad:
+            return "reads a number from a tensor that needs grad"
+        if n.op != "call_function":
+            continue
+        if n.target in _GRAD_MODE_OPS:
+            return "changes grad mode"
+        if _compat.is_higher_order_op(n.target):
+            return f"holds a higher-order op ({getattr(n.target, '__name__', n.target)})"
+        schema = getattr(n.target, "_schema", None)
+        if schema is not None and schema.is_mutable:
+            return f"mutates a tensor ({n.target})"
+    return None
+
+
 def _differentiable(gm: fx.GraphModule) -> bool:
     """Make the pre-autograd graph one autograd can differentiate, or say it is not.
 
@@ -367,7 +403,9 @@ class TileBackend:
         A cacheable graph's outcome is stored (``compile_cache.GraphStore``) and a warm
         compile takes it from there instead of tracing again, unless the trace added
         shape guards: a warm compile that skipped it would lack them."""
-        if any(n.op == "call_function" and n.target in _GRAD_MODE_OPS for n in gm.graph.nodes):
+        why = _autograd_unsafe(gm, example_inputs)
+        if why is not None:
+            log.info("training graph rewritten after partitioning only: %s", why)
             return gm
         tag = compile_cache.tag(self.settings, self.mode, fallback, patterns, training=False)
         key = tag and compile_cache.pre_autograd_key(tag, gm, example_inputs)
@@ -421,6 +459,10 @@ class TileBackend:
         if len(captured) != 1 or not _same_signature(gm, captured[0], example_inputs):
             return gm
         aten_gm = captured[0]
+        why = _autograd_unsafe(aten_gm, example_inputs)
+        if why is not None:
+            log.info("training graph rewritten after partitioning only: its trace %s", why)
+            return gm
         from .fx_passes.sdpa import restore_sdpa
 
         if not _differentiable(aten_gm):
