@@ -147,6 +147,37 @@ def test_search_that_does_not_trace():
     assert "data_dependent" not in tilebackend.patterns()
 
 
+def _ignores_b(a, b):
+    return torch.sigmoid(a) * 2
+
+
+def _no_input():
+    return torch.ones(3)
+
+
+def _adds_one_in_place(a):
+    return a.add_(1)
+
+
+@pytest.mark.parametrize(
+    "search, examples, msg",
+    [
+        (_ignores_b, [("f", (4, 8)), ("f", (4, 8))], "does not use its input.* b"),
+        (_no_input, [], "reads no tensor input"),
+        (_adds_one_in_place, [("f", (4, 8))], "mutates a tensor in place"),
+    ],
+)
+def test_search_a_graph_cannot_match(search, examples, msg):
+    """Search functions no graph can match the way they are written are refused at
+    registration (they used to register, then fail every rewrite of a graph holding
+    their op, built-in replacements included)."""
+    with pytest.raises(PatternError, match=msg):
+        tilebackend.register_pattern(
+            search, replacement=search, example_inputs=examples, dtypes=F32, validate=False
+        )
+    assert search.__name__ not in tilebackend.patterns()
+
+
 @pytest.mark.parametrize(
     "replacement, msg",
     [

@@ -449,8 +449,9 @@ def _register(
         raise PatternError(
             name=name, reason=f"search function does not run: {type(e).__name__}: {e}"
         ) from e
-    matcher.variants(probe, "eager")
     n_out = len(outs)
+    for traced in matcher.variants(probe, "eager"):
+        _check_traced(name, traced, n_out)
     first_scalars = {k: v[0] for k, v in scalars.items()}
 
     if _is_op(replacement):
@@ -484,6 +485,32 @@ def _register(
                 raise PatternValidationError(name=name, dtype=dt, reason=why)
     REGISTRY.add(pattern)
     return pattern
+
+
+def _check_traced(name: str, traced: Any, n_out: int) -> None:
+    """A search function a model's graph can match: it reads tensor inputs, every one of
+    them (a match binds each parameter to a graph node), and mutates none (traced, an
+    in-place op on an input becomes an extra output, or stays a mutating op)."""
+    if not traced.placeholders:
+        raise PatternError(name=name, reason="the search function reads no tensor input")
+    unused = [p for p, ph in zip(traced.params, traced.placeholders) if not ph.users]
+    if unused:
+        raise PatternError(
+            name=name, reason=f"the search function does not use its input(s) {', '.join(unused)}"
+        )
+    mutating = [
+        n.target
+        for n in traced.graph.nodes
+        if n.op == "call_function"
+        and getattr(getattr(n.target, "_schema", None), "is_mutable", False)
+    ]
+    if len(traced.outputs) != n_out or mutating:
+        what = f" ({mutating[0]})" if mutating else ""
+        raise PatternError(
+            name=name,
+            reason=f"the search function mutates a tensor in place{what}: "
+            "a pattern must be functional",
+        )
 
 
 def _eager(fn: Callable, args: Sequence[Any], tensor_params, scalars) -> Any:
