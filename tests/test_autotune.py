@@ -719,6 +719,26 @@ def test_tune_writes_an_artifact(tmp_path, monkeypatch, capsys):
     tilebackend.TileBackend(options={"tuning": str(out)})
 
 
+def test_tune_backward_leaves_no_gradients_and_no_warning(tmp_path, monkeypatch):
+    """``backward=True`` tunes the backward kernels too, and leaves the ``.grad`` of the
+    parameters and inputs as they were (a following accumulation step stays right);
+    nothing warns about CUDA graphs the user never asked for."""
+    import warnings
+
+    import triton.testing
+
+    monkeypatch.setattr(triton.testing, "do_bench", _boom)
+    model, x = _Tiny(), torch.randn(4, 16, requires_grad=True)
+    first = next(model.parameters())
+    first.grad = torch.ones_like(first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        data = tilebackend.tune(model, x, budget_s=5, out=tmp_path / "t.json", backward=True)
+    assert {"layer_norm_bwd", "softmax_bwd"} & {e["kernel"] for e in data["entries"]}, data
+    assert torch.equal(first.grad, torch.ones_like(first)) and x.grad is None
+    assert all(p.grad is None for p in list(model.parameters())[1:])
+
+
 def test_cli_has_tune(capsys):
     from tilebackend.__main__ import main
 

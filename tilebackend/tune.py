@@ -1,6 +1,7 @@
 """``tilebackend.tune(model, example_inputs, budget_s=...)``: tune ahead of time, ship the result.
 
-Compiles ``model`` with the tile backend in ``max-autotune`` mode (exhaustive search),
+Compiles ``model`` with the tile backend in ``max-autotune-no-cudagraphs`` mode (the
+exhaustive search; tuning needs no CUDA graphs),
 runs it once on ``example_inputs`` so that every kernel selection happens, and writes a
 tuning artifact (see ``codegen.tuning_cache``) that another process, or another machine
 with the same GPU and versions, loads with ``options={"tuning": path}``.  A progress bar
@@ -84,7 +85,7 @@ def tune(
     budget_s: float | None = None,
     *,
     out: str | os.PathLike = "tilebackend-tuning.json",
-    mode: str = "max-autotune",
+    mode: str = "max-autotune-no-cudagraphs",
     options: Mapping[str, Any] | None = None,
     backward: bool = False,
     progress: bool = True,
@@ -94,7 +95,8 @@ def tune(
     ``example_inputs``: a tensor or a tuple/list of positional arguments.  ``budget_s``
     caps the whole run (each search also stays within ``options["tune_budget_s"]``);
     ``backward=True`` also runs a backward pass (of ``output.sum()``) to tune the backward
-    kernels.  Returns the artifact's JSON object (``"entries"`` etc.) plus ``"path"``.
+    kernels; the ``.grad`` of the model's parameters and of the inputs are left as they
+    were.  Returns the artifact's JSON object (``"entries"`` etc.) plus ``"path"``.
     Under ``torch.distributed`` rank 0 tunes and writes; the other ranks receive.
     """
     from .backend import TileBackend
@@ -121,10 +123,18 @@ def tune(
         # the backend's settings must also be in force when the kernels run
         with settings.use(s), autotune.deadline(budget_s):
             if backward:
-                result = compiled(*args)
-                outs = [t for t in _flat(result) if t.requires_grad]
-                if outs:
-                    torch.autograd.backward([t.sum() for t in outs])
+                leaves = [t for t in args if isinstance(t, torch.Tensor) and t.requires_grad]
+                if isinstance(model, torch.nn.Module):
+                    leaves += [p for p in model.parameters() if p.requires_grad]
+                grads = [t.grad for t in leaves]
+                try:
+                    result = compiled(*args)
+                    outs = [t for t in _flat(result) if t.requires_grad]
+                    if outs:
+                        torch.autograd.backward([t.sum() for t in outs])
+                finally:  # (a tuning run is not a training step)
+                    for t, g in zip(leaves, grads):
+                        t.grad = g
             else:
                 with torch.no_grad():
                     compiled(*args)
