@@ -346,3 +346,27 @@ def test_verify_keeps_correct_replacements_silently():
         warnings.simplefilter("error", RuntimeWarning)  # (ours; not numpy's)
         torch.testing.assert_close(compiled(x), torch.softmax(x, -1))
     assert be.report.counts == {"softmax": 1}
+
+
+def test_bad_registration_arguments_and_env_values_name_the_problem(monkeypatch):
+    """A check that is not a function, example inputs of the wrong kind, an option list
+    that is not names, an env var that is not a bool or a choice: clear errors, each
+    naming the problem (and the env var)."""
+    with pytest.raises(PatternError, match="check must be a function"):
+        tilebackend.register_pattern(
+            _swish, replacement=torch.ops.aten.silu, example_inputs=[("f", (4,))], check="yes"
+        )
+    with pytest.raises(PatternError, match="example_inputs must be"):
+        tilebackend.register_pattern(_swish, replacement=torch.ops.aten.silu, example_inputs=None)
+    assert "_swish" not in tilebackend.patterns()
+    with pytest.raises(InvalidOptionValueError, match="pattern name"):
+        tilebackend.TileBackend(options={"enable": 5})
+    monkeypatch.setenv("TILEBACKEND_POISON", "maybe")
+    with pytest.raises(InvalidOptionValueError, match="TILEBACKEND_POISON"):
+        tilebackend.TileBackend()
+    monkeypatch.setenv("TILEBACKEND_POISON", "yes")
+    monkeypatch.setenv("TILEBACKEND_FALLBACK", "tvm")
+    with pytest.raises(InvalidOptionValueError, match="TILEBACKEND_FALLBACK"):
+        tilebackend.TileBackend()
+    monkeypatch.setenv("TILEBACKEND_FALLBACK", "eager")
+    assert tilebackend.TileBackend().settings.poison_outputs is True

@@ -91,6 +91,11 @@ def _example_fn(example_inputs: Any) -> Callable[[torch.dtype], tuple]:
         return example_inputs
     if isinstance(example_inputs, (torch.Tensor, TensorSpec)):
         example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (list, tuple)):
+        raise TypeError(
+            "example_inputs must be tensors, (kind, shape) specs, a list of them, or a "
+            f"function of the dtype; got {type(example_inputs).__name__}"
+        )
     items = list(example_inputs)
 
     def one(item: Any, dtype: torch.dtype) -> Any:
@@ -430,7 +435,10 @@ def _register(
     except (TypeError, ValueError) as e:
         raise PatternError(name=name, reason=f"search has no inspectable signature: {e}") from e
     tensor_params = [p for p in params if p not in scalars]
-    examples = _example_fn(example_inputs)
+    try:
+        examples = _example_fn(example_inputs)
+    except TypeError as e:
+        raise PatternError(name=name, reason=str(e)) from e
 
     probe = Pattern(
         name=name, search=search, replacement=replacement, check=check,

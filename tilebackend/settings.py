@@ -13,12 +13,32 @@ from typing import Any
 
 from .exc import InvalidOptionValueError, UnknownOptionError
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
-def _env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
+
+def _env_bool(var: str, default: bool, name: str) -> bool:
+    """The env var ``var`` as a bool (``1/true/yes/on``, ``0/false/no/off``), ``default``
+    when unset; a clear error naming it otherwise."""
+    raw = os.environ.get(var)
+    if raw is None or raw.strip() == "":
         return default
-    return raw.strip().lower() not in ("0", "false", "no", "off")
+    if raw.strip().lower() in _TRUE:
+        return True
+    if raw.strip().lower() in _FALSE:
+        return False
+    raise InvalidOptionValueError(
+        name=name, value=raw, expected=f"1/true/yes/on or 0/false/no/off (env {var})"
+    )
+
+
+def _env_choice(var: str, name: str, choices: tuple[str, ...]) -> str:
+    """The env var ``var``, one of ``choices`` (the first when unset)."""
+    raw = (os.environ.get(var) or "").strip() or choices[0]
+    if raw not in choices:
+        raise InvalidOptionValueError(
+            name=name, value=raw, expected=" | ".join(map(repr, choices)) + f" (env {var})"
+        )
+    return raw
 
 
 def _env_number(var: str, name: str, default: Any, kind: type, what: str) -> Any:
@@ -93,21 +113,22 @@ class Settings:
         def names(var: str) -> tuple[str, ...]:
             return tuple(s.strip() for s in os.environ.get(var, "").split(",") if s.strip())
 
+        choices = cls._CHOICES
         return cls(
-            fallback=os.environ.get("TILEBACKEND_FALLBACK", "auto") or "auto",
-            autotune=os.environ.get("TILEBACKEND_AUTOTUNE", "on") or "on",
+            fallback=_env_choice("TILEBACKEND_FALLBACK", "fallback", choices["fallback"]),
+            autotune=_env_choice("TILEBACKEND_AUTOTUNE", "autotune", choices["autotune"]),
             enable=names("TILEBACKEND_ENABLE"),
             disable=names("TILEBACKEND_DISABLE"),
-            poison_outputs=_env_bool("TILEBACKEND_POISON", False),
-            search=os.environ.get("TILEBACKEND_SEARCH", "quick") or "quick",
+            poison_outputs=_env_bool("TILEBACKEND_POISON", False, "poison_outputs"),
+            search=_env_choice("TILEBACKEND_SEARCH", "search", choices["search"]),
             tune_budget_s=_env_number(
                 "TILEBACKEND_TUNE_BUDGET_S", "tune_budget_s", 30.0, float, "a number of seconds"
             ),
             tuning=os.environ.get("TILEBACKEND_TUNING") or None,
-            verify=_env_bool("TILEBACKEND_VERIFY", False),
-            fusion=_env_bool("TILEBACKEND_FUSION", True),
-            specialize_floats=_env_bool("TILEBACKEND_SPECIALIZE_FLOATS", True),
-            compile_cache=_env_bool("TILEBACKEND_COMPILE_CACHE", True),
+            verify=_env_bool("TILEBACKEND_VERIFY", False, "verify"),
+            fusion=_env_bool("TILEBACKEND_FUSION", True, "fusion"),
+            specialize_floats=_env_bool("TILEBACKEND_SPECIALIZE_FLOATS", True, "specialize_floats"),
+            compile_cache=_env_bool("TILEBACKEND_COMPILE_CACHE", True, "compile_cache"),
             compile_threads=_env_number(
                 "TILEBACKEND_COMPILE_THREADS", "compile_threads", None, int, "a whole number"
             ),
@@ -129,6 +150,12 @@ class Settings:
             if name in ("enable", "disable"):
                 if isinstance(value, str):
                     value = (value,)
+                if not isinstance(value, (list, tuple, set, frozenset)) or not all(
+                    isinstance(v, str) for v in value
+                ):
+                    raise InvalidOptionValueError(
+                        name=name, value=value, expected="a pattern name or a list of names"
+                    )
                 value = tuple(value)
             if name == "tuning" and isinstance(value, os.PathLike):
                 value = os.fspath(value)

@@ -156,6 +156,8 @@ REGISTRY = Registry()
 def _validate(p: Pattern) -> None:
     if not isinstance(p.name, str) or not p.name:
         raise PatternError(name=p.name, reason="name must be a non-empty string")
+    if p.check is not None and not callable(p.check):
+        raise PatternError(name=p.name, reason=f"check must be a function or None, got {p.check!r}")
     if p.is_op_pattern:
         if _compat.always_decomposed(p.search):
             raise PatternError(
