@@ -141,3 +141,22 @@ def test_unknown_pattern_name_in_options():
     with pytest.raises(Exception, match="no_such"):
         torch.compile(lambda x: x + 1, backend=be)(torch.randn(2))
     assert issubclass(InvalidOptionValueError, tilebackend.TileError)
+
+
+@pytest.mark.parametrize(
+    "returned, reason",
+    [
+        (None, None),
+        (True, None),
+        (1, None),
+        (False, "check returned False"),
+        (0, "check returned 0"),
+        ("too narrow", "too narrow"),
+        ("", "check returned an empty reason"),
+    ],
+)
+def test_check_results(returned, reason):
+    """What a check's result means: None or anything truthy accepts, anything falsy or a
+    reason string refuses (a 1 used to refuse, with the reason "1")."""
+    p = Pattern(name="p", search=torch.sigmoid, replacement=torch.sigmoid, check=lambda x: returned)
+    assert p.run_check({"x": torch.ones(2)}) == reason

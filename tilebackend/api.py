@@ -390,7 +390,8 @@ def register_pattern(
     kernel or a ``torch.autograd.Function`` subclass.  ``example_inputs``: tensors, a
     ``dtype -> tuple`` callable, or ``[("f", (4, 8)), TensorSpec((8,), "f32"), ...]``
     (``"f"`` = the dtype being traced).  ``check(**inputs, **scalars)`` sees fake tensors
-    and returns None/True to accept or a reason string.  Higher ``priority`` wins where
+    and returns None or True (anything truthy) to accept, False (anything falsy) or a
+    reason string to refuse.  Higher ``priority`` wins where
     patterns overlap.  ``name`` defaults to the search function's name.
 
     As a function it returns the registered :class:`Pattern`; as a decorator it returns

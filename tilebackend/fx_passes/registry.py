@@ -65,11 +65,11 @@ class Pattern:
             res = self.check(**kwargs)
         except Exception as e:  # a check that crashes rejects, it never breaks compiling
             return f"check raised {type(e).__name__}: {e}"
-        if res is None or res is True:
+        if isinstance(res, str):  # the reason it refuses
+            return res or "check returned an empty reason"
+        if res is None or bool(res):  # (None, True, or any truthy value: accepted)
             return None
-        if res is False:
-            return "check returned False"
-        return str(res)
+        return f"check returned {res!r}"
 
 
 def _accepts(fn: Callable, name: str) -> bool:
