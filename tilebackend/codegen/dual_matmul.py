@@ -513,11 +513,7 @@ def sm90_specs() -> list[dict]:
             sig["out_ptr"] = ptr
             sig.update({n: "i32" for n in ints if n not in unit})
             b_rows = ["stride_b0n", "stride_b1n"] if tma else ["stride_b0k", "stride_b1k"]
-            name = (
-                f"dual_mm_epilogue_{tname}_{precision}_"
-                f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
-                f"_g{cfg['GROUP_M']}_w{cfg.num_warps}_s{cfg.num_stages}" + ("_tma" if tma else "")
-            )
+            name = f"dual_mm_epilogue_{tname}_{precision}_{_mm.config_label(cfg)}"
             specs.append(
                 {
                     "name": name,

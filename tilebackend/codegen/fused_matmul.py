@@ -612,13 +612,7 @@ def epilogue_specs(name: str, fn: Any, out_ptrs: tuple[tuple[str, bool], ...] = 
             b_rows = "stride_bn" if tma else "stride_bk"
             specs.append(
                 {
-                    "name": (
-                        f"{name}_{tname}_{precision}_"
-                        f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
-                        f"_g{cfg['GROUP_M']}_w{cfg.num_warps}_s{cfg.num_stages}"
-                        + ("_tma" if tma else "")
-                        + ("_split" if cfg.get("EPI_SPLIT") else "")
-                    ),
+                    "name": f"{name}_{tname}_{precision}_{_mm.config_label(cfg)}",
                     "fn": fn,
                     "signature": dict(sig),
                     "constexprs": {

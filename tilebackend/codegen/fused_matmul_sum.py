@@ -190,15 +190,9 @@ def sm90_specs() -> list[dict]:
         configs += _mm.tma_configs(dtype)[:1]
         configs += [_host.split_twin(c) for c in configs]  # (how a GPU's heuristic starts)
         for cfg in configs:
-            tma = bool(cfg.get("TMA"))
             specs.append(
                 {
-                    "name": (
-                        f"mm_sum_epilogue_{tname}_{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x"
-                        f"{cfg['BLOCK_K']}_g{cfg['GROUP_M']}_w{cfg.num_warps}_s{cfg.num_stages}"
-                        + ("_tma" if tma else "")
-                        + ("_split" if cfg.get("EPI_SPLIT") else "")
-                    ),
+                    "name": f"mm_sum_epilogue_{tname}_{_mm.config_label(cfg)}",
                     "fn": fn,
                     "signature": dict(sig),
                     "constexprs": {

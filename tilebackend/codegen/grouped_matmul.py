@@ -345,11 +345,7 @@ def sm90_specs() -> list[dict]:
             for cfg in _mm.config_space(dtype, precision):
                 specs.append(
                     {
-                        "name": (
-                            f"grouped_mm_{tname}_{precision}_"
-                            f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
-                            f"_g{cfg['GROUP_M']}_w{cfg.num_warps}_s{cfg.num_stages}{suffix}"
-                        ),
+                        "name": f"grouped_mm_{tname}_{precision}_{_mm.config_label(cfg)}{suffix}",
                         "fn": _grouped_mm_kernel,
                         "signature": dict(sig),
                         "constexprs": {

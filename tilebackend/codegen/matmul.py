@@ -953,6 +953,17 @@ SM90_VARIANTS = (
 )
 
 
+def config_label(cfg: autotune.Config) -> str:
+    """A config as the sm_90 spec names write it: ``128x128x64_g8_w8_s4``, then ``_tma``
+    for a persistent TMA config and ``_split`` for a split epilogue (``EPI_SPLIT``)."""
+    return (
+        f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
+        f"_g{cfg['GROUP_M']}_w{cfg.num_warps}_s{cfg.num_stages}"
+        + ("_tma" if cfg.get("TMA") else "")
+        + ("_split" if cfg.get("EPI_SPLIT") else "")
+    )
+
+
 def sm90_specs() -> list[dict]:
     """One compile spec per (dtype, input precision, config) of the tuning space.
 
@@ -979,11 +990,7 @@ def sm90_specs() -> list[dict]:
                 "EVEN_K": False,
                 **dict(cfg.kwargs),
             }
-            name = (
-                f"matmul_{tname}_{precision}_"
-                f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
-                f"_g{cfg['GROUP_M']}_w{cfg.num_warps}_s{cfg.num_stages}"
-            )
+            name = f"matmul_{tname}_{precision}_{config_label(cfg)}"
             specs.append(
                 {
                     "name": name,
