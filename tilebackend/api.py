@@ -507,11 +507,10 @@ def _check_traced(name: str, traced: Any, n_out: int) -> None:
         raise PatternError(
             name=name, reason=f"the search function does not use its input(s) {', '.join(unused)}"
         )
+    from .fx_passes.cse import op_mutates
+
     mutating = [
-        n.target
-        for n in traced.graph.nodes
-        if n.op == "call_function"
-        and getattr(getattr(n.target, "_schema", None), "is_mutable", False)
+        n.target for n in traced.graph.nodes if n.op == "call_function" and op_mutates(n.target)
     ]
     if len(traced.outputs) != n_out or mutating:
         what = f" ({mutating[0]})" if mutating else ""

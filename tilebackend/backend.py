@@ -166,6 +166,8 @@ def _autograd_unsafe(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> str |
     inlined, its backward lost); and any in-place op (BatchNorm's running statistics,
     ``Embedding(max_norm=...)``'s renorm of its weight), which autograd must see where
     it happens."""
+    from .fx_passes.cse import op_mutates
+
     aten = torch.ops.aten
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     grad = {
@@ -187,8 +189,7 @@ def _autograd_unsafe(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> str |
             return "changes grad mode"
         if _compat.is_higher_order_op(n.target):
             return f"holds a higher-order op ({getattr(n.target, '__name__', n.target)})"
-        schema = getattr(n.target, "_schema", None)
-        if schema is not None and schema.is_mutable:
+        if op_mutates(n.target):
             return f"mutates a tensor ({n.target})"
     return None
 

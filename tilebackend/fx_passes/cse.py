@@ -16,10 +16,12 @@ one taken before.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
 
-__all__ = ["merge_views"]
+__all__ = ["draws_random", "merge_views", "mutates", "op_mutates"]
 
 _aten = torch.ops.aten
 _VIEWS = frozenset(
@@ -50,15 +52,27 @@ def _frozen(x):
     return x
 
 
+def op_mutates(target: Any) -> bool:
+    """``target`` is an op whose schema mutates an argument (``copy_``, ``add_``, ...)."""
+    schema = getattr(target, "_schema", None)
+    return schema is not None and schema.is_mutable
+
+
+def draws_random(target: Any) -> bool:
+    """``target`` draws from torch's generator (``native_dropout``, ``rand``, ...)."""
+    return torch.Tag.nondeterministic_seeded in getattr(target, "tags", ())
+
+
 def mutates(node: fx.Node) -> bool:
+    """``node`` may mutate something: an op that says so, or a Python callable other than
+    ``getitem`` and symbolic arithmetic (assumed to)."""
     if node.op != "call_function":
         return False
-    schema = getattr(node.target, "_schema", None)
-    if schema is None:  # a Python callable: pure if it is getitem or symbolic arithmetic
+    if getattr(node.target, "_schema", None) is None:
         module = getattr(node.target, "__module__", None)
         name = getattr(node.target, "__name__", "")
         return not (module in ("_operator", "operator", "math") or name.startswith("sym_"))
-    return schema.is_mutable
+    return op_mutates(node.target)
 
 
 def merge_views(gm: fx.GraphModule) -> int:

@@ -181,7 +181,6 @@ class GroupedGemms(MatmulFusions):
 def _fixed(node: fx.Node) -> bool:
     """``node`` may not change places: it mutates, or it draws random numbers (moving it
     would reorder the generator's draws)."""
-    from .cse import mutates
+    from .cse import draws_random, mutates
 
-    tags = getattr(node.target, "tags", ())
-    return mutates(node) or torch.Tag.nondeterministic_seeded in tags
+    return mutates(node) or draws_random(node.target)

@@ -82,10 +82,11 @@ def random_outputs(gm: fx.GraphModule) -> set[int]:
     """Positions of ``gm``'s (flat) outputs that depend on a random draw (dropout's
     mask, ``rand``): a fused kernel draws its own stream, so those cannot be compared
     with the original's."""
+    from .cse import draws_random
+
     drawn: set[fx.Node] = set()
     for n in gm.graph.nodes:
-        seeded = torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ())
-        if seeded or any(x in drawn for x in n.all_input_nodes):
+        if draws_random(n.target) or any(x in drawn for x in n.all_input_nodes):
             drawn.add(n)
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     flat = out if isinstance(out, (list, tuple)) else [out]
