@@ -60,10 +60,10 @@ class MatmulFusions(FuserBase):
             root = self._gemm_root(gemm)
             region, sink, extras, why = self._grow([root], pointwise)
             if sink is None:
-                open_candidates.append((gemm, parts, root if region else None, why))
+                open_candidates.append((gemm, root if region else None, why))
                 continue
             self._fuse_closed(gemm, parts, root, region, sink, extras)
-        for gemm, _, root, why in open_candidates:
+        for gemm, root, why in open_candidates:
             # (read again: an earlier open fusion replaced the values it wrote, which a
             # later GEMM may read, as an MLP's second linear reads the first's GELU)
             parts = self._gemm_parts(gemm)
@@ -520,13 +520,14 @@ class MatmulFusions(FuserBase):
         gemms = [n for n in self.graph.nodes if self._gemm_parts(n) is not None]
         taken: set[fx.Node] = set()
         for i, g0 in enumerate(gemms):
+            # (operands read afresh: a pair fused before may have replaced what these
+            # read, as a second gated block reads the first's product)
+            p0 = self._gemm_parts(g0)
             for g1 in gemms[i + 1 :]:
-                if g0 in taken:
+                if g0 in taken or p0 is None:
                     break
-                # (read afresh: a pair fused before may have replaced what these read, as
-                # a second gated block reads the first's product)
-                p0, p1 = self._gemm_parts(g0), self._gemm_parts(g1)
-                if g1 in taken or p0 is None or p1 is None or not self._same_input(p0[0], p1[0]):
+                p1 = self._gemm_parts(g1)
+                if g1 in taken or p1 is None or not self._same_input(p0[0], p1[0]):
                     continue
                 roots = [self._gemm_root(g0), self._gemm_root(g1)]
                 if not self._meet_in_pointwise(roots, pointwise):
