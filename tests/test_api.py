@@ -325,8 +325,12 @@ def test_verify_leaves_random_draws_out_and_keeps_fused_dropout():
     compiled, be = _compile(attn, verify=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # (ours; not numpy's)
-        out = compiled(s, m)
-        out.sum().backward()
+        with tilebackend.count_launches() as launches:
+            out = compiled(s, m)
+            out.sum().backward()
+    # (the first call runs each rewritten graph twice: the check, then the call)
+    assert launches["scale_mask_softmax_dropout_fwd"] == 2, dict(launches)
+    assert launches["scale_mask_softmax_bwd"] == 2, dict(launches)
     kept = out != 0
     p = torch.softmax(s * 0.3 + m, -1)
     torch.testing.assert_close(out[kept], (p / 0.9)[kept])

@@ -943,3 +943,4 @@ def test_no_unfused_baseline_for_an_epilogue_that_draws(monkeypatch):
     with _common.count_launches() as n:
         torch.ops.tile.mm_epilogue(x, w, None, [seed], pw.dumps(expr))
     assert seen and matmul.ATEN_CONFIG not in seen[0] and not n["aten_gemm"], dict(n)
+    assert n["mm_epilogue"] >= 1, dict(n)

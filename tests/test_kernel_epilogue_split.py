@@ -172,9 +172,11 @@ def test_heuristic_wide_tile_is_split_and_small_ones_are_not(poison, monkeypatch
     monkeypatch.setattr(matmul, "interpret_mode", lambda: False)
     monkeypatch.setattr(autotune, "select", select)
     a, w, bias = _operands(torch.float16, device, m=(129,), n=136, k=64)
-    out = torch.ops.tile.mm_epilogue(a, w.t(), bias, [], pw.dumps(GELU))
+    with _common.count_launches() as launches:
+        out = torch.ops.tile.mm_epilogue(a, w.t(), bias, [], pw.dumps(GELU))
     ref = fused_matmul.reference(a.float(), w.t().float(), bias.float(), [], GELU)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=1e-2)
+    assert dict(launches) == {"mm_epilogue": 1}, dict(launches)
     ((first, configs),) = seen
     assert (first["BLOCK_M"], first["BLOCK_N"], first["EPI_SPLIT"]) == (128, 128, True), first
     unsplit = [c for c in configs if not c.get("EPI_SPLIT") and c["BLOCK_N"] == 128]
