@@ -160,3 +160,57 @@ def test_check_results(returned, reason):
     reason string refuses (a 1 used to refuse, with the reason "1")."""
     p = Pattern(name="p", search=torch.sigmoid, replacement=torch.sigmoid, check=lambda x: returned)
     assert p.run_check({"x": torch.ones(2)}) == reason
+
+
+def _failing(stage: str) -> Pattern:
+    """silu written out, with a search that cannot be traced or a replacement that raises."""
+
+    def search(x):
+        if stage == "trace":
+            raise ValueError("cannot trace this")
+        return x * torch.sigmoid(x)
+
+    def replacement(x):
+        torch.ops.aten.relu.default(x)  # a node is spliced in before it fails
+        raise RuntimeError("boom")
+
+    return Pattern(
+        name=f"test_fails_{stage}",
+        search=search,
+        replacement=replacement,
+        example_inputs=_ex,
+        origin="test",
+    )
+
+
+@pytest.mark.parametrize("stage", ["trace", "replace"])
+def test_a_failing_pattern_costs_only_its_own_matches(stage):
+    """A user pattern that fails while the graph is rewritten (its search does not trace,
+    or its replacement raises) is dropped with one warning and a note naming it; the
+    graph's other rewrites (here the built-in softmax) still happen, and the numbers are
+    eager's.  (It used to cost the whole graph all of its rewrites.)"""
+    import warnings
+
+    p = _failing(stage)
+    REGISTRY.add(p)
+    try:
+        torch._dynamo.reset()
+
+        def fn(x):
+            return torch.softmax(x * torch.sigmoid(x), -1) + x * torch.sigmoid(x + 1)
+
+        x = torch.randn(5, 7)
+        be = tilebackend.TileBackend(options={"fallback": "eager", "fusion": False})
+        with warnings.catch_warnings(record=True) as w, tilebackend.count_launches() as launches:
+            warnings.simplefilter("always")
+            out = torch.compile(fn, backend=be)(x)
+        torch.testing.assert_close(out, fn(x))
+        mine = [str(m.message) for m in w if p.name in str(m.message)]
+        assert len(mine) == 1, mine
+        assert ("cannot trace this" if stage == "trace" else "boom") in mine[0]
+        assert be.report.counts == {"softmax": 1}
+        assert launches == {"softmax_fwd": 1}, launches
+        assert p.name in str(be.report)
+        assert "relu" not in be.report.graphs[-1].code  # the failed splice left nothing
+    finally:
+        REGISTRY.remove(p.name)

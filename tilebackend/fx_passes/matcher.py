@@ -385,16 +385,38 @@ def apply(gm: fx.GraphModule, match: Match) -> list[fx.Node]:
     pattern = match.pattern
     fake_mode = _fake_mode_of(gm)
     before = set(graph.nodes)
-    if pattern.is_op_pattern:
-        node = match.anchor
-        with graph.inserting_before(node):
-            new = graph.call_function(pattern.replacement, node.args, node.kwargs)
-        new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
-        _set_meta(new, fake_mode)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        return [new]
+    try:
+        new_nodes, outputs = (_splice_op if pattern.is_op_pattern else _splice)(
+            gm, match, fake_mode, before
+        )
+    except BaseException:
+        # leave the graph as it was: until the swap below the new nodes are used only by
+        # each other, so all of them can go (a pattern that fails costs only its match)
+        for n in reversed([n for n in graph.nodes if n not in before]):
+            graph.erase_node(n)
+        raise
+    for old, r in zip(match.outputs, outputs):
+        if old is not None:
+            old.replace_all_uses_with(r)
+    for n in sorted(match.nodes, key=_topo_index(graph), reverse=True):
+        if not n.users:
+            graph.erase_node(n)
+    return new_nodes
 
+
+def _splice_op(gm: fx.GraphModule, match: Match, fake_mode, before: set):
+    node = match.anchor
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(match.pattern.replacement, node.args, node.kwargs)
+    new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+    _set_meta(new, fake_mode)
+    return [new], [new]
+
+
+def _splice(gm: fx.GraphModule, match: Match, fake_mode, before: set):
+    """The replacement's nodes, inserted and typed but not yet used, and its outputs."""
+    graph = gm.graph
+    pattern = match.pattern
     tracer = fx.proxy.GraphAppendingTracer(graph)
     proxies = {
         k: fx.Proxy(v, tracer) if isinstance(v, fx.Node) else v for k, v in match.inputs.items()
@@ -429,13 +451,17 @@ def apply(gm: fx.GraphModule, match: Match) -> list[fx.Node]:
         if trace is not None:  # code with no source file (exec'd) has none: set no None
             n.meta["stack_trace"] = trace
         _set_meta(n, fake_mode)
-    for old, r in zip(match.outputs, results):
-        if old is not None:
-            old.replace_all_uses_with(r.node if isinstance(r, fx.Proxy) else r)
-    for n in sorted(match.nodes, key=_topo_index(graph), reverse=True):
-        if not n.users:
-            graph.erase_node(n)
-    return new_nodes
+    outputs = [r.node if isinstance(r, fx.Proxy) else r for r in results]
+    bad = [
+        type(r).__name__
+        for r, old in zip(outputs, match.outputs)
+        if old is not None and not isinstance(r, fx.Node)
+    ]
+    if bad:
+        raise PatternError(
+            name=pattern.name, reason=f"replacement returned {bad[0]}, not a traced tensor"
+        )
+    return new_nodes, outputs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 
 import torch.fx as fx
 
+from .. import _compat
 from ..report import GraphReport, Replacement, Skipped, describe_value, short_target
 from . import matcher, shapes
 from .registry import Pattern
@@ -14,23 +16,45 @@ from .registry import Pattern
 log = logging.getLogger("tilebackend")
 
 
-def _candidates(patterns: Sequence[Pattern], table_key: str):
-    """anchor target -> [(pattern, traced variant or None)], in priority order."""
+def _candidates(patterns: Sequence[Pattern], table_key: str, report: GraphReport):
+    """anchor target -> [(pattern, traced variant or None)], in priority order.
+
+    A pattern whose search function cannot be traced for this graph's decompositions is
+    left out (with a note and one warning); the others still run."""
     by_target: dict[object, list] = {}
     for p in patterns:
         if p.is_op_pattern:
             by_target.setdefault(p.search, []).append((p, None))
-        else:
-            for tp in matcher.variants(p, table_key):
-                by_target.setdefault(matcher._norm_target(tp.anchor.target), []).append((p, tp))
+            continue
+        try:
+            tps = matcher.variants(p, table_key)
+        except _compat.dynamo_control_flow():
+            raise
+        except Exception as e:
+            _pattern_failed(report, p, "tracing its search function", e)
+            continue
+        for tp in tps:
+            by_target.setdefault(matcher._norm_target(tp.anchor.target), []).append((p, tp))
     return by_target
+
+
+def _pattern_failed(report: GraphReport, pattern: Pattern, what: str, e: Exception) -> str:
+    why = f"{what} failed ({type(e).__name__}: {e})"
+    report.notes.append(f"pattern {pattern.name!r}: {why}")
+    warnings.warn(
+        f"tilebackend: pattern {pattern.name!r}: {why}; the graph's other patterns still run",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return why
 
 
 def rewrite(
     gm: fx.GraphModule, patterns: Sequence[Pattern], table_key: str, report: GraphReport
 ) -> int:
     """Replace every accepted match in ``gm`` in place; return how many were replaced."""
-    by_target = _candidates(patterns, table_key)
+    by_target = _candidates(patterns, table_key, report)
+    failed: set[str] = set()  # patterns whose replacement raised: tried no further here
     facts = shapes.Facts(shapes.shape_env_of(gm))
     graph = gm.graph
     erased: set[fx.Node] = set()
@@ -45,11 +69,21 @@ def rewrite(
             continue
         rejections: list[Skipped] = []
         for pattern, tp in cands:
-            res = (
-                matcher.match_op(pattern, node)
-                if tp is None
-                else matcher.match_traced(tp, pattern, node)
-            )
+            if pattern.name in failed:
+                continue
+            try:
+                res = (
+                    matcher.match_op(pattern, node)
+                    if tp is None
+                    else matcher.match_traced(tp, pattern, node)
+                )
+            except _compat.dynamo_control_flow():
+                raise
+            except Exception as e:
+                failed.add(pattern.name)
+                why = _pattern_failed(report, pattern, f"matching at {node.name}", e)
+                rejections.append(Skipped(node.name, str(node.target), pattern.name, why))
+                continue
             if isinstance(res, str):
                 # structural misses of traced patterns are noise; op patterns are reported
                 if tp is None or res.startswith("intermediate"):
@@ -71,8 +105,16 @@ def rewrite(
                 inputs={k: describe_value(v) for k, v in res.values().items() if k in res.inputs},
                 scalars=dict(res.scalars),
             )
+            try:
+                matcher.apply(gm, res)  # (on failure the graph is left as it was)
+            except _compat.dynamo_control_flow():
+                raise
+            except Exception as e:
+                failed.add(pattern.name)
+                why = _pattern_failed(report, pattern, f"its replacement at {node.name}", e)
+                rejections.append(Skipped(node.name, str(node.target), pattern.name, why))
+                continue
             erased.update(res.nodes)
-            matcher.apply(gm, res)
             entry.proven, entry.runtime_checks = shapes.describe(real, facts)
             report.replacements.append(entry)
             report.skipped.extend(losers)
