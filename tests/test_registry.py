@@ -214,3 +214,44 @@ def test_a_failing_pattern_costs_only_its_own_matches(stage):
         assert "relu" not in be.report.graphs[-1].code  # the failed splice left nothing
     finally:
         REGISTRY.remove(p.name)
+
+
+def test_user_check_on_symbolic_sizes_guards_them():
+    """Under dynamic shapes a user pattern's check decides on the symbolic sizes, so its
+    decision is guarded: a later size it refuses recompiles and runs eager's op instead
+    of reaching a replacement that cannot do it.  (It used to be decided at the first
+    size's hint with no guard: N=12 ran the multiple-of-8 'kernel', wrong by up to 4.)"""
+    calls = []
+
+    def gelu8(x):  # handles the last dim in blocks of 8 only: the tail stays zero
+        calls.append(x.shape[-1])
+        n = x.shape[-1] // 8 * 8
+        out = torch.zeros_like(x)
+        out[..., :n] = torch.nn.functional.gelu(x[..., :n])
+        return out
+
+    def check(x):
+        return x.shape[-1] % 8 == 0 or f"last dim {x.shape[-1]} is not a multiple of 8"
+
+    def fn(x):
+        return torch.nn.functional.gelu(x) * 2
+
+    with tilebackend.temporary_patterns():
+        tilebackend.register_pattern(
+            lambda x: torch.nn.functional.gelu(x),
+            name="test_gelu8",
+            replacement=gelu8,
+            example_inputs=[("f", (4, 16))],
+            check=check,
+        )
+        torch._dynamo.reset()
+        calls.clear()  # (registration ran it on its examples)
+        be = tilebackend.TileBackend(options={"fallback": "eager"})
+        compiled = torch.compile(fn, backend=be, dynamic=True)
+        for n in (16, 24, 12, 7):
+            x = torch.randn(3, n)
+            torch.testing.assert_close(compiled(x), fn(x))
+    assert [c for c in calls if isinstance(c, int)] == [16, 24]
+    first = be.report.graphs[0]
+    assert first.symbolic and any("Mod" in g for g in first.guards_added), str(be.report)
+    assert be.report.graphs[-1].counts == {}  # the recompile for 12 left gelu to eager

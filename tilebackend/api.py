@@ -391,7 +391,8 @@ def register_pattern(
     ``dtype -> tuple`` callable, or ``[("f", (4, 8)), TensorSpec((8,), "f32"), ...]``
     (``"f"`` = the dtype being traced).  ``check(**inputs, **scalars)`` sees fake tensors
     and returns None or True (anything truthy) to accept, False (anything falsy) or a
-    reason string to refuse.  Higher ``priority`` wins where
+    reason string to refuse; under dynamic shapes its sizes are symbolic, and what it
+    decides about them becomes a shape guard.  Higher ``priority`` wins where
     patterns overlap.  ``name`` defaults to the search function's name.
 
     As a function it returns the registered :class:`Pattern`; as a decorator it returns

@@ -63,7 +63,8 @@ class GraphReport:
     notes: list[str] = dataclasses.field(default_factory=list)
     #: the symbols the graph's input sizes carry (empty for a static graph)
     symbolic: list[str] = dataclasses.field(default_factory=list)
-    #: guards the backend added to the ShapeEnv while rewriting (should be none)
+    #: guards the backend added to the ShapeEnv while rewriting (none from the built-ins;
+    #: a user pattern's check may add some)
     guards_added: list[str] = dataclasses.field(default_factory=list)
     #: the graph's code after rewriting and fusion (what the fallback compiles)
     code: str = ""

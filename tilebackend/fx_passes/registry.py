@@ -52,10 +52,12 @@ class Pattern:
     def run_check(self, values: dict[str, Any], real: dict[str, Any] | None = None) -> str | None:
         """None when the match is accepted, else the reason it is not.
 
-        ``values`` are what the check decides on: symbolic sizes at their hints, so a
-        check adds no guard (the launcher re-checks real sizes at run time).  A check
-        with a ``_real`` parameter (or ``**kwargs``) also gets the symbolic values, for
-        requirements that must hold for every size (say, a size baked into the graph)."""
+        ``values`` are what the check decides on: for a built-in, symbolic sizes at their
+        hints, so its check adds no guard (its launcher re-checks real sizes at run
+        time); for a user pattern, the symbolic values themselves (see
+        ``rewrite._run_check``).  A check with a ``_real`` parameter (or ``**kwargs``)
+        also gets the symbolic values, for requirements that must hold for every size
+        (say, a size baked into the graph)."""
         if self.check is None:
             return None
         kwargs = dict(values)

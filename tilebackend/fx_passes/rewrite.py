@@ -90,7 +90,7 @@ def rewrite(
                     rejections.append(Skipped(node.name, str(node.target), pattern.name, res))
                 continue
             real = res.values()
-            reason = pattern.run_check({k: shapes.hinted(v) for k, v in real.items()}, real)
+            reason = _run_check(pattern, real)
             if reason is not None:
                 rejections.append(Skipped(node.name, str(node.target), pattern.name, reason))
                 continue
@@ -131,6 +131,16 @@ def rewrite(
     return replaced
 
 
+def _run_check(pattern: Pattern, real: dict) -> str | None:
+    """A built-in's check decides on size hints and adds no guard: its launcher re-checks
+    the real sizes on every call.  A user pattern's replacement has no such re-check, so
+    its check sees the symbolic values themselves: what it decides about a symbolic size
+    becomes a shape guard, and Dynamo recompiles when a later size decides otherwise."""
+    if pattern.builtin:
+        return pattern.run_check({k: shapes.hinted(v) for k, v in real.items()}, real)
+    return pattern.run_check(real, real)
+
+
 def _accepted(pattern: Pattern, tp, node: fx.Node):
     """The match of ``pattern`` at ``node`` if its structure and check accept, else None."""
     if node.op != "call_function":
@@ -139,7 +149,7 @@ def _accepted(pattern: Pattern, tp, node: fx.Node):
     if isinstance(res, str):
         return None
     real = res.values()
-    if pattern.run_check({k: shapes.hinted(v) for k, v in real.items()}, real) is not None:
+    if _run_check(pattern, real) is not None:
         return None
     return res
 
