@@ -255,3 +255,46 @@ def test_user_check_on_symbolic_sizes_guards_them():
     first = be.report.graphs[0]
     assert first.symbolic and any("Mod" in g for g in first.guards_added), str(be.report)
     assert be.report.graphs[-1].counts == {}  # the recompile for 12 left gelu to eager
+
+
+def test_user_pattern_matches_only_the_dtypes_it_was_traced_for():
+    """A user pattern's replacement was validated for the input dtypes it was traced with
+    (one per ``dtypes=`` entry); inputs of other dtypes, mixed ones included, are left to
+    the fallback with a reason.  (fp16 ``a`` with fp32 ``b`` used to match the fp32
+    variant: the replacement returned fp16 where eager promotes to fp32, and the next
+    ``@ w_fp32`` raised.)"""
+    calls = []
+
+    def swiglu_impl(a, b):
+        calls.append((a.dtype, b.dtype))
+        return torch.empty_like(a).copy_(torch.nn.functional.silu(a.float()) * b.float())
+
+    def fn(a, b, w):
+        return (torch.nn.functional.silu(a) * b) @ w
+
+    w = torch.randn(16, 5)
+    with tilebackend.temporary_patterns():
+        tilebackend.register_pattern(
+            lambda a, b: torch.nn.functional.silu(a) * b,
+            name="test_swiglu_dt",
+            replacement=swiglu_impl,
+            example_inputs=[("f", (4, 16)), ("f", (4, 16))],
+            dtypes=[torch.float32, torch.float16],
+        )
+        for a_dt, b_dt, used in [
+            (torch.float16, torch.float32, False),
+            (torch.float32, torch.float32, True),
+            (torch.bfloat16, torch.bfloat16, False),  # not in dtypes=
+        ]:
+            torch._dynamo.reset()
+            calls.clear()
+            a, b = torch.randn(3, 16, dtype=a_dt), torch.randn(3, 16, dtype=b_dt)
+            be = tilebackend.TileBackend(options={"fallback": "eager"})
+            out = torch.compile(fn, backend=be)(a, b, w.to(torch.promote_types(a_dt, b_dt)))
+            ref = fn(a, b, w.to(torch.promote_types(a_dt, b_dt)))
+            assert out.dtype == ref.dtype
+            torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+            assert bool(calls) == used, (a_dt, b_dt, calls)
+            assert ("test_swiglu_dt" in be.report.counts) == used
+            if not used:
+                assert "dtypes: inputs (a, b) are" in str(be.report), str(be.report)

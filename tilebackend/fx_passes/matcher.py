@@ -31,9 +31,20 @@ class TracedPattern:
     placeholders: list[fx.Node]
     outputs: list[fx.Node]
     anchor: fx.Node
+    #: the input dtypes (placeholder order) of every traced variant this one stands for
+    #: (variants with the same graph are kept once)
+    input_dtypes: list[tuple] = dataclasses.field(default_factory=list)
 
     def signature(self) -> str:
         return str(self.graph)
+
+    def placeholder_dtypes(self) -> tuple:
+        return tuple(_dtype_of(ph) for ph in self.placeholders)
+
+
+def _dtype_of(n: Any) -> torch.dtype | None:
+    val = n.meta.get("val") if isinstance(n, fx.Node) else None
+    return val.dtype if isinstance(val, torch.Tensor) else None
 
 
 @dataclasses.dataclass
@@ -165,7 +176,10 @@ def _variants_cached(pattern: Pattern, table_key: str) -> tuple[TracedPattern, .
     table = decomposition_table(table_key)
     seen: dict[str, TracedPattern] = {}
     for dt in pattern.dtypes:
-        seen.setdefault((tp := _traced(pattern, dt, table_key, table)).signature(), tp)
+        tp = _traced(pattern, dt, table_key, table)
+        kept = seen.setdefault(tp.signature(), tp)
+        if tp.placeholder_dtypes() not in kept.input_dtypes:
+            kept.input_dtypes.append(tp.placeholder_dtypes())
     return tuple(seen.values())
 
 
@@ -310,6 +324,10 @@ def match_traced(tp: TracedPattern, pattern: Pattern, node: fx.Node) -> Match | 
                 raise _NoMatch(f"pattern output {po.name} not reached from the anchor")
     except _NoMatch as e:
         return str(e)
+    if not pattern.builtin and tp.input_dtypes:  # (built-ins' checks rule on dtypes)
+        why = _dtype_mismatch(tp, [binds.get(p) for p in tp.params])
+        if why is not None:
+            return why
     matched = [g for p, g in pmap.items() if p.op != "placeholder"]
     matched_set = set(matched)
     out_set = {o for o in outputs if o is not None}
@@ -320,6 +338,24 @@ def match_traced(tp: TracedPattern, pattern: Pattern, node: fx.Node) -> Match | 
             if u not in matched_set:
                 return f"intermediate {g.name} ({g.target}) is also used by {u.name} outside the pattern"
     return Match(pattern, node, matched, outputs, binds, scalars)
+
+
+def _dtype_mismatch(tp: TracedPattern, bound: list) -> str | None:
+    """Why inputs of these dtypes are not a user pattern's: its replacement was checked
+    against the search function for the dtypes it was traced with, and only those."""
+    have = tuple(_dtype_of(b) for b in bound)
+
+    def fits(want: tuple) -> bool:
+        return all(h is None or w is None or h == w for h, w in zip(have, want))
+
+    if any(fits(w) for w in tp.input_dtypes):
+        return None
+
+    def names(dts: tuple) -> str:
+        return ", ".join(str(d).removeprefix("torch.") if d else "-" for d in dts)
+
+    traced = "; ".join(f"({names(w)})" for w in tp.input_dtypes)
+    return f"dtypes: inputs ({', '.join(tp.params)}) are ({names(have)}); traced for {traced}"
 
 
 def match_op(pattern: Pattern, node: fx.Node) -> Match | str:

@@ -86,7 +86,7 @@ def rewrite(
                 continue
             if isinstance(res, str):
                 # structural misses of traced patterns are noise; op patterns are reported
-                if tp is None or res.startswith("intermediate"):
+                if tp is None or res.startswith(("intermediate", "dtypes")):
                     rejections.append(Skipped(node.name, str(node.target), pattern.name, res))
                 continue
             real = res.values()
