@@ -93,6 +93,67 @@ def test_function_form_wraps_python_callable_and_scopes():
     assert "swish_py" not in tilebackend.patterns()
 
 
+def test_wrapped_replacement_with_index_and_mask_inputs_trains():
+    """A wrapped replacement's backward differentiates the search function through its
+    floating inputs only: an int64 index and a bool mask get no gradient.  (Compiling
+    for training used to fail: "only Tensors of floating point dtype can require
+    gradients".)"""
+    calls = []
+
+    def search(x, idx, m):
+        return torch.where(m, x.gather(-1, idx) * 2, 0.0)
+
+    def repl(x, idx, m):  # a plain Python callable: wrapped in a custom op
+        calls.append(1)
+        return torch.where(m, x.gather(-1, idx.clone()) * 2, 0.0)
+
+    def examples(dt):
+        return (torch.randn(4, 8, dtype=dt), torch.randint(0, 8, (4, 3)), torch.rand(4, 3) > 0.5)
+
+    with tilebackend.temporary_patterns():
+        tilebackend.register_pattern(
+            search, replacement=repl, example_inputs=examples, name="gather_where", dtypes=F32
+        )
+        compiled, be = _compile(lambda x, idx, m: search(x, idx, m).sin().sum())
+        x = torch.randn(5, 7, requires_grad=True)
+        idx, m = torch.randint(0, 7, (5, 3)), torch.rand(5, 3) > 0.5
+        calls.clear()
+        compiled(x, idx, m).backward()
+        (g,) = torch.autograd.grad(search(x, idx, m).sin().sum(), x)
+    torch.testing.assert_close(x.grad, g)
+    assert calls and be.report.counts == {"gather_where": 1}
+
+
+def test_example_inputs_drawn_under_the_inductor_fallback():
+    """Example inputs given as specs draw a seed; the Inductor fallback rewrites inference
+    graphs under its fake mode, where that draw could not run: the pattern was dropped with
+    a warning (explain, on the eager fallback, said it matched)."""
+    calls = []
+
+    def repl(x):
+        calls.append(1)
+        return F.softplus(x.clone()) * 2
+
+    with tilebackend.temporary_patterns():
+        tilebackend.register_pattern(
+            lambda x: F.softplus(x) * 2,
+            replacement=repl,
+            example_inputs=[("f", (4, 8))],
+            name="softplus2",
+            dtypes=F32,
+        )
+        torch._dynamo.reset()
+        be = tilebackend.TileBackend(options={"fallback": "inductor"})
+        fn = lambda x: F.softplus(x) * 2 + 1  # noqa: E731
+        x = torch.randn(3, 8)
+        calls.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            with torch.no_grad():
+                torch.testing.assert_close(torch.compile(fn, backend=be)(x), fn(x))
+    assert calls and be.report.counts == {"softplus2": 1}, str(be.report)
+
+
 def test_builtin_can_be_disabled_by_name():
     compiled, be = _compile(lambda x: torch.softmax(x, -1), disable=["softmax"])
     compiled(torch.randn(3, 4))

@@ -272,8 +272,19 @@ def _wrap_custom_op(
                     a[i] = t
                 return _as_tuple(search(**kwargs_of(a)))
 
-            _, vjp = torch.func.vjp(f, *saved)
-            gins = vjp(tuple(_fill(grads, ctx.out_meta)))
+            # only floating inputs have gradients (an index or a mask has none)
+            diff = [j for j, t in enumerate(saved) if t.is_floating_point() or t.is_complex()]
+
+            def f_diff(*ts):
+                full = list(saved)
+                for j, t in zip(diff, ts):
+                    full[j] = t
+                return f(*full)
+
+            _, vjp = torch.func.vjp(f_diff, *[saved[j] for j in diff])
+            gins = [None] * len(saved)
+            for j, g in zip(diff, vjp(tuple(_fill(grads, ctx.out_meta)))):
+                gins[j] = g
         out: list[Any] = [None] * len(params)
         for i, g in zip(ctx.tensor_idx, gins):
             out[i] = g

@@ -176,7 +176,10 @@ def _variants_cached(pattern: Pattern, table_key: str) -> tuple[TracedPattern, .
     table = decomposition_table(table_key)
     seen: dict[str, TracedPattern] = {}
     for dt in pattern.dtypes:
-        tp = _traced(pattern, dt, table_key, table)
+        # (example inputs are made, keyed and traced outside the graph's fake mode: under
+        # Inductor's, a user's example function drawing a seed could not run)
+        with _compat.isolated_tracing():
+            tp = _traced(pattern, dt, table_key, table)
         kept = seen.setdefault(tp.signature(), tp)
         if tp.placeholder_dtypes() not in kept.input_dtypes:
             kept.input_dtypes.append(tp.placeholder_dtypes())
