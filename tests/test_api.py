@@ -373,6 +373,33 @@ def test_verify_reverts_wrong_replacement_with_one_warning():
     assert any("wrong_swish" in n for g in rep.graphs for n in g.notes)
 
 
+def test_verify_judges_an_fp32_value_computed_from_fp16_at_fp16_tolerance():
+    """fp16 attention in training: the fp32 softmax the backward saves is computed from
+    fp16 scores, so it carries fp16 rounding; verify compares it at fp16's tolerance and
+    keeps the kernels.  (At fp32's it blamed every pattern of the forward and reverted
+    them all.)  The tolerance helper itself follows the least precise ancestor."""
+    from tilebackend.fx_passes import verify
+
+    def attn(s, v):
+        return F.softmax(s * 0.3, -1, dtype=torch.float32).to(torch.float16) @ v
+
+    torch.manual_seed(0)
+    s = (torch.randn(2, 3, 8, 8) * 4).half().requires_grad_()
+    v = torch.randn(2, 3, 8, 16, dtype=torch.float16, requires_grad=True)
+    compiled, be = _compile(attn, verify=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with tilebackend.count_launches() as launches:
+            compiled(s, v).sum().backward()
+    assert launches["scale_mask_softmax_fwd"] == 2 and "softmax_fwd" not in launches
+    assert not any("reverted" in x.reason for x in be.report.skipped), str(be.report)
+    ref = torch.ones(3, dtype=torch.float32)
+    off = ref + 5e-4
+    assert verify.compare(off, ref) is not None  # fp32 computed from fp32: 1e-4
+    assert verify.compare(off, ref, computed=torch.float16) is None
+    assert "computed from torch.float16" in verify.compare(ref + 0.1, ref, computed=torch.float16)
+
+
 def test_verify_leaves_random_draws_out_and_keeps_fused_dropout():
     """Training attention with dropout: the fused kernel draws its own stream, so the
     outputs that depend on the draws are not compared (the report says so); the rest

@@ -2,10 +2,11 @@
 
 On a rewritten graph's first call, the original ATen graph and the rewritten one both run
 (eagerly, on clones of the real inputs, from the same RNG state) and their outputs are
-compared at the dtype's tolerance.  When they differ, each pattern used in the graph is
-tried alone to find the offenders; the graph is rewritten again without them, checked once
-more, and that graph serves this and every later call.  One warning is given per graph,
-and the report gets a note plus a ``Skipped`` entry per reverted replacement.
+compared at the tolerance of the least precise dtype each output is computed from.  When
+they differ, each pattern used in the graph is tried alone to find the offenders; the
+graph is rewritten again without them, checked once more, and that graph serves this and
+every later call.  One warning is given per graph, and the report gets a note plus a
+``Skipped`` entry per reverted replacement.
 
 Granularity is per pattern and per graph: every replacement made by an offending pattern
 in that graph is reverted (other graphs are checked on their own).  With the Inductor
@@ -40,15 +41,55 @@ def tolerance(dtype: torch.dtype) -> tuple[float, float]:
     return TOLERANCE.get(dtype, (0.0, 0.0))
 
 
-def compare(got: Any, ref: Any, where: str = "output") -> str | None:
+def _looser(a: torch.dtype | None, b: torch.dtype | None) -> torch.dtype | None:
+    """The less precise of two dtypes (only floating ones count; None if neither)."""
+    a, b = (a if a in TOLERANCE else None), (b if b in TOLERANCE else None)
+    if a is None or b is None:
+        return a or b
+    return b if TOLERANCE[b] > TOLERANCE[a] else a
+
+
+def _dtypes_of(val: Any) -> list[torch.dtype]:
+    if isinstance(val, torch.Tensor):
+        return [val.dtype]
+    if isinstance(val, (list, tuple)):
+        return [d for v in val for d in _dtypes_of(v)]
+    return []
+
+
+def computed_in(gm: fx.GraphModule) -> list[torch.dtype | None]:
+    """Per (flat) output of ``gm``: the least precise floating dtype of any value it is
+    computed from (itself included).  An fp32 output computed from fp16 values carries
+    fp16 rounding, so it is compared at fp16's tolerance, not fp32's."""
+    loosest: dict[fx.Node, torch.dtype | None] = {}
+    for n in gm.graph.nodes:
+        d = None
+        for t in _dtypes_of(n.meta.get("val")):
+            d = _looser(d, t)
+        for x in n.all_input_nodes:
+            d = _looser(d, loosest.get(x))
+        loosest[n] = d
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    flat = out if isinstance(out, (list, tuple)) else [out]
+    return [loosest.get(v) if isinstance(v, fx.Node) else None for v in flat]
+
+
+def compare(
+    got: Any,
+    ref: Any,
+    where: str = "output",
+    computed: Sequence[torch.dtype | None] | torch.dtype | None = None,
+) -> str | None:
     """None when ``got`` matches ``ref`` (shapes, dtypes, values at the dtype's
-    tolerance), else a sentence saying how it differs."""
+    tolerance, or at that of ``computed``, the least precise dtype each output was
+    computed from, when looser), else a sentence saying how it differs."""
     if isinstance(ref, (list, tuple)):
         if not isinstance(got, (list, tuple)) or len(got) != len(ref):
             n = len(got) if isinstance(got, (list, tuple)) else 1
             return f"{where}: {n} value(s), expected {len(ref)}"
+        per = computed if isinstance(computed, (list, tuple)) else [computed] * len(ref)
         for i, (g, r) in enumerate(zip(got, ref)):
-            why = compare(g, r, f"{where} {i}")
+            why = compare(g, r, f"{where} {i}", per[i] if i < len(per) else None)
             if why:
                 return why
         return None
@@ -63,12 +104,16 @@ def compare(got: Any, ref: Any, where: str = "output") -> str | None:
             return f"{where}: device {got.device}, expected {ref.device}"
         if not ref.dtype.is_floating_point and not ref.dtype.is_complex:
             return None if torch.equal(got, ref) else f"{where}: values differ"
-        atol, rtol = tolerance(ref.dtype)
+        dt = _looser(ref.dtype, computed if isinstance(computed, torch.dtype) else None)
+        atol, rtol = tolerance(dt)
         g, r = got.detach(), ref.detach()
         if torch.allclose(g, r, atol=atol, rtol=rtol, equal_nan=True):
             return None
         err = (g.double() - r.double()).abs().nan_to_num(float("inf")).max().item()
-        return f"{where}: max abs error {err:.3g} exceeds {ref.dtype} tolerance (atol={atol}, rtol={rtol})"
+        what = f"{dt}" if dt == ref.dtype else f"{dt} (a {ref.dtype} value computed from {dt})"
+        return (
+            f"{where}: max abs error {err:.3g} exceeds {what} tolerance (atol={atol}, rtol={rtol})"
+        )
     if got is None and ref is None:
         return None
     try:
@@ -145,6 +190,7 @@ class Verifier:
         self.scope = scope
         self._fn: Callable | None = None
         self.drawn = random_outputs(original)  # (compared: the others)
+        self.computed = computed_in(original)
 
     def __getattr__(self, name: str) -> Any:  # Inductor's compiled-graph attributes
         compiled = self.__dict__.get("compiled")
@@ -170,10 +216,13 @@ class Verifier:
         with torch.no_grad():
             return _without(gm(*_clone(args)), self.drawn)
 
+    def _compare(self, got: Any, ref: Any) -> str | None:
+        return compare(got, ref, computed=self.computed)
+
     def _decide(self, args: list[Any]):
         rng = _rng_state()
         ref = self._run(self.original, args, rng)
-        why = compare(self._run(self.rewritten, args, rng), ref)
+        why = self._compare(self._run(self.rewritten, args, rng), ref)
         if self.drawn:
             self.report.notes.append(
                 f"verify: {len(self.drawn)} output(s) depend on random draws "
@@ -186,13 +235,13 @@ class Verifier:
         offenders: dict[str, str] = {}
         for name in used:  # each pattern alone against the original
             alone, _ = self.rebuild({n for n in used if n != name})
-            w = compare(self._run(alone, args, rng), ref)
+            w = self._compare(self._run(alone, args, rng), ref)
             if w is not None:
                 offenders[name] = w
         if not offenders:  # only wrong together: revert them all
             offenders = {n: why for n in used}
         fixed, fixed_report = self.rebuild(set(offenders))
-        if compare(self._run(fixed, args, rng), ref) is not None:
+        if self._compare(self._run(fixed, args, rng), ref) is not None:
             offenders = {n: offenders.get(n, why) for n in used}
             fixed, fixed_report = self.original, GraphReport(self.report.name)
         reverted = [r for r in self.report.replacements if r.pattern in offenders]
