@@ -176,6 +176,27 @@ def _compile(fallback):
     return torch.compile(attention_probs, backend=backend), backend
 
 
+@pytest.mark.parametrize("block_n", [None, 4])
+def test_fully_masked_rows_stay_nan_where_dropped(poison, device, block_n):
+    """A row masked with -inf everywhere has a NaN softmax; eager's dropout multiplies by
+    the mask, so the dropped entries stay NaN (NaN * 0), and so do their gradients.  The
+    kernel wrote 0 there; the ATen fallback of the op agrees with both."""
+    x = torch.randn(2, 3, 6, device=device)
+    m = torch.zeros(2, 1, 6, device=device)
+    m[0] = float("-inf")
+    args = (x, 0.5, m, -1, P, _seed(device))
+    y, probs, keep = fused_softmax_dropout.scale_mask_softmax_dropout_fwd(*args, block_n=block_n)
+    assert (~keep[0]).any() and torch.isnan(y[0]).all() and torch.isnan(probs[0]).all()
+    assert not torch.isnan(y[1]).any()
+    y_ref, _, _ = fused_softmax_dropout.reference_dropout(*args, True, True, 1 / (1 - P))
+    assert torch.isnan(y_ref[0]).all()
+    g = torch.randn_like(y)
+    dx = fused_softmax.scale_mask_softmax_bwd(
+        g, probs, 0.5, -1, torch.float32, keep=keep, drop_scale=1 / (1 - P), block_n=block_n
+    )
+    assert torch.isnan(dx[0]).all() and not torch.isnan(dx[1]).any()
+
+
 @pytest.mark.parametrize("fallback", ["eager", "inductor"])
 def test_training_forward_and_backward_are_one_kernel_each(poison, fallback):
     x = torch.randn(2, 3, 7, 11, requires_grad=True)

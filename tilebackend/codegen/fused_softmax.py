@@ -116,7 +116,7 @@ def _store_probs(
         if WRITE_KEEP:
             tl.store(keep_ptr + offs, keep.to(tl.uint8), mask=inb)
         y = y.to(probs_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty).to(tl.float32)
-        y = tl.where(keep, y * drop_scale, 0.0)
+        y = y * tl.where(keep, drop_scale, 0.0)  # (a NaN stays NaN where dropped, as eager)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=inb)
 
 
@@ -211,7 +211,7 @@ def _grad(dy_row, k_row, offs, inb, dy_sn, k_sn, drop_scale, DROPOUT: tl.constex
     g = tl.load(dy_row + offs * dy_sn, mask=inb, other=0.0)
     if DROPOUT:
         kept = tl.load(k_row + offs * k_sn, mask=inb, other=0) != 0
-        g = tl.where(kept, g.to(tl.float32) * drop_scale, 0.0).to(dy_row.dtype.element_ty)
+        g = (g.to(tl.float32) * tl.where(kept, drop_scale, 0.0)).to(dy_row.dtype.element_ty)
     return g.to(tl.float32)
 
 

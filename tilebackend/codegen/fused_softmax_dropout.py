@@ -4,8 +4,8 @@
 :mod:`.fused_softmax`'s forward kernel (``DROPOUT``): the keep mask is ``rand(seed, i) > p``
 (Philox, keyed by a seed tensor drawn from torch's generator, so ``torch.manual_seed``
 makes runs repeat, and by the element's flat index), the output
-``where(keep, y / (1 - p), 0)``; the probabilities and the mask are written too when the
-backward needs them.  Like Inductor's, the random stream is not eager's.  This module
+``y * where(keep, 1 / (1 - p), 0)`` (a NaN row stays NaN, as in eager); the probabilities
+and the mask are written too when the backward needs them.  Like Inductor's, the random stream is not eager's.  This module
 holds the host launcher, the ATen reference, the custom op and its autograd; the kernels
 and the backward op are :mod:`.fused_softmax`'s.
 """
@@ -52,7 +52,7 @@ def scale_mask_softmax_dropout_fwd(
     ``(out, probs, keep)``.
 
     ``keep = rand(seed, i) > p`` for the element at flat index ``i`` of the (contiguous)
-    output, ``out = where(keep, probs * drop_scale, 0)`` with ``drop_scale = 1 / (1 - p)``
+    output, ``out = probs * where(keep, drop_scale, 0)`` with ``drop_scale = 1 / (1 - p)``
     by default.  ``probs`` (the softmax, as :func:`scale_mask_softmax_fwd` gives it) and
     ``keep`` (bool) are written only when asked, else they are empty ``[0]`` tensors.
     ``seed`` is a one-element int64 tensor on ``x``'s device (read by the kernel: no sync).
@@ -103,7 +103,7 @@ def reference_dropout(
     gen = torch.Generator().manual_seed(int(seed.item()) & (2**63 - 1))
     keep = (torch.rand(probs.shape, generator=gen) > p).to(probs.device)
     y = probs if cast is None else probs.to(cast)
-    y = torch.where(keep, y * drop_scale, torch.zeros((), dtype=y.dtype))
+    y = (y * torch.where(keep, drop_scale, 0.0)).to(y.dtype)  # (a NaN stays NaN, as eager)
     empty = probs.new_empty((0,))
     return (
         y,
