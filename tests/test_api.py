@@ -220,12 +220,26 @@ def _adds_one_in_place(a):
     return a.add_(1)
 
 
+def _two_separate_results(a, b):
+    return a + b, a * b
+
+
+def _result_and_its_input(a, b):  # (fine: the sum is on the way to the first output)
+    s = a + b
+    return s.sin(), s
+
+
 @pytest.mark.parametrize(
     "search, examples, msg",
     [
         (_ignores_b, [("f", (4, 8)), ("f", (4, 8))], "does not use its input.* b"),
         (_no_input, [], "reads no tensor input"),
         (_adds_one_in_place, [("f", (4, 8))], "mutates a tensor in place"),
+        (
+            _two_separate_results,
+            [("f", (4, 8)), ("f", (4, 8))],
+            r"output 1 \(aten.mul.Tensor\) is not computed on the way to output 0",
+        ),
     ],
 )
 def test_search_a_graph_cannot_match(search, examples, msg):
@@ -237,6 +251,30 @@ def test_search_a_graph_cannot_match(search, examples, msg):
             search, replacement=search, example_inputs=examples, dtypes=F32, validate=False
         )
     assert search.__name__ not in tilebackend.patterns()
+
+
+def test_an_output_on_the_way_to_the_first_is_matched():
+    """The other side of the rule above: a second output the first is computed from is
+    found by the match, replaced, and its users read the replacement's value."""
+    calls = []
+
+    def repl(a, b):
+        calls.append(1)
+        s = (a + b).clone()
+        return s.sin(), s
+
+    with tilebackend.temporary_patterns():
+        tilebackend.register_pattern(
+            _result_and_its_input,
+            replacement=repl,
+            example_inputs=[("f", (4, 8)), ("f", (4, 8))],
+            dtypes=F32,
+        )
+        fn = lambda a, b: (a + b).sin() * (a + b).exp()  # noqa: E731
+        compiled, be = _compile(fn)
+        a, b = torch.randn(3, 5), torch.randn(3, 5)
+        torch.testing.assert_close(compiled(a, b), fn(a, b))
+    assert calls and be.report.counts == {"_result_and_its_input": 1}, str(be.report)
 
 
 @pytest.mark.parametrize(

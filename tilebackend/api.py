@@ -294,7 +294,9 @@ def _wrap_custom_op(
     packet = getattr(torch.ops.tile_user, opname)
 
     def splice(**kw):
-        return packet.default(*[kw[p] for p in params])
+        res = packet.default(*[kw[p] for p in params])
+        # (traced, a multi-output op gives one proxy: its outputs are getitems of it)
+        return res if n_out == 1 else tuple(res[i] for i in range(n_out))
 
     splice.__name__ = f"tile_user_{opname}"
     splice.op = packet.default  # type: ignore[attr-defined]
@@ -519,6 +521,22 @@ def _check_traced(name: str, traced: Any, n_out: int) -> None:
         raise PatternError(
             name=name, reason=f"the search function does not use its input(s) {', '.join(unused)}"
         )
+    reached, todo = set(), [traced.anchor]  # what matching from the anchor walks
+    while todo:
+        n = todo.pop()
+        if n not in reached:
+            reached.add(n)
+            todo.extend(n.all_input_nodes)
+    for i, o in enumerate(traced.outputs):
+        src = o.args[0] if o.target is operator.getitem else o
+        if src not in reached:
+            raise PatternError(
+                name=name,
+                reason=f"output {i} ({o.target}) is not computed on the way to output 0 "
+                f"({traced.anchor.target}): a match starts at the first output and walks "
+                "back through its inputs, so every other output must be one of the values "
+                "it is computed from",
+            )
     from .fx_passes.cse import op_mutates
 
     mutating = [
