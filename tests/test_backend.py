@@ -68,6 +68,52 @@ def test_rms_norm_written_out(poison, style):
     assert report.counts == {name: 1}, str(report)
 
 
+class _T5LayerNorm(torch.nn.Module):
+    """As HF's T5LayerNorm: fp32 variance, the input times the fp32 rsqrt, cast to the
+    weight's (half) dtype, then weighted."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(d))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, h):
+        var = h.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(var + self.variance_epsilon)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            h = h.to(self.weight.dtype)
+        return self.weight * h
+
+
+@pytest.mark.parametrize(
+    "dtype, name, tol",
+    [
+        (torch.float32, "rms_norm_llama", 1e-5),  # (in fp32 it is Llama's)
+        (torch.float16, "rms_norm_t5", 2e-3),
+        (torch.bfloat16, "rms_norm_t5", 1.6e-2),
+    ],
+)
+def test_t5_layer_norm_in_half_precision(poison, dtype, name, tol):
+    """T5's RMS norm in fp16/bf16 is one rms_norm kernel, forward and backward (it was
+    left to the fallback, with no reason in the report)."""
+    mod = _T5LayerNorm(40).to(dtype)
+    x = torch.randn(3, 7, 40, dtype=dtype, requires_grad=True)
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": "eager"})
+    with _common.count_launches() as launches:
+        out = torch.compile(mod, backend=backend)(x)
+        out.float().square().sum().backward()
+    got_out, got_gx, got_gw = out.detach(), x.grad, mod.weight.grad
+    x.grad = mod.weight.grad = None
+    ref = mod(x)
+    ref.float().square().sum().backward()
+    torch.testing.assert_close(got_out, ref.detach(), atol=tol, rtol=tol)
+    torch.testing.assert_close(got_gx, x.grad, atol=tol * 4, rtol=tol * 4)
+    torch.testing.assert_close(got_gw, mod.weight.grad, atol=tol * 8, rtol=tol * 8)
+    assert launches["rms_norm_fwd"] == 1 and launches["rms_norm_bwd"] == 1, dict(launches)
+    assert backend.report.counts.get(name) == 1, str(backend.report)
+
+
 def test_training_code_without_a_source_file(poison):
     """Code with no source file (``exec``'d or generated) has no stack traces: the rewrite
     must not give its nodes a None one, which AOT's backward tracing cannot join."""

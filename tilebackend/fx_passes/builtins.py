@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 from .registry import Pattern, Registry
 
+ALL = (torch.float32, torch.float16, torch.bfloat16)
+
 aten = torch.ops.aten
 
 
@@ -167,6 +169,15 @@ def _rms_llama(x, w, eps, dim):
     return w * h.to(x.dtype)
 
 
+def _rms_t5(x, w, eps, dim):
+    """HF's T5LayerNorm (and its copies) with half weights: the variance in fp32, but
+    the fp16/bf16 input times the fp32 rsqrt (promoted: the same fp32 values as
+    Llama's upcast input), rounded to the weight's dtype, then weighted.  In fp32 it
+    traces as ``rms_norm_llama`` does, so it is registered for half dtypes only."""
+    var = x.to(torch.float32).pow(2).mean(dim, keepdim=True)
+    return w * (x * torch.rsqrt(var + eps)).to(w.dtype)
+
+
 def _rms_plain(x, w, eps, dim):
     return x * torch.rsqrt(x.pow(2).mean(dim, keepdim=True) + eps) * w
 
@@ -206,6 +217,7 @@ def register_all(reg: Registry) -> None:
         ),
         # written out by hand, as HF's LlamaRMSNorm and many others do
         ("rms_norm_llama", _rms_llama, _rms_examples, _rms_check, _rms_replacement, None, eps_dim),
+        ("rms_norm_t5", _rms_t5, _rms_examples, _rms_check, _rms_replacement, None, eps_dim),
         (
             "rms_norm_written",
             _rms_plain,
@@ -229,6 +241,7 @@ def register_all(reg: Registry) -> None:
         reg.add(
             Pattern(
                 name=name,
+                dtypes=(torch.float16, torch.bfloat16) if name == "rms_norm_t5" else ALL,
                 search=search,
                 replacement=replacement,
                 check=check,
