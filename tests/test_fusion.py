@@ -45,6 +45,29 @@ def _train_step(fn, *args, fallback="eager"):
     return backend, launches
 
 
+@pytest.mark.parametrize("rank", [3, 4])
+def test_a_batched_gemm_epilogue_says_why_it_is_not_fused(poison, rank):
+    """Pointwise users of a bmm (a 4-D matmul is a bmm between views) stay separate ops:
+    the report says so (it said nothing), and the bmm still runs as a tile kernel."""
+    lead = (2,) * (rank - 2)
+    a, b = torch.randn(*lead, 5, 7), torch.randn(*lead, 7, 3)
+    graph, launches = _run(lambda a, b: torch.sigmoid(a @ b) * 2, a, b)
+    assert dict(launches) == {"bmm": 1}, dict(launches)
+    (note,) = [s for s in graph.skipped if s.pattern == "fusion"]
+    assert "generated into 2-D GEMMs only" in note.reason
+
+
+def test_half_gemm_times_a_0dim_fp32_tensor_fuses(poison):
+    """``(a16 @ b16) * scale`` with ``scale`` an fp32 0-dim tensor is fp16 in eager (a
+    0-dim tensor does not widen a dimensioned one of its category); the epilogue's dtype
+    rule agreed only after learning that, so it was refused as a dtype mismatch."""
+    a, b = torch.randn(5, 7, dtype=torch.float16), torch.randn(7, 3, dtype=torch.float16)
+    scale = torch.tensor(0.37)
+    graph, launches = _run(lambda a, b, s: (a @ b) * s + 1, a, b, scale, atol=2e-3, rtol=2e-3)
+    assert dict(launches) == {"mm_epilogue": 1}, dict(launches)
+    assert graph.counts.get("fused_mm_epilogue") == 1, graph.skipped
+
+
 @pytest.mark.parametrize(
     "name, make",
     [

@@ -162,6 +162,30 @@ def test_dtype_rules():
     assert pw.infer_dtype(pa.from_aten(torch.ops.aten.clamp.Tensor, ["ACC", "IN0"]), d) == f32
 
 
+_PROMO = [torch.bool, torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32]
+
+
+@pytest.mark.parametrize("acc", [torch.float16, torch.float32, torch.int32, torch.bool])
+def test_dtype_rules_follow_eager_for_0dim_tensors(acc):
+    """A 0-dim tensor promotes as in eager: it widens only a value of a lower category
+    (``fp16 * fp32_0dim`` is fp16: an fp16 GEMM times a scale tensor fused as fp32 was
+    refused for a dtype mismatch).  Checked against eager for every pair, in a chain
+    with a Python constant, a 0-dim-only subexpression and a ``where``."""
+    for other in _PROMO:
+        x, z = torch.ones(2, 3, dtype=acc), torch.ones((), dtype=other)
+        leaves = {"ACC": acc, "IN0": pw.ZeroDim(other), "IN1": torch.bool}
+        m = torch.ones(2, 3, dtype=torch.bool)
+        cases = [
+            (("add", "ACC", "IN0"), torch.add(x, z)),
+            (("mul", ("add", "IN0", "IN0"), "ACC"), (z + z) * x),
+            (("add", ("mul", "IN0", 2.0), "ACC"), z * 2.0 + x),
+            (("where", "IN1", "ACC", "IN0"), torch.where(m, x, z)),
+            (("lt", "IN0", "ACC"), z < x),
+        ]
+        for expr, ref in cases:
+            assert pw.infer_dtype(expr, leaves) == ref.dtype, (acc, other, expr)
+
+
 def test_format_roundtrip_and_errors():
     s = pw.dumps(GELU_TANH)
     assert pw.loads(s) == pw.canonical(GELU_TANH)

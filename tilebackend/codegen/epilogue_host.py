@@ -62,9 +62,15 @@ def has_cast(e) -> bool:
 
 
 def leaf_dtypes(a, extras, accs: Sequence[str] = ("ACC",)) -> dict[str, torch.dtype]:
-    """The eager dtype of each leaf: the GEMM results are in ``a``'s dtype."""
-    d = {acc: a.dtype for acc in accs}
-    d.update({f"IN{i}": e.dtype for i, e in enumerate(extras)})
+    """The eager dtype of each leaf: the GEMM results are in ``a``'s dtype; a 0-dim extra
+    is marked :class:`~.pointwise.ZeroDim` (it promotes as eager's 0-dim tensors do)."""
+    d: dict[str, Any] = {acc: a.dtype for acc in accs}
+    d.update(
+        {
+            f"IN{i}": pointwise.ZeroDim(e.dtype) if e.dim() == 0 else e.dtype
+            for i, e in enumerate(extras)
+        }
+    )
     return d
 
 

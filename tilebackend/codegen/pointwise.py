@@ -51,6 +51,7 @@ This is Inductor's choice too: results are at least as accurate as eager's.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -277,6 +278,23 @@ def uniform_reference(seed: torch.Tensor, shape: Sequence[int], device: Any) -> 
 _WEAK = "weak"  # a Python constant's dtype: float category, never widens a tensor
 
 
+@dataclasses.dataclass(frozen=True)
+class ZeroDim:
+    """A leaf's dtype when the leaf is a 0-dim tensor.  In eager's type promotion a 0-dim
+    tensor only widens values of a lower category: ``fp16 * fp32_0dim`` is fp16, while
+    ``int32 * fp16_0dim`` is fp16."""
+
+    dtype: torch.dtype
+
+    def __str__(self) -> str:
+        return f"{self.dtype}[0-dim]"
+
+
+# a value's (dtype, tier): eager promotes within the highest tier present, and a lower
+# tier only where its category is higher (c10's ResultTypeState)
+_T_WEAK, _T_ZERO, _T_DIM = 0, 1, 2
+
+
 def _category(dt) -> int:
     if dt == _WEAK:
         return 2
@@ -285,17 +303,30 @@ def _category(dt) -> int:
     return 2 if dt.is_floating_point else 1
 
 
-def _promote(a, b):
-    if a == _WEAK and b == _WEAK:
-        return _WEAK
-    if a == _WEAK or b == _WEAK:
-        t = b if a == _WEAK else a
-        return t if _category(t) >= 2 else torch.float32
-    return torch.promote_types(a, b)
+def _combine(higher, lower):
+    """The dtype of ``higher`` (from the higher tier) meeting ``lower``."""
+    if lower == _WEAK:
+        return higher if _category(higher) >= 2 else torch.float32
+    if higher.is_floating_point:
+        return higher
+    if higher == torch.bool or lower.is_floating_point:
+        return torch.promote_types(higher, lower)
+    return higher
 
 
-def infer_dtype(expr: Any, leaf_dtypes: Mapping[str, torch.dtype]) -> torch.dtype:
-    """The dtype eager gives ``expr`` when its leaves have ``leaf_dtypes``."""
+def _promote(a: tuple, b: tuple) -> tuple:
+    (da, ta), (db, tb) = a, b
+    if ta == tb:
+        if da == _WEAK or db == _WEAK:
+            return a if db == _WEAK else b
+        return torch.promote_types(da, db), ta
+    (dh, th), (dl, _) = (a, b) if ta > tb else (b, a)
+    return _combine(dh, dl), th
+
+
+def infer_dtype(expr: Any, leaf_dtypes: Mapping[str, Any]) -> torch.dtype:
+    """The dtype eager gives ``expr`` when its leaves have ``leaf_dtypes`` (a dtype, or
+    :class:`ZeroDim` for a 0-dim tensor leaf)."""
     e = canonical(expr)
     try:
         return _infer_memo(e, tuple(sorted(leaf_dtypes.items(), key=lambda kv: kv[0])))
@@ -308,44 +339,47 @@ def _infer_memo(expr: Any, leaf_dtypes: tuple) -> torch.dtype:
     return _dtype_of(dict(leaf_dtypes))(expr)
 
 
-def _dtype_of(leaf_dtypes: Mapping[str, torch.dtype]) -> Callable[[Any], torch.dtype]:
+def _dtype_of(leaf_dtypes: Mapping[str, Any]) -> Callable[[Any], torch.dtype]:
     """A memoised ``node -> eager dtype`` for canonical nodes (constants: float32)."""
     memo: dict[Any, Any] = {}
 
-    def go(e):
+    def go(e) -> tuple:
         if isinstance(e, float):
-            return _WEAK
+            return _WEAK, _T_WEAK
         if isinstance(e, str):
             if e not in leaf_dtypes:
                 raise ExprError(f"no dtype given for leaf {e!r}")
-            return leaf_dtypes[e]
+            d = leaf_dtypes[e]
+            return (d.dtype, _T_ZERO) if isinstance(d, ZeroDim) else (d, _T_DIM)
         if e in memo:
             return memo[e]
         kind = e[0]
         if kind == "to":
-            r = DTYPE_NAMES[e[2]]
+            r = DTYPE_NAMES[e[2]], go(e[1])[1]
         elif kind == "rand":
-            r = torch.float32
+            r = torch.float32, _T_DIM
         elif kind in _COMPARE or kind in _LOGICAL:
-            r = torch.bool
+            r = torch.bool, max(_T_ZERO, *(go(o)[1] for o in e[1:]))
         elif kind == "where":
-            r = _promote(go(e[2]), go(e[3]))
-            go(e[1])
+            d, t = _promote(go(e[2]), go(e[3]))
+            r = d, max(t, go(e[1])[1])
         elif kind in BINARY:
-            r = _promote(go(e[1]), go(e[2]))
-            if kind in ("div", "pow") and r != _WEAK and _category(r) < 2:
-                r = torch.float32
+            d, t = _promote(go(e[1]), go(e[2]))
+            if kind in ("div", "pow") and d != _WEAK and _category(d) < 2:
+                d = torch.float32
+            r = d, t
         else:  # unary, gelu
-            r = go(e[1])
-            if r != _WEAK and _category(r) < 2 and kind in (*_FLOAT_UNARY, "gelu"):
-                r = torch.float32
-            if kind == "neg" and r == torch.bool:
+            d, t = go(e[1])
+            if d != _WEAK and _category(d) < 2 and kind in (*_FLOAT_UNARY, "gelu"):
+                d = torch.float32
+            if kind == "neg" and d == torch.bool:
                 raise ExprError("neg of a bool is not defined (eager raises)")
+            r = d, t
         memo[e] = r
         return r
 
     def dtype(e):
-        r = go(e)
+        r = go(e)[0]
         return torch.float32 if r == _WEAK else r
 
     return dtype

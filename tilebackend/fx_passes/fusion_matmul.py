@@ -36,6 +36,23 @@ class MatmulFusions(FuserBase):
                 return a, b, bias
         return None
 
+    def _note_unfusable(self, node: fx.Node) -> None:
+        """Say why a GEMM with pointwise users is no epilogue anchor (else nothing would)."""
+        tile = torch.ops.tile
+        users = [w for u in node.users for w in (u.users if u.target in _VIEWS else [u])]
+        if node.op != "call_function" or not any(
+            u.op == "call_function" and pointwise_aten.is_pointwise(u.target) for u in users
+        ):
+            return
+        if node.target in (tile.bmm.default, tile.baddbmm.default):
+            self._note(
+                node,
+                "epilogues are generated into 2-D GEMMs only: a batched GEMM's pointwise "
+                "users run as their own ops",
+            )
+        elif node.target is tile.addmm.default:
+            self._note(node, "an addmm with alpha or beta other than 1 takes no epilogue")
+
     def _gemm_root(self, gemm: fx.Node) -> fx.Node:
         """Where an epilogue grows from: the view back to N-d that a linear on N-d inputs
         adds (the GEMM's only user), else the GEMM itself."""
@@ -56,6 +73,7 @@ class MatmulFusions(FuserBase):
         for gemm in list(self.graph.nodes):
             parts = self._gemm_parts(gemm)
             if parts is None:
+                self._note_unfusable(gemm)
                 continue
             root = self._gemm_root(gemm)
             region, sink, extras, why = self._grow([root], pointwise)
