@@ -285,6 +285,7 @@ def test_an_output_on_the_way_to_the_first_is_matched():
         (lambda x: torch.sigmoid(x) + 0.1, "max abs error"),
         (lambda x: (torch.sigmoid(x), x), "2 value"),
         (lambda x: 1 / 0, "ZeroDivisionError"),
+        (lambda x: x.sigmoid_(), "changes its input.* x in place"),
     ],
 )
 def test_replacement_must_reproduce_search(replacement, msg):

@@ -497,12 +497,19 @@ def _register(
         for dt in dtypes:
             args = examples(dt)
             ref = _eager(search, args, tensor_params, scalars)
+            mutated: list[str] = []
             try:
-                got = _eager(spliced, args, tensor_params, scalars)
+                got = _eager(spliced, args, tensor_params, scalars, mutated)
             except Exception as e:
                 raise PatternValidationError(
                     name=name, dtype=dt, reason=f"replacement raised {type(e).__name__}: {e}"
                 ) from e
+            if mutated:  # (a graph's other readers of that input would see the change)
+                raise PatternValidationError(
+                    name=name,
+                    dtype=dt,
+                    reason=f"replacement changes its input(s) {', '.join(mutated)} in place",
+                )
             why = compare(_as_tuple(got), _as_tuple(ref))
             if why is not None:
                 raise PatternValidationError(name=name, dtype=dt, reason=why)
@@ -551,11 +558,28 @@ def _check_traced(name: str, traced: Any, n_out: int) -> None:
         )
 
 
-def _eager(fn: Callable, args: Sequence[Any], tensor_params, scalars) -> Any:
-    kw = dict(zip(tensor_params, [a.clone() if isinstance(a, torch.Tensor) else a for a in args]))
+def _eager(
+    fn: Callable, args: Sequence[Any], tensor_params, scalars, mutated: list | None = None
+) -> Any:
+    """``fn`` on clones of ``args``; the names of the inputs it changed go to ``mutated``."""
+    clones = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    kw = dict(zip(tensor_params, clones))
     kw.update({k: v[0] for k, v in scalars.items()})
     with torch.no_grad():
-        return fn(**kw)
+        out = fn(**kw)
+    if mutated is not None:
+        mutated.extend(
+            p
+            for p, a, c in zip(tensor_params, args, clones)
+            if isinstance(a, torch.Tensor) and not _unchanged(a, c)
+        )
+    return out
+
+
+def _unchanged(a: torch.Tensor, c: torch.Tensor) -> bool:
+    if a.is_floating_point():
+        a, c = a.nan_to_num(), c.nan_to_num()
+    return torch.equal(a, c)
 
 
 def unregister_pattern(name: str) -> Pattern:
