@@ -189,6 +189,9 @@ class Verifier:
         self.report = report
         self.scope = scope
         self._fn: Callable | None = None
+        # (an instance attribute: the wrappers AOTAutograd puts around a backward copy
+        # ``__dict__``, and call it unboxed without the flag)
+        self._boxed_call = True
         self.drawn = random_outputs(original)  # (compared: the others)
         self.computed = computed_in(original)
 
