@@ -522,3 +522,8 @@ def test_bad_registration_arguments_and_env_values_name_the_problem(monkeypatch)
         tilebackend.TileBackend()
     monkeypatch.setenv("TILEBACKEND_FALLBACK", "eager")
     assert tilebackend.TileBackend().settings.poison_outputs is True
+    from tilebackend.backend import configure_logging
+
+    monkeypatch.setenv("TILEBACKEND_LOG", "verbose")  # (was logging's bare "Unknown level")
+    with pytest.raises(InvalidOptionValueError, match="'verbose'.*'DEBUG'.*TILEBACKEND_LOG"):
+        configure_logging()

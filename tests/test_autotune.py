@@ -739,6 +739,28 @@ def test_tune_backward_leaves_no_gradients_and_no_warning(tmp_path, monkeypatch)
     assert all(p.grad is None for p in list(model.parameters())[1:])
 
 
+def test_tune_leaves_buffers_and_random_state_as_they_were(tmp_path, monkeypatch):
+    """A tuning run is not a training step: BatchNorm's running statistics and the
+    random generators are as before (tune() used to advance both)."""
+    import triton.testing
+
+    monkeypatch.setattr(triton.testing, "do_bench", _boom)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 24), torch.nn.BatchNorm1d(24), torch.nn.Dropout(0.3),
+        torch.nn.LayerNorm(24),
+    )  # fmt: skip
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(8, 16)
+    torch.manual_seed(7)
+    expect = torch.rand(3)
+    torch.manual_seed(7)
+    data = tilebackend.tune(model, x, out=tmp_path / "t.json", backward=True)
+    assert "layer_norm_fwd" in {e["kernel"] for e in data["entries"]}, data
+    assert torch.equal(torch.rand(3), expect)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_cli_has_tune(capsys):
     from tilebackend.__main__ import main
 

@@ -34,9 +34,15 @@ last_report: Report | None = None
 
 
 def configure_logging() -> None:
-    level = os.environ.get("TILEBACKEND_LOG")
+    level = (os.environ.get("TILEBACKEND_LOG") or "").strip()
     if not level:
         return
+    names = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+    if level.upper() not in names:
+        from .exc import InvalidOptionValueError
+
+        expected = " | ".join(map(repr, names)) + " (env TILEBACKEND_LOG)"
+        raise InvalidOptionValueError(name="log level", value=level, expected=expected)
     log.setLevel(level.upper())
     if not log.handlers:
         h = logging.StreamHandler()

@@ -24,6 +24,7 @@ import torch
 
 from . import settings
 from ._compat import interpret_mode
+from .fx_passes.verify import rng_state, set_rng_state
 
 __all__ = ["tune"]
 
@@ -95,7 +96,8 @@ def tune(
     ``example_inputs``: a tensor or a tuple/list of positional arguments.  ``budget_s``
     caps the whole run (each search also stays within ``options["tune_budget_s"]``);
     ``backward=True`` also runs a backward pass (of ``output.sum()``) to tune the backward
-    kernels; the ``.grad`` of the model's parameters and of the inputs are left as they
+    kernels; the ``.grad`` of the model's parameters and of the inputs, the model's
+    buffers (BatchNorm's running statistics) and the random generators are left as they
     were.  Returns the artifact's JSON object (``"entries"`` etc.) plus ``"path"``.
     Under ``torch.distributed`` rank 0 tunes and writes; the other ranks receive.
     """
@@ -118,6 +120,11 @@ def tune(
 
     autotune.reset()  # every selection is made (and seen) again
     autotune.observers.append(observe)
+    # (a tuning run is not a training step: buffers such as BatchNorm's running
+    # statistics, and the random generators, are put back as they were)
+    buffers = list(model.buffers()) if isinstance(model, torch.nn.Module) else []
+    saved_buffers = [b.detach().clone() for b in buffers]
+    rng = rng_state()
     try:
         compiled = torch.compile(model, backend=backend)
         # the backend's settings must also be in force when the kernels run
@@ -141,6 +148,10 @@ def tune(
     finally:
         autotune.observers.remove(observe)
         bar.close()
+        with torch.no_grad():
+            for b, v in zip(buffers, saved_buffers):
+                b.copy_(v)
+        set_rng_state(rng)
 
     entries = [
         {

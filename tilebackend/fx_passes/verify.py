@@ -149,14 +149,14 @@ def _clone(args: Sequence[Any]) -> list[Any]:
     return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
 
 
-def _rng_state():
+def rng_state():
     cuda = None
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         cuda = torch.cuda.get_rng_state_all()
     return torch.get_rng_state(), cuda
 
 
-def _set_rng_state(state) -> None:
+def set_rng_state(state) -> None:
     cpu, cuda = state
     torch.set_rng_state(cpu)
     if cuda is not None:
@@ -215,7 +215,7 @@ class Verifier:
     def _run(self, gm: fx.GraphModule, args: Sequence[Any], rng) -> Any:
         """``gm``'s outputs on clones of ``args`` from the RNG state ``rng``, those that
         depend on random draws left out (None)."""
-        _set_rng_state(rng)
+        set_rng_state(rng)
         with torch.no_grad():
             return _without(gm(*_clone(args)), self.drawn)
 
@@ -223,7 +223,7 @@ class Verifier:
         return compare(got, ref, computed=self.computed)
 
     def _decide(self, args: list[Any]):
-        rng = _rng_state()
+        rng = rng_state()
         ref = self._run(self.original, args, rng)
         why = self._compare(self._run(self.rewritten, args, rng), ref)
         if self.drawn:
@@ -271,7 +271,7 @@ class Verifier:
     @staticmethod
     def _replay(fn: Callable, rng) -> Callable:
         def run(args: list[Any]) -> Any:
-            _set_rng_state(rng)  # the real run sees the RNG state the checks saw
+            set_rng_state(rng)  # the real run sees the RNG state the checks saw
             return fn(args)
 
         return run
