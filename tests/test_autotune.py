@@ -769,6 +769,28 @@ def test_cli_has_tune(capsys):
     assert e.value.code == 0 and "--budget-s" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["--search-budget-s", "-1"], "--search-budget-s: '-1' is not above zero"),
+        (["--seq", "0"], "--seq: '0' is not above zero"),
+        (["--out", "/no/such/folder/t.json"], "--out /no/such/folder/t.json: folder"),
+        (["--device", "cuda"], "--device cuda: no CUDA device"),
+    ],
+)
+def test_cli_usage_errors_come_before_any_work(capsys, args, msg):
+    """Bad CLI arguments are usage errors (exit 2, the flag named) found up front: a run
+    with an unwritable --out used to tune everything, then end in a traceback naming a
+    hidden temp file."""
+    from tilebackend.__main__ import main
+
+    if args[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as e:
+        main(["tune", *args])
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
 # --- GPU ------------------------------------------------------------------------------------
 
 
