@@ -649,11 +649,35 @@ def test_artifact_round_trip_and_use(tmp_path, monkeypatch):
         assert autotune.select("kern", ("a", 1), cfgs, cfgs[0], run) == cfgs[2]
         assert autotune.select("kern", ("a", 2), cfgs, cfgs[0], run) == cfgs[0]  # not in it
     assert autotune.decisions[("kern", "a", 1)].source == "artifact"
-    # a config that is no longer in the space is not used
+    # a config that is no longer in the space is not used, and a warning says so
     autotune.reset()
     path, run = _artifact(tmp_path, run=run, cfg=Config.make(BLOCK=999))
     with settings.use(settings.Settings().with_options({"tuning": str(path)})):
-        assert autotune.select("kern", ("a", 1), cfgs, cfgs[0], run) == cfgs[0]
+        with pytest.warns(RuntimeWarning, match="'kern' config .* is not one of"):
+            assert autotune.select("kern", ("a", 1), cfgs, cfgs[0], run) == cfgs[0]
+
+
+def test_artifact_of_another_kernel_source_warns_once_and_is_unused(tmp_path):
+    """Entries tuned for another version of a kernel's source (the kernel changed after
+    the artifact was made) are not used, and one warning says why (they were ignored
+    without a word); a key the artifact simply lacks is tuned quietly."""
+    cfgs = space(3)
+    path, run = _artifact(tmp_path, cfg=cfgs[2])
+    data = json.loads(path.read_text())
+    for e in data["entries"]:
+        e["source"] = "0123456789abcdef"
+    tuning_cache.save_artifact(
+        path, {k: data[k] for k in ("device", "torch", "triton")}, data["entries"]
+    )
+    with settings.use(settings.Settings().with_options({"tuning": str(path)})):
+        with pytest.warns(RuntimeWarning, match="another version of that kernel's source"):
+            assert autotune.select("kern", ("a", 1), cfgs, cfgs[0], run) == cfgs[0]
+        autotune._chosen.clear()
+        autotune._not_in_artifact.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once; and no entry at all: no warning
+            autotune.select("kern", ("a", 1), cfgs, cfgs[0], run)
+            autotune.select("kern", ("b", 2), cfgs, cfgs[0], run)
 
 
 def test_artifact_corrupt_is_an_error(tmp_path):

@@ -428,6 +428,32 @@ def test_launch_failure_warns_once_and_falls_back(poison, device, monkeypatch, c
     torch.testing.assert_close(out2, a @ b)
 
 
+def test_an_artifact_read_failure_skips_one_call_only(poison, device, monkeypatch, clean_failures):
+    """A tuning artifact that cannot be read for a moment (deleted while being rewritten)
+    is not the kernel's failure: that call runs ATen with a warning, and the next call
+    launches the kernel again (it used to stay on ATen for the rest of the process)."""
+    from tilebackend.exc import TuningArtifactError
+
+    real = mm.matmul
+    fails = [True]
+
+    def flaky(*args, **kwargs):
+        if fails.pop() if fails else False:
+            raise TuningArtifactError(path="/x/art.json", reason="cannot be read")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mm, "matmul", flaky)
+    a, b = _randn(3, 4, device=device), _randn(4, 5, device=device)
+    with warnings.catch_warnings(record=True) as caught, _common.count_launches() as launches:
+        warnings.simplefilter("always")
+        out1 = torch.ops.tile.mm(a, b)
+        out2 = torch.ops.tile.mm(a, b)
+    assert [str(w.message) for w in caught if "art.json" in str(w.message)], caught
+    assert launches["mm"] == 1, dict(launches)
+    torch.testing.assert_close(out1, a @ b)
+    torch.testing.assert_close(out2, a @ b)
+
+
 # --- configs ------------------------------------------------------------------------------
 
 

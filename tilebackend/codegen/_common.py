@@ -17,6 +17,7 @@ import torch
 
 from .. import _compat, settings
 from .._compat import interpret_mode
+from ..exc import TuningArtifactError
 from . import plans
 
 log = logging.getLogger("tilebackend")
@@ -250,6 +251,15 @@ def host_op(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return plans.on_call(fn, args, kwargs)
 
 
+_said: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _said:
+        _said.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
 def guarded(kernel: str, key: tuple, run: Callable[[], Any], fallback: Callable[[], Any]) -> Any:
     """Run a tile kernel; if it fails to compile or launch, warn once and use ATen.
 
@@ -262,6 +272,12 @@ def guarded(kernel: str, key: tuple, run: Callable[[], Any], fallback: Callable[
         return fallback()
     try:
         out = run()
+    except TuningArtifactError as e:
+        # not the kernel's failure (a tuning artifact that went away, say): ATen for this
+        # call, and the kernel is tried again on the next
+        _warn_once(f"tilebackend: kernel {kernel!r} not launched ({e}); ATen for this call")
+        fallback_counts[kernel] += 1
+        return fallback()
     except Exception as e:  # compile / launch failures from Triton surface here
         _broken[full_key] = f"{type(e).__name__}: {e}"
         if kernel not in _warned:

@@ -170,6 +170,7 @@ def reset() -> None:
     _chosen.clear()
     _not_in_artifact.clear()
     _noted.clear()
+    _artifact_warned.clear()
     decisions.clear()
 
 
@@ -379,7 +380,7 @@ def _usable(entry: dict, configs: Sequence[Config], heuristic: Config) -> Config
     return cfg if cfg == heuristic or cfg in configs else None
 
 
-_artifact_warned: set[str] = set()
+_artifact_warned: set = set()
 
 
 def _from_artifact(path: str, ck, configs, heuristic) -> Config | None:
@@ -398,7 +399,33 @@ def _from_artifact(path: str, ck, configs, heuristic) -> Config | None:
             )
         return None
     entry = art.lookup(ck)
-    return _usable(entry, configs, heuristic) if entry is not None else None
+    if entry is None:
+        if art.other_sources(ck):
+            _artifact_warn(
+                (path, ck.kernel, "source"),
+                f"tilebackend: tuning artifact {path!r}: its {ck.kernel!r} entries were tuned "
+                "for another version of that kernel's source (it changed since the artifact "
+                "was made); not using them (re-run `python -m tilebackend tune`)",
+            )
+        else:  # (a shape bucket or dtype the artifact was not tuned for: tuned here)
+            log.info("tuning artifact %s has no entry for %s %s", path, ck.kernel, ck.key)
+        return None
+    cfg = _usable(entry, configs, heuristic)
+    if cfg is None:
+        _artifact_warn(
+            (path, ck.kernel, "config"),
+            f"tilebackend: tuning artifact {path!r}: its {ck.kernel!r} config "
+            f"{entry.get('config')!r} is not one of that kernel's configs; not using it",
+        )
+    return cfg
+
+
+def _artifact_warn(key: tuple, msg: str) -> None:
+    import warnings
+
+    if key not in _artifact_warned:
+        _artifact_warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
 # --- distributed ------------------------------------------------------------------------

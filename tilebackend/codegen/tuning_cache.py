@@ -318,6 +318,10 @@ class Artifact:
         """The entry for ``ck`` (the caller has checked ``mismatch``)."""
         return self.entries.get((ck.kernel, ck.key, ck.source))
 
+    def other_sources(self, ck: CacheKey) -> bool:
+        """Whether entries exist for ``ck``'s kernel and key, tuned for another source."""
+        return any(k[:2] == (ck.kernel, ck.key) and k[2] != ck.source for k in self.entries)
+
 
 def save_artifact(path: str | os.PathLike, env: Mapping[str, str], entries: list[dict]) -> dict:
     """Write a tuning artifact atomically; return the JSON object written.
