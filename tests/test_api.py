@@ -20,6 +20,7 @@ from tilebackend.exc import (
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 F32 = (torch.float32,)
+_EX = [("f", (4, 8))]
 
 
 def _compile(fn, **options):
@@ -152,6 +153,26 @@ def test_example_inputs_drawn_under_the_inductor_fallback():
             with torch.no_grad():
                 torch.testing.assert_close(torch.compile(fn, backend=be)(x), fn(x))
     assert calls and be.report.counts == {"softplus2": 1}, str(be.report)
+
+
+def test_unregistering_a_pattern_compiled_graphs_use_warns_once():
+    """Compiled graphs keep the replacement they were compiled with; removing a pattern
+    they use says so (once), and removing one nothing compiled with says nothing."""
+    fn = lambda x: _swish(x) + 1  # noqa: E731
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with tilebackend.temporary_patterns():
+            tilebackend.register_pattern(
+                _swish, replacement=torch.ops.aten.silu, example_inputs=_EX, name="used_swish"
+            )
+            tilebackend.register_pattern(
+                _swish, replacement=torch.ops.aten.silu, example_inputs=_EX, name="idle_swish"
+            )
+            compiled, be = _compile(fn, disable=["idle_swish"])
+            compiled(torch.randn(3, 8))
+            assert be.report.counts == {"used_swish": 1}
+    said = [str(m.message) for m in w if "unregistered" in str(m.message)]
+    assert len(said) == 1 and "'used_swish'" in said[0] and "compiled again" in said[0], said
 
 
 def test_builtin_can_be_disabled_by_name():

@@ -586,11 +586,13 @@ def unregister_pattern(name: str) -> Pattern:
     """Remove a registered pattern (KeyError naming the registered ones if unknown)."""
     REGISTRY.ensure_builtins()
     try:
-        return REGISTRY.remove(name)
+        p = REGISTRY.remove(name)
     except KeyError:
         raise KeyError(
             f"no pattern named {name!r} is registered; registered: {', '.join(REGISTRY.names())}"
         ) from None
+    REGISTRY.warn_if_used(p)
+    return p
 
 
 def patterns() -> list[str]:
@@ -608,4 +610,4 @@ def temporary_patterns() -> Iterator[None]:
     finally:
         for n in REGISTRY.names():
             if n not in before:
-                REGISTRY.remove(n)
+                REGISTRY.warn_if_used(REGISTRY.remove(n))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -87,6 +88,7 @@ class Registry:
         self._patterns: dict[str, Pattern] = {}
         self._order: list[str] = []
         self._lock = threading.RLock()
+        self._used: weakref.WeakSet[Pattern] = weakref.WeakSet()  # in compiled graphs
         self._builtins_loaded = False
 
     def add(self, pattern: Pattern) -> Pattern:
@@ -108,6 +110,25 @@ class Registry:
                 raise KeyError(f"no pattern named {name!r} is registered")
             self._order.remove(name)
             return self._patterns.pop(name)
+
+    def mark_used(self, pattern: Pattern) -> None:
+        """``pattern`` replaced something in a compiled graph (see :meth:`warn_if_used`)."""
+        self._used.add(pattern)
+
+    def warn_if_used(self, pattern: Pattern) -> None:
+        """One warning when ``pattern``, just removed, is in graphs already compiled: those
+        keep its replacement until they are compiled again."""
+        import warnings
+
+        if pattern in self._used:
+            self._used.discard(pattern)
+            warnings.warn(
+                f"tilebackend: pattern {pattern.name!r} is unregistered, but graphs compiled "
+                "while it was registered keep calling its replacement until they are compiled "
+                "again (torch._dynamo.reset(), or a new torch.compile)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def ensure_builtins(self) -> None:
         """Register the built-in patterns once, lazily (no import-time side effects)."""

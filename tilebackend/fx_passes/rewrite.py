@@ -11,7 +11,7 @@ import torch.fx as fx
 from .. import _compat
 from ..report import GraphReport, Replacement, Skipped, describe_value, short_target
 from . import matcher, shapes
-from .registry import Pattern
+from .registry import REGISTRY, Pattern
 
 log = logging.getLogger("tilebackend")
 
@@ -115,6 +115,8 @@ def rewrite(
                 rejections.append(Skipped(node.name, str(node.target), pattern.name, why))
                 continue
             erased.update(res.nodes)
+            if not pattern.builtin:
+                REGISTRY.mark_used(pattern)
             entry.proven, entry.runtime_checks = shapes.describe(real, facts)
             report.replacements.append(entry)
             report.skipped.extend(losers)
