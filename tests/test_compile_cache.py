@@ -411,6 +411,10 @@ def test_dynamic_training_hit_serves_every_size(poison, inductor_cache, traces):
         assert backend.report.graphs[0].symbolic and backend.report.graphs[0].replacements
         hits = counters["aot_autograd"]["autograd_cache_hit"]
         assert hits == round_, dict(counters["aot_autograd"])
+        # the forward's report comes back with the hit, at a first size other than the
+        # cold compile's (its key read that first call's sizes: "report not found")
+        (fwd,) = [g for g in backend.report.graphs if g.name == "forward"]
+        assert fwd.replacements and not fwd.notes, str(backend.report)
     assert len(traces) == 1
 
 

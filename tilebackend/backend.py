@@ -240,6 +240,20 @@ def _copy_gm(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, g)
 
 
+def _with_input_meta(new: fx.GraphModule, gm: fx.GraphModule) -> fx.GraphModule:
+    """``new`` (the rewritten pre-autograd graph, perhaps rebuilt from the graph store)
+    with the example values of Dynamo's graph ``gm`` on its inputs, so that what keys the
+    inputs (``compile_cache.graph_key``) sees the symbolic sizes a cache hit may come at,
+    not the first call's."""
+    mine = [n for n in new.graph.nodes if n.op == "placeholder"]
+    theirs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(mine) == len(theirs):
+        for a, b in zip(mine, theirs):
+            if "example_value" not in a.meta and "example_value" in b.meta:
+                a.meta["example_value"] = b.meta["example_value"]
+    return new
+
+
 class _Scoped:
     """A compiled callable that runs with this compile's settings in force, so options
     such as ``autotune`` or ``tuning`` reach the kernels at run time (forward and
@@ -422,7 +436,7 @@ class TileBackend:
             if new is None:
                 return gm
             self.report.graphs.append(report or compile_cache.cached_report(PRE_AUTOGRAD, fallback))
-            return new
+            return _with_input_meta(new, gm)
         from .fx_passes import shapes
 
         env = _dynamo_shape_env(gm) if store is not None else None  # (only to store)
@@ -433,8 +447,8 @@ class TileBackend:
         elif store is not None:
             report = self.report.graphs[before] if new is not gm else None
             stored = store.store(key, None if new is gm else new, report)
-            return gm if stored is None else stored
-        return new
+            return gm if stored is None else _with_input_meta(stored, gm)
+        return new if new is gm else _with_input_meta(new, gm)
 
     def _trace_and_rewrite(self, gm, example_inputs, patterns, fallback: str):
         """The rewritten functional ATen graph of ``gm``'s forward, or ``gm``."""
