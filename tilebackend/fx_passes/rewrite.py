@@ -49,6 +49,28 @@ def _pattern_failed(report: GraphReport, pattern: Pattern, what: str, e: Excepti
     return why
 
 
+class _Attempt:
+    """Run one step of ``pattern`` at ``node``: ``(True, its result)``, or, when it
+    raises, ``(False, None)`` with the pattern dropped from the graph and the reason
+    noted, warned and listed among the node's rejections."""
+
+    def __init__(self, report, pattern, node, failed: set, rejections: list) -> None:
+        self.report, self.pattern, self.node = report, pattern, node
+        self.failed, self.rejections = failed, rejections
+
+    def __call__(self, what: str, fn):
+        try:
+            return True, fn()
+        except _compat.dynamo_control_flow():
+            raise
+        except Exception as e:
+            p, n = self.pattern, self.node
+            self.failed.add(p.name)
+            why = _pattern_failed(self.report, p, f"{what} at {n.name}", e)
+            self.rejections.append(Skipped(n.name, str(n.target), p.name, why))
+            return False, None
+
+
 def rewrite(
     gm: fx.GraphModule, patterns: Sequence[Pattern], table_key: str, report: GraphReport
 ) -> int:
@@ -71,18 +93,16 @@ def rewrite(
         for pattern, tp in cands:
             if pattern.name in failed:
                 continue
-            try:
-                res = (
+            attempt = _Attempt(report, pattern, node, failed, rejections)
+            ok, res = attempt(
+                "matching",
+                lambda: (
                     matcher.match_op(pattern, node)
                     if tp is None
                     else matcher.match_traced(tp, pattern, node)
-                )
-            except _compat.dynamo_control_flow():
-                raise
-            except Exception as e:
-                failed.add(pattern.name)
-                why = _pattern_failed(report, pattern, f"matching at {node.name}", e)
-                rejections.append(Skipped(node.name, str(node.target), pattern.name, why))
+                ),
+            )
+            if not ok:
                 continue
             if isinstance(res, str):
                 # structural misses of traced patterns are noise; op patterns are reported
@@ -105,14 +125,8 @@ def rewrite(
                 inputs={k: describe_value(v) for k, v in res.values().items() if k in res.inputs},
                 scalars=dict(res.scalars),
             )
-            try:
-                matcher.apply(gm, res)  # (on failure the graph is left as it was)
-            except _compat.dynamo_control_flow():
-                raise
-            except Exception as e:
-                failed.add(pattern.name)
-                why = _pattern_failed(report, pattern, f"its replacement at {node.name}", e)
-                rejections.append(Skipped(node.name, str(node.target), pattern.name, why))
+            # (on failure the graph is left as it was)
+            if not attempt("its replacement", lambda: matcher.apply(gm, res))[0]:
                 continue
             erased.update(res.nodes)
             if not pattern.builtin:
