@@ -30,9 +30,26 @@ def test_every_config_compiles_for_sm90():
         timeout=900,
     )
     results = json.loads(proc.stdout.strip().splitlines()[-1])
+    check_results(results, proc.stderr)
+
+
+def _over_limit_without_a_split_twin(stack: dict, names, limit: int) -> list[str]:
+    """Of ``names``, the configs spilling past ``limit`` whose ``_split`` twin (the one
+    the heuristic starts from, and the tuner keeps: it rejects spilling configs) does not
+    stay within it.  Triton 3.6 spills more in some whole-tile epilogues than 3.9."""
+    return [
+        n
+        for n in names
+        if stack[n] > limit and (n.endswith("_split") or stack.get(n + "_split", limit + 1) > limit)
+    ]
+
+
+def check_results(results: list[dict], stderr: str = "") -> None:
+    """The assertions on ``compile_check --json``'s results (also run on a saved file)."""
+    proc_stderr = stderr
     # triton 3.9 warns when a kernel leaves FMA contraction to its default (which 3.10
     # turns off); every tile kernel asks for it (_common.FP_FUSION)
-    assert "TRITON_DEFAULT_FP_FUSION" not in proc.stderr, proc.stderr[-2000:]
+    assert "TRITON_DEFAULT_FP_FUSION" not in proc_stderr, proc_stderr[-2000:]
     expected = sum(len(compile_check._specs(m)) for m in compile_check.MODULES)
     assert len(results) == expected
     assert len({r["name"] for r in results}) == expected
@@ -55,9 +72,10 @@ def test_every_config_compiles_for_sm90():
         n for n, b in spills.items() if n.endswith("_wgrad") and b > 4 * autotune.SPILL_LIMIT
     ]
     # (the five-result one spills a few words: within what the autotuner accepts)
-    heur = [r for r in results if "_128x128x64_g8_w8_s4" in r["name"]]
+    stack = {r["name"]: r["stack"] for r in results}
+    heur = [r["name"] for r in results if "_128x128x64_g8_w8_s4" in r["name"]]
     limit = 4 * autotune.SPILL_LIMIT
-    assert len(heur) >= 6 and not [r["name"] for r in heur if r["stack"] > limit], spills
+    assert len(heur) >= 6 and not _over_limit_without_a_split_twin(stack, heur, limit), spills
     # the persistent TMA configs (offered on Hopper for fp16/bf16 epilogues) compile for
     # the generated epilogue templates (fp16, bf16), within what the autotuner accepts
     tma = {r["name"]: r["stack"] for r in results if r["name"].endswith("_tma")}
@@ -65,11 +83,10 @@ def test_every_config_compiles_for_sm90():
     per_dtype += len(dual_matmul.tma_configs(torch.bfloat16))
     per_dtype += 1  # mm_sum_epilogue: the heuristic's twin
     assert len(tma) == 2 * per_dtype, sorted(tma)
-    assert all(s <= limit for s in tma.values()), tma
+    assert not _over_limit_without_a_split_twin(stack, tma, limit), tma
     # half-precision epilogues on two column halves (EPI_SPLIT) spill less than their
     # whole-tile twins, in all (a config may move a few bytes either way between triton
     # versions), and their 128 x 128 tiles stay within what the tuner accepts
-    stack = {r["name"]: r["stack"] for r in results}
     split = [n for n in stack if n.endswith("_split") and ("_fp16_" in n or "_bf16_" in n)]
     assert len(split) >= 16, sorted(stack)
     whole = sum(stack[n.removesuffix("_split")] for n in split)
