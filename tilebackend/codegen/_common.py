@@ -26,7 +26,7 @@ log = logging.getLogger("tilebackend")
 launch_counts: collections.Counter[str] = collections.Counter()
 #: Calls that fell back to ATen at run time (a kernel failed), by kernel name.
 fallback_counts: collections.Counter[str] = collections.Counter()
-_warned: set[str] = set()
+_warned: set[object] = set()  # keys of the warnings given (warn_once)
 _broken: dict[tuple, str] = {}
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -251,13 +251,11 @@ def host_op(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return plans.on_call(fn, args, kwargs)
 
 
-_said: set[str] = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _said:
-        _said.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+def warn_once(key: object, msg: str, stacklevel: int = 3) -> None:
+    """``msg`` as a RuntimeWarning, the first time ``key`` is seen (until ``reset``)."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
 
 
 def guarded(kernel: str, key: tuple, run: Callable[[], Any], fallback: Callable[[], Any]) -> Any:
@@ -275,19 +273,17 @@ def guarded(kernel: str, key: tuple, run: Callable[[], Any], fallback: Callable[
     except TuningArtifactError as e:
         # not the kernel's failure (a tuning artifact that went away, say): ATen for this
         # call, and the kernel is tried again on the next
-        _warn_once(f"tilebackend: kernel {kernel!r} not launched ({e}); ATen for this call")
+        msg = f"tilebackend: kernel {kernel!r} not launched ({e}); ATen for this call"
+        warn_once(msg, msg)
         fallback_counts[kernel] += 1
         return fallback()
     except Exception as e:  # compile / launch failures from Triton surface here
         _broken[full_key] = f"{type(e).__name__}: {e}"
-        if kernel not in _warned:
-            _warned.add(kernel)
-            warnings.warn(
-                f"tilebackend: kernel {kernel!r} failed ({type(e).__name__}: {e}); "
-                "falling back to ATen for this case",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        warn_once(
+            kernel,
+            f"tilebackend: kernel {kernel!r} failed ({type(e).__name__}: {e}); "
+            "falling back to ATen for this case",
+        )
         log.warning("kernel %s failed for %s: %s", kernel, key, e)
         fallback_counts[kernel] += 1
         return fallback()

@@ -384,19 +384,14 @@ _artifact_warned: set = set()
 
 
 def _from_artifact(path: str, ck, configs, heuristic) -> Config | None:
-    import warnings
-
     art = tuning_cache.load_artifact(path)
     why = art.mismatch(ck.env)
     if why:
-        if path not in _artifact_warned:
-            _artifact_warned.add(path)
-            warnings.warn(
-                f"tilebackend: tuning artifact {path!r} was made for another setup ({why}); "
-                "not using it",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        _artifact_warn(
+            (path,),
+            f"tilebackend: tuning artifact {path!r} was made for another setup ({why}); "
+            "not using it",
+        )
         return None
     entry = art.lookup(ck)
     if entry is None:
