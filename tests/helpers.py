@@ -26,3 +26,14 @@ def compile_tile(fn, options=None, **kw):
     torch._dynamo.reset()
     backend = tilebackend.TileBackend(options=options or {"fallback": "eager"})
     return torch.compile(fn, backend=backend, **kw), backend
+
+
+def gpt2_mlp_operands(device, m: int = 4096, n: int = 3072, k: int = 768):
+    """bf16 ``(a, w, bias, res)`` of GPT-2's MLP up-projection (``a @ w.t() + bias``, a
+    residual tile ``res``), for the GPU tests of the generated epilogues."""
+    bf16 = torch.bfloat16
+    a = torch.randn(m, k, device=device, dtype=bf16)
+    w = torch.randn(n, k, device=device, dtype=bf16) / k**0.5
+    bias = torch.randn(n, device=device, dtype=bf16)
+    res = torch.randn(m, n, device=device, dtype=bf16)
+    return a, w, bias, res

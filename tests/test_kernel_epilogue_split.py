@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import gpt2_mlp_operands
 
 from tilebackend.codegen import (  # noqa: F401  (registers the tile:: ops)
     _common,
@@ -201,10 +202,7 @@ def test_split_epilogues_on_the_gpu(device):
     from tilebackend.codegen import matmul
 
     m, n, k = 4096, 3072, 768
-    a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-    w = torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5
-    bias = torch.randn(n, device=device, dtype=torch.bfloat16)
-    res = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+    a, w, bias, res = gpt2_mlp_operands(device, m, n, k)
     mask = torch.rand(m, n, device=device) > 0.1
     expr = pw.dumps(("where", "IN1", ("add", GELU, "IN0"), 0.0))
     acc = a.float() @ w.float().t() + bias.float()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import gpt2_mlp_operands
 
 from tilebackend.codegen import (  # noqa: F401  (registers the tile:: ops)
     _common,
@@ -231,11 +232,7 @@ def test_tma_configs_on_the_gpu(device):
     epilogue of GPT-2's MLP shape and matches eager."""
     if device != "cuda" or torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("needs a Hopper GPU")
-    m, n, k = 4096, 3072, 768
-    a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-    w = torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5
-    bias = torch.randn(n, device=device, dtype=torch.bfloat16)
-    res = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+    a, w, bias, res = gpt2_mlp_operands(device)
     ref = torch.nn.functional.gelu(a.float() @ w.float().t() + bias.float()) + res.float()
     for cfg in matmul.tma_configs(torch.bfloat16)[:1]:
         with pytest.MonkeyPatch.context() as mp:
