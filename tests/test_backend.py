@@ -114,24 +114,6 @@ def test_t5_layer_norm_in_half_precision(poison, dtype, name, tol):
     assert backend.report.counts.get(name) == 1, str(backend.report)
 
 
-def test_safe_softmax_is_left_with_a_reason(poison):
-    """An SDPA whose mask needs a gradient takes the math path, whose softmax is
-    ``_safe_softmax`` (a fully masked row is 0): no kernel does it, and the report says
-    so instead of nothing; the numbers are eager's."""
-    bias = torch.randn(1, 2, 5, 5, requires_grad=True)
-    q, k, v = (torch.randn(2, 2, 5, 4, requires_grad=True) for _ in range(3))
-
-    def fn(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-
-    torch._dynamo.reset()
-    backend = tilebackend.TileBackend(options={"fallback": "eager"})
-    out = torch.compile(fn, backend=backend)(q, k, v)
-    torch.testing.assert_close(out, fn(q, k, v))
-    left = [s for g in backend.report.graphs for s in g.skipped if "_safe_softmax" in s.target]
-    assert left and "fully masked row is 0" in left[0].reason, str(backend.report)
-
-
 def test_training_code_without_a_source_file(poison):
     """Code with no source file (``exec``'d or generated) has no stack traces: the rewrite
     must not give its nodes a None one, which AOT's backward tracing cannot join."""

@@ -22,7 +22,8 @@ broadcast to ``x`` (``[B, 1, T, T]`` or ``[1, 1, T, T]`` for ``[B, H, T, T]`` sc
 are read through their broadcast strides (0 on broadcast dims): they are never expanded in
 memory.  Rows are laid out as in :mod:`.softmax` (any dim, any strides, up to three
 non-softmax dim groups).  All math is fp32; a row whose every entry is ``-inf`` gives NaN,
-as eager's.
+as eager's, or 0 with ``safe`` (``aten._safe_softmax``, the softmax of attention's math
+path; :func:`safe_softmax_op` is that op on its own).
 
 Backward: ``dx = scale * y * (g - sum(g * y))``, zero where a finite fill filled (read from
 the mask: those entries keep a probability but had no gradient); an added tensor that
@@ -61,7 +62,9 @@ __all__ = [
     "check",
     "check_bwd",
     "out_dtype",
+    "check_safe",
     "reference",
+    "safe_softmax_op",
     "scale_mask_softmax_bwd",
     "scale_mask_softmax_fwd",
     "sm90_specs",
@@ -158,6 +161,7 @@ def _scale_mask_softmax_fwd_kernel(
     DROPOUT: tl.constexpr,  # y = where(rand(seed, index in y) > p, softmax * drop_scale, 0)
     WRITE_PROBS: tl.constexpr,
     WRITE_KEEP: tl.constexpr,
+    SAFE: tl.constexpr,  # a row whose scores are all -inf gives 0, not NaN (_safe_softmax)
     SINGLE: tl.constexpr,  # N <= BLOCK_N: the row in registers
     BLOCK_N: tl.constexpr,
 ):
@@ -172,8 +176,14 @@ def _scale_mask_softmax_fwd_kernel(
         seed = tl.load(seed_ptr)
     if SINGLE:
         z = _scores(x_row, a_row, m_row, cols, x_sn, a_sn, m_sn, scale, fill, N, HAS_ADD, M_MODE)
-        e = tl.exp(z - tl.max(z, axis=0))  # all -inf: NaN, like eager
-        y = e / tl.sum(e, axis=0)
+        row_max = tl.max(z, axis=0)
+        if SAFE:  # all -inf: every exp is 0, and so is the sum
+            row_max = tl.where(row_max == -float("inf"), 0.0, row_max)
+        e = tl.exp(z - row_max)  # all -inf: NaN, like eager (unless SAFE)
+        row_sum = tl.sum(e, axis=0)
+        if SAFE:  # 0 / 1 on an all -inf row (a NaN in a row makes its sum NaN: it stays)
+            row_sum = tl.where(row_sum == 0.0, 1.0, row_sum)
+        y = e / row_sum
         _store_probs(
             y_ptr, probs_ptr, keep_ptr, y_off + cols.to(tl.int64) * y_sn, cols < N, y,
             seed, p, drop_scale, DROPOUT, WRITE_PROBS, WRITE_KEEP,
@@ -190,7 +200,11 @@ def _scale_mask_softmax_fwd_kernel(
             d = tl.where(m_new == -float("inf"), 0.0, d * tl.exp(m - m_new) + tl.exp(z - m_new))
             m = m_new
         row_max = tl.max(m, axis=0)
+        if SAFE:  # all -inf: the sum is 0, and every exp below 0 (0 / 1)
+            row_max = tl.where(row_max == -float("inf"), 0.0, row_max)
         row_sum = tl.sum(tl.where(m == -float("inf"), 0.0, d * tl.exp(m - row_max)), axis=0)
+        if SAFE:
+            row_sum = tl.where(row_sum == 0.0, 1.0, row_sum)
         for start in range(0, N, BLOCK_N):
             offs = start + cols
             z = _scores(
@@ -396,9 +410,11 @@ def reference(
     dim: int,
     bias: Tensor | None = None,
     fill: float | None = None,
+    safe: bool = False,
 ) -> Tensor:
     """Eager: ``softmax(x * scale + mask)`` / ``softmax((x * scale + bias).masked_fill(mask,
-    fill))`` (``fill`` -inf by default)."""
+    fill))`` (``fill`` -inf by default); ``safe``: ``_safe_softmax``, 0 on a row of all
+    ``-inf``."""
     z = x * scale
     if bias is not None:
         z = z + bias
@@ -406,7 +422,10 @@ def reference(
         z = z + mask
     if mask is not None and mask.dtype == torch.bool:
         z = z.masked_fill(mask, -math.inf if fill is None else fill)
-    return torch.softmax(z, dim).contiguous()
+    y = torch.softmax(z, dim)
+    if safe:
+        y = y.masked_fill((z == -math.inf).all(dim, keepdim=True), 0.0)
+    return y.contiguous()
 
 
 def _mode_key(a: Tensor | None, m: Tensor | None) -> int:
@@ -439,17 +458,19 @@ def scale_mask_softmax_fwd(
     bias: Tensor | None = None,
     fill: float | None = None,
     dtype: torch.dtype | None = None,
+    safe: bool = False,
     *,
     block_n: int | None = None,
 ) -> Tensor:
     """``softmax(x * scale + mask, dim)`` (bool mask: ``fill``, by default ``-inf``, where
     True, after adding ``bias``) in one pass.  Output contiguous, dtype :func:`out_dtype`
-    or ``dtype`` (the fp32 result cast on store: ``softmax(...).to(dtype)``).
-    ``block_n`` (tests) forces a block."""
+    or ``dtype`` (the fp32 result cast on store: ``softmax(...).to(dtype)``).  ``safe``:
+    a row whose scores are all ``-inf`` gives 0 instead of NaN (``aten._safe_softmax``,
+    attention's math path).  ``block_n`` (tests) forces a block."""
     reason = check(x, mask, dim, bias, fill) or _dtype_reason(dtype)
     if reason:
         raise ValueError(f"scale_mask_softmax_fwd: {reason}")
-    return _fwd(x, scale, mask, dim, None, block_n, bias, fill, dtype)[0]
+    return _fwd(x, scale, mask, dim, None, block_n, bias, fill, dtype, safe)[0]
 
 
 def _dtype_reason(dtype: torch.dtype | None) -> str | None:
@@ -458,7 +479,7 @@ def _dtype_reason(dtype: torch.dtype | None) -> str | None:
     return f"result dtype {dtype} is not one of {list(_common.SUPPORTED_DTYPES)}"
 
 
-def _fwd(x, scale, mask, dim, dropout, block_n, bias=None, fill=None, dtype=None):
+def _fwd(x, scale, mask, dim, dropout, block_n, bias=None, fill=None, dtype=None, safe=False):
     dim = _wrap_dim(dim, x.dim())
     shape = tuple(x.shape)
     o_dtype = dtype or out_dtype(x, mask, bias)
@@ -504,7 +525,7 @@ def _fwd(x, scale, mask, dim, dropout, block_n, bias=None, fill=None, dtype=None
             seed_arg, probs_arg, keep_arg, p, drop_scale,
             HAS_ADD=add is not None, M_MODE=_m_mode(mop),
             DROPOUT=drop, WRITE_PROBS=write_probs, WRITE_KEEP=write_keep,
-            SINGLE=single, **cfg.as_kwargs(),
+            SAFE=bool(safe), SINGLE=single, **cfg.as_kwargs(),
         )  # fmt: skip
 
     _launch(
@@ -584,25 +605,26 @@ def scale_mask_softmax_bwd(
     "tile::scale_mask_softmax",
     mutates_args=(),
     schema="(Tensor x, float scale, Tensor? mask, int dim=-1, Tensor? bias=None, "
-    "float? fill=None, ScalarType? dtype=None) -> Tensor",
+    "float? fill=None, ScalarType? dtype=None, bool safe=False) -> Tensor",
 )
 @plans.planned("tile::scale_mask_softmax")
-def scale_mask_softmax_op(x, scale, mask, dim=-1, bias=None, fill=None, dtype=None):
+def scale_mask_softmax_op(x, scale, mask, dim=-1, bias=None, fill=None, dtype=None, safe=False):
     """``softmax(x * scale + mask, dim)``; a bool mask means ``masked_fill(mask, fill)``
     (``fill`` -inf by default) after adding ``bias``; the result cast to ``dtype`` when
-    given (MPT in half: ``softmax(fp32 scores).to(half)``)."""
+    given (MPT in half: ``softmax(fp32 scores).to(half)``); ``safe``: 0 for a row of all
+    ``-inf`` scores (``_safe_softmax``)."""
     args = (x, scale, mask, dim, bias, fill)
 
     def ref():
-        y = reference(*args)
+        y = reference(*args, safe)
         return y if dtype is None else y.to(dtype)
 
     if check(x, mask, dim, bias, fill) is not None or _dtype_reason(dtype) is not None:
         return ref()
     return _common.guarded(
         "scale_mask_softmax_fwd",
-        key=(*_guard_key(x, mask, bias, fill), dtype),
-        run=lambda: scale_mask_softmax_fwd(*args, dtype),
+        key=(*_guard_key(x, mask, bias, fill), dtype, safe),
+        run=lambda: scale_mask_softmax_fwd(*args, dtype, safe),
         fallback=ref,
     )
 
@@ -619,7 +641,7 @@ def _guard_key(x, mask, bias, fill) -> tuple:
 
 
 @scale_mask_softmax_op.register_fake
-def _(x, scale, mask, dim=-1, bias=None, fill=None, dtype=None):
+def _(x, scale, mask, dim=-1, bias=None, fill=None, dtype=None, safe=False):
     return x.new_empty(x.shape, dtype=dtype or out_dtype(x, mask, bias))
 
 
@@ -694,7 +716,7 @@ def _backward(ctx, grad):
     gx, gmask, gbias = _backward_from(
         ctx, grad, out, (needs[0], needs[2], needs[4]), mask=mask[0] if mask else None
     )
-    return gx, None, gmask, None, gbias, None, None
+    return gx, None, gmask, None, gbias, None, None, None
 
 
 def _backward_from(ctx, grad, out, needs, keep=None, drop_scale=1.0, mask=None):
@@ -723,6 +745,66 @@ def _backward_from(ctx, grad, out, needs, keep=None, drop_scale=1.0, mask=None):
 torch.library.register_autograd("tile::scale_mask_softmax", _backward, setup_context=_setup)
 
 
+# --- aten._safe_softmax on its own ------------------------------------------------------
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@_common.memo_reason
+def check_safe(x, dim, dtype=None) -> str | None:
+    """Why :func:`safe_softmax_op` cannot run ``aten._safe_softmax(x, dim, dtype)`` in the
+    kernel, or None."""
+    r = check(x, None, dim)
+    if r:
+        return r
+    if dtype is not None and dtype != x.dtype and not (dtype == torch.float32 and x.dtype in _HALF):
+        return f"dtype={dtype} for a {x.dtype} input (only a half input's fp32 result is fused)"
+    return None
+
+
+@torch.library.custom_op(
+    "tile::safe_softmax",
+    mutates_args=(),
+    schema="(Tensor x, int dim, ScalarType? dtype=None) -> Tensor",
+)
+@plans.planned("tile::safe_softmax")
+def safe_softmax_op(x: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
+    """Mirrors ``aten::_safe_softmax(Tensor self, int dim, ScalarType? dtype=None)``: the
+    softmax, 0 on a row of all ``-inf`` (attention's math path, where such a row is a
+    fully masked query).  The fused kernel with no prologue; the fusion pass gives it
+    its scale and masks."""
+    aten_op = torch.ops.aten._safe_softmax.default
+    if check_safe(x, dim, dtype) is not None:
+        return aten_op(x, dim, dtype)
+    return _common.guarded(
+        "scale_mask_softmax_fwd",
+        key=(*_guard_key(x, None, None, None), dtype, True),
+        run=lambda: scale_mask_softmax_fwd(x, 1.0, None, dim, dtype=dtype, safe=True),
+        fallback=lambda: aten_op(x, dim, dtype),
+    )
+
+
+@safe_softmax_op.register_fake
+def _(x, dim, dtype=None):
+    return torch.ops.aten._safe_softmax.default(x, dim, dtype)
+
+
+def _setup_safe(ctx, inputs, output):
+    x, dim = inputs[:2]
+    ctx.save_for_backward(output)
+    ctx.dim, ctx.input_dtype = dim, x.dtype
+
+
+def _backward_safe(ctx, grad):
+    """As ATen's: the softmax backward of the result (0 on the all ``-inf`` rows, so is
+    their gradient)."""
+    (out,) = ctx.saved_tensors
+    return torch.ops.tile.softmax_backward(grad, out, ctx.dim, ctx.input_dtype), None, None
+
+
+torch.library.register_autograd("tile::safe_softmax", _backward_safe, setup_context=_setup_safe)
+
+
 # --- compile-for-Hopper specs ------------------------------------------------------------
 
 _INT_FWD = ("N", "G1", "G2") + tuple(f"{p}_s{i}" for p in ("x", "y", "a", "m") for i in "012n")
@@ -737,6 +819,7 @@ def _spec(
     cfg: autotune.Config,
     drop=False,
     probs: torch.dtype | None = None,
+    safe: bool = False,
 ) -> dict:
     """``mode`` as :func:`_mode_key`: bit 0 an added tensor, 2 a bool mask (in the
     backward: the mask read for a finite fill), 4 a second added tensor; ``probs`` the
@@ -754,6 +837,7 @@ def _spec(
             "DROPOUT": drop,
             "WRITE_PROBS": drop,
             "WRITE_KEEP": drop,
+            "SAFE": safe,
         }
     else:
         fn = _scale_mask_softmax_bwd_kernel
@@ -782,6 +866,7 @@ def _spec(
     kind = "fwd" if fwd else "bwd"
     kind += "_dropout" if drop else ""
     kind += f"_probs_{probs}" if probs is not None else ""
+    kind += "_safe" if safe else ""
     return {
         "name": f"scale_mask_softmax_{kind}[{t[1:]},mode={mode},single={single},{cfg}]",
         "fn": fn,
@@ -805,9 +890,13 @@ def sm90_specs() -> list[dict]:
     # mode only matters to the backward as ZERO_NAN (a bool mask)
     heavy_s = max(single, key=lambda c: (c["BLOCK_N"], c.num_warps))
     heavy_l = max(looped, key=lambda c: (c["BLOCK_N"], c.num_warps))
+    heavy = ((True, heavy_s), (False, heavy_l))
     for dt in _common.SUPPORTED_DTYPES:
         for mode in (0, 2, 3, 5):
             specs += [_spec(True, dt, mode, True, heavy_s), _spec(True, dt, mode, False, heavy_l)]
+        # _safe_softmax (attention's math path: an added mask), also before a dropout
+        for drop in (False, True):
+            specs += [_spec(True, dt, 1, s, c, drop, safe=True) for s, c in heavy]
         specs += [_spec(False, dt, 2, True, heavy_s), _spec(False, dt, 2, False, heavy_l)]
         # dropout: every single-block and looped config, with a bool mask
         specs += [_spec(True, dt, 2, True, c, drop=True) for c in single]

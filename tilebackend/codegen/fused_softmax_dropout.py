@@ -45,6 +45,7 @@ def scale_mask_softmax_dropout_fwd(
     fill: float | None = None,
     dtype: torch.dtype | None = None,
     cast: torch.dtype | None = None,
+    safe: bool = False,
     *,
     block_n: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -59,7 +60,8 @@ def scale_mask_softmax_dropout_fwd(
     ``bias``, ``fill`` and ``dtype`` (the probabilities') are as in
     :func:`scale_mask_softmax_fwd`; ``cast`` (default: the probabilities' dtype) is the
     dtype the probabilities are cast to before the dropout, and ``out``'s (T5 in half
-    precision: ``dropout(softmax(scores.float()).type_as(scores))``).
+    precision: ``dropout(softmax(scores.float()).type_as(scores))``).  ``safe``: the
+    softmax is ``_safe_softmax`` (0 on a row of all ``-inf``).
     """
     reason = (
         check_dropout(x, mask, dim, p, seed, bias, fill)
@@ -70,7 +72,7 @@ def scale_mask_softmax_dropout_fwd(
         raise ValueError(f"scale_mask_softmax_dropout_fwd: {reason}")
     ds = 1.0 / (1.0 - p) if drop_scale is None else float(drop_scale)
     drop = (float(p), seed, ds, write_probs, write_keep, cast)
-    return _fwd(x, scale, mask, dim, drop, block_n, bias, fill, dtype)
+    return _fwd(x, scale, mask, dim, drop, block_n, bias, fill, dtype, safe)
 
 
 @_common.memo_reason
@@ -93,12 +95,12 @@ def check_dropout(x, mask, dim, p, seed, bias=None, fill=None) -> str | None:
 
 def reference_dropout(
     x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale, bias=None, fill=None,
-    dtype=None, cast=None,
+    dtype=None, cast=None, safe=False,
 ):  # fmt: skip
     """ATen fallback of ``tile::scale_mask_softmax_dropout``: the same semantics (a keep
     probability of ``1 - p``, outputs consistent with each other), a different random
     stream (a CPU generator seeded with ``seed``)."""
-    probs = reference(x, scale, mask, dim, bias, fill)
+    probs = reference(x, scale, mask, dim, bias, fill, safe)
     probs = probs if dtype is None else probs.to(dtype)
     gen = torch.Generator().manual_seed(int(seed.item()) & (2**63 - 1))
     keep = (torch.rand(probs.shape, generator=gen) > p).to(probs.device)
@@ -117,13 +119,13 @@ def reference_dropout(
     mutates_args=(),
     schema="(Tensor x, float scale, Tensor? mask, int dim, float p, Tensor seed, "
     "bool write_probs, bool write_keep, float drop_scale, Tensor? bias=None, "
-    "float? fill=None, ScalarType? dtype=None, ScalarType? cast=None) "
+    "float? fill=None, ScalarType? dtype=None, ScalarType? cast=None, bool safe=False) "
     "-> (Tensor, Tensor, Tensor)",
 )
 @plans.planned("tile::scale_mask_softmax_dropout")
 def scale_mask_softmax_dropout_op(
     x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale, bias=None, fill=None,
-    dtype=None, cast=None,
+    dtype=None, cast=None, safe=False,
 ):  # fmt: skip
     """``dropout(softmax(x * scale + mask, dim).to(cast), p)`` -> ``(out, probs, keep)``;
     ``probs`` (in ``dtype``, as ``tile::scale_mask_softmax`` stores it) and ``keep`` are
@@ -132,13 +134,13 @@ def scale_mask_softmax_dropout_op(
     Placed by the fusion pass in graphs whose autograd is done; it has a backward for
     direct use."""
     args = (x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale, bias, fill)
-    args += (dtype, cast)
+    args += (dtype, cast, safe)
     return _common.guarded_op(
         "scale_mask_softmax_dropout_fwd",
         check_dropout(x, mask, dim, p, seed, bias, fill)
         or _dtype_reason(dtype)
         or _dtype_reason(cast),
-        key=(*_guard_key(x, mask, bias, fill), write_probs, write_keep, dtype, cast),
+        key=(*_guard_key(x, mask, bias, fill), write_probs, write_keep, dtype, cast, safe),
         run=lambda: scale_mask_softmax_dropout_fwd(*args),
         fallback=lambda: reference_dropout(*args),
     )
@@ -147,7 +149,7 @@ def scale_mask_softmax_dropout_op(
 @scale_mask_softmax_dropout_op.register_fake
 def _(
     x, scale, mask, dim, p, seed, write_probs, write_keep, drop_scale, bias=None, fill=None,
-    dtype=None, cast=None,
+    dtype=None, cast=None, safe=False,
 ):  # fmt: skip
     dt = dtype or out_dtype(x, mask, bias)
     return (
@@ -177,7 +179,7 @@ def _backward_dropout(ctx, grad, _gprobs, _gkeep):
         ctx, grad, probs, (needs[0], needs[2], needs[9]), keep, ctx.drop_scale,
         mask[0] if mask else None,
     )  # fmt: skip
-    return gx, None, gmask, None, None, None, None, None, None, gbias, None, None, None
+    return gx, None, gmask, None, None, None, None, None, None, gbias, None, None, None, None
 
 
 torch.library.register_autograd(

@@ -13,7 +13,13 @@ aten = torch.ops.aten
 
 
 def _op_patterns():
-    from ..codegen import layer_norm, matmul, rms_norm, softmax  # registers torch.ops.tile.*
+    from ..codegen import (  # registers torch.ops.tile.*
+        fused_softmax,
+        layer_norm,
+        matmul,
+        rms_norm,
+        softmax,
+    )
 
     tile = torch.ops.tile
 
@@ -70,6 +76,14 @@ def _op_patterns():
         ("bmm", aten.bmm.default, tile.bmm.default, mm_check),
         ("baddbmm", aten.baddbmm.default, tile.baddbmm.default, baddbmm_check),
     ]
+    if hasattr(aten, "_safe_softmax"):  # attention's math path (an SDPA's decomposition)
+
+        def safe_check(self, dim, dtype=None, **_):
+            return fused_softmax.check_safe(self, dim, dtype)
+
+        pats.append(
+            ("safe_softmax", aten._safe_softmax.default, tile.safe_softmax.default, safe_check)
+        )
     if hasattr(aten, "_fused_rms_norm"):
         pats.append(
             ("fused_rms_norm", aten._fused_rms_norm.default, tile.rms_norm.default, rms_check)

@@ -23,9 +23,10 @@ class SoftmaxFusions(FuserBase):
     def softmax_prologues(self) -> None:
         tile = torch.ops.tile
         for sm in list(self.graph.nodes):
-            if sm.op != "call_function" or sm.target is not tile.softmax.default:
+            call = _softmax_call(sm)
+            if call is None:
                 continue
-            x, dim, half_to_float = sm.args[:3]
+            x, dim, half_to_float, safe = call
             # softmax(..., dtype=float32).to(half), Llama's eager attention in fp16 / bf16:
             # the upcast (or half_to_float) and the cast back are absorbed when the fp32
             # probabilities are used only by that cast: one kernel, half in and out.  When
@@ -60,6 +61,8 @@ class SoftmaxFusions(FuserBase):
             kwargs = {} if stored is None else {"dtype": stored}
             if not kwargs and down is None and (down := self._half_cast_after(sm)) is not None:
                 kwargs["dtype"] = _val(down).dtype  # fp32 math, stored as the cast's
+            if safe:
+                kwargs["safe"] = True
             with self.graph.inserting_before(sm):
                 if keep is not None:
                     mask = self.graph.call_function(aten.logical_not.default, (keep,))
@@ -102,7 +105,8 @@ class SoftmaxFusions(FuserBase):
                     | ({"bias": describe_value(_val(bias))} if bias is not None else {}),
                     scalars={"scale": scale, "mask_mode": _mask_mode(mask, added)}
                     | ({"fill": fill} if mask is not None and fill != -math.inf else {})
-                    | ({"dtype": str(kwargs["dtype"])} if "dtype" in kwargs else {}),
+                    | ({"dtype": str(kwargs["dtype"])} if "dtype" in kwargs else {})
+                    | ({"safe": True} if safe else {}),
                 )
             )
 
@@ -259,9 +263,16 @@ class SoftmaxFusions(FuserBase):
             if sm.op != "call_function":
                 continue
             if sm.target is tile.scale_mask_softmax.default:
-                x, scale, mask, dim, bias, fill, dtype = _scale_mask_softmax_args(sm)
-            elif sm.target is tile.softmax.default and sm.args[2] is False:
-                (x, dim), scale, mask, bias, fill, dtype = sm.args[:2], 1.0, None, None, None, None
+                x, scale, mask, dim, bias, fill, dtype, safe = _scale_mask_softmax_args(sm)
+            elif (call := _softmax_call(sm)) is not None and call[2] is False:
+                (x, dim, _, safe), scale, mask, bias, fill, dtype = (
+                    call,
+                    1.0,
+                    None,
+                    None,
+                    None,
+                    None,
+                )
             else:
                 continue
             for u in list(sm.users):
@@ -281,7 +292,7 @@ class SoftmaxFusions(FuserBase):
                     self._note(sm, found)
                     continue
                 cast_to = None if cast is None else _val(cast).dtype
-                prologue = (x, scale, mask, dim, bias, fill, dtype, cast_to)
+                prologue = (x, scale, mask, dim, bias, fill, dtype, cast_to, safe)
                 self._splice_dropout(sm, prologue, *found)
                 break
 
@@ -345,11 +356,12 @@ class SoftmaxFusions(FuserBase):
 
     def _splice_dropout(self, sm, prologue, p, drop_scale, seed, out, keeps, chain):
         """Replace softmax ``sm`` (its ``prologue``: x, scale, mask, dim, bias, fill, the
-        dtype it stores, the dtype its probabilities are cast to before the dropout) and
-        the dropout ``chain`` after it by one ``tile::scale_mask_softmax_dropout``."""
+        dtype it stores, the dtype its probabilities are cast to before the dropout, whether
+        it is ``_safe_softmax``) and the dropout ``chain`` after it by one
+        ``tile::scale_mask_softmax_dropout``."""
         from ..codegen import fused_softmax_dropout
 
-        x, scale, mask, dim, bias, fill, dtype, cast = prologue
+        x, scale, mask, dim, bias, fill, dtype, cast, safe = prologue
         graph = self.graph
         others = [u for u in sm.users if u not in chain]
         if seed is None:  # native_dropout: draw a seed from torch's generator
@@ -370,7 +382,7 @@ class SoftmaxFusions(FuserBase):
             self._note(sm, f"dropout not fused: {reason}")
             return
         args = (x, scale, mask, dim, p, seed, bool(others), bool(keeps), drop_scale)
-        given = {"bias": bias, "fill": fill, "dtype": dtype, "cast": cast}
+        given = {"bias": bias, "fill": fill, "dtype": dtype, "cast": cast, "safe": safe or None}
         kwargs = {k: v for k, v in given.items() if v is not None}
         with graph.inserting_before(sm):
             op = torch.ops.tile.scale_mask_softmax_dropout.default
@@ -414,7 +426,8 @@ class SoftmaxFusions(FuserBase):
                     "writes_keep": bool(keeps),
                 }
                 | ({"dtype": str(dtype)} if dtype is not None else {})
-                | ({"cast": str(cast)} if cast is not None else {}),
+                | ({"cast": str(cast)} if cast is not None else {})
+                | ({"safe": True} if safe else {}),
             )
         )
 
@@ -518,11 +531,28 @@ class _Prologue:
 
 
 def _scale_mask_softmax_args(node: fx.Node) -> tuple:
-    """``(x, scale, mask, dim, bias, fill, dtype)`` of a ``tile::scale_mask_softmax``
+    """``(x, scale, mask, dim, bias, fill, dtype, safe)`` of a ``tile::scale_mask_softmax``
     node, defaults filled in."""
-    names = ("x", "scale", "mask", "dim", "bias", "fill", "dtype")
+    names = ("x", "scale", "mask", "dim", "bias", "fill", "dtype", "safe")
     given = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
-    return tuple(given.get(k, -1 if k == "dim" else None) for k in names)
+    defaults = {"dim": -1, "safe": False}
+    return tuple(given.get(k, defaults.get(k)) for k in names)
+
+
+def _softmax_call(n: fx.Node) -> tuple | None:
+    """``(x, dim, half_to_float, safe)`` of a ``tile::softmax`` or ``tile::safe_softmax``
+    node (``_safe_softmax``'s ``dtype``, as its check lets it be, is None, x's, or fp32
+    for a half x); None for any other node."""
+    tile = torch.ops.tile
+    if n.op != "call_function":
+        return None
+    if n.target is tile.softmax.default:
+        return (*n.args[:3], False)
+    if n.target is tile.safe_softmax.default:
+        x, dim = n.args[:2]
+        dtype = n.args[2] if len(n.args) > 2 else n.kwargs.get("dtype")
+        return x, dim, dtype is not None and dtype != _val(x).dtype, True
+    return None
 
 
 def _mask_mode(mask: Any, added: list) -> str:

@@ -6,7 +6,6 @@ import logging
 import warnings
 from collections.abc import Sequence
 
-import torch
 import torch.fx as fx
 
 from .. import _compat
@@ -48,18 +47,6 @@ def _pattern_failed(report: GraphReport, pattern: Pattern, what: str, e: Excepti
         stacklevel=3,
     )
     return why
-
-
-def uncovered_reason(target) -> str | None:
-    """Why an op close to an anchor's has no tile kernel (None for every other op)."""
-    safe = getattr(torch.ops.aten, "_safe_softmax", None)
-    if safe is not None and target is safe.default:
-        return (
-            "no tile kernel: attention's math path (an SDPA whose mask needs a gradient, or "
-            "a CPU one) softmaxes with _safe_softmax, where a fully masked row is 0, not NaN "
-            "(with fallback='inductor' it is decomposed to a softmax first)"
-        )
-    return None
 
 
 class _Attempt:
@@ -152,10 +139,6 @@ def rewrite(
             rejections = []
             break
         report.skipped.extend(rejections[:1])
-    for node in graph.nodes:  # ops near an anchor that no kernel does: say so
-        why = uncovered_reason(node.target) if node.op == "call_function" else None
-        if why is not None:
-            report.skipped.append(Skipped(node.name, str(node.target), "softmax", why))
     report.replacements.reverse()  # visited outputs-first; report in graph order
     report.skipped.reverse()
     if replaced:
