@@ -57,6 +57,10 @@ KERNEL_NAMES = ("softmax_fwd", "log_softmax_fwd", "softmax_bwd", "log_softmax_bw
 
 # --- kernels -------------------------------------------------------------------------
 
+#: Kernel arguments that stay runtime values: Triton would otherwise specialise an int
+#: equal to 1 into a constant, and log-softmax would compile a kernel of its own.
+_RUNTIME_FLAGS = ("LOG",)
+
 
 @triton.jit
 def _row_offset(row, G1, G2, s0, s1, s2):
@@ -69,7 +73,7 @@ def _row_offset(row, G1, G2, s0, s1, s2):
     return i0 * s0 + i1 * s1 + i2 * s2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_FLAGS)
 def _softmax_fwd_single_kernel(
     y_ptr,  # *out  [G0, G1, G2] x [N]  output (contiguous)
     x_ptr,  # *in   [G0, G1, G2] x [N]  input (any strides)
@@ -104,7 +108,7 @@ def _softmax_fwd_single_kernel(
     tl.store(y_row + cols64 * y_sn, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_FLAGS)
 def _softmax_fwd_looped_kernel(
     y_ptr,  # *out  [G0, G1, G2] x [N]  output (contiguous)
     x_ptr,  # *in   [G0, G1, G2] x [N]  input (any strides)
@@ -156,7 +160,7 @@ def _softmax_fwd_looped_kernel(
         tl.store(y_row + offs64 * y_sn, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_FLAGS)
 def _softmax_bwd_single_kernel(
     dx_ptr,  # *out [G0, G1, G2] x [N]  grad_input (contiguous)
     dy_ptr,  # *in  [G0, G1, G2] x [N]  grad_output (any strides)
@@ -195,7 +199,7 @@ def _softmax_bwd_single_kernel(
     tl.store(dx_row + cols64 * dx_sn, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_FLAGS)
 def _softmax_bwd_looped_kernel(
     dx_ptr,  # *out [G0, G1, G2] x [N]  grad_input (contiguous)
     dy_ptr,  # *in  [G0, G1, G2] x [N]  grad_output (any strides)
