@@ -470,3 +470,40 @@ def test_graph_serialization_round_trip_and_refusals():
         nodes[1] = {**nodes[1], "op": "call_function", "target": bad}
         with pytest.raises((ValueError, KeyError, AttributeError)):
             serialize.load({"nodes": nodes})
+
+
+def test_a_retained_backward_is_not_served_a_backward_that_overwrites_saved_tensors(
+    poison, inductor_cache
+):
+    """Inductor's FX graph cache keys a backward without its donated buffers.  A normal
+    run's backward may overwrite saved tensors in place (here the GELU's saved GEMM
+    output); a later lazy backward under ``retain_graph=True`` is compiled without
+    donation, and served that cached code, a second pass read clobbered values."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8), torch.nn.LayerNorm(8)
+    )
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def grad(fn, retain):
+        x.grad = None
+        y = fn(x)
+        if retain:
+            y.sum().backward(retain_graph=True)
+            x.grad = None
+        y.square().sum().backward()
+        return x.grad.clone()
+
+    def compiled():
+        torch._dynamo.reset()
+        opts = {"fallback": "inductor", "compile_cache": False}  # (AOTAutograd's cache off)
+        return torch.compile(model, backend=tilebackend.TileBackend(options=opts))
+
+    expect = grad(model, False)
+    torch.testing.assert_close(grad(compiled(), False), expect, atol=1e-6, rtol=1e-5)
+    counters.clear()
+    with _common.count_launches() as n:
+        got = grad(compiled(), True)
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 1  # (the forward's: the cache is on)
+    assert n["layer_norm_bwd"] == 2, dict(n)
+    torch.testing.assert_close(got, expect, atol=1e-6, rtol=1e-5)

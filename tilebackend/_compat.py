@@ -146,6 +146,23 @@ def inductor_mode_options(mode: str) -> dict[str, Any]:
     return dict(list_mode_options(mode))
 
 
+def lazy_backward_keeps_graph() -> bool:
+    """A backward is running now (this is AOTAutograd's lazy backward compile) and it
+    keeps its graph (``retain_graph`` / ``create_graph``): AOTAutograd then compiles the
+    backward without donated buffers (its ``bw_donated_idxs`` are reset to ``[]``)."""
+    return (
+        torch._C._current_graph_task_id() != -1
+        and torch._C._autograd._get_current_graph_task_keep_graph()
+    )
+
+
+def inductor_fx_graph_cache_off():
+    """A context in which Inductor's FX graph cache is neither read nor written."""
+    from torch._inductor import config
+
+    return config.patch(fx_graph_cache=False)
+
+
 def inductor_compile_fx_inner():
     from torch._inductor.compile_fx import compile_fx_inner
 

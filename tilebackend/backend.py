@@ -561,7 +561,15 @@ class TileBackend:
             new = self._rewrite(g, name, patterns, "inductor", "inductor")
             mine.append(self.report.graphs[-1])
             new = _decompose_leftovers(new, mine[-1], leftovers)
-            compiled = compile_fx_inner(new, inputs, **kwargs)
+            if name == "backward" and _compat.lazy_backward_keeps_graph():
+                # Inductor's FX graph cache keys a backward without its donated buffers,
+                # so it would serve one compiled to overwrite saved tensors in place
+                # (an earlier backward's) to this one, which must keep them: a second
+                # backward through the retained graph read clobbered values
+                with _compat.inductor_fx_graph_cache_off():
+                    compiled = compile_fx_inner(new, inputs, **kwargs)
+            else:
+                compiled = compile_fx_inner(new, inputs, **kwargs)
             compiled = _Scoped(compiled, self.settings) if name == "backward" else compiled
             compiled = self._maybe_verify(g, new, compiled, patterns, "inductor")
             if tag is not None:  # what a later cache hit puts back in the report
