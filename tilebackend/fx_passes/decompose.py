@@ -29,21 +29,29 @@ def decompose_leftovers(
 ) -> tuple[fx.GraphModule, dict[str, int]]:
     """``gm`` with each call to an op of ``table`` decomposed by ``table``'s function
     (nothing else changes), and how many of each there were.  ``gm`` itself is returned
-    when there are none."""
-    found = collections.Counter(
+    when its own graph has none; its subgraphs (a ``torch.cond`` branch, a
+    ``nested_compile_region``'s body) are decomposed first, each retraced on its own,
+    and put back in place."""
+    found: collections.Counter[str] = collections.Counter()
+    for name, child in list(gm.named_children()):
+        if isinstance(child, fx.GraphModule):
+            new_child, got = decompose_leftovers(child, table)
+            if new_child is not child:
+                setattr(gm, name, new_child)
+            found.update(got)
+    own = collections.Counter(
         str(n.target) for n in gm.graph.nodes if n.op == "call_function" and n.target in table
     )
-    if not found:
-        return gm, {}
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    if not own or any(v is None for v in vals):  # (no example values: cannot retrace)
+        return gm, dict(found)
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    vals = [n.meta.get("val") for n in placeholders]
     fake_mode = _compat.detect_fake_mode(vals)
     with fake_mode or contextlib.nullcontext(), fx_traceback.preserve_node_meta():
         new = make_fx(_Run(gm), decomposition_table=dict(table))(*vals)
     _drop_dead_casts(new)
-    return new, dict(found)
+    return new, dict(found + own)
 
 
 def _drop_dead_casts(gm: fx.GraphModule) -> None:
