@@ -269,6 +269,22 @@ def grad_mode_ops() -> set:
     return {torch._C._set_grad_enabled, torch.autograd.grad, torch.enable_grad}
 
 
+def size_hint(shape_env: Any, expr: Any, fallback: int) -> int:
+    """An example value of a size expression, with no guard; ``fallback`` (or, from
+    torch 2.13, torch's own heuristic) for one of unbacked sizes.  (``size_hint`` is
+    deprecated from 2.13, ``optimization_hint`` is not in 2.11.)"""
+    optimization_hint = getattr(shape_env, "optimization_hint", None)
+    if optimization_hint is not None:
+        return int(optimization_hint(expr, fallback=fallback))
+    h = shape_env.size_hint(expr, allow_none=True)
+    return fallback if h is None else int(h)
+
+
+def higher_order_op_name(target: Any) -> str | None:
+    """A higher-order op's name (``"cond"``, ``"invoke_subgraph"``, ...), else None."""
+    return target.name() if isinstance(target, torch._ops.HigherOrderOperator) else None
+
+
 def is_higher_order_op(target: Any) -> bool:
     """``target`` is a higher-order op (a custom ``autograd.Function``'s
     ``autograd_function_apply``, a checkpointed region, ``cond``, ...)."""

@@ -234,10 +234,46 @@ def _dynamo_shape_env(gm: fx.GraphModule) -> Any:
 
 
 def _copy_gm(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose graph, and its subgraphs' (a ``torch.cond`` branch, a
+    ``nested_compile_region``'s body), can be rewritten without touching ``gm``'s."""
     g = fx.Graph()
     out = g.graph_copy(gm.graph, {})
     g.output(out)
-    return fx.GraphModule(gm, g)
+    new = fx.GraphModule(gm, g)
+    for name, child in list(new.named_children()):
+        if isinstance(child, fx.GraphModule):
+            setattr(new, name, _copy_gm(child))
+    return new
+
+
+#: Higher-order ops whose subgraphs are graphs of tensor ops run as such, rewritten as
+#: the graph is.  (Not flex attention's score and mask functions: Inductor lowers them
+#: into its attention template, elementwise.)
+_REWRITTEN_SUBGRAPHS = frozenset({"cond", "invoke_subgraph", "while_loop", "map_impl"})
+
+
+def _graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
+    """The subgraphs of ``gm``'s ``torch.cond`` branches, ``nested_compile_region``
+    bodies and loops, innermost first, then ``gm``: each is rewritten as a graph of its
+    own (a region called several times is rewritten once)."""
+    out: list[fx.GraphModule] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if _compat.higher_order_op_name(node.target) not in _REWRITTEN_SUBGRAPHS:
+            continue
+        for a in node.all_input_nodes:
+            sub = gm.get_submodule(a.target) if a.op == "get_attr" else None
+            if isinstance(sub, fx.GraphModule):
+                out += [m for m in _graph_modules(sub) if m not in out]
+    return [*out, gm]
+
+
+def _rewrite_all(gm: fx.GraphModule, patterns, table_key: str, gr: GraphReport) -> int:
+    """:func:`~.fx_passes.rewrite.rewrite` on ``gm`` and its subgraphs, in place."""
+    from .fx_passes.rewrite import rewrite
+
+    return sum(rewrite(m, patterns, table_key, gr) for m in _graph_modules(gm))
 
 
 def _with_input_meta(new: fx.GraphModule, gm: fx.GraphModule) -> fx.GraphModule:
@@ -307,9 +343,10 @@ class TileBackend:
 
         patterns = REGISTRY.active(self.settings.enable, self.settings.disable)
         fallback = self.settings.fallback
+        gpu = _is_gpu_graph(example_inputs)
         if fallback == "auto":
-            fallback = "inductor" if _is_gpu_graph(example_inputs) else "eager"
-        if fallback == "eager" and self.mode in CUDA_GRAPH_MODES and not self._warned_mode:
+            fallback = "inductor" if gpu else "eager"
+        if gpu and fallback == "eager" and self.mode in CUDA_GRAPH_MODES and not self._warned_mode:
             self._warned_mode = True
             warnings.warn(
                 f"tilebackend: mode={self.mode!r} runs CUDA graphs through the Inductor "
@@ -351,8 +388,6 @@ class TileBackend:
         _compat.specialize_floats([s for s, _, _ in new])
 
     def _rewrite(self, gm: fx.GraphModule, name: str, patterns, table_key: str, fallback: str):
-        from .fx_passes.rewrite import rewrite
-
         gr = GraphReport(name=name, fallback=fallback)
         self.report.graphs.append(gr)
         work = _copy_gm(gm)
@@ -360,10 +395,11 @@ class TileBackend:
             from .fx_passes import shapes
             from .fx_passes.cse import merge_views
 
-            merge_views(work)
+            for m in _graph_modules(work):
+                merge_views(m)
             gr.symbolic = shapes.symbols_of(work)
             with settings.use(self.settings), shapes.GuardWatch(shapes.shape_env_of(work)) as gw:
-                n = rewrite(work, patterns, table_key, gr)
+                n = _rewrite_all(work, patterns, table_key, gr)
                 if self.settings.fusion and name != PRE_AUTOGRAD:
                     work, fused = self._fuse(work, gr)
                     n += fused
@@ -385,7 +421,8 @@ class TileBackend:
         if name != PRE_AUTOGRAD:  # (that one is differentiated next: it keeps tile::)
             from .fx_passes.runtime import use_runtime_ops
 
-            use_runtime_ops(work)
+            for m in _graph_modules(work):
+                use_runtime_ops(m)
         return work
 
     def _fuse(self, gm: fx.GraphModule, gr: GraphReport) -> tuple[fx.GraphModule, int]:
@@ -395,7 +432,7 @@ class TileBackend:
         work = _copy_gm(gm)
         before = (len(gr.replacements), len(gr.skipped))
         try:
-            return work, fuse(work, gr)
+            return work, sum(fuse(m, gr) for m in _graph_modules(work))
         except _compat.dynamo_control_flow():
             raise
         except Exception as e:
@@ -504,13 +541,12 @@ class TileBackend:
         gr = self.report.graphs[-1]
         if not self.settings.verify or new is original or not gr.replacements:
             return compiled
-        from .fx_passes.rewrite import rewrite
         from .fx_passes.verify import Verifier
 
         def rebuild(without: set[str]):
             work, rep = _copy_gm(original), GraphReport(name=gr.name, fallback=gr.fallback)
             with settings.use(self.settings):
-                rewrite(work, [p for p in patterns if p.name not in without], table_key, rep)
+                _rewrite_all(work, [p for p in patterns if p.name not in without], table_key, rep)
             return work, rep
 
         return Verifier(original, new, compiled, rebuild, gr, self.settings)
