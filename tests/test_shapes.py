@@ -268,3 +268,32 @@ def test_training_baddbmm_with_a_broadcast_bias_under_dynamic_shapes(poison):
         grads_like_eager([bias, a, b], lambda a=a, b=b: torch.baddbmm(bias, a, b), 1e-4, 1e-4)
     pre = [g for g in backend.report.graphs if g.name == "forward, before autograd"]
     assert pre and pre[0].counts.get("baddbmm") == 1, str(backend.report)
+
+
+@pytest.mark.parametrize("fallback", ["eager", "inductor"])
+def test_unbacked_rows_from_a_boolean_index(poison, fallback, recwarn):
+    """``x[mask]`` has a data-dependent (unbacked) number of rows, 0 included: the
+    kernels take it with no guard and no recompile, and no deprecation warning from
+    torch's hint API."""
+    torch.manual_seed(0)
+    lin, ln = torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)
+
+    def fn(x, m):
+        h = x[m]
+        return torch.softmax(ln(torch.nn.functional.gelu(lin(h)) + h) * 0.5, -1)
+
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": fallback})
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True), torch.no_grad():
+        compiled = torch.compile(fn, backend=backend)
+        for rows in ([1, 0, 1, 1, 0, 1], [0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]):
+            x, m = torch.randn(6, 8), torch.tensor(rows, dtype=torch.bool)
+            with _common.count_launches() as launches:
+                torch.testing.assert_close(compiled(x, m), fn(x, m), atol=1e-5, rtol=1e-5)
+            if any(rows):
+                assert launches["add_layer_norm_fwd"] == 1, launches
+                assert launches["scale_mask_softmax_fwd"] == 1, launches
+    assert len(backend.report.graphs) == 1 and backend.report.graphs[0].guards_added == []
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)], [
+        str(w.message) for w in recwarn
+    ]

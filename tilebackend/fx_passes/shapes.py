@@ -43,15 +43,17 @@ def is_symbolic(x: Any) -> bool:
     return e is not None and bool(e.free_symbols)
 
 
+#: The example value of an unbacked size (``x[mask]``'s rows): a generic large size.
+_UNBACKED_HINT = 8192
+
+
 def hint(x: Any) -> Any:
     """A SymInt's example value (no guard); ints pass through."""
     if isinstance(x, torch.SymInt):
         node = x.node
-        h = node.hint if getattr(node, "hint", None) is not None else None
-        if h is None:
-            shape_env = node.shape_env
-            h = shape_env.size_hint(node.expr, allow_none=True)
-        return int(h) if h is not None else 8192  # unbacked: a generic large size
+        if getattr(node, "hint", None) is not None:
+            return int(node.hint)
+        return _compat.size_hint(node.shape_env, node.expr, fallback=_UNBACKED_HINT)
     return x
 
 
