@@ -556,14 +556,23 @@ def test_mode_options_reach_the_inductor_fallback(poison, monkeypatch, mode):
         assert seen[0]["triton.cudagraphs"] is True
 
 
-def test_cuda_graph_mode_with_eager_fallback_warns_once(poison):
+def test_cuda_graph_mode_with_eager_fallback_warns_once_for_a_gpu_graph(poison, monkeypatch):
+    """``mode="reduce-overhead"`` with the eager fallback runs a GPU graph without CUDA
+    graphs: said once.  A CPU graph has none with any fallback: nothing to say."""
+    from tilebackend import backend as backend_module
+
+    torch._dynamo.reset()
     backend = tilebackend.TileBackend(mode="reduce-overhead", options={"fallback": "eager"})
     fn = torch.compile(lambda x: torch.softmax(x * 2, -1), backend=backend)
-    with pytest.warns(RuntimeWarning, match="without them"):
-        fn(torch.randn(3, 5))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fn(torch.randn(4, 7))  # a recompile does not warn again
+        fn(torch.randn(3, 5))
+    monkeypatch.setattr(backend_module, "_is_gpu_graph", lambda inputs: True)
+    with pytest.warns(RuntimeWarning, match="without them"):
+        fn(torch.randn(4, 7, 2))  # (another rank: a recompile)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fn(torch.randn(4, 7, 2, 3))  # a recompile does not warn again
 
 
 def test_graph_plain_inductor_compiled_first_still_gets_tile_kernels(poison):
