@@ -97,6 +97,19 @@ def test_residual_add_in_epilogue_with_broadcast_extra(poison):
     assert graph.counts.get("fused_mm_epilogue") == 1
 
 
+@pytest.mark.parametrize(
+    "x_shape, p_shape", [((2, 7, 16), (1, 1, 24)), ((2, 3, 5, 16), (1, 1, 1, 24))]
+)
+def test_epilogue_extras_stored_with_leading_ones(poison, x_shape, p_shape):
+    """A layer scale and shift stored ``[1, 1, N]`` (ConvNeXtV2's GRN, LayerScale modules)
+    read as the ``[N]`` they are: one launch, as ``[N]`` parameters would be."""
+    lin = torch.nn.Linear(16, 24)
+    g, b = torch.randn(p_shape), torch.randn(p_shape)
+    graph, launches = _run(lambda x: F.gelu(lin(x) * g + b), torch.randn(x_shape))
+    assert dict(launches) == {"mm_epilogue": 1}, (dict(launches), str(graph))
+    assert graph.counts.get("fused_mm_epilogue") == 1
+
+
 def _assert_one_dual_launch(graph, launches, others=None):
     assert graph.counts.get("fused_dual_mm_epilogue") == 1, str(graph)
     assert "fused_mm_epilogue" not in graph.counts, str(graph)

@@ -288,14 +288,21 @@ class MatmulFusions(FuserBase):
 
     def _extra_inputs(self, gemm, sink, leaves):
         """How each extra reaches the fused op: ``(kind, node, shape)``, kind ``"as_is"`` or
-        ``"view"`` (an N-d extra of the N-d output, viewed as the GEMM's ``[M, N]``).
-        Returns (that list, None) or (None, why)."""
+        ``"view"`` (an N-d extra of the N-d output, viewed as the GEMM's ``[M, N]``; or
+        one with leading dims of size 1, a layer scale stored ``[1, 1, N]``, viewed
+        without them).  Returns (that list, None) or (None, why)."""
         out_shape = _val(sink).shape
         m_n = _val(gemm).shape
         extra_nodes = []
         for e in leaves:
             v = _val(e)
-            if v.dim() > 2:
+            if (
+                v.dim() > 2
+                and all(self.facts.prove_eq(s, 1) for s in v.shape[:-2])
+                and not shapes.is_symbolic(v.shape[-1])  # (a symbolic M is viewed as -1)
+            ):
+                extra_nodes.append(("view", e, list(v.shape[-2:])))
+            elif v.dim() > 2:
                 if (
                     not self._same(v.shape, out_shape)
                     or self.facts.prove_contiguous(v.shape, v.stride()) is not True
