@@ -110,6 +110,15 @@ def test_epilogue_extras_stored_with_leading_ones(poison, x_shape, p_shape):
     assert graph.counts.get("fused_mm_epilogue") == 1
 
 
+def test_eval_dropout_clone_is_fused_through(poison):
+    """In eval, ``nn.Dropout`` leaves an ``aten.clone`` (no decompositions with the eager
+    fallback): the identity, fused through, so the layer scale and residual still fuse."""
+    lin, drop, gamma = torch.nn.Linear(16, 16), torch.nn.Dropout(0.1).eval(), torch.rand(16)
+    graph, launches = _run(lambda x: x + gamma * drop(lin(x)), torch.randn(2, 5, 16))
+    assert dict(launches) == {"mm_epilogue": 1}, (dict(launches), str(graph))
+    assert "aten.clone" not in graph.code, graph.code
+
+
 def _assert_one_dual_launch(graph, launches, others=None):
     assert graph.counts.get("fused_dual_mm_epilogue") == 1, str(graph)
     assert "fused_mm_epilogue" not in graph.counts, str(graph)

@@ -90,6 +90,7 @@ def _aten_kinds() -> dict[Any, str]:
         "where.Scalar": "where",
         "masked_fill.Scalar": "masked_fill",
         "_to_copy.default": "to",
+        "clone.default": "clone",  # (eval-mode dropout's, in a graph without decompositions)
         # backward-only ops, written out in the nodes above (see from_aten)
         "tanh_backward.default": "tanh_backward",
         "sigmoid_backward.default": "sigmoid_backward",
@@ -145,7 +146,8 @@ def from_aten(target: Any, args: Sequence[Any], kwargs: Mapping[str, Any] | None
 
     Tensor arguments must be given as expressions (leaves or nodes); scalars as Python
     numbers.  Handles ``alpha`` (add / sub / rsub), ``approximate`` (gelu), the dtype of
-    ``_to_copy`` / ``convert_element_type`` (a ``torch.dtype``), ``masked_fill``, and the
+    ``_to_copy`` / ``convert_element_type`` (a ``torch.dtype``), ``clone`` (the identity),
+    ``masked_fill``, and the
     scalar arguments of the activations written out in nodes (``clamp`` / ``hardtanh`` as
     ``maximum`` / ``minimum``, ``leaky_relu elu softplus hardswish hardsigmoid mish`` and
     their ``*_backward`` ops, ATen's formulas).  Raises
@@ -181,6 +183,12 @@ def from_aten(target: Any, args: Sequence[Any], kwargs: Mapping[str, Any] | None
         if dtype is None:
             return canonical(a[0])
         return canonical(("to", a[0], dtype))
+    if kind == "clone":
+        memory_format = kwargs.pop("memory_format", None)
+        _no_kwargs(target, kwargs)
+        if memory_format not in (None, torch.preserve_format, torch.contiguous_format):
+            raise ExprError(f"{target}: memory_format {memory_format} is a layout change")
+        return canonical(a[0])
     if kind == "masked_fill":
         _no_kwargs(target, kwargs)
         return canonical(("where", a[1], a[2], a[0]))
