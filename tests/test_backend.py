@@ -778,3 +778,44 @@ def test_training_graphs_a_no_grad_trace_cannot_stand_for(poison, make):
     names = [g.name for g in backend.report.graphs]
     assert "forward, before autograd" not in names and "backward" in names, names
     assert sum(launches.values()) >= 2, dict(launches)
+
+
+def test_a_graph_inductor_cannot_compile_runs_as_aten_ops_with_the_tile_kernels(
+    poison, monkeypatch
+):
+    """When Inductor fails on a rewritten graph (its lowering of a saved permuted view
+    with symbolic strides did, on HF ConvNeXt's training step under dynamic=True), the
+    graph runs node by node, tile kernels included: a warning and a report note per
+    graph, eager's numbers, and the model is not lost."""
+    from tilebackend import _compat
+
+    def failing_compile_fx_inner():
+        def compile_fx_inner(gm, inputs, **kwargs):
+            raise RuntimeError("lowering failed")
+
+        return compile_fx_inner
+
+    monkeypatch.setattr(_compat, "inductor_compile_fx_inner", failing_compile_fx_inner)
+    torch.manual_seed(0)
+    ln, lin = torch.nn.LayerNorm(16), torch.nn.Linear(16, 8)
+
+    def fn(x):
+        return F.gelu(lin(ln(x)))
+
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": "inductor", "compile_cache": False})
+    with pytest.warns(RuntimeWarning, match="Inductor failed to compile the rewritten forward"):
+        with _common.count_launches() as launches:
+            out = torch.compile(fn, backend=backend)(x)
+            out.square().sum().backward()
+    assert launches["layer_norm_fwd"] == 1 and launches["layer_norm_bwd"] == 1, dict(launches)
+    assert launches["mm_epilogue_multi"] == 1, dict(launches)  # (it saves the GEMM too)
+    notes = [n for g in backend.report.graphs for n in g.notes if "Inductor failed" in n]
+    assert len(notes) == 2 and "lowering failed" in notes[0], str(backend.report)
+    got = x.grad.clone()
+    x.grad = None
+    ref = fn(x)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, x.grad, atol=1e-5, rtol=1e-5)

@@ -597,15 +597,20 @@ class TileBackend:
             new = self._rewrite(g, name, patterns, "inductor", "inductor")
             mine.append(self.report.graphs[-1])
             new = _decompose_leftovers(new, mine[-1], leftovers)
-            if name == "backward" and _compat.lazy_backward_keeps_graph():
-                # Inductor's FX graph cache keys a backward without its donated buffers,
-                # so it would serve one compiled to overwrite saved tensors in place
-                # (an earlier backward's) to this one, which must keep them: a second
-                # backward through the retained graph read clobbered values
-                with _compat.inductor_fx_graph_cache_off():
+            try:
+                if name == "backward" and _compat.lazy_backward_keeps_graph():
+                    # Inductor's FX graph cache keys a backward without its donated
+                    # buffers, so it would serve one compiled to overwrite saved tensors
+                    # in place (an earlier backward's) to this one, which must keep them:
+                    # a second backward through the retained graph read clobbered values
+                    with _compat.inductor_fx_graph_cache_off():
+                        compiled = compile_fx_inner(new, inputs, **kwargs)
+                else:
                     compiled = compile_fx_inner(new, inputs, **kwargs)
-            else:
-                compiled = compile_fx_inner(new, inputs, **kwargs)
+            except _compat.dynamo_control_flow():
+                raise
+            except Exception as e:  # never lose the model: run the graph as ATen ops
+                compiled = _inductor_failed(new, name, mine[-1], e)
             compiled = _Scoped(compiled, self.settings) if name == "backward" else compiled
             compiled = self._maybe_verify(g, new, compiled, patterns, "inductor")
             if tag is not None:  # what a later cache hit puts back in the report
@@ -626,6 +631,22 @@ class TileBackend:
             stored = store.load(key) or [compile_cache.cached_report(name, "inductor")]
             self.report.graphs[start:] = stored
         return compiled
+
+
+def _inductor_failed(gm: fx.GraphModule, name: str, gr: GraphReport, e: Exception):
+    """Inductor could not compile the rewritten graph ``gm`` (its lowering of a saved
+    view with symbolic strides, say): ``gm`` runs node by node instead, tile kernels
+    included, with a warning and a report note."""
+    why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    gr.notes.append(f"Inductor failed to compile this graph ({why}); it runs as ATen ops")
+    warnings.warn(
+        f"tilebackend: Inductor failed to compile the rewritten {name} graph ({why}); "
+        "running it as ATen ops with the tile kernels, without Inductor's fusion",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    log.debug("Inductor failed on the %s graph", name, exc_info=True)
+    return _compat.make_boxed_func(gm.forward)
 
 
 def tile_backend(gm: fx.GraphModule, example_inputs, *, mode=None, options=None):
