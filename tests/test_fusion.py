@@ -589,16 +589,23 @@ def test_half_attention_softmax_in_float32_is_one_kernel(poison, dtype, tol):
 )
 def test_half_attention_softmax_trains_with_its_prologue_fused(poison, dtype, tol, fallback):
     """In training the fp32 probabilities are saved for the backward, so the cast back
-    stays; the half scores' scale and mask still join the kernel, which stores fp32."""
+    stays; the half scores' scale and mask still join the kernel, which stores fp32.
+    The backward is one kernel too: it reads the half gradient and the fp32
+    probabilities and writes the half scores' gradient, upcast, cast back and scale
+    absorbed."""
     x = torch.randn(2, 3, 7, 7, dtype=dtype, requires_grad=True)
     mask = torch.randn(2, 1, 7, 7, dtype=dtype)
 
     def fn(x, m):
-        return F.softmax(x * 0.125 + m, dim=-1, dtype=torch.float32).to(x.dtype)
+        return F.softmax(x * 0.3 + m, dim=-1, dtype=torch.float32).to(x.dtype)
 
     backend, launches = _train_step(fn, x, mask, fallback=fallback)
     assert launches["scale_mask_softmax_fwd"] == 1, dict(launches)
     assert "softmax_fwd" not in launches, dict(launches)
+    assert launches["scale_mask_softmax_bwd"] == 1 and "softmax_bwd" not in launches
+    (bwd,) = [r for r in backend.report.graphs[-1].replacements if "backward" in r.pattern]
+    assert bwd.pattern == "fused_softmax_backward" and "mul.Tensor" in bwd.targets, bwd.targets
+    assert sum(t.startswith("_to_copy") or "convert" in t for t in bwd.targets) == 2, bwd
     (rep,) = [
         r
         for g in backend.report.graphs

@@ -823,7 +823,8 @@ def _spec(
 ) -> dict:
     """``mode`` as :func:`_mode_key`: bit 0 an added tensor, 2 a bool mask (in the
     backward: the mask read for a finite fill), 4 a second added tensor; ``probs`` the
-    dtype of the probabilities a dropout writes (default ``dt``: no cast between)."""
+    dtype of the probabilities a dropout writes, or the backward reads (default ``dt``:
+    no cast between)."""
     t = "*" + _common.triton_dtype_name(dt)
     has_add, m_mode = bool(mode & 1), mode >> 1
     has_fill = m_mode == 1
@@ -841,7 +842,8 @@ def _spec(
         }
     else:
         fn = _scale_mask_softmax_bwd_kernel
-        sig = {"dx_ptr": t, "dy_ptr": t, "y_ptr": t}
+        y = t if probs is None else "*" + _common.triton_dtype_name(probs)
+        sig = {"dx_ptr": t, "dy_ptr": t, "y_ptr": y}
         ints, unit = _INT_BWD, ("dx_sn", "dy_sn", "y_sn", "k_sn", "m_sn")
         consts = {"ZERO_NAN": has_fill, "DROPOUT": drop, "MASKED": has_fill}
     sig.update({a: "i32" for a in ints if a not in unit})
@@ -906,4 +908,7 @@ def sm90_specs() -> list[dict]:
         if dt != torch.float32:  # T5: fp32 probabilities cast to half before the dropout
             specs.append(_spec(True, dt, 5, True, heavy_s, drop=True, probs=torch.float32))
             specs.append(_spec(True, dt, 5, False, heavy_l, drop=True, probs=torch.float32))
+            # backward from fp32 probabilities to the half scores (Llama's eager attention)
+            for drop in (False, True):
+                specs += [_spec(False, dt, 0, s, c, drop, probs=torch.float32) for s, c in heavy]
     return specs

@@ -475,28 +475,35 @@ class SoftmaxFusions(FuserBase):
                 and isinstance(drop_scale, float)
             ):
                 keep = None
-            if keep is None:  # no dropout absorbed (an upcast over none stays)
+            # the upcast's backward after: dx cast back to the half scores' dtype (eager
+            # attention in half precision, softmax(s * c, dtype=float32).to(half))
+            down = self._half_cast_after(sb) if vo.dtype == torch.float32 else None
+            if keep is None:  # no dropout absorbed: the upcast goes only with a cast back
                 g, drop_scale, consumed = grad, 1.0, []
+                if down is not None and src is not grad:
+                    g, consumed = src, [grad]  # (the kernel upcasts as it loads)
             scale, tail = 1.0, None
-            if len(sb.users) == 1:
-                (u,) = sb.users
+            last = down or sb
+            if len(last.users) == 1:
+                (u,) = last.users
                 c = u.args[1] if u.target is aten.mul.Tensor and len(u.args) == 2 else None
-                if u.args[0] is sb and isinstance(c, (int, float)) and not isinstance(c, bool):
+                if u.args[0] is last and isinstance(c, (int, float)) and not isinstance(c, bool):
                     scale, tail = float(c), u
-            if keep is None and tail is None:
+            if keep is None and tail is None and down is None:
                 continue
+            dx_dtype = in_dtype if down is None else _val(down).dtype
             with self.graph.inserting_before(sb):
                 fused = self.graph.call_function(
                     tile.scale_mask_softmax_backward.default,
-                    (g, out, scale, dim, in_dtype, False, keep, float(drop_scale)),
+                    (g, out, scale, dim, dx_dtype, False, keep, float(drop_scale)),
                 )
                 self._meta(fused)
-            (tail or sb).replace_all_uses_with(fused)
-            for n in [tail, sb, *consumed]:
+            (tail or last).replace_all_uses_with(fused)
+            for n in [tail, down, sb, *consumed]:
                 if n is not None and not n.users:
                     self.graph.erase_node(n)
             self.count += 1
-            names = [n for n in (*reversed(consumed), sb, tail) if n is not None]
+            names = [n for n in (*reversed(consumed), sb, down, tail) if n is not None]
             self.report.replacements.append(
                 Replacement(
                     pattern="fused_softmax_backward",
