@@ -119,6 +119,21 @@ def test_eval_dropout_clone_is_fused_through(poison):
     assert "aten.clone" not in graph.code, graph.code
 
 
+def test_a_gemm_whose_only_epilogue_is_a_copy_keeps_its_plain_kernel(poison):
+    """An eval-mode dropout's clone (or ``.clone()``) alone after a GEMM: the copy is
+    dropped (the GEMM's result is fresh), no identity epilogue kernel is made; two such
+    linears of one input are then one grouped launch."""
+    lin, lin2 = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    drop = torch.nn.Dropout(0.1).eval()
+
+    def fn(x):
+        return torch.cat([drop(lin(x)), lin2(x).clone()], -1)
+
+    graph, launches = _run(fn, torch.randn(2, 3, 8))
+    assert dict(launches) == {"grouped_mm": 1}, (dict(launches), str(graph))
+    assert "aten.clone" not in graph.code and "mm_epilogue" not in graph.code, graph.code
+
+
 def _assert_one_dual_launch(graph, launches, others=None):
     assert graph.counts.get("fused_dual_mm_epilogue") == 1, str(graph)
     assert "fused_mm_epilogue" not in graph.counts, str(graph)

@@ -55,6 +55,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -217,8 +218,15 @@ def _dumps(expr: Any) -> str:
 
 
 def loads(s: str) -> Any:
-    """Parse a string made by :func:`dumps` (or hand-written JSON of the same shape)."""
+    """Parse a string made by :func:`dumps` (or hand-written JSON of the same shape).
+    A bare leaf name (``ACC``: never JSON, whose strings are quoted) is an expression
+    parsed already, and is returned as it is."""
+    if isinstance(s, str) and _LEAF_NAME.fullmatch(s):
+        return s
     return _loads(s) if isinstance(s, str) else _loads.__wrapped__(s)
+
+
+_LEAF_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 
 
 @functools.lru_cache(maxsize=4096)

@@ -50,6 +50,7 @@ class FuserBase:
         self.report = report
         self.fake_mode = _fake_mode_of(gm)
         self.count = 0
+        self.touched = False  # the graph changed with no fusion counted
         self.facts = shapes.Facts(shapes.shape_env_of(gm))
 
     def _same(self, a, b) -> bool:

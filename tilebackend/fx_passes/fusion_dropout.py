@@ -52,7 +52,6 @@ class DropoutLowering(FuserBase):
     def lower_dropouts(self) -> None:
         """Rewrite each training dropout as ``tile::dropout_keep`` plus pointwise ops."""
         self._lowered: list[_Lowered] = []
-        self.touched = False
         rand_op = _inductor_random()
         for n in list(self.graph.nodes):
             if n.op != "call_function":

@@ -110,6 +110,17 @@ class MatmulFusions(FuserBase):
         expr, extra_nodes, terms = self._gemm_terms(
             gemm, sink, pointwise.canonical(expr), extra_nodes
         )
+        if expr == "ACC" and not terms and not extra_nodes:  # copies only (an eval-mode
+            # dropout's clone): the GEMM's result, read by nothing else, is fresh already
+            if _val(sink).dtype == _val(root).dtype and self._same(
+                _val(sink).shape, _val(root).shape
+            ):
+                sink.replace_all_uses_with(root)
+                for n in sorted(region, key=self._order().__getitem__, reverse=True):
+                    if not n.users:
+                        self.graph.erase_node(n)
+                self.touched = True
+            return
         hinted = [shapes.hinted(_val(x)) for x in (a, b, bias)]
         expr_s = pointwise.dumps(expr)
         ex_vals = self._extra_values(extra_nodes)
