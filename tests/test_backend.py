@@ -822,3 +822,24 @@ def test_a_graph_inductor_cannot_compile_runs_as_aten_ops_with_the_tile_kernels(
     ref.square().sum().backward()
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, x.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_weighted_rms_norm_over_two_dims_is_refused_with_a_reason(poison):
+    """A weighted RMS norm written over the last two dims: the weighted patterns refuse
+    it with a reason (their check raised a TypeError on the dim list); the no-weight
+    pattern takes the norm, the weight multiplies apart; eager's numbers."""
+    w = torch.randn(8)
+
+    def fn(x):
+        return x * torch.rsqrt(x.pow(2).mean((-2, -1), keepdim=True) + 1e-6) * w
+
+    x = torch.randn(2, 3, 5, 8)
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": "eager"})
+    with _common.count_launches() as launches:
+        out = torch.compile(fn, backend=backend)(x)
+    torch.testing.assert_close(out, fn(x), atol=1e-5, rtol=1e-5)
+    assert dict(launches) == {"rms_norm_fwd": 1}, dict(launches)
+    reasons = [s.reason for g in backend.report.graphs for s in g.skipped]
+    assert any("normalizes over dim [-2, -1]" in r for r in reasons), reasons
+    assert not any("raised" in r for r in reasons), reasons

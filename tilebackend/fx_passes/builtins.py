@@ -114,7 +114,7 @@ def _rms_examples(dtype):
 def _rms_check(x, w, eps, dim=-1, **_):
     from ..codegen import rms_norm
 
-    if dim % max(x.dim(), 1) != x.dim() - 1:
+    if _trailing(dim, x) != 1:  # (dim may be a list: a norm over several dims)
         return f"normalizes over dim {dim}, the kernel normalizes the last dim"
     if w is not None and tuple(w.shape) != (x.shape[-1],):
         return f"weight shape {tuple(w.shape)} is not ({x.shape[-1]},)"
