@@ -158,3 +158,31 @@ def test_gpt2_training_with_attention_dropout_fuses_and_repeats(poison):
     _logits(model, ids).square().mean().backward()
     diff = max((p.grad - grads[0][n]).abs().max().item() for n, p in model.named_parameters())
     assert diff > 1e-6
+
+
+def test_vit_with_interpolated_positions_trains_dynamic_as_static(poison):
+    """A ViT with interpolated position embeddings under ``dynamic=True`` (H and W
+    symbolic): each linear's view of its input had its own size nodes, so the views were
+    not merged and the q/k/v weight gradients of a layer were not grouped.  The launches
+    are the static compile's."""
+    cfg = transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.ViTModel(cfg, add_pooling_layer=False)
+    x = torch.randn(2, 3, 32, 32)
+
+    def fn(x):
+        return model(x, interpolate_pos_encoding=True).last_hidden_state
+
+    runs = {}
+    for dynamic in (False, True):
+        torch._dynamo.reset()
+        backend = tilebackend.TileBackend(options={"fallback": "eager"})
+        with _common.count_launches() as launches:
+            torch.compile(fn, backend=backend, dynamic=dynamic)(x).sum().backward()
+        runs[dynamic] = dict(launches)
+    assert runs[True] == runs[False], runs
+    assert runs[True]["grouped_mm"] >= 4, runs  # q/k/v forward and dW, per layer

@@ -297,3 +297,37 @@ def test_unbacked_rows_from_a_boolean_index(poison, fallback, recwarn):
     assert not [w for w in recwarn if issubclass(w.category, FutureWarning)], [
         str(w.message) for w in recwarn
     ]
+
+
+class _ConvNeXtTail(torch.nn.Module):
+    """linear -> GELU -> linear -> layer scale, on a permuted [B, C, H, W] input."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.pw1, self.pw2 = torch.nn.Linear(c, 4 * c), torch.nn.Linear(4 * c, c)
+        self.gamma = torch.nn.Parameter(torch.rand(c))
+
+    def forward(self, x):
+        y = self.pw2(torch.nn.functional.gelu(self.pw1(x.permute(0, 2, 3, 1))))
+        return x + (self.gamma * y).permute(0, 3, 1, 2)
+
+
+def test_dynamic_shapes_fuse_as_static_ones(poison):
+    """Under ``dynamic=True`` a view's size is computed by its own nodes: a view read
+    only for its size (``sym_size``) kept a GEMM result written (``mm_epilogue_multi``
+    instead of ``mm_epilogue``).  The launches are the static ones."""
+    torch.manual_seed(0)
+    model, train = _ConvNeXtTail(), False
+    x = torch.randn(2, 16, 6, 6)  # (square: one symbol for H and W, as ConvNeXt's)
+    runs = {}
+    for dynamic in (False, True):
+        torch._dynamo.reset()
+        backend = tilebackend.TileBackend(options={"fallback": "eager"})
+        with _common.count_launches() as launches, torch.set_grad_enabled(train):
+            out = torch.compile(model, backend=backend, dynamic=dynamic)(x)
+            if train:
+                out.square().sum().backward()
+        runs[dynamic] = dict(launches)
+        with torch.set_grad_enabled(False):
+            torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
+    assert runs[True] == runs[False] == {"mm_epilogue": 2}, runs

@@ -393,9 +393,10 @@ class TileBackend:
         work = _copy_gm(gm)
         try:
             from .fx_passes import shapes
-            from .fx_passes.cse import merge_views
+            from .fx_passes.cse import fold_view_sizes, merge_views
 
             for m in _graph_modules(work):
+                fold_view_sizes(m)
                 merge_views(m)
             gr.symbolic = shapes.symbols_of(work)
             with settings.use(self.settings), shapes.GuardWatch(shapes.shape_env_of(work)) as gw:

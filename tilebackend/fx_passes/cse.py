@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-__all__ = ["draws_random", "merge_views", "mutates", "op_mutates"]
+__all__ = ["draws_random", "fold_view_sizes", "merge_views", "mutates", "op_mutates"]
 
 _aten = torch.ops.aten
 _VIEWS = frozenset(
@@ -49,7 +49,39 @@ def _frozen(x):
         return tuple(_frozen(v) for v in x)
     if isinstance(x, dict):
         return tuple(sorted((k, _frozen(v)) for k, v in x.items()))
+    if isinstance(x, fx.Node) and isinstance(x.meta.get("val"), torch.SymInt):
+        # a size computed by its own nodes for each view (dynamic shapes): equal
+        # expressions are one size
+        return ("sym", str(x.meta["val"].node.expr))
     return x
+
+
+_SIZED_VIEWS = frozenset({_aten.view.default, _aten._unsafe_view.default, _aten.reshape.default})
+
+
+def fold_view_sizes(gm: fx.GraphModule) -> int:
+    """Each ``sym_size(view(x, sizes), d)`` becomes the view's own ``sizes[d]`` (when it
+    is a size node), so a view read only for its size (dynamic shapes' way to compute
+    the next view's size) has no user left to keep it, or the value it views, written.
+    Returns how many were folded."""
+    folded = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not _aten.sym_size.int:
+            continue
+        src, d = node.args[:2]
+        if not (isinstance(src, fx.Node) and src.target in _SIZED_VIEWS):
+            continue
+        sizes = src.args[1] if len(src.args) > 1 else None
+        if not isinstance(sizes, (list, tuple)) or not -len(sizes) <= d < len(sizes):
+            continue
+        size = sizes[d]
+        if isinstance(size, fx.Node) and isinstance(size.meta.get("val"), torch.SymInt):
+            node.replace_all_uses_with(size)
+            gm.graph.erase_node(node)
+            folded += 1
+    if folded:
+        gm.recompile()
+    return folded
 
 
 def op_mutates(target: Any) -> bool:
