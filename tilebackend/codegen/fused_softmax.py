@@ -49,20 +49,22 @@ from .softmax import (
     _plan,
     _row_offset,
     _single_block,
+    _softmax_grad,
     _wrap_dim,
     looped_configs,
     looped_heuristic,
     single_configs,
     single_heuristic,
 )
+from .softmax import _setup_context as _softmax_setup_context
 
 Tensor = torch.Tensor
 
 __all__ = [
     "check",
     "check_bwd",
-    "out_dtype",
     "check_safe",
+    "out_dtype",
     "reference",
     "safe_softmax_op",
     "scale_mask_softmax_bwd",
@@ -789,20 +791,11 @@ def _(x, dim, dtype=None):
     return torch.ops.aten._safe_softmax.default(x, dim, dtype)
 
 
-def _setup_safe(ctx, inputs, output):
-    x, dim = inputs[:2]
-    ctx.save_for_backward(output)
-    ctx.dim, ctx.input_dtype = dim, x.dtype
-
-
-def _backward_safe(ctx, grad):
-    """As ATen's: the softmax backward of the result (0 on the all ``-inf`` rows, so is
-    their gradient)."""
-    (out,) = ctx.saved_tensors
-    return torch.ops.tile.softmax_backward(grad, out, ctx.dim, ctx.input_dtype), None, None
-
-
-torch.library.register_autograd("tile::safe_softmax", _backward_safe, setup_context=_setup_safe)
+# its backward is ATen's too: the softmax backward of the result (0 on the all -inf rows,
+# so is their gradient), as tile::softmax's (the same three inputs: x, dim, and a dtype)
+torch.library.register_autograd(
+    "tile::safe_softmax", _softmax_grad, setup_context=_softmax_setup_context
+)
 
 
 # --- compile-for-Hopper specs ------------------------------------------------------------
