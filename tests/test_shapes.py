@@ -317,17 +317,14 @@ def test_dynamic_shapes_fuse_as_static_ones(poison):
     only for its size (``sym_size``) kept a GEMM result written (``mm_epilogue_multi``
     instead of ``mm_epilogue``).  The launches are the static ones."""
     torch.manual_seed(0)
-    model, train = _ConvNeXtTail(), False
+    model = _ConvNeXtTail()
     x = torch.randn(2, 16, 6, 6)  # (square: one symbol for H and W, as ConvNeXt's)
     runs = {}
     for dynamic in (False, True):
         torch._dynamo.reset()
         backend = tilebackend.TileBackend(options={"fallback": "eager"})
-        with _common.count_launches() as launches, torch.set_grad_enabled(train):
+        with _common.count_launches() as launches, torch.no_grad():
             out = torch.compile(model, backend=backend, dynamic=dynamic)(x)
-            if train:
-                out.square().sum().backward()
-        runs[dynamic] = dict(launches)
-        with torch.set_grad_enabled(False):
             torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
+        runs[dynamic] = dict(launches)
     assert runs[True] == runs[False] == {"mm_epilogue": 2}, runs

@@ -5,9 +5,9 @@
 (Philox, keyed by a seed tensor drawn from torch's generator, so ``torch.manual_seed``
 makes runs repeat, and by the element's flat index), the output
 ``y * where(keep, 1 / (1 - p), 0)`` (a NaN row stays NaN, as in eager); the probabilities
-and the mask are written too when the backward needs them.  Like Inductor's, the random stream is not eager's.  This module
-holds the host launcher, the ATen reference, the custom op and its autograd; the kernels
-and the backward op are :mod:`.fused_softmax`'s.
+and the mask are written too when the backward needs them.  Like Inductor's, the random
+stream is not eager's.  This module holds the host launcher, the ATen reference, the
+custom op and its autograd; the kernels and the backward op are :mod:`.fused_softmax`'s.
 """
 
 from __future__ import annotations

@@ -265,14 +265,8 @@ class SoftmaxFusions(FuserBase):
             if sm.target is tile.scale_mask_softmax.default:
                 x, scale, mask, dim, bias, fill, dtype, safe = _scale_mask_softmax_args(sm)
             elif (call := _softmax_call(sm)) is not None and call[2] is False:
-                (x, dim, _, safe), scale, mask, bias, fill, dtype = (
-                    call,
-                    1.0,
-                    None,
-                    None,
-                    None,
-                    None,
-                )
+                x, dim, _, safe = call
+                scale, mask, bias, fill, dtype = 1.0, None, None, None, None
             else:
                 continue
             for u in list(sm.users):
