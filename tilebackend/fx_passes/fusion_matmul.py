@@ -103,7 +103,7 @@ class MatmulFusions(FuserBase):
         except pointwise.ExprError as e:
             self._note(gemm, f"epilogue not expressible: {e}")
             return
-        extra_nodes, why = self._extra_inputs(gemm, sink, leaves)
+        extra_nodes, why, a = self._extra_inputs(gemm, sink, leaves, a)
         if extra_nodes is None:
             self._note(gemm, why)
             return
@@ -142,6 +142,7 @@ class MatmulFusions(FuserBase):
             self._note(gemm, f"{sink.name}'s dtype {_val(sink).dtype} is not its expression's")
             return
         also = [n for g, chain in terms for n in (*chain, g)]  # the terms' GEMMs and views
+        also += [parts[0]] if parts[0] is not a else []  # (a's view, when a is N-d)
         self._splice(op, args, [gemm], [root], region, sink, extra_nodes, also=also)
         self.report.replacements.append(
             Replacement(
@@ -297,33 +298,68 @@ class MatmulFusions(FuserBase):
             env[n] = pointwise_aten.from_aten(n.target, args, kwargs)
         return [env[o] for o in outputs], leaves
 
-    def _extra_inputs(self, gemm, sink, leaves):
+    def _extra_inputs(self, gemm, sink, leaves, a):
         """How each extra reaches the fused op: ``(kind, node, shape)``, kind ``"as_is"`` or
         ``"view"`` (an N-d extra of the N-d output, viewed as the GEMM's ``[M, N]``; or
         one with leading dims of size 1, a layer scale stored ``[1, 1, N]``, viewed
-        without them).  Returns (that list, None) or (None, why)."""
+        without them).  Returns (that list, None, the GEMM's ``a``) or (None, why, None).
+
+        An extra that broadcasts over some rows of the N-d output but not over the
+        GEMM's folded ``[M, N]`` (a per-sample gate ``[B, 1, N]``, a position table
+        ``[T, N]``) needs the output N-d: the fused op then takes the N-d tensor the
+        linear viewed as ``a [M, K]`` (:meth:`_unfolded`) and every extra as it is."""
         out_shape = _val(sink).shape
         m_n = _val(gemm).shape
-        extra_nodes = []
+        extra_nodes, per_row = [], []
         for e in leaves:
             v = _val(e)
-            if (
+            if v.dim() <= 2 and self._broadcasts_to(v.shape, m_n):
+                extra_nodes.append(("as_is", e, None))
+            elif (
                 v.dim() > 2
                 and all(self.facts.prove_eq(s, 1) for s in v.shape[:-2])
                 and not shapes.is_symbolic(v.shape[-1])  # (a symbolic M is viewed as -1)
             ):
                 extra_nodes.append(("view", e, list(v.shape[-2:])))
-            elif v.dim() > 2:
-                if (
-                    not self._same(v.shape, out_shape)
-                    or self.facts.prove_contiguous(v.shape, v.stride()) is not True
-                    or shapes.is_symbolic(m_n[1])  # (a symbolic M is viewed as -1)
-                ):
-                    return None, f"extra input {e.name} {tuple(v.shape)} is not 2-D"
+            elif (
+                v.dim() > 2
+                and self._same(v.shape, out_shape)
+                and self.facts.prove_contiguous(v.shape, v.stride()) is True
+                and not shapes.is_symbolic(m_n[1])  # (a symbolic M is viewed as -1)
+            ):
                 extra_nodes.append(("view", e, [m_n[0], m_n[1]]))
-            else:
+            elif len(out_shape) > 2 and self._broadcasts_to(v.shape, out_shape):
+                per_row.append(e)
                 extra_nodes.append(("as_is", e, None))
-        return extra_nodes, None
+            elif v.dim() <= 2:  # (the fused op's check says why)
+                extra_nodes.append(("as_is", e, None))
+            else:
+                return None, f"extra input {e.name} {tuple(v.shape)} is not 2-D", None
+        if not per_row:
+            return extra_nodes, None, a
+        e = per_row[0]
+        x = self._unfolded(a, out_shape)
+        if x is None:
+            why = f"extra input {e.name} {tuple(_val(e).shape)} needs the N-d output"
+            return None, f"{why}, and the GEMM's input is not a view of an N-d tensor", None
+        for _, e, _ in extra_nodes:
+            if not self._broadcasts_to(_val(e).shape, out_shape):
+                shape = tuple(_val(e).shape)
+                return None, f"extra input {e.name} {shape} is 2-D beside a per-row one", None
+        return [("as_is", e, None) for _, e, _ in extra_nodes], None, x
+
+    def _unfolded(self, a, out_shape) -> fx.Node | None:
+        """The N-d tensor that ``a`` (a GEMM's ``[M, K]`` input) views with its leading
+        dims folded, when those are the N-d output's; else None."""
+        if not isinstance(a, fx.Node) or a.target not in _VIEWS:
+            return None
+        x = a.args[0]
+        vx = _val(x) if isinstance(x, fx.Node) else None
+        if vx is None or vx.dim() != len(out_shape):
+            return None
+        if not self._same(vx.shape[:-1], out_shape[:-1]):
+            return None
+        return x if self.facts.prove_eq(vx.shape[-1], _val(a).shape[-1]) is True else None
 
     @staticmethod
     def _extra_values(extra_nodes) -> list[Any]:
@@ -357,7 +393,7 @@ class MatmulFusions(FuserBase):
             fused = graph.call_function(op, (*args[:-1], extras, args[-1]))
             self._meta(fused)
             out = fused
-            if roots[0] is not gemms[0]:
+            if roots[0] is not gemms[0] and _val(fused).dim() == 2:  # (not when a is N-d)
                 out = graph.call_function(aten.view.default, (fused, list(roots[0].args[1])))
                 self._meta(out)
         sink.replace_all_uses_with(out)
@@ -413,19 +449,28 @@ class MatmulFusions(FuserBase):
             )
         except pointwise.ExprError as e:
             return f"epilogue not expressible: {e}"
-        extra_nodes, why = self._extra_inputs(gemm, sink, leaves)
+        extra_nodes, why, a = self._extra_inputs(gemm, sink, leaves, a)
         if extra_nodes is None:
             return why
         # the fused op goes before the first node it replaces that follows all its inputs;
         # every outside use of a value it writes must come after that point
-        order = self._order()
         inputs = [x for x in (a, b, bias, *leaves) if isinstance(x, fx.Node)]
-        last_input = max(order[x] for x in inputs)
-        anchor = min((n for n in (gemm, root, *kept) if order[n] > last_input), key=order.get)
-        for n in outputs:
-            early = [u for u in n.users if u not in inside and order[u] <= order[anchor]]
-            if early:
-                return f"{n.name} is used by {early[0].name} before the fused op could run"
+        for attempt in range(2):
+            order = self._order()
+            last_input = max(order[x] for x in inputs)
+            anchor = min((n for n in (gemm, root, *kept) if order[n] > last_input), key=order.get)
+            early = [
+                (n, u)
+                for n in outputs
+                for u in n.users
+                if u not in inside and order[u] <= order[anchor]
+            ]
+            if not early:
+                break
+            # an extra computed late (a recomputed ``1 + scale``) moves up, if it can
+            if attempt or not self._hoist_inputs(inputs, min((gemm, root, *kept), key=order.get)):
+                n, u = early[0]
+                return f"{n.name} is used by {u.name} before the fused op could run"
         hinted = [shapes.hinted(_val(x)) for x in (a, b, bias)]
         ex_vals = self._extra_values(extra_nodes)
         exprs_s = [pointwise.dumps(e) for e in exprs]
@@ -437,7 +482,15 @@ class MatmulFusions(FuserBase):
             if pointwise.infer_dtype(e, leaf_dtypes) != _val(n).dtype:
                 return f"{n.name}'s dtype {_val(n).dtype} is not its expression's"
         self._splice_multi(
-            gemm, (a, b, bias), root, kept, [sink, *outputs], exprs_s, anchor, extra_nodes
+            gemm,
+            (a, b, bias),
+            root,
+            kept,
+            [sink, *outputs],
+            exprs_s,
+            anchor,
+            extra_nodes,
+            also=[parts[0]] if parts[0] is not a else [],  # (a's view, when a is N-d)
         )
         self.report.replacements.append(
             Replacement(
@@ -454,7 +507,30 @@ class MatmulFusions(FuserBase):
         )
         return None
 
-    def _splice_multi(self, gemm, parts, root, region, results, exprs, anchor, extra_nodes):
+    def _hoist_inputs(self, nodes, before: fx.Node) -> bool:
+        """Move those of ``nodes`` after ``before``, with their ancestors after it, to just
+        before it (in their order).  Nothing moves, and False, when one of them draws
+        random numbers or mutates (their order is part of the result)."""
+        from .cse import draws_random, mutates
+
+        order = self._order()
+        todo: set[fx.Node] = set()
+        stack = [n for n in nodes if order[n] > order[before]]
+        while stack:
+            n = stack.pop()
+            if n in todo:
+                continue
+            if n.op != "call_function" or mutates(n) or draws_random(n.target):
+                return False
+            todo.add(n)
+            stack.extend(x for x in n.all_input_nodes if order[x] > order[before])
+        for n in sorted(todo, key=order.__getitem__):
+            before.prepend(n)
+        return True
+
+    def _splice_multi(
+        self, gemm, parts, root, region, results, exprs, anchor, extra_nodes, also=()
+    ):
         """Insert ``tile::mm_epilogue_multi(*parts, extras, exprs)`` before ``anchor``; each
         of ``results`` (the sink, then the values also used elsewhere) is replaced by its
         output (viewed back to N-d when ``root`` is a view), and what it replaces erased."""
@@ -469,13 +545,18 @@ class MatmulFusions(FuserBase):
             for i in range(len(results)):
                 out = graph.call_function(operator.getitem, (fused, i))
                 self._meta(out)
-                if root is not gemm and results[i] is not gemm:
+                if root is gemm or _val(out).dim() == _val(results[i]).dim():
+                    pass
+                elif results[i] is gemm:  # (the N-d a's result, read 2-D as the GEMM's)
+                    out = graph.call_function(aten.view.default, (out, [-1, root.args[1][-1]]))
+                    self._meta(out)
+                else:
                     out = graph.call_function(aten.view.default, (out, list(root.args[1])))
                     self._meta(out)
                 news.append(out)
         for n, new in zip(results, news):
             n.replace_all_uses_with(new)
-        dead = dict.fromkeys([*region, root, gemm])
+        dead = dict.fromkeys([*region, root, gemm, *also])
         for n in sorted(dead, key=self._order().__getitem__, reverse=True):
             if not n.users:
                 graph.erase_node(n)
@@ -637,23 +718,23 @@ class MatmulFusions(FuserBase):
             expr, leaves = self._expression(roots, region, sink, extras, pointwise)
         except pointwise.ExprError as e:
             return f"epilogue not expressible: {e}"
-        extra_nodes, why = self._extra_inputs(g0, sink, leaves)
+        extra_nodes, why, a = self._extra_inputs(g0, sink, leaves, a0)
         if extra_nodes is None:
             return why
         expr_s = pointwise.dumps(expr)
-        hinted = [shapes.hinted(_val(x)) for x in (a0, b0, b1, bias0, bias1)]
+        hinted = [shapes.hinted(_val(x)) for x in (a, b0, b1, bias0, bias1)]
         reason = dual_matmul.check(*hinted, self._extra_values(extra_nodes), expr_s)
         if reason is not None:
             return f"fused dual epilogue refused: {reason}"
         self._splice(
             torch.ops.tile.dual_mm_epilogue.default,
-            (a0, b0, b1, bias0, bias1, expr_s),
+            (a, b0, b1, bias0, bias1, expr_s),
             [g0, g1],
             roots,
             region,
             sink,
             extra_nodes,
-            also=[a1] if a1 is not a0 else [],  # the second view of a, now unused
+            also=[x for x in dict.fromkeys((a0, a1)) if x is not a],  # (a's views, now unused)
         )
         self.report.replacements.append(
             Replacement(
