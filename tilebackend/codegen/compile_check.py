@@ -31,6 +31,7 @@ MODULES = (
     "grouped_matmul",
     "fused_softmax",
     "fused_norm",
+    "norm_epilogue",
     "dropout",
 )
 

@@ -32,6 +32,9 @@
 * **residual add + norm**: ``layer_norm(x + r)`` / ``rms_norm(x + r)`` become
   ``tile::add_layer_norm`` / ``tile::add_rms_norm``, which also write the sum when it is
   used later.
+* **norm epilogues**: the pointwise ops after a layer / RMS norm (adaLN's modulation, a
+  cast, an activation) grow as a GEMM's epilogue does into ``tile::norm_epilogue``
+  (:mod:`.fusion_norm`).
 
 It runs on graphs whose autograd is already done (inference, and the partitioned forward
 and backward graphs), after the anchors were replaced by the rewrite.  The matmul passes
@@ -52,10 +55,11 @@ from ..report import GraphReport, Replacement, describe_value, short_target
 from .fusion_core import _is_tensor_node, _val, aten
 from .fusion_dropout import DropoutLowering
 from .fusion_grouped import GroupedGemms
+from .fusion_norm import NormEpilogues
 from .fusion_softmax import SoftmaxFusions
 
 
-class _Fuser(GroupedGemms, SoftmaxFusions, DropoutLowering):
+class _Fuser(GroupedGemms, NormEpilogues, SoftmaxFusions, DropoutLowering):
     # --- residual add + norm -----------------------------------------------------------
 
     def _repeats(self, small, big, k: int) -> bool:
@@ -192,13 +196,15 @@ def fuse(gm: fx.GraphModule, report: GraphReport) -> int:
         fused_softmax,
         fused_softmax_dropout,
         grouped_matmul,
+        norm_epilogue,
     )
 
     f = _Fuser(gm, report)
     f.residual_norms()
-    f.softmax_prologues()
+    f.softmax_prologues()  # (first: a scale between a norm and a softmax is the softmax's)
     f.softmax_dropouts()
     f.softmax_backwards()
+    f.norm_epilogues()  # (before the dropouts become pointwise ops: no rand in a norm's)
     f.lower_dropouts()  # keep masks as pointwise ops: they fuse into GEMM epilogues
     f.split_gemms()  # a gate_up GEMM chunked in two: two GEMMs of W's halves
     f.dual_matmul_epilogues()  # first: a SwiGLU pair wins over one GEMM's epilogue

@@ -295,6 +295,8 @@ class MatmulFusions(FuserBase):
         for n in region:
             args = [conv(a) for a in n.args]
             kwargs = {k: conv(v) for k, v in n.kwargs.items()}
+            if kwargs.get("device") is not None and _same_device(n.args[0], kwargs["device"]):
+                del kwargs["device"]  # (``type_as``'s copy names the device it stays on)
             env[n] = pointwise_aten.from_aten(n.target, args, kwargs)
         return [env[o] for o in outputs], leaves
 
@@ -753,6 +755,12 @@ class MatmulFusions(FuserBase):
             )
         )
         return None
+
+
+def _same_device(x: Any, device: Any) -> bool:
+    """``x`` (a graph value) is on ``device`` already."""
+    v = _val(x) if isinstance(x, fx.Node) else None
+    return isinstance(v, torch.Tensor) and v.device == torch.device(device)
 
 
 class _Reshaped:
