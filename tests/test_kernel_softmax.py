@@ -24,7 +24,6 @@ LOG = [pytest.param(False, id="softmax"), pytest.param(True, id="log_softmax")]
 NEG_INF = float("-inf")
 
 
-
 def _fwd_name(log: bool) -> str:
     return "log_softmax_fwd" if log else "softmax_fwd"
 
