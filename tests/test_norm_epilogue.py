@@ -179,3 +179,24 @@ def test_a_norm_over_two_dims_says_why(poison):
     assert dict(launches) == {"layer_norm_fwd": 1}, dict(launches)
     (note,) = [s for s in backend.report.skipped if "norm epilogue" in s.reason]
     assert "normalizes over 2 dims" in note.reason, note.reason
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_symbolic_normalized_size(poison, rms):
+    """``norm(x, x.shape[-1:])`` under ``dynamic=True``: the normalized size is a
+    symbolic graph value (the check took it for an int and the whole graph's fusion
+    failed, a GEMM epilogue beside it included)."""
+
+    def fn(x, w, m):
+        n = x.shape[-1:]
+        y = F.rms_norm(x, n, w) if rms else F.layer_norm(x, n, w)
+        return F.silu(y), F.gelu(m @ m)
+
+    compiled, backend = compile_tile(fn, dynamic=True)
+    for n in (16, 24):
+        x, w, m = torch.randn(3, 5, n), torch.randn(n), torch.randn(6, 6)
+        with torch.no_grad(), _common.count_launches() as launches:
+            out = compiled(x, w, m)
+        torch.testing.assert_close(out, fn(x, w, m), atol=1e-5, rtol=1e-5)
+        assert dict(launches) == {"norm_epilogue": 1, "mm_epilogue": 1}, dict(launches)
+    assert not [n for g in backend.report.graphs for n in g.notes if "failed" in n]

@@ -77,7 +77,10 @@ class NormEpilogues(MatmulFusions):
             shapes.hinted(_val(t)) if isinstance(t, fx.Node) else None for t in (x, weight, bias)
         ]
         ex_vals = [shapes.hinted(_val(e)) for e in leaves]
-        reason = norm_epilogue.check(hinted[0], ns, hinted[1], hinted[2], rms, ex_vals, exprs_s)
+        ns_hint = [int(shapes.hint(_val(d))) if isinstance(d, fx.Node) else d for d in ns]
+        reason = norm_epilogue.check(
+            hinted[0], ns_hint, hinted[1], hinted[2], rms, ex_vals, exprs_s
+        )
         if reason is not None:
             return reason
         from ..codegen import epilogue_host
