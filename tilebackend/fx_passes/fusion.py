@@ -52,6 +52,7 @@ import torch.fx as fx
 
 from ..codegen.fused_norm import broadcasts_over_leading_dims
 from ..report import GraphReport, Replacement, describe_value, short_target
+from . import layout
 from .fusion_core import _is_tensor_node, _val, aten
 from .fusion_dropout import DropoutLowering
 from .fusion_grouped import GroupedGemms
@@ -199,6 +200,7 @@ def fuse(gm: fx.GraphModule, report: GraphReport) -> int:
         norm_epilogue,
     )
 
+    before = layout.snapshot(gm.graph)
     f = _Fuser(gm, report)
     f.residual_norms()
     f.softmax_prologues()  # (first: a scale between a norm and a softmax is the softmax's)
@@ -213,6 +215,7 @@ def fuse(gm: fx.GraphModule, report: GraphReport) -> int:
     f.restore_dropouts()  # where a lowered dropout did not fuse
     f.merge_seeds()  # one randint for all the seeds the fused ops draw with
     if f.count or f.touched:
+        layout.restore(gm, before, report.notes)
         gm.graph.lint()
         gm.recompile()
     return f.count

@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from .. import _compat
 from ..report import GraphReport, Replacement, Skipped, describe_value, short_target
-from . import matcher, shapes
+from . import layout, matcher, shapes
 from .registry import REGISTRY, Pattern
 
 log = logging.getLogger("tilebackend")
@@ -81,6 +81,7 @@ def rewrite(
     graph = gm.graph
     erased: set[fx.Node] = set()
     replaced = 0
+    before = layout.snapshot(graph)
     # outputs first: the pattern that reaches furthest downstream gets a node before a
     # smaller pattern nested inside it
     for node in reversed(list(graph.nodes)):
@@ -142,6 +143,7 @@ def rewrite(
     report.replacements.reverse()  # visited outputs-first; report in graph order
     report.skipped.reverse()
     if replaced:
+        layout.restore(gm, before, report.notes)
         graph.lint()
         gm.recompile()
     return replaced
