@@ -30,9 +30,11 @@ def _modulate(x, scale, shift):  # DiT's adaLN: per sample, broadcast over the t
     [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3), (torch.bfloat16, 2e-2, 2e-2)],
 )
 @pytest.mark.parametrize("shape", [(2, 5, 37), (3, 1, 8), (1, 7, 1), (0, 3, 16), (13,)])
-def test_kernel_matches_the_unfused_ops(poison, rms, dtype, atol, rtol, shape):
-    """Two results (the modulated rows under a mask, and the normalised value itself)
-    and the statistics, against the unfused norm op and eager ops."""
+@pytest.mark.parametrize("residual", [False, True])
+def test_kernel_matches_the_unfused_ops(poison, rms, dtype, atol, rtol, shape, residual):
+    """Two results (the modulated rows under a mask, and the normalised value itself),
+    the sum with a residual (broadcast over the batch), and the statistics, against the
+    unfused norm op and eager ops."""
     n = shape[-1]
     x = torch.randn(shape, dtype=dtype) * 3 + 1
     w = torch.randn(n, dtype=dtype)
@@ -40,11 +42,13 @@ def test_kernel_matches_the_unfused_ops(poison, rms, dtype, atol, rtol, shape):
     lead = (shape[0], 1) if len(shape) == 3 else ()
     scale, shift = torch.randn(*lead, n, dtype=dtype), torch.randn(*lead, n, dtype=dtype)
     mask = torch.rand(shape[-2:] if len(shape) > 1 else shape) > 0.5  # broadcast over dim 0
-    args = (x, [n], w, b, None if rms else 1e-5, rms, [scale, shift, mask], [MASKED, '"ACC"'])
+    res = torch.randn(shape[-2:] if len(shape) > 1 else shape, dtype=dtype) if residual else None
+    eps = None if rms else 1e-5
+    args = (x, res, [n], w, b, eps, rms, [scale, shift, mask], [MASKED, '"ACC"'])
     with _common.count_launches() as launches:
         got = torch.ops.tile.norm_epilogue(*args)
     ref = ne.reference(*args)
-    assert len(got) == len(ref) == (3 if rms else 4)
+    assert len(got) == len(ref) == (3 if rms else 4) + residual
     for g, r in zip(got, ref):
         assert g.shape == r.shape
         torch.testing.assert_close(g.to(r.dtype), r, atol=atol, rtol=rtol)
@@ -55,7 +59,7 @@ def test_strided_rows_and_extras(poison):
     """A transposed input (rows not contiguous) and a strided per-row extra."""
     x = torch.randn(24, 3, 5).transpose(0, 2)  # [5, 3, 24], column stride 15
     scale = torch.randn(5, 48)[:, ::2].unsqueeze(1)  # [5, 1, 24], column stride 2
-    args = (x, [24], None, None, 1e-6, False, [scale, scale], [MODULATE])
+    args = (x, None, [24], None, None, 1e-6, False, [scale, scale], [MODULATE])
     with _common.count_launches() as launches:
         got = torch.ops.tile.norm_epilogue(*args)
     torch.testing.assert_close(got, ne.reference(*args))
@@ -79,7 +83,8 @@ def test_strided_rows_and_extras(poison):
     ],
 )
 def test_check_names_the_reason(args, why):
-    reason = ne.check(*args[:4], args[5], args[6], args[7])
+    x, ns, w, b, _eps, rms, extras, exprs = args
+    reason = ne.check(x, None, ns, w, b, rms, extras, exprs)
     assert reason is not None and why in reason, reason
 
 
@@ -200,3 +205,41 @@ def test_symbolic_normalized_size(poison, rms):
         torch.testing.assert_close(out, fn(x, w, m), atol=1e-5, rtol=1e-5)
         assert dict(launches) == {"norm_epilogue": 1, "mm_epilogue": 1}, dict(launches)
     assert not [n for g in backend.report.graphs for n in g.notes if "failed" in n]
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_residual_norm_with_modulation_is_one_kernel(poison, norm):
+    """DiT's later blocks, pre-norm models' activations: ``norm(x + r)`` then pointwise
+    ops is one kernel that also writes the sum the next residual reads."""
+    n = 24
+    ln, rn = torch.nn.LayerNorm(n, elementwise_affine=False), torch.nn.RMSNorm(n, eps=1e-6)
+    f = ln if norm == "layer" else rn
+
+    def fn(x, r, scale, shift):
+        h = x + r
+        return F.silu(_modulate(f(h), scale, shift)), h * 2
+
+    args = tuple(torch.randn(s) for s in ((3, 7, n), (3, 7, n), (3, n), (3, n)))
+    compiled, backend = compile_tile(fn)
+    with torch.no_grad(), _common.count_launches() as launches:
+        out = compiled(*args)
+    torch.testing.assert_close(out, fn(*args), atol=1e-5, rtol=1e-5)
+    assert dict(launches) == {"norm_epilogue": 1}, (dict(launches), str(backend.report))
+    (graph,) = backend.report.graphs
+    assert graph.counts.get("fused_norm_epilogue") == 1, str(graph)
+
+
+@pytest.mark.parametrize("fallback", ["eager", "inductor"])
+def test_residual_norm_with_modulation_in_training(poison, fallback):
+    ln = torch.nn.LayerNorm(16)
+
+    def fn(x, r, scale, shift):
+        return _modulate(ln(x + r), scale, shift)
+
+    shapes = ((2, 5, 16), (2, 5, 16), (2, 16), (2, 16))
+    args = [torch.randn(s, requires_grad=True) for s in shapes]
+    compiled, backend = compile_tile(fn, {"fallback": fallback})
+    with _common.count_launches() as launches:
+        compiled(*args).square().sum().backward()
+    grads_like_eager([*args, ln.weight, ln.bias], lambda: fn(*args), 1e-4, 1e-4)
+    assert launches["norm_epilogue"] == 1 and launches["layer_norm_bwd"] == 1, dict(launches)

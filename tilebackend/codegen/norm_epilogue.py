@@ -63,6 +63,8 @@ from triton.language.extra import libdevice  # noqa: F401  (used by some express
 @triton.jit
 def norm_epilogue_kernel(
     x_ptr,  # [M, N] rows: row stride stride_xm, column stride 1
+    r_ptr,  # [M, N] residual through row strides r_s0, r_s1 (read only if HAS_RES)
+    sum_ptr,  # [M, N] x + residual, contiguous (written only if HAS_RES)
     w_ptr,  # [N] weight (read only if HAS_WEIGHT)
     b_ptr,  # [N] bias (read only if HAS_BIAS)
     mean_ptr,  # fp32 [M] per-row mean (written unless RMS)
@@ -72,8 +74,11 @@ def norm_epilogue_kernel(
     N,
     L1,  # rows of M are (i0, i1) with i1 < L1: extras' rows are i0 * s0 + i1 * s1
     stride_xm,
+    r_s0,
+    r_s1,
     eps,
-{in_strides}    RMS: tl.constexpr,
+{in_strides}    HAS_RES: tl.constexpr,  # the norm is of x + residual (the sum is written)
+    RMS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 {in_modes}    BLOCK_M: tl.constexpr,  # rows per program
@@ -85,7 +90,15 @@ def norm_epilogue_kernel(
     mask_n = offs_n < N
     mask = mask_m[:, None] & mask_n[None, :]
     rows = offs_m.to(tl.int64)
+    row0 = (offs_m // L1).to(tl.int64)
+    row1 = (offs_m % L1).to(tl.int64)
+    cols = offs_n.to(tl.int64)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_n[None, :], mask=mask, other=0.0)
+    if HAS_RES:  # the sum rounded to the input dtype, as eager's add gives the norm
+        r_offs = (row0 * r_s0 + row1 * r_s1)[:, None] + offs_n[None, :]
+        x = (x.to(tl.float32) + tl.load(r_ptr + r_offs, mask=mask, other=0.0).to(tl.float32))
+        x = x.to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + rows[:, None] * N + offs_n[None, :], x, mask=mask)
     x = x.to(tl.float32)
     if RMS:
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
@@ -101,9 +114,6 @@ def norm_epilogue_kernel(
         acc = acc * tl.load(w_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc = acc + tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    row0 = (offs_m // L1).to(tl.int64)
-    row1 = (offs_m % L1).to(tl.int64)
-    cols = offs_n.to(tl.int64)
 {loads}
     # --- the expressions (fp32) ---
 {body}
@@ -154,13 +164,16 @@ def _parse(exprs: Sequence[Any]) -> list[Any]:
 
 
 def _eps(x: torch.Tensor, eps: float | None) -> float:
-    """An RMS norm's ``eps=None`` is the input dtype's machine epsilon (as ATen's)."""
-    return float(torch.finfo(x.dtype).eps if eps is None else eps)
+    """An RMS norm's ``eps=None`` is ATen's (the epsilon of the opmath type)."""
+    from .rms_norm import default_eps
+
+    return float(default_eps(x.dtype) if eps is None else eps)
 
 
 @_common.memo_reason
 def check(
     x: Any,
+    residual: Any,
     normalized_shape: Sequence[int],
     weight: Any,
     bias: Any,
@@ -178,6 +191,15 @@ def check(
         r = check_layer_norm(x, ns, weight, bias)
     if r:
         return r
+    if residual is not None:
+        if residual.dtype != x.dtype or residual.device != x.device:
+            return f"residual {residual.dtype} on {residual.device} is not the input's"
+        try:
+            full = _common.broadcast_shapes(tuple(x.shape), tuple(residual.shape))
+        except RuntimeError:
+            full = None
+        if full != tuple(x.shape) or residual.dim() == 0 or residual.shape[-1] != ns[0]:
+            return f"residual {tuple(residual.shape)} does not add to rows {tuple(x.shape)}"
     if ns[0] > MAX_N:
         return f"rows of {ns[0]} > {MAX_N} columns do not fit one block of registers"
     try:
@@ -216,24 +238,33 @@ def check(
     return None
 
 
-def _stats_dtype(x: torch.Tensor, rms: bool) -> torch.dtype:
-    """The dtype of the statistics the unfused norm op returns."""
+def _stats_dtype(x: torch.Tensor, rms: bool, residual: Any) -> torch.dtype:
+    """The dtype of the statistics the unfused norm op returns (fp32 for the residual
+    ops, ``tile::add_layer_norm`` / ``tile::add_rms_norm``)."""
+    if residual is not None:
+        return torch.float32
     return _rstd_dtype(x) if rms else stats_dtype(x)
 
 
-def reference(x, normalized_shape, weight, bias, eps, rms, extras, exprs) -> list[torch.Tensor]:
-    """Eager: the unfused norm op, then each expression with eager ops; the results, then
-    the statistics."""
+def reference(
+    x, residual, normalized_shape, weight, bias, eps, rms, extras, exprs
+) -> list[torch.Tensor]:
+    """Eager: the unfused norm op, then each expression with eager ops; the results, the
+    sum (with a residual), then the statistics."""
     from . import layer_norm as _ln
     from . import rms_norm as _rms
 
     ns = [int(v) for v in normalized_shape]
+    total = x if residual is None else x + residual
     if rms:
-        y, rstd = _rms._aten_fwd(x, ns, weight, _eps(x, eps))
+        y, rstd = _rms._aten_fwd(total, ns, weight, _eps(x, eps))
         stats = [rstd]
     else:
-        y, mean, rstd = _ln._aten_fwd(x, ns, weight, bias, eps)
+        y, mean, rstd = _ln._aten_fwd(total, ns, weight, bias, eps)
         stats = [mean, rstd]
+    stats = [t.to(_stats_dtype(x, rms, residual)) for t in stats]
+    if residual is not None:
+        stats.insert(0, total)
     leaves = {"ACC": y, **{f"IN{i}": t for i, t in enumerate(extras)}}
     outs = []
     for e in _parse(exprs):
@@ -266,6 +297,7 @@ def _space(n: int) -> tuple[list[Config], Config]:
 
 def norm_epilogue(
     x: torch.Tensor,
+    residual: torch.Tensor | None,
     normalized_shape: Sequence[int],
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -274,12 +306,12 @@ def norm_epilogue(
     extras: Sequence[torch.Tensor],
     exprs: Sequence[Any],
 ) -> list[torch.Tensor]:
-    """Each of ``exprs`` over ``ACC = norm(x) * w + b`` and ``extras`` with one generated
-    tile kernel: ``[*results, *stats]``, the results contiguous in ``x``'s shape, the
-    stats fp32 (LN: mean, rstd; RMS: rstd).  Raises ``KernelError`` when :func:`check`
-    refuses the inputs."""
+    """Each of ``exprs`` over ``ACC = norm(x [+ residual]) * w + b`` and ``extras`` with
+    one generated tile kernel: ``[*results, sum, *stats]`` (the sum with a residual
+    only), the results contiguous in ``x``'s shape, the stats fp32 (LN: mean, rstd; RMS:
+    rstd).  Raises ``KernelError`` when :func:`check` refuses the inputs."""
     extras = list(extras)
-    reason = check(x, normalized_shape, weight, bias, rms, extras, exprs)
+    reason = check(x, residual, normalized_shape, weight, bias, rms, extras, exprs)
     if reason:
         raise KernelError(kernel="norm_epilogue", reason=reason)
     parsed = _parse(exprs)
@@ -292,9 +324,15 @@ def norm_epilogue(
     mean = _common.empty(sshape, torch.float32, x.device)
     rstd = _common.empty(sshape, torch.float32, x.device)
     stats = [rstd] if rms else [mean, rstd]
+    total = _common.empty(x.shape, x.dtype, x.device) if residual is not None else None
+    sums = [total] if total is not None else []
     if m == 0:
-        return [*outs, *stats]
+        return [*outs, *sums, *stats]
     x2, stride_x = as_rows(x, m, n)
+    if residual is not None:
+        r_full, r_s0, r_s1, _ = _host.row_strides(residual, lead or (1,), n)
+    else:
+        r_full, r_s0, r_s1 = x2, 0, 0
     outs2 = [o.view(torch.uint8) if o.dtype == torch.bool else o for o in outs]
     bools, ex_args, ex_strides = _host.extra_args(extras, lead or (1,), n)
     cast = any(_host.has_cast(e) for e in parsed)
@@ -310,6 +348,8 @@ def norm_epilogue(
             kernel,
             (_common.cdiv(m, cfg["BLOCK_M"]),),
             x2,
+            r_full,
+            total if total is not None else x2,
             w,
             b,
             mean,
@@ -320,8 +360,11 @@ def norm_epilogue(
             n,
             (lead or (1,))[-1],
             stride_x,
+            r_s0,
+            r_s1,
             _eps(x, eps),
             *ex_strides,
+            HAS_RES=residual is not None,
             RMS=rms,
             HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None,
@@ -335,6 +378,7 @@ def norm_epilogue(
         autotune.bucket(n),
         autotune.bucket(m),
         rms,
+        residual is not None,
         weight is not None,
         bias is not None,
         tuple(modes.values()),
@@ -344,10 +388,10 @@ def norm_epilogue(
     )
     configs, first = _space(n)
     cfg = autotune.select(
-        "norm_epilogue", key, configs, first, run, outputs=lambda: [*outs, *stats], fn=kernel
+        "norm_epilogue", key, configs, first, run, outputs=lambda: [*outs, *sums, *stats], fn=kernel
     )
     run(cfg)
-    return [*outs, *stats]
+    return [*outs, *sums, *stats]
 
 
 # --- custom op ------------------------------------------------------------------------
@@ -356,40 +400,44 @@ def norm_epilogue(
 @torch.library.custom_op(
     "tile::norm_epilogue",
     mutates_args=(),
-    schema="(Tensor x, SymInt[] normalized_shape, Tensor? weight, Tensor? bias, float? eps, "
-    "bool rms, Tensor[] extras, str[] exprs) -> Tensor[]",
+    schema="(Tensor x, Tensor? residual, SymInt[] normalized_shape, Tensor? weight, "
+    "Tensor? bias, float? eps, bool rms, Tensor[] extras, str[] exprs) -> Tensor[]",
 )
 @plans.planned("tile::norm_epilogue")
-def norm_epilogue_op(x, normalized_shape, weight, bias, eps, rms, extras, exprs):
-    """``[*EXPR_i(norm(x), *extras), *stats]`` on a generated tile kernel (the unfused
-    norm and eager ops when it cannot run)."""
+def norm_epilogue_op(x, residual, normalized_shape, weight, bias, eps, rms, extras, exprs):
+    """``[*EXPR_i(norm(x [+ residual]), *extras), sum, *stats]`` (the sum with a residual
+    only) on a generated tile kernel (the unfused norm and eager ops when it cannot run)."""
     extras, exprs, ns = list(extras), list(exprs), [int(v) for v in normalized_shape]
+    args = (x, residual, ns, weight, bias, eps, rms, extras, exprs)
 
     def fallback():
-        return reference(x, ns, weight, bias, eps, rms, extras, exprs)
+        return reference(*args)
 
-    if check(x, ns, weight, bias, rms, extras, exprs) is not None:
+    if check(x, residual, ns, weight, bias, rms, extras, exprs) is not None:
         return fallback()
 
     def run():
-        got = norm_epilogue(x, ns, weight, bias, eps, rms, extras, exprs)
-        k = len(got) - len(exprs)
-        return [*got[:-k], *(s.to(_stats_dtype(x, rms)) for s in got[-k:])]
+        got = norm_epilogue(*args)
+        k = 1 if rms else 2
+        return [*got[:-k], *(s.to(_stats_dtype(x, rms, residual)) for s in got[-k:])]
 
     return _common.guarded(
         "norm_epilogue",
-        key=(x.dtype, rms, tuple(t.dtype for t in extras), tuple(exprs)),
+        key=(x.dtype, rms, residual is not None, tuple(t.dtype for t in extras), tuple(exprs)),
         run=run,
         fallback=fallback,
     )
 
 
 @norm_epilogue_op.register_fake
-def _(x, normalized_shape, weight, bias, eps, rms, extras, exprs):
+def _(x, residual, normalized_shape, weight, bias, eps, rms, extras, exprs):
     extras = list(extras)
     ldt = _host.leaf_dtypes(x, extras)
     outs = [x.new_empty(x.shape, dtype=pointwise.infer_dtype(e, ldt)) for e in _parse(exprs)]
-    stat = x.new_empty(stats_shape(x, normalized_shape), dtype=_stats_dtype(x, rms))
+    if residual is not None:
+        outs.append(x.new_empty(x.shape))
+    dt = _stats_dtype(x, rms, residual)
+    stat = x.new_empty(stats_shape(x, normalized_shape), dtype=dt)
     return [*outs, *([stat] if rms else [stat, stat.clone()])]
 
 
@@ -405,14 +453,15 @@ def sm90_specs() -> list[dict]:
     specs = []
     for dtype in (torch.float32, torch.bfloat16):
         ptr = "*" + _common.triton_dtype_name(dtype)
-        sig = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "mean_ptr": "*fp32", "rstd_ptr": "*fp32"}
+        sig = {"x_ptr": ptr, "r_ptr": ptr, "sum_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr}
+        sig.update({"mean_ptr": "*fp32", "rstd_ptr": "*fp32"})
         sig.update({"out_ptr": ptr, "out1_ptr": ptr, "in0_ptr": ptr, "in1_ptr": "*u8"})
-        sig.update({k: "i32" for k in ("M", "N", "L1", "stride_xm")})
+        sig.update({k: "i32" for k in ("M", "N", "L1", "stride_xm", "r_s0", "r_s1")})
         sig["eps"] = "fp32"
         sig.update({f"in{i}_{s}": "i32" for i in (0, 1) for s in ("s0", "s1")})
         for rms in (False, True):
             for cfg in _space(MAX_N)[0] + _space(768)[0]:
-                consts = {"RMS": rms, "HAS_WEIGHT": True, "HAS_BIAS": not rms}
+                consts = {"RMS": rms, "HAS_WEIGHT": True, "HAS_BIAS": not rms, "HAS_RES": rms}
                 consts.update({"IN0_MODE": _host.EXTRA_TILE, "IN1_MODE": _host.EXTRA_ROW})
                 consts.update({"in0_sn": 1, "in1_sn": 1, **dict(cfg.kwargs)})
                 specs.append(

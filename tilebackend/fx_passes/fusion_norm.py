@@ -28,11 +28,14 @@ class NormEpilogues(MatmulFusions):
         from ..codegen import pointwise_aten as pa
 
         tile = torch.ops.tile
+        norms = (
+            tile.layer_norm.default,
+            tile.rms_norm.default,
+            tile.add_layer_norm.default,
+            tile.add_rms_norm.default,
+        )
         for norm in list(self.graph.nodes):
-            if norm.op != "call_function" or norm.target not in (
-                tile.layer_norm.default,
-                tile.rms_norm.default,
-            ):
+            if norm.op != "call_function" or norm.target not in norms:
                 continue
             outs = {u.args[1]: u for u in norm.users if u.target is operator.getitem}
             y = outs.get(0)
@@ -47,12 +50,17 @@ class NormEpilogues(MatmulFusions):
     def _fuse_norm(self, norm, y, outs, pointwise) -> str | None:
         from ..codegen import norm_epilogue
 
-        rms = norm.target is torch.ops.tile.rms_norm.default
+        tile = torch.ops.tile
+        rms = norm.target in (tile.rms_norm.default, tile.add_rms_norm.default)
+        args = list(norm.args)
+        residual = None
+        if norm.target in (tile.add_layer_norm.default, tile.add_rms_norm.default):
+            residual = args.pop(1)  # (outputs: out, sum, stats)
         if rms:
-            x, ns, weight, eps = norm.args[:4]
+            x, ns, weight, eps = args[:4]
             bias = None
         else:
-            x, ns, weight, bias, eps = norm.args[:5]
+            x, ns, weight, bias, eps = args[:5]
         region, sink, _, why = self._grow([y], pointwise)
         if sink is None:  # open: the values read elsewhere are written too
             region, why = self._grow_region([y], pointwise)
@@ -74,12 +82,13 @@ class NormEpilogues(MatmulFusions):
             return f"epilogue not expressible: {e}"
         exprs_s = [pointwise.dumps(e) for e in exprs]
         hinted = [
-            shapes.hinted(_val(t)) if isinstance(t, fx.Node) else None for t in (x, weight, bias)
+            shapes.hinted(_val(t)) if isinstance(t, fx.Node) else None
+            for t in (x, residual, weight, bias)
         ]
         ex_vals = [shapes.hinted(_val(e)) for e in leaves]
         ns_hint = [int(shapes.hint(_val(d))) if isinstance(d, fx.Node) else d for d in ns]
         reason = norm_epilogue.check(
-            hinted[0], ns_hint, hinted[1], hinted[2], rms, ex_vals, exprs_s
+            hinted[0], hinted[1], ns_hint, hinted[2], hinted[3], rms, ex_vals, exprs_s
         )
         if reason is not None:
             return reason
@@ -97,16 +106,18 @@ class NormEpilogues(MatmulFusions):
         with graph.inserting_before(norm):
             fused = graph.call_function(
                 torch.ops.tile.norm_epilogue.default,
-                (x, ns, weight, bias, eps, rms, list(leaves), exprs_s),
+                (x, residual, ns, weight, bias, eps, rms, list(leaves), exprs_s),
             )
             self._meta(fused)
             news = []
-            for i in range(len(written) + (1 if rms else 2)):
+            rest = (1 if residual is not None else 0) + (1 if rms else 2)
+            for i in range(len(written) + rest):
                 g = graph.call_function(operator.getitem, (fused, i))
                 self._meta(g)
                 news.append(g)
         for n, new in zip(written, news):
             n.replace_all_uses_with(new)
+        # the norm's other outputs (the sum, the statistics) in the same order after them
         for k, new in enumerate(news[len(written) :], start=1):
             if k in outs:
                 outs[k].replace_all_uses_with(new)
