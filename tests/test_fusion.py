@@ -1018,3 +1018,32 @@ def test_embedding_sum_with_broadcast_positions_fuses_into_add_layer_norm(poison
     grads_like_eager(params, lambda: f(ids), atol=1e-4, rtol=1e-4)
     (fwd,) = [g for g in backend.report.graphs if g.name == "forward"]
     assert fwd.counts.get("fused_add_layer_norm") == 1, str(fwd)
+
+
+@pytest.mark.parametrize("fallback", ["eager", "inductor"])
+def test_transposed_weight_gradient_cast_fuses(poison, fallback):
+    """Mixed-precision training with fp32 master weights: the weight gradient
+    ``t(x^T @ dy)`` cast to fp32 is ``dy^T @ x`` with the cast in its epilogue (it was a
+    GEMM, a transpose and a separate cast pass)."""
+    lin = torch.nn.Linear(32, 48)
+    x = torch.randn(4, 32, requires_grad=True)
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": fallback})
+    compiled = torch.compile(lin, backend=backend)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = compiled(x)
+    with warnings.catch_warnings(), _common.count_launches() as launches:
+        warnings.simplefilter("error", RuntimeWarning)  # (no fallback to unfused ATen)
+        y.float().sum().backward()
+    got = (x.grad, lin.weight.grad, lin.bias.grad)
+    x.grad = lin.weight.grad = lin.bias.grad = None
+    with torch.autocast("cpu", dtype=torch.float16):
+        ref = lin(x)
+    ref.float().sum().backward()
+    for g, r in zip(got, (x.grad, lin.weight.grad, lin.bias.grad)):
+        assert g.dtype == r.dtype == torch.float32
+        torch.testing.assert_close(g, r, atol=2e-3, rtol=2e-3)
+    assert dict(launches) == {"mm_epilogue": 2}, dict(launches)
+    backward = backend.report.graphs[-1]
+    casts = [r for r in backward.replacements if r.scalars.get("expr") == '["to","ACC","float32"]']
+    assert len(casts) == 2, str(backward)

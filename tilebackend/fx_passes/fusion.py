@@ -209,13 +209,14 @@ def fuse(gm: fx.GraphModule, report: GraphReport) -> int:
     f.norm_epilogues()  # (before the dropouts become pointwise ops: no rand in a norm's)
     f.lower_dropouts()  # keep masks as pointwise ops: they fuse into GEMM epilogues
     f.split_gemms()  # a gate_up GEMM chunked in two: two GEMMs of W's halves
+    f.transposed_gemms()  # t(a @ b) with pointwise users: b.t() @ a.t()
     f.dual_matmul_epilogues()  # first: a SwiGLU pair wins over one GEMM's epilogue
     f.matmul_epilogues()
     f.grouped_gemms()  # last: the GEMMs no epilogue took, sharing an input
     f.restore_dropouts()  # where a lowered dropout did not fuse
     f.merge_seeds()  # one randint for all the seeds the fused ops draw with
     if f.count or f.touched:
-        layout.restore(gm, before, report.notes)
+        layout.restore(gm, before, report.notes, outputs=report.name != "backward")
         gm.graph.lint()
         gm.recompile()
     return f.count

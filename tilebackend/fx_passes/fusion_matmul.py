@@ -564,6 +564,57 @@ class MatmulFusions(FuserBase):
                 graph.erase_node(n)
         self.count += 1
 
+    # --- a GEMM read transposed ------------------------------------------------------
+
+    def transposed_gemms(self) -> None:
+        """``t(a @ b)`` read by pointwise ops (a weight gradient cast to an fp32 master
+        weight's dtype in mixed-precision training) becomes ``b.t() @ a.t()``: the same
+        values as a GEMM result of the read shape, so the epilogue grows over those ops.
+        Transposes are views: nothing is copied."""
+        tile = torch.ops.tile
+        for gemm in list(self.graph.nodes):
+            if gemm.op != "call_function" or gemm.target is not tile.mm.default:
+                continue
+            if len(gemm.users) != 1:
+                continue
+            (tr,) = gemm.users
+            if not self._is_transpose(tr) or not any(
+                u.op == "call_function" and pointwise_aten.is_pointwise(u.target) for u in tr.users
+            ):
+                continue
+            a, b = gemm.args[:2]
+            with self.graph.inserting_before(tr):
+                bt, at = (self._transposed(x) for x in (b, a))
+                new = self.graph.call_function(tile.mm.default, (bt, at))
+                self._meta(new)
+            tr.replace_all_uses_with(new)
+            self.graph.erase_node(tr)
+            self.graph.erase_node(gemm)
+            for x in dict.fromkeys((a, b)):  # (a transpose read only by the GEMM)
+                if isinstance(x, fx.Node) and not x.users and self._is_transpose(x):
+                    self.graph.erase_node(x)
+            self.touched = True
+
+    @staticmethod
+    def _is_transpose(n: fx.Node) -> bool:
+        """``n`` swaps the two dims of a 2-D value (``t``, ``transpose``, ``permute``)."""
+        if n.op != "call_function":
+            return False
+        if n.target is aten.t.default:
+            return True
+        if n.target is aten.transpose.int:
+            return sorted(d % 2 for d in n.args[1:3]) == [0, 1]
+        return n.target is aten.permute.default and [d % 2 for d in n.args[1]] == [1, 0]
+
+    def _transposed(self, x: fx.Node) -> fx.Node:
+        """``x.t()``: the value ``x`` transposes, when it is a transpose (no ``t(t(v))``)."""
+        if self._is_transpose(x) and isinstance(x.args[0], fx.Node):
+            return x.args[0]
+        t = self.graph.call_function(aten.permute.default, (x, [1, 0]))  # (not aten.t:
+        # Inductor's graphs have it decomposed)
+        self._meta(t)
+        return t
+
     # --- a GEMM split in two halves ---------------------------------------------------
 
     def split_gemms(self) -> None:

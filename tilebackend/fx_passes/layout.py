@@ -73,9 +73,16 @@ def _wanted(old: fx.Node, new: fx.Node) -> list[int] | None:
     return [*rest, *want]
 
 
-def restore(gm: fx.GraphModule, before: dict[fx.Node, list[fx.Node]], notes: list[str]) -> int:
+def restore(
+    gm: fx.GraphModule,
+    before: dict[fx.Node, list[fx.Node]],
+    notes: list[str],
+    outputs: bool = True,
+) -> int:
     """After a pass: give each op that read a value the pass replaced the traced layout
-    of what it read before (see the module doc).  Returns how many copies were added."""
+    of what it read before (see the module doc).  ``outputs=False``: not the graph's
+    outputs (a backward's gradients, whose layout nothing reads: autograd accumulates
+    them in the parameter's).  Returns how many copies were added."""
     from .matcher import _fake_mode_of, _set_meta
 
     graph = gm.graph
@@ -83,6 +90,8 @@ def restore(gm: fx.GraphModule, before: dict[fx.Node, list[fx.Node]], notes: lis
     made: dict[tuple[fx.Node, tuple[int, ...]], fx.Node] = {}
     for user in list(graph.nodes):
         old_inputs = before.get(user)
+        if user.op == "output" and not outputs:
+            continue
         now = _flat_inputs(user)
         if old_inputs is None or len(old_inputs) != len(now):
             continue

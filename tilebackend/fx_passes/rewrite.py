@@ -143,7 +143,7 @@ def rewrite(
     report.replacements.reverse()  # visited outputs-first; report in graph order
     report.skipped.reverse()
     if replaced:
-        layout.restore(gm, before, report.notes)
+        layout.restore(gm, before, report.notes, outputs=report.name != "backward")
         graph.lint()
         gm.recompile()
     return replaced
