@@ -243,3 +243,20 @@ def test_residual_norm_with_modulation_in_training(poison, fallback):
         compiled(*args).square().sum().backward()
     grads_like_eager([*args, ln.weight, ln.bias], lambda: fn(*args), 1e-4, 1e-4)
     assert launches["norm_epilogue"] == 1 and launches["layer_norm_bwd"] == 1, dict(launches)
+
+
+def test_a_copy_after_a_norm_is_dropped(poison):
+    """An eval-mode dropout's clone after BERT's embedding norm is the identity: the norm
+    keeps its own tuned kernel (no identity epilogue kernel)."""
+    ln, drop = torch.nn.LayerNorm(16), torch.nn.Dropout(0.1).eval()
+
+    def fn(x, r):
+        return drop(ln(x + r))
+
+    args = (torch.randn(2, 5, 16), torch.randn(1, 5, 16))
+    compiled, backend = compile_tile(fn)
+    with torch.no_grad(), _common.count_launches() as launches:
+        out = compiled(*args)
+    torch.testing.assert_close(out, fn(*args), atol=1e-5, rtol=1e-5)
+    assert dict(launches) == {"add_layer_norm_fwd": 1}, dict(launches)
+    assert "aten.clone" not in backend.report.graphs[0].code
