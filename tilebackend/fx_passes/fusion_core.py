@@ -71,6 +71,14 @@ class FuserBase:
     def _order(self) -> dict[fx.Node, int]:
         return {n: i for i, n in enumerate(self.graph.nodes)}
 
+    def _erase_unused(self, nodes) -> None:
+        """Erase those of ``nodes`` nothing reads any more, the latest first (so that a
+        node read only by erased ones goes too)."""
+        order = self._order()
+        for n in sorted(dict.fromkeys(nodes), key=order.__getitem__, reverse=True):
+            if not n.users:
+                self.graph.erase_node(n)
+
     def _meta(self, node: fx.Node) -> None:
         _set_meta(node, self.fake_mode)
 

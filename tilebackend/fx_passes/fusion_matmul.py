@@ -116,9 +116,7 @@ class MatmulFusions(FuserBase):
                 _val(sink).shape, _val(root).shape
             ):
                 sink.replace_all_uses_with(root)
-                for n in sorted(region, key=self._order().__getitem__, reverse=True):
-                    if not n.users:
-                        self.graph.erase_node(n)
+                self._erase_unused(region)
                 self.touched = True
             return
         hinted = [shapes.hinted(_val(x)) for x in (a, b, bias)]
@@ -399,10 +397,7 @@ class MatmulFusions(FuserBase):
                 out = graph.call_function(aten.view.default, (fused, list(roots[0].args[1])))
                 self._meta(out)
         sink.replace_all_uses_with(out)
-        dead = dict.fromkeys([*region, *roots, *gemms, *also])  # a root is its gemm w/o view
-        for n in sorted(dead, key=self._order().__getitem__, reverse=True):
-            if not n.users:
-                graph.erase_node(n)
+        self._erase_unused([*region, *roots, *gemms, *also])  # (a root is its gemm w/o view)
         self.count += 1
 
     def _view_root(self, gemm: fx.Node) -> fx.Node | None:
@@ -524,6 +519,8 @@ class MatmulFusions(FuserBase):
                 continue
             if n.op != "call_function" or mutates(n) or draws_random(n.target):
                 return False
+            if before in n.all_input_nodes:  # (computed from ``before``: cannot precede it)
+                return False
             todo.add(n)
             stack.extend(x for x in n.all_input_nodes if order[x] > order[before])
         for n in sorted(todo, key=order.__getitem__):
@@ -558,10 +555,7 @@ class MatmulFusions(FuserBase):
                 news.append(out)
         for n, new in zip(results, news):
             n.replace_all_uses_with(new)
-        dead = dict.fromkeys([*region, root, gemm, *also])
-        for n in sorted(dead, key=self._order().__getitem__, reverse=True):
-            if not n.users:
-                graph.erase_node(n)
+        self._erase_unused([*region, root, gemm, *also])
         self.count += 1
 
     # --- a GEMM read transposed ------------------------------------------------------

@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from ..report import Replacement, describe_value, short_target
 from . import shapes
-from .fusion_core import _val
+from .fusion_core import _descendants, _val
 from .fusion_matmul import MatmulFusions
 
 
@@ -84,9 +84,7 @@ class NormEpilogues(MatmulFusions):
         if exprs_s == ['"ACC"'] and _val(sink).dtype == _val(y).dtype:
             # copies only (an eval-mode dropout's clone): the norm's fresh result is it
             sink.replace_all_uses_with(y)
-            for n in sorted(kept, key=self._order().__getitem__, reverse=True):
-                if not n.users:
-                    self.graph.erase_node(n)
+            self._erase_unused(kept)
             self.touched = True
             return None
         hinted = [
@@ -108,6 +106,10 @@ class NormEpilogues(MatmulFusions):
                 return f"{n.name}'s dtype {_val(n).dtype} is not its expression's"
         # the fused op replaces the norm: what it reads must exist there
         inputs = [t for t in leaves if isinstance(t, fx.Node)]
+        after = _descendants(norm)
+        for t in inputs:
+            if t in after:  # (from the sum or the statistics)
+                return f"{t.name} is computed from the norm's other results"
         if not self._hoist_inputs(inputs, norm):
             return "an extra input is computed after the norm from random numbers"
         graph = self.graph
@@ -129,12 +131,8 @@ class NormEpilogues(MatmulFusions):
         for k, new in enumerate(news[len(written) :], start=1):
             if k in outs:
                 outs[k].replace_all_uses_with(new)
-        for n in sorted([*kept, *outs.values(), norm], key=self._order().__getitem__, reverse=True):
-            if not n.users:
-                graph.erase_node(n)
-        for g in news:
-            if not g.users:
-                graph.erase_node(g)
+        self._erase_unused([*kept, *outs.values(), norm])
+        self._erase_unused(news)
         self.count += 1
         self.report.replacements.append(
             Replacement(

@@ -394,12 +394,8 @@ class SoftmaxFusions(FuserBase):
             for a in k.all_input_nodes:
                 if a in chain:
                     k.replace_input_with(a, parts[2])
-        for n in [*chain, sm]:
-            if not n.users:
-                graph.erase_node(n)
-        for g in parts[1:]:
-            if not g.users:
-                graph.erase_node(g)
+        self._erase_unused([*chain, sm])
+        self._erase_unused(parts[1:])
         self.count += 1
         self.report.replacements.append(
             Replacement(
