@@ -674,6 +674,27 @@ def test_training_anchors_no_pattern_took_reach_inductor_decomposed(poison):
     assert any("_log_softmax x1" in note for note in notes), str(backend.report)
 
 
+def test_a_leftover_whose_decomposition_casts_reaches_inductor_decomposed(poison):
+    """A half layer norm with fp32 parameters (as autocast makes them) is refused by the
+    kernel; Inductor's decomposition of it casts with ``aten._to_copy``, which was left
+    whole, so Inductor failed ("both a fallback and a decomp for same op") and the graph
+    ran unfused.  The casts are decomposed too now."""
+    x, w, b = torch.randn(2, 5, 24).half(), torch.randn(24), torch.randn(24)
+
+    def fn(x, w, b):
+        return F.layer_norm(x, (24,), w, b) * 2
+
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": "inductor"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out = torch.compile(fn, backend=backend)(x, w, b)
+    torch.testing.assert_close(out, fn(x, w, b), atol=2e-3, rtol=2e-3)
+    notes = [n for g in backend.report.graphs for n in g.notes]
+    assert any("native_layer_norm x1" in n for n in notes), notes
+    assert not any("Inductor failed" in n for n in notes), notes
+
+
 @pytest.mark.parametrize("fallback", ["eager", "inductor"])
 def test_training_with_a_symbolic_float_scale(poison, fallback):
     """``dynamic=True`` makes a closure's float scale a 0-dim tensor input, and Dynamo

@@ -132,13 +132,16 @@ def _is_gpu_graph(example_inputs: Sequence[Any]) -> bool:
     return any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in example_inputs)
 
 
-def _decompose_leftovers(gm: fx.GraphModule, gr: GraphReport, leftovers: dict) -> fx.GraphModule:
+def _decompose_leftovers(
+    gm: fx.GraphModule, gr: GraphReport, leftovers: dict, inductors: dict
+) -> fx.GraphModule:
     """The anchors no pattern took, decomposed as Inductor would have had them
     (``fx_passes/decompose.py``); the report notes them.  ``leftovers``: Inductor's
-    decompositions of the ops the table we gave AOTAutograd keeps whole."""
+    decompositions of the ops the table we gave AOTAutograd keeps whole; ``inductors``:
+    all of Inductor's (for the ops their decompositions emit)."""
     from .fx_passes.decompose import decompose_leftovers
 
-    gm, found = decompose_leftovers(gm, leftovers)
+    gm, found = decompose_leftovers(gm, leftovers, inductors)
     if found:
         ops = ", ".join(f"{short_target(k)} x{v}" for k, v in sorted(found.items()))
         gr.notes.append(f"left to Inductor, decomposed as it would: {ops}")
@@ -597,7 +600,7 @@ class TileBackend:
                 name = "forward"
             new = self._rewrite(g, name, patterns, "inductor", "inductor")
             mine.append(self.report.graphs[-1])
-            new = _decompose_leftovers(new, mine[-1], leftovers)
+            new = _decompose_leftovers(new, mine[-1], leftovers, inductors)
             try:
                 if name == "backward" and _compat.lazy_backward_keeps_graph():
                     # Inductor's FX graph cache keys a backward without its donated

@@ -25,17 +25,19 @@ __all__ = ["decompose_leftovers"]
 
 
 def decompose_leftovers(
-    gm: fx.GraphModule, table: Mapping[Any, Callable]
+    gm: fx.GraphModule, table: Mapping[Any, Callable], then: Mapping[Any, Callable] = {}
 ) -> tuple[fx.GraphModule, dict[str, int]]:
-    """``gm`` with each call to an op of ``table`` decomposed by ``table``'s function
-    (nothing else changes), and how many of each there were.  ``gm`` itself is returned
-    when its own graph has none; its subgraphs (a ``torch.cond`` branch, a
+    """``gm`` with each call to an op of ``table`` decomposed by ``table``'s function,
+    and the ops of ``then`` those decompositions emit decomposed too (Inductor's table:
+    a mixed-dtype layer norm's decomposition casts with ``aten._to_copy``, which
+    Inductor refuses whole); how many calls of ``table``'s ops there were.  ``gm`` itself
+    is returned when its own graph has none; its subgraphs (a ``torch.cond`` branch, a
     ``nested_compile_region``'s body) are decomposed first, each retraced on its own,
     and put back in place."""
     found: collections.Counter[str] = collections.Counter()
     for name, child in list(gm.named_children()):
         if isinstance(child, fx.GraphModule):
-            new_child, got = decompose_leftovers(child, table)
+            new_child, got = decompose_leftovers(child, table, then)
             if new_child is not child:
                 setattr(gm, name, new_child)
             found.update(got)
@@ -49,7 +51,7 @@ def decompose_leftovers(
 
     fake_mode = _compat.detect_fake_mode(vals)
     with fake_mode or contextlib.nullcontext(), fx_traceback.preserve_node_meta():
-        new = make_fx(_Run(gm), decomposition_table=dict(table))(*vals)
+        new = make_fx(_Run(gm), decomposition_table={**then, **table})(*vals)
     _drop_dead_casts(new)
     return new, dict(found + own)
 
