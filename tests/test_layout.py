@@ -81,3 +81,23 @@ def test_a_transformer_step_needs_no_layout_copy(poison, fallback):
     notes = [n for g in backend.report.graphs for n in g.notes]
     assert not any("traced layout" in n for n in notes), notes
     assert backend.report.counts, str(backend.report)
+
+
+def test_a_layout_copy_does_not_stop_the_epilogue(poison):
+    """The rewrite's layout copy of a transposed norm used to sit between the norm and
+    its pointwise readers, so the norm epilogue never grew over them (HF Gemma3's q/k
+    norms before RoPE).  The fusion takes the copy out, fuses, and copies once, after."""
+
+    def fn(q, w):
+        q = _gemma_rms(q.view(B, T, H, D).transpose(1, 2), w) * 2.0
+        return q.transpose(1, 2).reshape(B, T, H * D)
+
+    args = (torch.randn(B, T, H * D), torch.randn(D) * 0.1)
+    compiled, backend = compile_tile(fn)
+    with torch.no_grad(), _common.count_launches() as launches:
+        out = compiled(*args)
+    torch.testing.assert_close(out, fn(*args), atol=1e-5, rtol=1e-5)
+    assert dict(launches) == {"norm_epilogue": 1}, (dict(launches), str(backend.report))
+    (graph,) = backend.report.graphs
+    assert sum("traced layout" in n for n in graph.notes) == 1, graph.notes
+    assert graph.code.count("aten.clone") == 1, graph.code

@@ -73,6 +73,27 @@ def _wanted(old: fx.Node, new: fx.Node) -> list[int] | None:
     return [*rest, *want]
 
 
+#: meta key marking the last node of a layout copy (see :func:`undo`)
+COPY = "tilebackend_layout_copy"
+
+
+def undo(gm: fx.GraphModule, notes: list[str]) -> None:
+    """Take out the layout copies an earlier pass added (the readers read the value
+    itself again), so that a later pass sees the ops after it (a norm's epilogue grows
+    over them) and restores the layouts itself, once, where they are still needed; the
+    copies' notes go too."""
+    graph = gm.graph
+    for fix in [n for n in graph.nodes if n.meta.get(COPY)]:
+        if fix.meta[COPY] in notes:
+            notes.remove(fix.meta[COPY])
+        clone = fix.args[0]
+        value = clone.args[0].args[0]
+        fix.replace_all_uses_with(value)
+        for n in (fix, clone, clone.args[0]):
+            if not n.users:
+                graph.erase_node(n)
+
+
 def restore(
     gm: fx.GraphModule,
     before: dict[fx.Node, list[fx.Node]],
@@ -96,7 +117,7 @@ def restore(
         if old_inputs is None or len(old_inputs) != len(now):
             continue
         for old, new in zip(old_inputs, now):
-            if new is old or new in before:  # (an old value moved: its layout is traced)
+            if new is old:
                 continue
             perm = _wanted(old, new)
             if perm is None:
@@ -115,9 +136,11 @@ def restore(
                 for n in (p, c, fix):
                     _set_meta(n, fake_mode)
                 made[(new, tuple(perm))] = fix
-                notes.append(
+                note = (
                     f"{new.name} copied into {old.name}'s traced layout (dims {perm} outer "
                     "to inner) for the ops that read it"
                 )
+                fix.meta[COPY] = note
+                notes.append(note)
             user.replace_input_with(new, fix)
     return len(made)
