@@ -1047,3 +1047,15 @@ def test_transposed_weight_gradient_cast_fuses(poison, fallback):
     backward = backend.report.graphs[-1]
     casts = [r for r in backward.replacements if r.scalars.get("expr") == '["to","ACC","float32"]']
     assert len(casts) == 2, str(backward)
+
+
+@pytest.mark.parametrize("bias_shape", [(24,), (5, 24)])
+def test_transposed_addmm_result_fuses_with_its_bias_as_a_column(poison, bias_shape):
+    """``tanh(linear(a, w, bias).t())``: ``w @ a.t()`` plus the bias as a column (a full
+    bias transposed), the tanh in the epilogue."""
+    w, bias = torch.randn(24, 16), torch.randn(bias_shape)
+    graph, launches = _run(
+        lambda a: torch.tanh(torch.addmm(bias, a, w.t()).t()), torch.randn(5, 16)
+    )
+    assert dict(launches) == {"mm_epilogue": 1}, (dict(launches), str(graph))
+    assert "aten.tanh" not in graph.code, graph.code

@@ -564,10 +564,14 @@ class MatmulFusions(FuserBase):
         """``t(a @ b)`` read by pointwise ops (a weight gradient cast to an fp32 master
         weight's dtype in mixed-precision training) becomes ``b.t() @ a.t()``: the same
         values as a GEMM result of the read shape, so the epilogue grows over those ops.
-        Transposes are views: nothing is copied."""
+        Transposes are views: nothing is copied (an addmm's ``[N]`` bias becomes the
+        column ``[N, 1]``)."""
         tile = torch.ops.tile
         for gemm in list(self.graph.nodes):
-            if gemm.op != "call_function" or gemm.target is not tile.mm.default:
+            if gemm.op != "call_function" or gemm.target not in (
+                tile.mm.default,
+                tile.addmm.default,
+            ):
                 continue
             if len(gemm.users) != 1:
                 continue
@@ -576,10 +580,22 @@ class MatmulFusions(FuserBase):
                 u.op == "call_function" and pointwise_aten.is_pointwise(u.target) for u in tr.users
             ):
                 continue
-            a, b = gemm.args[:2]
+            bias = gemm.args[0] if gemm.target is tile.addmm.default else None
+            a, b = gemm.args[1:3] if bias is not None else gemm.args[:2]
+            if bias is not None and (not isinstance(bias, fx.Node) or _val(bias).dim() > 2):
+                continue
             with self.graph.inserting_before(tr):
                 bt, at = (self._transposed(x) for x in (b, a))
-                new = self.graph.call_function(tile.mm.default, (bt, at))
+                if bias is None:
+                    new = self.graph.call_function(tile.mm.default, (bt, at))
+                else:
+                    if _val(bias).dim() == 2:
+                        col = self._transposed(bias)
+                    else:
+                        col = self.graph.call_function(aten.unsqueeze.default, (bias, -1))
+                        self._meta(col)
+                    rest = (col, bt, at, *gemm.args[3:])
+                    new = self.graph.call_function(tile.addmm.default, rest, gemm.kwargs)
                 self._meta(new)
             tr.replace_all_uses_with(new)
             self.graph.erase_node(tr)
