@@ -28,6 +28,19 @@ def compile_tile(fn, options=None, **kw):
     return torch.compile(fn, backend=backend, **kw), backend
 
 
+def inference_like_eager(fn, *args, options=None, atol=1e-5, rtol=1e-5, **kw):
+    """Compile ``fn`` afresh (:func:`compile_tile`), run it without grad and compare it
+    with eager: ``(backend, launches)``, the tile kernels one call launched."""
+    from tilebackend.codegen import _common
+
+    compiled, backend = compile_tile(fn, options, **kw)
+    with torch.no_grad(), _common.count_launches() as launches:
+        out = compiled(*args)
+        ref = fn(*args)
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+    return backend, launches
+
+
 def gpt2_mlp_operands(device, m: int = 4096, n: int = 3072, k: int = 768):
     """bf16 ``(a, w, bias, res)`` of GPT-2's MLP up-projection (``a @ w.t() + bias``, a
     residual tile ``res``), for the GPU tests of the generated epilogues."""

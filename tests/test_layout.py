@@ -11,9 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import compile_tile
+from helpers import compile_tile, inference_like_eager
 
-from tilebackend.codegen import _common
 from tilebackend.models import TinyTransformer
 
 B, T, H, D = 2, 7, 4, 8
@@ -62,10 +61,7 @@ KERNELS = {
 def test_a_view_after_a_replaced_value_sees_the_traced_layout(poison, case, fallback):
     fn, make = CASES[case]
     args = make()
-    compiled, backend = compile_tile(fn, {"fallback": fallback})
-    with torch.no_grad(), _common.count_launches() as launches:
-        out = compiled(*args)
-    torch.testing.assert_close(out, fn(*args), atol=1e-5, rtol=1e-5)
+    backend, launches = inference_like_eager(fn, *args, options={"fallback": fallback})
     assert launches[KERNELS[case]] == 1, dict(launches)
     notes = [n for g in backend.report.graphs for n in g.notes]
     assert any("traced layout" in n for n in notes), str(backend.report)
@@ -93,10 +89,7 @@ def test_a_layout_copy_does_not_stop_the_epilogue(poison):
         return q.transpose(1, 2).reshape(B, T, H * D)
 
     args = (torch.randn(B, T, H * D), torch.randn(D) * 0.1)
-    compiled, backend = compile_tile(fn)
-    with torch.no_grad(), _common.count_launches() as launches:
-        out = compiled(*args)
-    torch.testing.assert_close(out, fn(*args), atol=1e-5, rtol=1e-5)
+    backend, launches = inference_like_eager(fn, *args)
     assert dict(launches) == {"norm_epilogue": 1}, (dict(launches), str(backend.report))
     (graph,) = backend.report.graphs
     assert sum("traced layout" in n for n in graph.notes) == 1, graph.notes

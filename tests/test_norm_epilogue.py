@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import compile_tile, grads_like_eager
+from helpers import compile_tile, grads_like_eager, inference_like_eager
 
 from tilebackend.codegen import _common
 from tilebackend.codegen import norm_epilogue as ne
@@ -105,10 +105,7 @@ def test_adaln_modulation_is_one_kernel(poison, norm, dtype, atol, rtol):
         return _modulate(f(x), scale, shift)
 
     x, scale, shift = (torch.randn(s, dtype=dtype) for s in ((3, 7, n), (3, n), (3, n)))
-    compiled, backend = compile_tile(fn)
-    with torch.no_grad(), _common.count_launches() as launches:
-        out = compiled(x, scale, shift)
-    torch.testing.assert_close(out, fn(x, scale, shift), atol=atol, rtol=rtol)
+    backend, launches = inference_like_eager(fn, x, scale, shift, atol=atol, rtol=rtol)
     assert dict(launches) == {"norm_epilogue": 1}, (dict(launches), str(backend.report))
     (graph,) = backend.report.graphs
     assert graph.counts.get("fused_norm_epilogue") == 1, str(graph)
@@ -127,10 +124,7 @@ def test_gemma_rms_norm_one_plus_weight_and_cast(poison):
         return (out * (1.0 + w.float())).type_as(x)
 
     x = torch.randn(2, 5, 32, dtype=torch.float16)
-    compiled, backend = compile_tile(fn)
-    with torch.no_grad(), _common.count_launches() as launches:
-        out = compiled(x)
-    torch.testing.assert_close(out, fn(x), atol=2e-3, rtol=2e-3)
+    backend, launches = inference_like_eager(fn, x, atol=2e-3, rtol=2e-3)
     assert dict(launches) == {"norm_epilogue": 1}, (dict(launches), str(backend.report))
 
 
@@ -220,10 +214,7 @@ def test_residual_norm_with_modulation_is_one_kernel(poison, norm):
         return F.silu(_modulate(f(h), scale, shift)), h * 2
 
     args = tuple(torch.randn(s) for s in ((3, 7, n), (3, 7, n), (3, n), (3, n)))
-    compiled, backend = compile_tile(fn)
-    with torch.no_grad(), _common.count_launches() as launches:
-        out = compiled(*args)
-    torch.testing.assert_close(out, fn(*args), atol=1e-5, rtol=1e-5)
+    backend, launches = inference_like_eager(fn, *args)
     assert dict(launches) == {"norm_epilogue": 1}, (dict(launches), str(backend.report))
     (graph,) = backend.report.graphs
     assert graph.counts.get("fused_norm_epilogue") == 1, str(graph)
@@ -254,9 +245,6 @@ def test_a_copy_after_a_norm_is_dropped(poison):
         return drop(ln(x + r))
 
     args = (torch.randn(2, 5, 16), torch.randn(1, 5, 16))
-    compiled, backend = compile_tile(fn)
-    with torch.no_grad(), _common.count_launches() as launches:
-        out = compiled(*args)
-    torch.testing.assert_close(out, fn(*args), atol=1e-5, rtol=1e-5)
+    backend, launches = inference_like_eager(fn, *args)
     assert dict(launches) == {"add_layer_norm_fwd": 1}, dict(launches)
     assert "aten.clone" not in backend.report.graphs[0].code
