@@ -674,6 +674,23 @@ def test_training_anchors_no_pattern_took_reach_inductor_decomposed(poison):
     assert any("_log_softmax x1" in note for note in notes), str(backend.report)
 
 
+def test_a_symbolic_float_where_a_pattern_has_a_constant_is_explained(poison):
+    """``dynamic=True`` makes a function's float argument (an RMS norm's ``eps=1e-6``
+    default) a graph input; the written-out norm is then no match, which the report did
+    not say ("no candidates")."""
+
+    def rms(x, w, eps=1e-6):
+        h = x.float()
+        return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    compiled, backend = compile_tile(rms, dynamic=True)
+    x, w = torch.randn(2, 5, 16), torch.rand(16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, w), rms(x, w), atol=1e-5, rtol=1e-5)
+    reasons = [s.reason for s in backend.report.skipped]
+    assert any("'eps' is a graph value here" in r for r in reasons), reasons
+
+
 def test_a_leftover_whose_decomposition_casts_reaches_inductor_decomposed(poison):
     """A half layer norm with fp32 parameters (as autocast makes them) is refused by the
     kernel; Inductor's decomposition of it casts with ``aten._to_copy``, which was left

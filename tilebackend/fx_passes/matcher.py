@@ -263,7 +263,11 @@ def match_traced(tp: TracedPattern, pattern: Pattern, node: fx.Node) -> Match | 
             if isinstance(val, (list, tuple)) and len(val) == 1:
                 val = val[0]
             if isinstance(val, fx.Node):
-                raise _NoMatch(f"scalar {pa.name!r} is a graph value here, not a constant")
+                raise _NoMatch(
+                    f"scalar {pa.name!r} is a graph value here, not a constant (under "
+                    "dynamic=True a function's float argument is one: a literal or a "
+                    "module attribute stays constant)"
+                )
             if pa.name in scalars and scalars[pa.name] != val:
                 raise _NoMatch(f"scalar {pa.name!r} takes two values ({scalars[pa.name]}, {val})")
             scalars[pa.name] = val

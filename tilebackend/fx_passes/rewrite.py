@@ -107,7 +107,7 @@ def rewrite(
                 continue
             if isinstance(res, str):
                 # structural misses of traced patterns are noise; op patterns are reported
-                if tp is None or res.startswith(("intermediate", "dtypes")):
+                if tp is None or res.startswith(("intermediate", "dtypes", "scalar")):
                     rejections.append(Skipped(node.name, str(node.target), pattern.name, res))
                 continue
             real = res.values()
