@@ -201,7 +201,7 @@ def fuse(gm: fx.GraphModule, report: GraphReport) -> int:
     )
 
     before = layout.snapshot(gm.graph)
-    layout.undo(gm, report.notes)  # (readers' inputs now differ from ``before``: see below)
+    undone = layout.undo(gm, report.notes)  # (readers' inputs now differ from ``before``)
     f = _Fuser(gm, report)
     f.residual_norms()
     f.softmax_prologues()  # (first: a scale between a norm and a softmax is the softmax's)
@@ -216,7 +216,7 @@ def fuse(gm: fx.GraphModule, report: GraphReport) -> int:
     f.grouped_gemms()  # last: the GEMMs no epilogue took, sharing an input
     f.restore_dropouts()  # where a lowered dropout did not fuse
     f.merge_seeds()  # one randint for all the seeds the fused ops draw with
-    if f.count or f.touched or any(n.meta.get(layout.COPY) for n in before):
+    if f.count or f.touched or undone:
         layout.restore(gm, before, report.notes, outputs=report.name != "backward")
         gm.graph.lint()
         gm.recompile()

@@ -465,7 +465,8 @@ class MatmulFusions(FuserBase):
             if not early:
                 break
             # an extra computed late (a recomputed ``1 + scale``) moves up, if it can
-            if attempt or not self._hoist_inputs(inputs, min((gemm, root, *kept), key=order.get)):
+            first = min((gemm, root, *kept), key=order.get)
+            if attempt or self._hoist_inputs(inputs, first) is not None:
                 n, u = early[0]
                 return f"{n.name} is used by {u.name} before the fused op could run"
         hinted = [shapes.hinted(_val(x)) for x in (a, b, bias)]
@@ -504,10 +505,11 @@ class MatmulFusions(FuserBase):
         )
         return None
 
-    def _hoist_inputs(self, nodes, before: fx.Node) -> bool:
+    def _hoist_inputs(self, nodes, before: fx.Node) -> str | None:
         """Move those of ``nodes`` after ``before``, with their ancestors after it, to just
-        before it (in their order).  Nothing moves, and False, when one of them draws
-        random numbers or mutates (their order is part of the result)."""
+        before it (in their order); None, or why nothing moved: one of them is computed
+        from ``before``, or draws random numbers or mutates (their order is part of the
+        result)."""
         from .cse import draws_random, mutates
 
         order = self._order()
@@ -517,15 +519,15 @@ class MatmulFusions(FuserBase):
             n = stack.pop()
             if n in todo:
                 continue
+            if before in n.all_input_nodes:
+                return f"{n.name} is computed from {before.name}"
             if n.op != "call_function" or mutates(n) or draws_random(n.target):
-                return False
-            if before in n.all_input_nodes:  # (computed from ``before``: cannot precede it)
-                return False
+                return f"{n.name} draws random numbers or mutates: it keeps its place"
             todo.add(n)
             stack.extend(x for x in n.all_input_nodes if order[x] > order[before])
         for n in sorted(todo, key=order.__getitem__):
             before.prepend(n)
-        return True
+        return None
 
     def _splice_multi(
         self, gemm, parts, root, region, results, exprs, anchor, extra_nodes, also=()

@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from ..report import Replacement, describe_value, short_target
 from . import shapes
-from .fusion_core import _descendants, _val
+from .fusion_core import _val
 from .fusion_matmul import MatmulFusions
 
 
@@ -62,8 +62,7 @@ class NormEpilogues(MatmulFusions):
         else:
             x, ns, weight, bias, eps = args[:5]
         region, sink, _, why = self._grow([y], pointwise)
-        if sink is None:  # open: the values read elsewhere are written too
-            region, why = self._grow_region([y], pointwise)
+        if sink is None:  # open (``region`` is all grown): values read elsewhere are written
             if not region:
                 return why
             sink = region[-1]
@@ -104,14 +103,11 @@ class NormEpilogues(MatmulFusions):
         for n, e in zip(written, exprs):
             if pointwise.infer_dtype(e, ldt) != _val(n).dtype:
                 return f"{n.name}'s dtype {_val(n).dtype} is not its expression's"
-        # the fused op replaces the norm: what it reads must exist there
-        inputs = [t for t in leaves if isinstance(t, fx.Node)]
-        after = _descendants(norm)
-        for t in inputs:
-            if t in after:  # (from the sum or the statistics)
-                return f"{t.name} is computed from the norm's other results"
-        if not self._hoist_inputs(inputs, norm):
-            return "an extra input is computed after the norm from random numbers"
+        # the fused op replaces the norm: what it reads must exist there (an extra read
+        # from the norm's sum or statistics cannot)
+        why = self._hoist_inputs([t for t in leaves if isinstance(t, fx.Node)], norm)
+        if why:
+            return f"an extra input cannot move before the norm: {why}"
         graph = self.graph
         with graph.inserting_before(norm):
             fused = graph.call_function(

@@ -77,13 +77,14 @@ def _wanted(old: fx.Node, new: fx.Node) -> list[int] | None:
 COPY = "tilebackend_layout_copy"
 
 
-def undo(gm: fx.GraphModule, notes: list[str]) -> None:
+def undo(gm: fx.GraphModule, notes: list[str]) -> int:
     """Take out the layout copies an earlier pass added (the readers read the value
     itself again), so that a later pass sees the ops after it (a norm's epilogue grows
     over them) and restores the layouts itself, once, where they are still needed; the
-    copies' notes go too."""
+    copies' notes go too.  Returns how many were taken out."""
     graph = gm.graph
-    for fix in [n for n in graph.nodes if n.meta.get(COPY)]:
+    fixes = [n for n in graph.nodes if n.meta.get(COPY)]
+    for fix in fixes:
         if fix.meta[COPY] in notes:
             notes.remove(fix.meta[COPY])
         clone = fix.args[0]
@@ -92,6 +93,7 @@ def undo(gm: fx.GraphModule, notes: list[str]) -> None:
         for n in (fix, clone, clone.args[0]):
             if not n.users:
                 graph.erase_node(n)
+    return len(fixes)
 
 
 def restore(
