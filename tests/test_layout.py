@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from helpers import compile_tile, inference_like_eager
 
+from tilebackend.codegen import _common
 from tilebackend.models import TinyTransformer
 
 B, T, H, D = 2, 7, 4, 8
@@ -73,10 +74,12 @@ def test_a_transformer_step_needs_no_layout_copy(poison, fallback):
     model = TinyTransformer(vocab=64, dim=32, heads=2, layers=1)
     ids = torch.randint(0, 64, (2, 9))
     compiled, backend = compile_tile(model, {"fallback": fallback})
-    compiled(ids).float().square().sum().backward()
+    with _common.count_launches() as launches:
+        compiled(ids).float().square().sum().backward()
     notes = [n for g in backend.report.graphs for n in g.notes]
     assert not any("traced layout" in n for n in notes), notes
     assert backend.report.counts, str(backend.report)
+    assert launches["layer_norm_bwd"] >= 1 and launches["log_softmax_fwd"] == 1, dict(launches)
 
 
 def test_a_layout_copy_does_not_stop_the_epilogue(poison):
