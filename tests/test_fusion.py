@@ -46,15 +46,15 @@ def _train_step(fn, *args, fallback="eager"):
 
 
 @pytest.mark.parametrize("rank", [3, 4])
-def test_a_batched_gemm_epilogue_says_why_it_is_not_fused(poison, rank):
-    """Pointwise users of a bmm (a 4-D matmul is a bmm between views) stay separate ops:
-    the report says so (it said nothing), and the bmm still runs as a tile kernel."""
+def test_a_batched_gemm_epilogue_is_fused(poison, rank):
+    """Pointwise users of a bmm (a 4-D matmul is a bmm between views) are its epilogue,
+    as a 2-D GEMM's are (they stayed separate ops; see tests/test_fusion_bmm.py)."""
     lead = (2,) * (rank - 2)
     a, b = torch.randn(*lead, 5, 7), torch.randn(*lead, 7, 3)
     graph, launches = _run(lambda a, b: torch.sigmoid(a @ b) * 2, a, b)
-    assert dict(launches) == {"bmm": 1}, dict(launches)
-    (note,) = [s for s in graph.skipped if s.pattern == "fusion"]
-    assert "generated into 2-D GEMMs only" in note.reason
+    assert dict(launches) == {"mm_epilogue": 1}, dict(launches)
+    assert graph.counts.get("fused_bmm_epilogue") == 1, str(graph)
+    assert not [s for s in graph.skipped if s.pattern == "fusion"]
 
 
 def test_half_gemm_times_a_0dim_fp32_tensor_fuses(poison):

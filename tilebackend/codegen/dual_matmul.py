@@ -223,7 +223,8 @@ _EPILOGUE = """\
 mask_m = offs_m < M
 mask_n = offs_n < N
 mask = mask_m[:, None] & mask_n[None, :]
-{biases}row0 = (offs_m // L1).to(tl.int64)
+{biases}m_base = 0  # (the first row: a batched template's is its batch's)
+row0 = (offs_m // L1).to(tl.int64)
 row1 = (offs_m % L1).to(tl.int64)
 cols = offs_n.to(tl.int64)
 {loads}

@@ -37,6 +37,7 @@ from . import matmul as _mm
 __all__ = [
     "EXTRA_DTYPES",
     "check_operands",
+    "eager_gemm",
     "extra_args",
     "has_cast",
     "launch",
@@ -47,6 +48,8 @@ __all__ = [
 ]
 
 INT32_MAX = 2**31 - 1
+#: the most batches a batched template launches (CUDA's limit of grid dim 1)
+MAX_BATCH = 65535
 #: dtypes an extra input may have (a bool extra is read as uint8)
 EXTRA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.bool)
 
@@ -54,6 +57,15 @@ EXTRA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.bool)
 def out_shape(a, b, extras) -> tuple[int, ...]:
     """``a.shape[:-1] + (N,)`` broadcast with every extra's shape."""
     return tuple(_common.broadcast_shapes((*a.shape[:-1], b.shape[-1]), *(e.shape for e in extras)))
+
+
+def eager_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` as the templates read it, with eager ops: a ``b [batch, K, N]`` (a bmm)
+    multiplies ``a`` viewed as ``[batch, M, K]``; the result is ``[*a.shape[:-1], N]``."""
+    if b.dim() == 3:
+        a3 = a.reshape(b.shape[0], a.shape[-2], a.shape[-1])
+        return torch.bmm(a3, b).view(*a.shape[:-1], b.shape[-1])
+    return torch.matmul(a, b)
 
 
 def has_cast(e) -> bool:
@@ -81,11 +93,14 @@ def check_operands(
     extras: list,
     exprs: list[Any],
     accs: Sequence[str] = ("ACC",),
+    batched: bool = False,
 ) -> str | None:
     """Why a GEMM-epilogue kernel cannot take ``a @ B + bias`` for each ``B`` of ``bs`` (all
     ``[K, N]``, one shape) with its bias, then ``exprs`` (parsed) over ``accs`` and the
     extras; or None.  The first expression is the result whose dtype must be a float one
-    (the others are :mod:`.fused_matmul_multi`'s extra results, checked there)."""
+    (the others are :mod:`.fused_matmul_multi`'s extra results, checked there).
+    ``batched``: the template also takes one ``B [batch, K, N]`` with ``a [*, M, K]``
+    whose dims before ``M`` fold to ``batch`` (a bmm), without a bias."""
     seeds: set[str] = set()
     for i, e in enumerate(exprs):
         which = "expression" if len(exprs) == 1 else f"expression {i}"
@@ -120,12 +135,19 @@ def check_operands(
     if any(t.dtype != a.dtype for t in tensors.values()):
         return f"{', '.join(tensors)} must have one dtype"
     b = next(iter(bs.values()))
-    if a.dim() < 1 or any(t.dim() != 2 for t in bs.values()):
+    if batched and b.dim() == 3:
+        if len(bs) != 1 or a.dim() < 3 or math.prod(a.shape[:-2]) != b.shape[0]:
+            return f"a batched b {tuple(b.shape)} needs a [*, M, K] a of that batch, got a {tuple(a.shape)}"
+        if any(bias is not None for bias in biases.values()):
+            return "a batched GEMM's epilogue takes no bias (add it in the expression)"
+        if b.shape[0] > MAX_BATCH:
+            return f"batch {b.shape[0]} is over the launch grid's {MAX_BATCH}"
+    elif a.dim() < 1 or any(t.dim() != 2 for t in bs.values()):
         got = ", ".join(f"{n} {tuple(t.shape)}" for n, t in tensors.items() if n in ("a", *bs))
         return f"expects a [*, K] and {', '.join(bs)} [K, N], got {got}"
     if any(tuple(t.shape) != tuple(b.shape) for t in bs.values()):
         return f"{' and '.join(f'{n} {tuple(t.shape)}' for n, t in bs.items())} differ in shape"
-    if a.shape[-1] != b.shape[0]:
+    if a.shape[-1] != b.shape[-2]:
         return f"inner sizes differ: a {tuple(a.shape)} @ b {tuple(b.shape)}"
     try:
         dtype = pointwise.infer_dtype(exprs[0], leaf_dtypes(a, extras, accs))
@@ -270,7 +292,10 @@ def launch(
     are its configs (``TMA=True``), tuning candidates where :func:`tma_layout` reads
     every B operand one way.  ``terms``: more ``(A_t [*, K_t], B_t [K_t, N])`` GEMMs whose
     products the template adds into the accumulator (after the extras in the arguments:
-    their pointers, then each one's ``K_t`` and strides, and an ``EVEN_K{t}`` flag)."""
+    their pointers, then each one's ``K_t`` and strides, and an ``EVEN_K{t}`` flag).
+    A template with the constexpr ``BATCHED`` (and ``stride_ab``, ``stride_bb``) also runs
+    a bmm: one ``B [batch, K, N]``, ``a`` read as ``[batch, M, K]``, grid ``(tiles,
+    batch)``, tuned per batch-matrix shape."""
     ldt = leaf_dtypes(a, extras, accs)
     out_dtypes = [pointwise.infer_dtype(e, ldt) for e in exprs]
     K, N = a.shape[-1], bs[0].shape[-1]
@@ -279,7 +304,11 @@ def launch(
     outs = [_common.empty((*lead, N), dt, a.device) for dt in out_dtypes]
     if M == 0 or N == 0:
         return outs
-    a2 = a.reshape(M, K)  # a view when the leading dims fold (else one copy)
+    # a bmm (one B [batch, K, N]): ``a`` as [batch, rows, K], the batch on grid axis 1
+    batched = bs[0].dim() == 3
+    batch, m_rows = (bs[0].shape[0], lead[-1]) if batched else (1, M)
+    # a view when the leading dims fold (else one copy)
+    a2 = a.reshape(batch, m_rows, K) if batched else a.reshape(M, K)
     outs2 = [o.view(M, N) for o in outs]
     outs2 = [o.view(torch.uint8) if o.dtype == torch.bool else o for o in outs2]
     bias_args = [_bias_arg(bias, M, N, outs2[0]) for bias in biases]
@@ -297,9 +326,9 @@ def launch(
     terms2 = [(ta.reshape(M, ta.shape[-1]), tb) for ta, tb in terms]
     tensors = [a2, *bs, *(t for t, _ in bias_args), *outs2, *ex_args]
     tensors += [t for pair in terms2 for t in pair]
-    strides = [*a2.stride()]
+    strides = [*a2.stride()[-2:]]
     for t in bs:
-        strides += t.stride()
+        strides += t.stride()[-2:]
     for _, st in bias_args:
         strides += st
     strides += [*outs2[0].stride(), *ex_strides]
@@ -307,8 +336,15 @@ def launch(
         strides += [ta.shape[1], *ta.stride(), *tb.stride()]
     even = {f"EVEN_K{t}": ta.shape[1] for t, (ta, _) in enumerate(terms2)}
 
-    splits = "EPI_SPLIT" in getattr(kernel, "arg_names", ())  # (the template has it)
-    layouts = {tma_layout(a2, b) for b in bs} if tma_space is not None else {None}
+    arg_names = getattr(kernel, "arg_names", ())
+    splits = "EPI_SPLIT" in arg_names  # (the template has it)
+    if "BATCHED" in arg_names:
+        bstrides = (a2.stride(0), bs[0].stride(0)) if batched else (0, 0)
+        batch_kw = {"stride_ab": bstrides[0], "stride_bb": bstrides[1], "BATCHED": batched}
+    else:
+        batch_kw = {}
+    can_tma = tma_space is not None and not batched
+    layouts = {tma_layout(a2, b) for b in bs} if can_tma else {None}
     layout = layouts.pop() if len(layouts) == 1 else None
     flags = {"B_NK": layout == "nk"} if tma_space is not None else {}
 
@@ -316,12 +352,12 @@ def launch(
         if cfg.get(autotune.EXTERN) is not None:
             _unfused(outs, a2, bs, biases, extras, exprs, accs, terms2, (*lead, N))
             return
-        tiles = _common.cdiv(M, cfg["BLOCK_M"]) * _common.cdiv(N, cfg["BLOCK_N"])
+        tiles = _common.cdiv(m_rows, cfg["BLOCK_M"]) * _common.cdiv(N, cfg["BLOCK_N"])
         kw = cfg.as_kwargs()
         if cfg.get("TMA"):
             grid = (min(tiles, _common.persistent_programs(a.device)),)
         else:
-            grid = (tiles,)
+            grid = (tiles, batch) if batched else (tiles,)
             if tma_space is not None:
                 kw["TMA"] = False
         if splits:
@@ -330,11 +366,12 @@ def launch(
             kernel,
             grid,
             *tensors,
-            M,
+            m_rows,
             N,
             K,
             lead[-1],
             *strides,
+            **batch_kw,
             **has_bias,
             **bias_row,
             **modes,
@@ -350,7 +387,8 @@ def launch(
     key = (
         a.dtype,
         tuple(out_dtypes),
-        bucket(M),
+        bucket(m_rows),
+        *(("bmm", bucket(batch)) if batched else ()),
         bucket(N),
         bucket(K),
         tuple(has_bias.values()),
@@ -374,7 +412,7 @@ def launch(
             else ()
         ),
     )
-    configs, first = _mm.tuning_choices(space, heuristic, a.dtype, precision, M, N, K)
+    configs, first = _mm.tuning_choices(space, heuristic, a.dtype, precision, m_rows, N, K)
     if layout is not None and min(M, N) >= 64:  # (smaller: no tile of theirs is full)
         configs += _mm.prune_configs(tma_space(a.dtype), M, N, K)
     if splits:  # each wide tile's split twin is a candidate too; a 128 x 128 one's first

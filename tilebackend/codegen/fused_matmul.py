@@ -25,7 +25,11 @@ Shapes: ``a`` is ``[*, K]`` (leading dims are folded into ``M`` rows), ``b`` is 
 (any strides: a weight ``W [N, K]`` comes as ``W.t()``), ``bias`` broadcasts to
 ``[M, N]`` (``[N]`` or ``[M, N]``), each extra broadcasts to the output ``[*, N]``; an extra
 is read through two row strides (the last leading dim and the rest folded), so a
-``[1, T, N]`` extra of a ``[B, T, N]`` output costs no copy.
+``[1, T, N]`` extra of a ``[B, T, N]`` output costs no copy.  A bmm: ``b`` is
+``[batch, K, N]`` and ``a`` is ``[*, M, K]`` with its dims before ``M`` folding to
+``batch`` (no bias); the constexpr ``BATCHED`` makes grid axis 1 the batch, offsets A, B
+and the results by it, and reads an extra's row ``(i0, i1)`` as ``(batch, m)``.  Only the
+pointer main loop is batched (no TMA config is offered).
 """
 
 from __future__ import annotations
@@ -102,7 +106,9 @@ def {kname}_kernel(
     stride_cn,
     stride_om,
     stride_on,
-{in_strides}{term_ints}    HAS_BIAS: tl.constexpr,
+{in_strides}{term_ints}    stride_ab,  # (BATCHED) A's batch stride; the batch is program_id(1)
+    stride_bb,  # (BATCHED) B's batch stride
+    HAS_BIAS: tl.constexpr,
     BIAS_ROW: tl.constexpr,  # the bias is one row over N (stride_cm == 0)
 {in_modes}{term_flags}    INPUT_PRECISION: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -113,6 +119,7 @@ def {kname}_kernel(
     TMA: tl.constexpr,  # persistent: A and B through TMA descriptors (Hopper and later)
     B_NK: tl.constexpr,  # (TMA) B is W.t() of a row-major W [N, K]
     EPI_SPLIT: tl.constexpr,  # the epilogue runs on two [BLOCK_M, BLOCK_N // 2] halves
+    BATCHED: tl.constexpr,  # a bmm: M rows per batch, the result's rows are batch * M + m
 ):
     if TMA:  # each program walks the tiles num_programs apart
         a_desc = tl.make_tensor_descriptor(
@@ -128,11 +135,19 @@ def {kname}_kernel(
             )
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            m_base = 0  # (no batch: TMA configs are not offered to a bmm)
 {tma_terms}{tma_epilogue}
     else:
         pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if BATCHED:  # 64-bit: batch * stride may pass 2**31
+            pid_b = tl.program_id(axis=1).to(tl.int64)
+            a_ptr += pid_b * stride_ab
+            b_ptr += pid_b * stride_bb
+            m_base = pid_b * M  # this batch's first row in the results
+{batch_outs}        else:
+            m_base = 0
         acc = gemm_mainloop(
             a_ptr, b_ptr, offs_m, offs_n, offs_m < M, offs_n < N, K,
             stride_am, stride_ak, stride_bk, stride_bn,
@@ -160,8 +175,12 @@ _EPILOGUE = """\
 mask_m = offs_m < M
 mask_n = offs_n < N
 mask = mask_m[:, None] & mask_n[None, :]
-{bias}row0 = (offs_m // L1).to(tl.int64)
-row1 = (offs_m % L1).to(tl.int64)
+{bias}if BATCHED:  # an extra's row (i0, i1) is (batch, m): L1 == M
+    row0 = pid_b
+    row1 = offs_m.to(tl.int64)
+else:
+    row0 = (offs_m // L1).to(tl.int64)
+    row1 = (offs_m % L1).to(tl.int64)
 cols = offs_n.to(tl.int64)
 {loads}
 # --- the expression (fp32) ---
@@ -203,7 +222,7 @@ def _render_extras(expr: Any, bools: tuple[bool, ...], ind: str = "    "):
     seeds = set().union(*map(pointwise.seed_leaves, exprs))
     loads = []
     if seeds:  # rand's counter: the element's flat index in the [M, N] result
-        loads.append(f"{RAND_INDEX} = offs_m[:, None] * N + offs_n[None, :]")
+        loads.append(f"{RAND_INDEX} = (m_base + offs_m)[:, None] * N + offs_n[None, :]")
     leaves = {}
     bool_leaves = []
     for i in range(n):
@@ -282,8 +301,12 @@ def render(
         half=textwrap.indent(epilogue, ind), whole=textwrap.indent(epilogue, ind)
     )
     t_ptrs, t_ints, t_flags, t_loops = _render_terms(terms)
+    batch_outs = "".join(
+        f"            out{i or ''}_ptr += m_base * stride_om\n" for i in range(len(exprs))
+    )
     return _TEMPLATE.format(
         kname=kname,
+        batch_outs=batch_outs,
         term_import="from tilebackend.codegen.matmul import gemm_mainloop_acc\n" if terms else "",
         term_ptrs=t_ptrs,
         term_ints=t_ints,
@@ -446,13 +469,13 @@ def check(a: Any, b: Any, bias: Any, extras: Any, expr: Any) -> str | None:
         e = _parse(expr)
     except pointwise.ExprError as err:
         return f"expression: {err}"
-    return _host.check_operands(a, {"b": b}, {"bias": bias}, list(extras), [e])
+    return _host.check_operands(a, {"b": b}, {"bias": bias}, list(extras), [e], batched=True)
 
 
 def reference(a, b, bias, extras, expr) -> torch.Tensor:
     """Eager: ``addmm`` / ``matmul`` in the input dtype, then the expression with eager ops."""
     e = _parse(expr)
-    acc = torch.matmul(a, b)
+    acc = _host.eager_gemm(a, b)
     if bias is not None:
         acc = acc + bias
     leaves = {"ACC": acc, **{f"IN{i}": t for i, t in enumerate(extras)}}
@@ -569,8 +592,21 @@ SPEC_EXPR = (
 
 
 def sm90_specs() -> list[dict]:
-    """One spec per (dtype, precision, config) of matmul's space for :data:`SPEC_EXPR`."""
-    return epilogue_specs("mm_epilogue", kernel_for(SPEC_EXPR, (False, True)))
+    """One spec per (dtype, precision, config) of matmul's space for :data:`SPEC_EXPR`,
+    and each pointer-loop one again as a bmm's (``BATCHED``; no bias there)."""
+    specs = epilogue_specs("mm_epilogue", kernel_for(SPEC_EXPR, (False, True)))
+    batched = []
+    for spec in specs:
+        if spec["constexprs"]["B_NK"]:  # (a persistent TMA config: no bmm)
+            continue
+        name = spec["name"].replace("mm_epilogue_", "mm_epilogue_bmm_", 1)
+        spec = {**spec, "name": name, "signature": dict(spec["signature"])}
+        # (as the JIT marks them on a launch: batch strides of real shapes are multiples of
+        # 16, and without that hint the main loop's loads are not asynchronous and spill)
+        spec["divisible"] = [*spec["divisible"], "stride_ab", "stride_bb"]
+        spec["constexprs"] = {**spec["constexprs"], "BATCHED": True, "HAS_BIAS": False}
+        batched.append(spec)
+    return specs + batched
 
 
 def _spec_modes(dtype: torch.dtype) -> dict[str, Any]:
@@ -594,6 +630,9 @@ def epilogue_specs(name: str, fn: Any, out_ptrs: tuple[tuple[str, bool], ...] = 
     ints = ("M", "N", "K", "L1", "stride_am", "stride_ak", "stride_bk", "stride_bn")
     ints += ("stride_cm", "stride_cn", "stride_om", "stride_on")
     ints += ("in0_s0", "in0_s1", "in0_sn", "in1_s0", "in1_s1", "in1_sn")
+    batchable = "BATCHED" in fn.arg_names
+    if batchable:
+        ints += ("stride_ab", "stride_bb")
     specs = []
     for dtype, precision in _mm.SM90_VARIANTS:
         tname = _common.triton_dtype_name(dtype)
@@ -624,6 +663,7 @@ def epilogue_specs(name: str, fn: Any, out_ptrs: tuple[tuple[str, bool], ...] = 
                         "TMA": False,
                         "B_NK": tma,
                         "EPI_SPLIT": False,
+                        **({"BATCHED": False} if batchable else {}),
                         **dict(cfg.kwargs),
                     },
                     "divisible": ["M", "N", "K", "stride_am", b_rows, "stride_om", "in0_s1"],

@@ -71,7 +71,7 @@ def check(a: Any, b: Any, bias: Any, extras: Any, exprs: Any) -> str | None:
         dtypes = _out_dtypes(es, a, extras)
     except pointwise.ExprError as err:
         return f"expression: {err}"
-    reason = _host.check_operands(a, {"b": b}, {"bias": bias}, extras, es)
+    reason = _host.check_operands(a, {"b": b}, {"bias": bias}, extras, es, batched=True)
     if reason is not None:
         return reason
     for i, dtype in enumerate(dtypes[1:], 1):
@@ -84,7 +84,7 @@ def reference(a, b, bias, extras, exprs) -> list[torch.Tensor]:
     """Eager: ``addmm`` / ``matmul`` in the input dtype, then each expression with eager
     ops (the GEMM and shared sub-trees computed once)."""
     es = _parse(exprs)
-    acc = torch.matmul(a, b)
+    acc = _host.eager_gemm(a, b)
     if bias is not None:
         acc = acc + bias
     leaves = {"ACC": acc, **{f"IN{i}": t for i, t in enumerate(extras)}}

@@ -19,13 +19,14 @@ from .fusion_core import _VIEWS, FuserBase, _descendants, _is_tensor_node, _val,
 class MatmulFusions(FuserBase):
     # --- matmul epilogue ---------------------------------------------------------------
 
-    def _gemm_parts(self, node: fx.Node) -> tuple[Any, Any, Any] | None:
+    def _gemm_parts(self, node: fx.Node, batched: bool = False) -> tuple[Any, Any, Any] | None:
         """``(a, b, bias)`` of a ``tile::mm`` / ``tile::addmm`` with alpha == beta == 1
-        (``bias`` None for mm), else None."""
+        (``bias`` None for mm), and with ``batched`` of a ``tile::bmm`` (``b`` is 3-D),
+        else None."""
         tile = torch.ops.tile
         if node.op != "call_function":
             return None
-        if node.target is tile.mm.default:
+        if node.target is tile.mm.default or (batched and node.target is tile.bmm.default):
             a, b = node.args[:2]
             return a, b, None
         if node.target is tile.addmm.default:
@@ -44,11 +45,11 @@ class MatmulFusions(FuserBase):
             u.op == "call_function" and pointwise_aten.is_pointwise(u.target) for u in users
         ):
             return
-        if node.target in (tile.bmm.default, tile.baddbmm.default):
+        if node.target is tile.baddbmm.default:
             self._note(
                 node,
-                "epilogues are generated into 2-D GEMMs only: a batched GEMM's pointwise "
-                "users run as their own ops",
+                "a baddbmm takes no epilogue (a bmm does): its pointwise users run as "
+                "their own ops",
             )
         elif node.target is tile.addmm.default:
             self._note(node, "an addmm with alpha or beta other than 1 takes no epilogue")
@@ -71,7 +72,7 @@ class MatmulFusions(FuserBase):
 
         open_candidates = []
         for gemm in list(self.graph.nodes):
-            parts = self._gemm_parts(gemm)
+            parts = self._gemm_parts(gemm, batched=True)
             if parts is None:
                 self._note_unfusable(gemm)
                 continue
@@ -84,7 +85,7 @@ class MatmulFusions(FuserBase):
         for gemm, root, why in open_candidates:
             # (read again: an earlier open fusion replaced the values it wrote, which a
             # later GEMM may read, as an MLP's second linear reads the first's GELU)
-            parts = self._gemm_parts(gemm)
+            parts = self._gemm_parts(gemm, batched=True)
             root = root or self._view_root(gemm)
             if root is not None and parts is not None:
                 why = self._fuse_open(gemm, parts, root, pointwise)
@@ -107,9 +108,9 @@ class MatmulFusions(FuserBase):
         if extra_nodes is None:
             self._note(gemm, why)
             return
-        expr, extra_nodes, terms = self._gemm_terms(
-            gemm, sink, pointwise.canonical(expr), extra_nodes
-        )
+        expr, extra_nodes, terms = pointwise.canonical(expr), extra_nodes, []
+        if not self._batched(gemm):
+            expr, extra_nodes, terms = self._gemm_terms(gemm, sink, expr, extra_nodes)
         if expr == "ACC" and not terms and not extra_nodes:  # copies only (an eval-mode
             # dropout's clone): the GEMM's result, read by nothing else, is fresh already
             if _val(sink).dtype == _val(root).dtype and self._same(
@@ -142,11 +143,12 @@ class MatmulFusions(FuserBase):
         also = [n for g, chain in terms for n in (*chain, g)]  # the terms' GEMMs and views
         also += [parts[0]] if parts[0] is not a else []  # (a's view, when a is N-d)
         self._splice(op, args, [gemm], [root], region, sink, extra_nodes, also=also)
+        kind = "bmm" if self._batched(gemm) else "mm"
         self.report.replacements.append(
             Replacement(
-                pattern="fused_mm_sum_epilogue" if terms else "fused_mm_epilogue",
+                pattern="fused_mm_sum_epilogue" if terms else f"fused_{kind}_epilogue",
                 nodes=[gemm.name, *(g.name for g, _ in terms), *(n.name for n in region)],
-                targets=["mm", *("mm" for _ in terms), *[short_target(n.target) for n in region]],
+                targets=[kind, *("mm" for _ in terms), *[short_target(n.target) for n in region]],
                 inputs={"a": describe_value(_val(a)), "b": describe_value(_val(b))},
                 scalars={"expr": expr_s, **({"terms": len(terms)} if terms else {})},
             )
@@ -298,6 +300,25 @@ class MatmulFusions(FuserBase):
             env[n] = pointwise_aten.from_aten(n.target, args, kwargs)
         return [env[o] for o in outputs], leaves
 
+    @staticmethod
+    def _batched(gemm: fx.Node) -> bool:
+        return gemm.target is torch.ops.tile.bmm.default
+
+    def _batched_extras(self, sink, leaves, a):
+        """:meth:`_extra_inputs` of a bmm: the fused op takes ``a`` with the dims of the
+        output (the N-d tensor a 4-D matmul viewed as ``[batch, M, K]``) and every extra
+        as it is, read through row strides."""
+        out_shape = _val(sink).shape
+        x = a if _val(a).dim() == len(out_shape) else self._unfolded(a, out_shape)
+        if x is None:
+            why = f"the output {tuple(out_shape)} is not a view of the batched GEMM's input's"
+            return None, why, None
+        for e in leaves:
+            if not self._broadcasts_to(_val(e).shape, out_shape):
+                shape = tuple(_val(e).shape)
+                return None, f"extra input {e.name} {shape} does not broadcast to the output", None
+        return [("as_is", e, None) for e in leaves], None, x
+
     def _extra_inputs(self, gemm, sink, leaves, a):
         """How each extra reaches the fused op: ``(kind, node, shape)``, kind ``"as_is"`` or
         ``"view"`` (an N-d extra of the N-d output, viewed as the GEMM's ``[M, N]``; or
@@ -307,7 +328,10 @@ class MatmulFusions(FuserBase):
         An extra that broadcasts over some rows of the N-d output but not over the
         GEMM's folded ``[M, N]`` (a per-sample gate ``[B, 1, N]``, a position table
         ``[T, N]``) needs the output N-d: the fused op then takes the N-d tensor the
-        linear viewed as ``a [M, K]`` (:meth:`_unfolded`) and every extra as it is."""
+        linear viewed as ``a [M, K]`` (:meth:`_unfolded`) and every extra as it is.
+        A bmm's: :meth:`_batched_extras`."""
+        if self._batched(gemm):
+            return self._batched_extras(sink, leaves, a)
         out_shape = _val(sink).shape
         m_n = _val(gemm).shape
         extra_nodes, per_row = [], []
@@ -439,6 +463,7 @@ class MatmulFusions(FuserBase):
             shape = _val(gemm).shape if n is gemm else out_shape
             if not self._same(_val(n).shape, shape):
                 return f"{n.name} {tuple(_val(n).shape)} does not have the output's shape"
+        batched = self._batched(gemm)
         written = [sink, *(root if n is gemm else n for n in outputs)]  # gemm's is ACC too
         try:
             exprs, leaves = self._expressions(
@@ -490,11 +515,12 @@ class MatmulFusions(FuserBase):
             extra_nodes,
             also=[parts[0]] if parts[0] is not a else [],  # (a's view, when a is N-d)
         )
+        kind = "bmm" if batched else "mm"
         self.report.replacements.append(
             Replacement(
-                pattern="fused_mm_epilogue",
+                pattern=f"fused_{kind}_epilogue",
                 nodes=[gemm.name, *(n.name for n in kept)],
-                targets=["mm", *[short_target(n.target) for n in kept]],
+                targets=[kind, *[short_target(n.target) for n in kept]],
                 inputs={"a": describe_value(_val(a)), "b": describe_value(_val(b))},
                 scalars={
                     "expr": exprs_s[0],
@@ -504,6 +530,16 @@ class MatmulFusions(FuserBase):
             )
         )
         return None
+
+    def _size_of(self, node: fx.Node, dim: int) -> Any:
+        """``node``'s size along ``dim``: an int, or a ``sym_size`` node when symbolic
+        (insert under ``graph.inserting_before``)."""
+        size = _val(node).shape[dim]
+        if not shapes.is_symbolic(size):
+            return int(size)
+        n = self.graph.call_function(aten.sym_size.int, (node, dim))
+        self._meta(n)
+        return n
 
     def _hoist_inputs(self, nodes, before: fx.Node) -> str | None:
         """Move those of ``nodes`` after ``before``, with their ancestors after it, to just
@@ -548,8 +584,11 @@ class MatmulFusions(FuserBase):
                 self._meta(out)
                 if root is gemm or _val(out).dim() == _val(results[i]).dim():
                     pass
-                elif results[i] is gemm:  # (the N-d a's result, read 2-D as the GEMM's)
-                    out = graph.call_function(aten.view.default, (out, [-1, root.args[1][-1]]))
+                elif results[i] is gemm:  # (the N-d a's result, read as the GEMM's)
+                    size = [-1, root.args[1][-1]]
+                    if self._batched(gemm):  # [batch, M, N]: M and N read off the output
+                        size = [-1, *(self._size_of(out, d) for d in (-2, -1))]
+                    out = graph.call_function(aten.view.default, (out, size))
                     self._meta(out)
                 else:
                     out = graph.call_function(aten.view.default, (out, list(root.args[1])))
