@@ -684,7 +684,9 @@ def test_residual_add_viewed_before_the_norm_is_one_kernel(poison, norm, rows):
     )
 
 
-def test_intermediate_used_elsewhere_bounds_the_region(poison):
+def test_intermediate_used_elsewhere_is_written_too(poison):
+    """``h`` is an output and ``tanh(h)`` reads it: one kernel writes both (before, the
+    closed region ``lin * 2`` was fused and the tanh was a pass of its own)."""
     lin = torch.nn.Linear(16, 24)
     x = torch.randn(4, 16)
 
@@ -693,8 +695,10 @@ def test_intermediate_used_elsewhere_bounds_the_region(poison):
         return torch.tanh(h), h  # h must still be written
 
     graph, launches = _run(fn, x)
-    assert launches["mm_epilogue"] == 1  # lin * 2 fused; tanh(h) stays outside
-    assert "aten.tanh" in graph.code
+    assert dict(launches) == {"mm_epilogue_multi": 1}, dict(launches)
+    assert "aten.tanh" not in graph.code and "aten.mul" not in graph.code, graph.code
+    (rep,) = [r for r in graph.replacements if r.pattern == "fused_mm_epilogue"]
+    assert rep.scalars["extra_outputs"] == 1, rep
 
 
 def test_fused_training_step_matches_eager(poison):

@@ -51,6 +51,7 @@ class FuserBase:
         self.fake_mode = _fake_mode_of(gm)
         self.count = 0
         self.touched = False  # the graph changed with no fusion counted
+        self._made: list[fx.Node] = []  # nodes made for a fusion that may not happen
         self.facts = shapes.Facts(shapes.shape_env_of(gm))
 
     def _same(self, a, b) -> bool:

@@ -79,18 +79,30 @@ class MatmulFusions(FuserBase):
             root = self._gemm_root(gemm)
             region, sink, extras, why = self._grow([root], pointwise)
             if sink is None:
-                open_candidates.append((gemm, root if region else None, why))
+                open_candidates.append((gemm, root if region else None, why, False))
+                continue
+            grown, _ = self._grow_region([root], pointwise)
+            if len(grown) > len(region):  # pointwise ops read a value the closed region
+                # writes (a training forward saves the GELU's input): the open region
+                # writes that value and computes them too, rather than leave them a pass
+                open_candidates.append((gemm, root, None, True))
                 continue
             self._fuse_closed(gemm, parts, root, region, sink, extras)
-        for gemm, root, why in open_candidates:
+        for gemm, root, why, closed_too in open_candidates:
             # (read again: an earlier open fusion replaced the values it wrote, which a
             # later GEMM may read, as an MLP's second linear reads the first's GELU)
             parts = self._gemm_parts(gemm, batched=True)
             root = root or self._view_root(gemm)
             if root is not None and parts is not None:
                 why = self._fuse_open(gemm, parts, root, pointwise)
+                if why and closed_too:  # the closed region, then
+                    region, sink, extras, _ = self._grow([root], pointwise)
+                    if sink is not None:
+                        self._fuse_closed(gemm, parts, root, region, sink, extras)
+                        continue
             if why:
                 self._note(gemm, why)
+        self._drop_unused()
 
     def _fuse_closed(self, gemm, parts, root, region, sink, extras) -> None:
         """Fuse the closed ``region`` into ``gemm`` as one ``tile::mm_epilogue`` (or, when
@@ -304,14 +316,16 @@ class MatmulFusions(FuserBase):
     def _batched(gemm: fx.Node) -> bool:
         return gemm.target is torch.ops.tile.bmm.default
 
-    def _batched_extras(self, sink, leaves, a):
+    def _batched_extras(self, gemm, sink, leaves, a):
         """:meth:`_extra_inputs` of a bmm: the fused op takes ``a`` with the dims of the
-        output (the N-d tensor a 4-D matmul viewed as ``[batch, M, K]``) and every extra
-        as it is, read through row strides."""
+        output (the N-d tensor a 4-D matmul viewed as ``[batch, M, K]``, else ``a`` viewed
+        so, :meth:`_split_batch`) and every extra as it is, read through row strides."""
         out_shape = _val(sink).shape
         x = a if _val(a).dim() == len(out_shape) else self._unfolded(a, out_shape)
         if x is None:
-            why = f"the output {tuple(out_shape)} is not a view of the batched GEMM's input's"
+            x = self._split_batch(gemm, a)
+        if x is None:
+            why = f"the output {tuple(out_shape)} is not the batched GEMM's with its batch split"
             return None, why, None
         for e in leaves:
             if not self._broadcasts_to(_val(e).shape, out_shape):
@@ -331,7 +345,7 @@ class MatmulFusions(FuserBase):
         linear viewed as ``a [M, K]`` (:meth:`_unfolded`) and every extra as it is.
         A bmm's: :meth:`_batched_extras`."""
         if self._batched(gemm):
-            return self._batched_extras(sink, leaves, a)
+            return self._batched_extras(gemm, sink, leaves, a)
         out_shape = _val(sink).shape
         m_n = _val(gemm).shape
         extra_nodes, per_row = [], []
@@ -371,6 +385,31 @@ class MatmulFusions(FuserBase):
                 shape = tuple(_val(e).shape)
                 return None, f"extra input {e.name} {shape} is 2-D beside a per-row one", None
         return [("as_is", e, None) for _, e, _ in extra_nodes], None, x
+
+    def _split_batch(self, gemm: fx.Node, a: Any) -> fx.Node | None:
+        """``a [batch, M, K]`` viewed with the batch dims of the view ``root`` of the bmm's
+        result ``[batch, M, N]`` (a gradient's ``[B * H, T, D]`` viewed as ``[B, H, T,
+        D]``): splitting a dim is always a view.  None when the root is no such view.
+        The node goes before the root; :meth:`_drop_unused` erases it if nothing reads it."""
+        root = self._gemm_root(gemm)
+        if root is gemm or not isinstance(a, fx.Node) or not isinstance(root.args[1], list):
+            return None
+        if not self._same(_val(root).shape[-2:], _val(gemm).shape[-2:]):
+            return None
+        with self.graph.inserting_before(root):
+            size = [*root.args[1][:-1], self._size_of(a, -1)]
+            x = self.graph.call_function(aten.view.default, (a, size))
+            self._meta(x)
+        self._made.append(x)
+        return x
+
+    def _drop_unused(self) -> None:
+        """Erase the nodes :meth:`_split_batch` and :meth:`_size_of` made that no fused op
+        took."""
+        for n in reversed(self._made):
+            if not n.users:
+                self.graph.erase_node(n)
+        self._made.clear()
 
     def _unfolded(self, a, out_shape) -> fx.Node | None:
         """The N-d tensor that ``a`` (a GEMM's ``[M, K]`` input) views with its leading
@@ -539,6 +578,7 @@ class MatmulFusions(FuserBase):
             return int(size)
         n = self.graph.call_function(aten.sym_size.int, (node, dim))
         self._meta(n)
+        self._made.append(n)
         return n
 
     def _hoist_inputs(self, nodes, before: fx.Node) -> str | None:
