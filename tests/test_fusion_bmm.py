@@ -256,3 +256,17 @@ def test_a_refused_split_batch_says_why(poison):
     assert any("float64" in r for r in notes), notes
     (graph,) = backend.report.graphs
     assert "[2, 3, 5, 7]" not in graph.code, graph.code
+
+
+def test_a_tma_config_from_elsewhere_runs_batched(poison, monkeypatch):
+    """A bmm's tuning key never holds a persistent TMA config (that main loop has no
+    batch), but a foreign tuning file could: the launch then runs its pointer-loop
+    twin over every batch, not the first batch's tiles only."""
+    from tilebackend.codegen import autotune
+    from tilebackend.codegen import matmul as _mm
+
+    tma = _mm.tma_configs(torch.float16)[0]
+    monkeypatch.setattr(autotune, "select", lambda *a, **k: tma)
+    a, b = torch.randn(3, 5, 16, dtype=torch.float16), torch.randn(3, 16, 24, dtype=torch.float16)
+    out = fused_matmul.matmul_epilogue(a, b, None, [], ("relu", "ACC"))
+    torch.testing.assert_close(out, torch.relu(torch.bmm(a, b)), atol=2e-3, rtol=2e-3)

@@ -354,7 +354,8 @@ def launch(
             return
         tiles = _common.cdiv(m_rows, cfg["BLOCK_M"]) * _common.cdiv(N, cfg["BLOCK_N"])
         kw = cfg.as_kwargs()
-        if cfg.get("TMA"):
+        if cfg.get("TMA") and not batched:  # (a bmm's key never holds a TMA config; a
+            # foreign tuning file's could: its pointer-loop twin runs instead)
             grid = (min(tiles, _common.persistent_programs(a.device)),)
         else:
             grid = (tiles, batch) if batched else (tiles,)
