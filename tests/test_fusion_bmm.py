@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from helpers import compile_tile, inference_like_eager
 
+from tilebackend import settings
 from tilebackend.codegen import _common, fused_matmul, fused_matmul_multi
 from tilebackend.codegen import pointwise as pw
 
@@ -270,3 +271,21 @@ def test_a_tma_config_from_elsewhere_runs_batched(poison, monkeypatch):
     a, b = torch.randn(3, 5, 16, dtype=torch.float16), torch.randn(3, 16, 24, dtype=torch.float16)
     out = fused_matmul.matmul_epilogue(a, b, None, [], ("relu", "ACC"))
     torch.testing.assert_close(out, torch.relu(torch.bmm(a, b)), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.gpu
+def test_bf16_bmm_epilogue_on_gpu(device, poison):
+    """bf16 (the interpreter's bf16 ``tl.dot`` is wrong, so only here): attention-sized
+    scores with a head-broadcast mask and a tanh, against an fp32 reference."""
+    bf16 = torch.bfloat16
+    a = torch.randn(4, 12, 128, 64, device=device, dtype=bf16)
+    b = torch.randn(48, 64, 96, device=device, dtype=bf16)
+    m = torch.randn(4, 1, 128, 96, device=device, dtype=bf16)
+    expr = ("tanh", ("add", ("mul", "ACC", 0.125), "IN0"))
+    # (the heuristic config: the tuner may pick ATen's unfused ops, which counts no launch)
+    off = settings.Settings(autotune="off", poison_outputs=True)
+    with settings.use(off), _common.count_launches() as launches:
+        out = torch.ops.tile.mm_epilogue(a, b, None, [m], pw.dumps(expr))
+    assert dict(launches) == {"mm_epilogue": 1}, dict(launches)
+    ref = fused_matmul.reference(a.float(), b.float(), None, [m.float()], expr)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
