@@ -130,6 +130,46 @@ def test_training_dropout_after_linear_is_one_kernel(poison, fallback, dtype, at
     torch.testing.assert_close(model.proj.bias.grad.float(), gl.sum((0, 1)), **close)
 
 
+@pytest.mark.parametrize("fallback", ["eager", "inductor"])
+@pytest.mark.parametrize("batched", [False, True], ids=["linear", "bmm"])
+def test_training_dropout_after_an_activation_is_one_kernel(poison, fallback, batched):
+    """``dropout(relu(x @ w)) + r`` in training: the ReLU's backward mask (a bool the
+    backward saves, last in the forward graph with Inductor's partitioner) and the keep
+    mask are two branches of the region, and the dropout's seed is drawn after the
+    ReLU's saved output is read: one kernel writes the output, the ReLU's output or mask
+    and the keep mask (before, the kernel stopped at the ReLU and the dropout ran as
+    ATen ops)."""
+    w = torch.randn(4, 16, 24) if batched else torch.randn(16, 24)
+    w.requires_grad_(True)
+    x = torch.randn(4, 7, 16, requires_grad=True)
+    r = torch.randn(4, 7, 24)
+
+    def fn(x, w, r):
+        h = torch.bmm(x, w) if batched else x @ w
+        return torch.nn.functional.dropout(torch.relu(h), P, training=True) + r
+
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": fallback})
+    with _common.count_launches() as launches:
+        y = torch.compile(fn, backend=backend)(x, w, r)
+        y.square().sum().backward()
+    fwd = next(g for g in backend.report.graphs if g.name == "forward")
+    assert "native_dropout.default" not in fwd.code and "inductor_random" not in fwd.code
+    for op in ("aten.relu", "aten.mul.Tensor", "aten.add.Tensor", "aten.le.Scalar"):
+        assert op not in fwd.code, (op, fwd.code)
+    assert launches["mm_epilogue_multi"] == 1, dict(launches)
+    # eager's numbers given the kernel's mask (kept where the output is not r)
+    h = (torch.bmm(x, w) if batched else x @ w).detach()
+    keep = (y.detach() - r) != 0
+    assert 0.3 < keep.float().mean().item() < 0.6  # (ReLU zeros, then 1 - p of the rest)
+    expect = torch.where(keep, torch.relu(h) * SCALE, 0.0) + r
+    torch.testing.assert_close(y.detach(), expect, atol=1e-5, rtol=1e-5)
+    g = torch.where(keep & (h > 0), 2 * y.detach() * SCALE, 0.0)
+    gw = x.detach().transpose(-1, -2) @ g
+    torch.testing.assert_close(x.grad, g @ w.detach().transpose(-1, -2), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(w.grad, gw if batched else gw.sum(0), atol=1e-4, rtol=1e-4)
+
+
 def test_manual_seed_repeats_and_calls_differ(poison):
     model = _Block().train()
     x = torch.randn(2, 5, 16)

@@ -13,7 +13,15 @@ import torch.fx as fx
 from ..codegen import pointwise_aten
 from ..report import Replacement, describe_value, short_target
 from . import shapes
-from .fusion_core import _VIEWS, FuserBase, _descendants, _is_tensor_node, _val, aten
+from .fusion_core import (
+    _SEED_META,
+    _VIEWS,
+    FuserBase,
+    _descendants,
+    _is_tensor_node,
+    _val,
+    aten,
+)
 
 
 class MatmulFusions(FuserBase):
@@ -484,14 +492,21 @@ class MatmulFusions(FuserBase):
         region, why = self._grow_region([root], pointwise)
         if not region:
             return why
-        sink = region[-1]  # the latest node; what does not feed it stays outside
-        members = self._ancestors_within(sink, set(region)) | {sink}
-        kept = [n for n in region if n in members]
-        inside = members | {root}
-        # the values written besides the sink: the GEMM's own 2-D result when a user
-        # other than ``root`` reads it, then the region's values read outside it
-        outputs = [n for n in dict.fromkeys((gemm, root)) if set(n.users) - inside]
-        outputs += [n for n in kept if n is not sink and set(n.users) - members]
+        # the whole region (a ReLU's backward mask and a dropout after it are two
+        # branches); with more values used outside it than the kernel writes, the latest
+        # node's ancestors (what does not feed it stays outside)
+        last = region[-1]
+        for members in (set(region), self._ancestors_within(last, set(region)) | {last}):
+            kept = [n for n in region if n in members]
+            inside = members | {root}
+            ends = [n for n in kept if set(n.users) - members]  # (the latest is one)
+            sink = ends[-1]
+            # the values written besides the sink: the GEMM's own 2-D result when a user
+            # other than ``root`` reads it, then the region's values read outside it
+            outputs = [n for n in dict.fromkeys((gemm, root)) if set(n.users) - inside]
+            outputs += [n for n in ends if n is not sink]
+            if len(outputs) <= fused_matmul_multi.MAX_EXTRA_OUTPUTS:
+                break
         if not outputs:
             return "the region has no sink"
         if len(outputs) > fused_matmul_multi.MAX_EXTRA_OUTPUTS:
@@ -535,12 +550,18 @@ class MatmulFusions(FuserBase):
                 return f"{n.name} is used by {u.name} before the fused op could run"
         hinted = [shapes.hinted(_val(x)) for x in (a, b, bias)]
         ex_vals = self._extra_values(extra_nodes)
+        # the kernel's first result is a float one (a bool result, a ReLU's backward mask
+        # that comes last in the graph, is one of the others)
+        results = [sink, *outputs]
+        first = next((i for i, n in enumerate(results) if _val(n).is_floating_point()), 0)
+        results.insert(0, results.pop(first))
+        exprs.insert(0, exprs.pop(first))
         exprs_s = [pointwise.dumps(e) for e in exprs]
         reason = fused_matmul_multi.check(*hinted, ex_vals, exprs_s)
         if reason is not None:
             return f"fused epilogue refused: {reason}"
         leaf_dtypes = fused_matmul._leaf_dtypes(hinted[0], ex_vals)
-        for n, e in zip([sink, *outputs], exprs):
+        for n, e in zip(results, exprs):
             if pointwise.infer_dtype(e, leaf_dtypes) != _val(n).dtype:
                 return f"{n.name}'s dtype {_val(n).dtype} is not its expression's"
         self._splice_multi(
@@ -548,7 +569,7 @@ class MatmulFusions(FuserBase):
             (a, b, bias),
             root,
             kept,
-            [sink, *outputs],
+            results,
             exprs_s,
             anchor,
             extra_nodes,
@@ -585,7 +606,8 @@ class MatmulFusions(FuserBase):
         """Move those of ``nodes`` after ``before``, with their ancestors after it, to just
         before it (in their order); None, or why nothing moved: one of them is computed
         from ``before``, or draws random numbers or mutates (their order is part of the
-        result)."""
+        result).  A seed a fused op draws its random numbers from (:meth:`_new_seed`) may
+        move: it is one draw of the fused ops' own stream, merged with the others later."""
         from .cse import draws_random, mutates
 
         order = self._order()
@@ -597,7 +619,8 @@ class MatmulFusions(FuserBase):
                 continue
             if before in n.all_input_nodes:
                 return f"{n.name} is computed from {before.name}"
-            if n.op != "call_function" or mutates(n) or draws_random(n.target):
+            seed = n.meta.get(_SEED_META, False)
+            if n.op != "call_function" or mutates(n) or (draws_random(n.target) and not seed):
                 return f"{n.name} draws random numbers or mutates: it keeps its place"
             todo.add(n)
             stack.extend(x for x in n.all_input_nodes if order[x] > order[before])
