@@ -251,8 +251,8 @@ def test_residual_layer_norm_over_a_symbolic_hidden_size_adds_no_guard(poison, t
 
 def test_swiglu_gemm_result_used_outside_keeps_two_launches(poison):
     """h1 is also returned: it must be written, so the pair is not fused and the gate
-    fuses into the second GEMM's epilogue as before; ``silu(h1)`` then fuses into the
-    first GEMM, which also writes h1."""
+    fuses into the second GEMM's epilogue; that epilogue also computes ``silu(h1)`` from
+    h1, which is then all the first GEMM writes (it used to write ``silu(h1)`` too)."""
     w1, w3 = torch.randn(16, 8), torch.randn(16, 8)
     x = torch.randn(5, 16)
 
@@ -262,7 +262,9 @@ def test_swiglu_gemm_result_used_outside_keeps_two_launches(poison):
 
     graph, launches = _run(fn, x)
     assert "fused_dual_mm_epilogue" not in graph.counts, str(graph)
-    assert dict(launches) == {"mm_epilogue_multi": 1, "mm_epilogue": 1}, dict(launches)
+    assert dict(launches) == {"mm": 1, "mm_epilogue": 1}, dict(launches)
+    (fused,) = [r for r in graph.replacements if r.pattern == "fused_mm_epilogue"]
+    assert "silu" in fused.scalars["expr"], fused
     (why,) = [s.reason for s in graph.skipped if "dual GEMM" in s.reason]
     assert "not fused" in why, why
 
@@ -1063,3 +1065,47 @@ def test_transposed_addmm_result_fuses_with_its_bias_as_a_column(poison, bias_sh
     )
     assert dict(launches) == {"mm_epilogue": 1}, (dict(launches), str(graph))
     assert "aten.tanh" not in graph.code, graph.code
+
+
+def test_producers_of_an_epilogue_input_are_computed_in_the_kernel(poison):
+    """GPT-2's GELU backward reads ``3 * x ** 2`` of the saved ``x``, computed by its own
+    ops: read only by the epilogue, those ops are computed in the GEMM's kernel from
+    ``x`` (their result was written and read back); a producer read elsewhere too, or
+    one that draws random numbers, stays an input."""
+    w = torch.randn(16, 24)
+
+    def fn(g, x, y):
+        shared = y * 2.0  # also returned: written anyway
+        return (g @ w) * (3.0 * torch.pow(x, 2.0)) + shared, shared
+
+    g, x, y = torch.randn(5, 16), torch.randn(5, 24), torch.randn(5, 24)
+    graph, launches = _run(fn, g, x, y)
+    assert dict(launches) == {"mm_epilogue": 1}, dict(launches)
+    assert "aten.pow" not in graph.code and graph.code.count("aten.mul") == 1, graph.code
+    (fused,) = [r for r in graph.replacements if r.pattern == "fused_mm_epilogue"]
+    assert "pow" in fused.scalars["expr"], fused
+
+
+def test_producer_absorption_keeps_training_numbers(poison):
+    """An MLP with GPT-2's written-out GELU, trained one step with each fallback: the
+    backward's GELU-gradient epilogue computes ``x ** 2`` itself, and the gradients
+    match eager's."""
+    lin1, lin2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    leaves = [x, lin1.weight, lin1.bias, lin2.weight, lin2.bias]
+
+    def fn(x):
+        return lin2(gelu_tanh(lin1(x)))
+
+    for fallback in ("eager", "inductor"):
+        backend, _ = _train_step(fn, x, fallback=fallback)
+        got = [t.grad.clone() for t in leaves]
+        for t in leaves:
+            t.grad = None
+        fn(x).float().square().sum().backward()
+        for a, b in zip(got, (t.grad for t in leaves), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        for t in leaves:
+            t.grad = None
+        (bwd,) = [g for g in backend.report.graphs if g.name == "backward"]
+        assert "aten.pow" not in bwd.code, (fallback, bwd.code)

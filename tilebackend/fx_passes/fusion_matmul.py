@@ -119,6 +119,8 @@ class MatmulFusions(FuserBase):
         from ..codegen import fused_matmul, fused_matmul_sum, pointwise
 
         a, b, bias = parts
+        region = self._absorb_producers([root], region)
+        extras = self._leaves([root], region)
         try:
             expr, leaves = self._expression([root], region, sink, extras, pointwise)
         except pointwise.ExprError as e:
@@ -231,6 +233,45 @@ class MatmulFusions(FuserBase):
                 return kept, sink, self._leaves(roots, kept), why
         return region, None, [], why or "every candidate region has an intermediate used outside it"
 
+    #: the most extra inputs a region may read after it took in their producers
+    MAX_ABSORBED_LEAVES = 8
+
+    def _absorb_producers(self, roots: list[fx.Node], kept: list[fx.Node]) -> list[fx.Node]:
+        """``kept`` with the pointwise ops that compute its extra inputs from others and
+        are read by nothing else (a GELU's backward ``3 * x ** 2`` of the saved ``x``): the
+        kernel computes them from their own inputs, and their result is never written.
+        One is taken while the extras grow by at most one (and stay within
+        :attr:`MAX_ABSORBED_LEAVES`); none that draws random numbers."""
+        from .cse import draws_random
+
+        inside = set(kept) | set(roots)
+        changed = True
+        while changed:
+            changed = False
+            leaves = self._leaves(roots, [n for n in kept])
+            for e in leaves:
+                if (
+                    e.op != "call_function"
+                    or not pointwise_aten.is_pointwise(e.target)
+                    or draws_random(e.target)
+                    or not e.users
+                    or any(u not in inside for u in e.users)
+                    or not _is_tensor_node(e)
+                    or not all(_is_tensor_node(x) for x in e.all_input_nodes)
+                ):
+                    continue
+                grown = self._leaves(roots, [e, *kept])
+                if len(grown) > min(len(leaves) + 1, self.MAX_ABSORBED_LEAVES):
+                    continue
+                if not self._expressible(e):  # (it stays an input)
+                    continue
+                kept = [e, *kept]
+                inside.add(e)
+                changed = True
+                break
+        order = self._order()
+        return sorted(kept, key=order.__getitem__)
+
     @staticmethod
     def _leaves(roots, kept) -> list[fx.Node]:
         """The region's inputs other than the roots, in first-use order."""
@@ -289,6 +330,26 @@ class MatmulFusions(FuserBase):
                     out.add(a)
                     stack.append(a)
         return out
+
+    def _expressible(self, n: fx.Node) -> bool:
+        """Whether :meth:`_expressions` can print ``n`` (its tensor inputs as leaves)."""
+        from ..codegen import pointwise
+
+        def conv(x):
+            if isinstance(x, fx.Node):
+                return "IN0"
+            if isinstance(x, (list, tuple)):
+                return type(x)(conv(y) for y in x)
+            return x
+
+        kwargs = {k: conv(v) for k, v in n.kwargs.items()}
+        if kwargs.get("device") is not None and _same_device(n.args[0], kwargs["device"]):
+            del kwargs["device"]
+        try:
+            pointwise_aten.from_aten(n.target, [conv(a) for a in n.args], kwargs)
+        except pointwise.ExprError:
+            return False
+        return True
 
     def _expression(self, roots, region, sink, extras, pointwise):
         """The region as one expression over ``roots`` (``ACC``, and ``ACC1`` for a dual
@@ -518,6 +579,7 @@ class MatmulFusions(FuserBase):
             if not self._same(_val(n).shape, shape):
                 return f"{n.name} {tuple(_val(n).shape)} does not have the output's shape"
         batched = self._batched(gemm)
+        kept = self._absorb_producers([root], kept)  # (read only inside: never written)
         written = [sink, *(root if n is gemm else n for n in outputs)]  # gemm's is ACC too
         try:
             exprs, leaves = self._expressions(
