@@ -244,11 +244,11 @@ class MatmulFusions(FuserBase):
         :attr:`MAX_ABSORBED_LEAVES`); none that draws random numbers."""
         from .cse import draws_random
 
-        inside = set(kept) | set(roots)
+        inside = set(kept)  # (not the roots: a GEMM's own operand is no producer to take)
         changed = True
         while changed:
             changed = False
-            leaves = self._leaves(roots, [n for n in kept])
+            leaves = self._leaves(roots, kept)
             for e in leaves:
                 if (
                     e.op != "call_function"
