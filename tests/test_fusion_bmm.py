@@ -289,3 +289,16 @@ def test_bf16_bmm_epilogue_on_gpu(device, poison):
     assert dict(launches) == {"mm_epilogue": 1}, dict(launches)
     ref = fused_matmul.reference(a.float(), b.float(), None, [m.float()], expr)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_bmm_output_with_its_batch_split_and_read_as_is_fuses(poison):
+    """The same, with the 3-D result also returned: one kernel writes both (the view
+    back to 3-D is of its output; the report said the output was not a batch split)."""
+
+    def fn(a, b, m):
+        g = torch.bmm(a, b)
+        return g, g.view(2, 3, 5, 11) + m
+
+    a, b, m = torch.randn(6, 5, 7), torch.randn(6, 7, 11), torch.randn(2, 3, 5, 11)
+    backend, launches = inference_like_eager(fn, a, b, m)
+    assert dict(launches) == {"mm_epilogue_multi": 1}, dict(launches)

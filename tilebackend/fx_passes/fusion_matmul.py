@@ -126,7 +126,7 @@ class MatmulFusions(FuserBase):
         except pointwise.ExprError as e:
             self._note(gemm, f"epilogue not expressible: {e}")
             return
-        extra_nodes, why, a = self._extra_inputs(gemm, sink, leaves, a)
+        extra_nodes, why, a = self._extra_inputs(gemm, sink, leaves, a, root)
         if extra_nodes is None:
             self._note(gemm, why)
             return
@@ -385,14 +385,14 @@ class MatmulFusions(FuserBase):
     def _batched(gemm: fx.Node) -> bool:
         return gemm.target is torch.ops.tile.bmm.default
 
-    def _batched_extras(self, gemm, sink, leaves, a):
+    def _batched_extras(self, gemm, sink, leaves, a, root):
         """:meth:`_extra_inputs` of a bmm: the fused op takes ``a`` with the dims of the
         output (the N-d tensor a 4-D matmul viewed as ``[batch, M, K]``, else ``a`` viewed
         so, :meth:`_split_batch`) and every extra as it is, read through row strides."""
         out_shape = _val(sink).shape
         x = a if _val(a).dim() == len(out_shape) else self._unfolded(a, out_shape)
         if x is None:
-            x = self._split_batch(gemm, a)
+            x = self._split_batch(gemm, a, root)
         if x is None:
             why = f"the output {tuple(out_shape)} is not the batched GEMM's with its batch split"
             return None, why, None
@@ -402,7 +402,7 @@ class MatmulFusions(FuserBase):
                 return None, f"extra input {e.name} {shape} does not broadcast to the output", None
         return [("as_is", e, None) for e in leaves], None, x
 
-    def _extra_inputs(self, gemm, sink, leaves, a):
+    def _extra_inputs(self, gemm, sink, leaves, a, root=None):
         """How each extra reaches the fused op: ``(kind, node, shape)``, kind ``"as_is"`` or
         ``"view"`` (an N-d extra of the N-d output, viewed as the GEMM's ``[M, N]``; or
         one with leading dims of size 1, a layer scale stored ``[1, 1, N]``, viewed
@@ -414,7 +414,7 @@ class MatmulFusions(FuserBase):
         linear viewed as ``a [M, K]`` (:meth:`_unfolded`) and every extra as it is.
         A bmm's: :meth:`_batched_extras`."""
         if self._batched(gemm):
-            return self._batched_extras(gemm, sink, leaves, a)
+            return self._batched_extras(gemm, sink, leaves, a, root or self._gemm_root(gemm))
         out_shape = _val(sink).shape
         m_n = _val(gemm).shape
         extra_nodes, per_row = [], []
@@ -455,12 +455,11 @@ class MatmulFusions(FuserBase):
                 return None, f"extra input {e.name} {shape} is 2-D beside a per-row one", None
         return [("as_is", e, None) for _, e, _ in extra_nodes], None, x
 
-    def _split_batch(self, gemm: fx.Node, a: Any) -> fx.Node | None:
+    def _split_batch(self, gemm: fx.Node, a: Any, root: fx.Node) -> fx.Node | None:
         """``a [batch, M, K]`` viewed with the batch dims of the view ``root`` of the bmm's
         result ``[batch, M, N]`` (a gradient's ``[B * H, T, D]`` viewed as ``[B, H, T,
         D]``): splitting a dim is always a view.  None when the root is no such view.
         The node goes before the root; :meth:`_drop_unused` erases it if nothing reads it."""
-        root = self._gemm_root(gemm)
         if root is gemm or not isinstance(a, fx.Node) or not isinstance(root.args[1], list):
             return None
         if not self._same(_val(root).shape[-2:], _val(gemm).shape[-2:]):
@@ -587,7 +586,7 @@ class MatmulFusions(FuserBase):
             )
         except pointwise.ExprError as e:
             return f"epilogue not expressible: {e}"
-        extra_nodes, why, a = self._extra_inputs(gemm, sink, leaves, a)
+        extra_nodes, why, a = self._extra_inputs(gemm, sink, leaves, a, root)
         if extra_nodes is None:
             return why
         # the fused op goes before the first node it replaces that follows all its inputs;
