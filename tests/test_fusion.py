@@ -1109,3 +1109,18 @@ def test_producer_absorption_keeps_training_numbers(poison):
             t.grad = None
         (bwd,) = [g for g in backend.report.graphs if g.name == "backward"]
         assert "aten.pow" not in bwd.code, (fallback, bwd.code)
+
+
+def test_open_region_falls_back_to_the_latest_nodes_ancestors(poison):
+    """The whole open region has a branch the kernel cannot compute (a float64 cast,
+    returned): the branch that feeds the latest node is fused on its own, and writes the
+    GEMM result the other branch reads (before, nothing fused)."""
+    w = torch.randn(16, 24)
+
+    def fn(x):
+        h = x @ w
+        return h.double(), torch.tanh(h) * 2.0
+
+    graph, launches = _run(fn, torch.randn(5, 16))
+    assert dict(launches) == {"mm_epilogue_multi": 1}, dict(launches)
+    assert "aten.tanh" not in graph.code, graph.code

@@ -545,28 +545,33 @@ class MatmulFusions(FuserBase):
         """Fuse the region grown from ``root`` although some of its values (the GEMM
         result included) are used outside it, as in a training forward whose backward
         saves them: one ``tile::mm_epilogue_multi`` writes the sink and each such value
-        (at most ``MAX_EXTRA_OUTPUTS``).  Returns None, or why it was not fused."""
-        from ..codegen import fused_matmul, fused_matmul_multi
-
-        a, b, bias = parts
+        (at most ``MAX_EXTRA_OUTPUTS``).  Tried on the whole region (a ReLU's backward
+        mask and a dropout after it are two branches), then on the latest node's
+        ancestors only (what does not feed it stays outside).  Returns None, or why it
+        was not fused (the whole region's reason)."""
         region, why = self._grow_region([root], pointwise)
         if not region:
             return why
-        # the whole region (a ReLU's backward mask and a dropout after it are two
-        # branches); with more values used outside it than the kernel writes, the latest
-        # node's ancestors (what does not feed it stays outside)
         last = region[-1]
-        for members in (set(region), self._ancestors_within(last, set(region)) | {last}):
-            kept = [n for n in region if n in members]
-            inside = members | {root}
-            ends = [n for n in kept if set(n.users) - members]  # (the latest is one)
-            sink = ends[-1]
-            # the values written besides the sink: the GEMM's own 2-D result when a user
-            # other than ``root`` reads it, then the region's values read outside it
-            outputs = [n for n in dict.fromkeys((gemm, root)) if set(n.users) - inside]
-            outputs += [n for n in ends if n is not sink]
-            if len(outputs) <= fused_matmul_multi.MAX_EXTRA_OUTPUTS:
-                break
+        whole, part = set(region), self._ancestors_within(last, set(region)) | {last}
+        why = self._fuse_open_members(gemm, parts, root, region, whole, pointwise)
+        if why is None or part == whole:
+            return why
+        return why if self._fuse_open_members(gemm, parts, root, region, part, pointwise) else None
+
+    def _fuse_open_members(self, gemm, parts, root, region, members, pointwise) -> str | None:
+        """:meth:`_fuse_open` for the nodes ``members`` of the grown ``region``."""
+        from ..codegen import fused_matmul, fused_matmul_multi
+
+        a, b, bias = parts
+        kept = [n for n in region if n in members]
+        inside = members | {root}
+        ends = [n for n in kept if set(n.users) - members]  # (the latest is one)
+        sink = ends[-1]
+        # the values written besides the sink: the GEMM's own 2-D result when a user
+        # other than ``root`` reads it, then the region's values read outside it
+        outputs = [n for n in dict.fromkeys((gemm, root)) if set(n.users) - inside]
+        outputs += [n for n in ends if n is not sink]
         if not outputs:
             return "the region has no sink"
         if len(outputs) > fused_matmul_multi.MAX_EXTRA_OUTPUTS:
