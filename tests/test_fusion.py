@@ -852,7 +852,8 @@ def test_open_epilogue_input_computed_late_moves_up(poison):
 
 def test_open_epilogue_value_used_before_the_fused_op_could_run(poison):
     """As above, but the residual draws random numbers: moving it would reorder the
-    generator's draws, so nothing is fused, and the report says why."""
+    generator's draws, so the add stays outside; the ReLU, which needs nothing drawn
+    late, is fused on its own (before, nothing was)."""
     lin = torch.nn.Linear(16, 24)
     x = torch.randn(4, 16)
 
@@ -871,9 +872,9 @@ def test_open_epilogue_value_used_before_the_fused_op_could_run(poison):
     ref, s_ref = fn(x)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s, s_ref, atol=1e-4, rtol=1e-5)
-    assert dict(launches) == {"addmm": 1}, dict(launches)
+    assert dict(launches) == {"mm_epilogue_multi": 1}, dict(launches)
     (graph,) = backend.report.graphs
-    assert any("before the fused op could run" in s.reason for s in graph.skipped), str(graph)
+    assert "aten.relu" not in graph.code and "aten.add.Tensor" in graph.code, graph.code
 
 
 def test_open_epilogue_writes_the_gemm_result(poison):
@@ -1124,3 +1125,24 @@ def test_open_region_falls_back_to_the_latest_nodes_ancestors(poison):
     graph, launches = _run(fn, torch.randn(5, 16))
     assert dict(launches) == {"mm_epilogue_multi": 1}, dict(launches)
     assert "aten.tanh" not in graph.code, graph.code
+
+
+def test_open_region_with_too_many_outputs_fuses_in_part(poison):
+    """Six values of a GEMM's region are read outside it, one more than the kernel
+    writes: the part that feeds the fifth is fused (it writes five), the last op runs
+    on its own (before, nothing fused)."""
+    w = torch.randn(16, 24)
+
+    def fn(x):
+        h = x @ w
+        a = h * 2.0
+        b = a + 1.0
+        c = b * 3.0
+        d = c - 1.0
+        return h, a, b, c, d, torch.tanh(d)
+
+    graph, launches = _run(fn, torch.randn(5, 16))
+    assert dict(launches) == {"mm_epilogue_multi": 1}, dict(launches)
+    (fused,) = [r for r in graph.replacements if r.pattern == "fused_mm_epilogue"]
+    assert fused.scalars["extra_outputs"] == 4, fused
+    assert "aten.tanh" in graph.code and "aten.sub" not in graph.code, graph.code

@@ -546,18 +546,33 @@ class MatmulFusions(FuserBase):
         result included) are used outside it, as in a training forward whose backward
         saves them: one ``tile::mm_epilogue_multi`` writes the sink and each such value
         (at most ``MAX_EXTRA_OUTPUTS``).  Tried on the whole region (a ReLU's backward
-        mask and a dropout after it are two branches), then on the latest node's
-        ancestors only (what does not feed it stays outside).  Returns None, or why it
-        was not fused (the whole region's reason)."""
+        mask and a dropout after it are two branches), then on the ancestors of one of
+        its nodes, latest first (what does not feed that node stays outside), so a
+        region with a branch the kernel cannot compute, or with more values read outside
+        it than the kernel writes, still fuses in part.  Returns None, or why it was not
+        fused (the whole region's reason)."""
         region, why = self._grow_region([root], pointwise)
         if not region:
             return why
-        last = region[-1]
-        whole, part = set(region), self._ancestors_within(last, set(region)) | {last}
-        why = self._fuse_open_members(gemm, parts, root, region, whole, pointwise)
-        if why is None or part == whole:
-            return why
-        return why if self._fuse_open_members(gemm, parts, root, region, part, pointwise) else None
+        inside = set(region)
+        first_why, seen, tries = None, [], 0
+        for members in (
+            inside,
+            *(self._ancestors_within(n, inside) | {n} for n in reversed(region)),
+        ):
+            if members in seen:
+                continue
+            seen.append(members)
+            why = self._fuse_open_members(gemm, parts, root, region, members, pointwise)
+            if why is None:
+                return None
+            first_why = first_why or why
+            # (that refusal is cheap; the others build the kernel's expression, and may
+            # move a late input up)
+            tries += not isinstance(why, _TooMany)
+            if tries == 3:
+                break
+        return first_why
 
     def _fuse_open_members(self, gemm, parts, root, region, members, pointwise) -> str | None:
         """:meth:`_fuse_open` for the nodes ``members`` of the grown ``region``."""
@@ -576,7 +591,7 @@ class MatmulFusions(FuserBase):
             return "the region has no sink"
         if len(outputs) > fused_matmul_multi.MAX_EXTRA_OUTPUTS:
             names = ", ".join(n.name for n in outputs)
-            return f"{len(outputs)} values of the region are used outside it ({names})"
+            return _TooMany(f"{len(outputs)} values of the region are used outside it ({names})")
         out_shape = _val(sink).shape
         for n in outputs:
             shape = _val(gemm).shape if n is gemm else out_shape
@@ -986,6 +1001,10 @@ class MatmulFusions(FuserBase):
             )
         )
         return None
+
+
+class _TooMany(str):
+    """A refusal of :meth:`MatmulFusions._fuse_open_members` for its output count."""
 
 
 def _same_device(x: Any, device: Any) -> bool:
