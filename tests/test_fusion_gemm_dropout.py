@@ -312,3 +312,30 @@ def test_put_back_dropout_reads_the_current_input(poison, case):
         y, x = out[0].detach(), args[0].detach()
         keep = y != 0
         torch.testing.assert_close(y[keep], (x / 0.5 / 0.7)[keep])
+
+
+@pytest.mark.parametrize("fallback", ["eager", "inductor"])
+@pytest.mark.parametrize("shape", [(11,), (5, 1), ()], ids=["row", "column", "0-dim"])
+def test_dropout_of_a_broadcast_epilogue_input_keeps_its_shape(poison, fallback, shape):
+    """``(g @ w) * dropout(b)`` with ``b`` broadcast over the output: the mask is one of
+    ``b``'s shape, so whole columns (rows, everything) are kept or dropped together.  The
+    dropout is not taken into the GEMM's kernel as a producer of its input, where its
+    draws would be per output element (fuzz 15)."""
+    w = torch.randn(7, 11)
+
+    def fn(g, b):
+        return (g @ w) * torch.nn.functional.dropout(b, 0.5, training=True)
+
+    torch._dynamo.reset()
+    backend = tilebackend.TileBackend(options={"fallback": fallback})
+    g, b = torch.randn(5, 7), torch.rand(shape) + 1.0
+    with torch.no_grad():
+        out = torch.compile(fn, backend=backend)(g, b)
+    keep = torch.broadcast_to((out / (g @ w)).abs() > 1e-3, (5, 11))
+    if len(shape) == 1:
+        assert torch.equal(keep, keep[:1].expand(5, 11)), keep
+    elif len(shape) == 2:
+        assert torch.equal(keep, keep[:, :1].expand(5, 11)), keep
+    else:
+        assert keep.all() or not keep.any(), keep
+    torch.testing.assert_close(out, torch.where(keep, (g @ w) * b * 2.0, 0.0))

@@ -241,7 +241,9 @@ class MatmulFusions(FuserBase):
         are read by nothing else (a GELU's backward ``3 * x ** 2`` of the saved ``x``): the
         kernel computes them from their own inputs, and their result is never written.
         One is taken while the extras grow by at most one (and stay within
-        :attr:`MAX_ABSORBED_LEAVES`); none that draws random numbers."""
+        :attr:`MAX_ABSORBED_LEAVES`); none that draws random numbers (a dropout's keep
+        mask of a broadcast input is one draw per element of that input)."""
+        from ..codegen import pointwise
         from .cse import draws_random
 
         inside = set(kept)  # (not the roots: a GEMM's own operand is no producer to take)
@@ -263,8 +265,11 @@ class MatmulFusions(FuserBase):
                 grown = self._leaves(roots, [e, *kept])
                 if len(grown) > min(len(leaves) + 1, self.MAX_ABSORBED_LEAVES):
                     continue
-                if not self._expressible(e):  # (it stays an input)
+                expr = self._printed(e)
+                if expr is None:  # (it stays an input)
                     continue
+                if pointwise.seed_leaves(expr):  # a dropout's keep mask: drawn per element
+                    continue  # of the output, it would not be the mask of a broadcast input
                 kept = [e, *kept]
                 inside.add(e)
                 changed = True
@@ -331,8 +336,9 @@ class MatmulFusions(FuserBase):
                     stack.append(a)
         return out
 
-    def _expressible(self, n: fx.Node) -> bool:
-        """Whether :meth:`_expressions` can print ``n`` (its tensor inputs as leaves)."""
+    def _printed(self, n: fx.Node) -> Any:
+        """``n`` as :meth:`_expressions` prints it, each tensor input as the leaf ``IN0``;
+        None when it cannot."""
         from ..codegen import pointwise
 
         def conv(x):
@@ -346,10 +352,9 @@ class MatmulFusions(FuserBase):
         if kwargs.get("device") is not None and _same_device(n.args[0], kwargs["device"]):
             del kwargs["device"]
         try:
-            pointwise_aten.from_aten(n.target, [conv(a) for a in n.args], kwargs)
+            return pointwise_aten.from_aten(n.target, [conv(a) for a in n.args], kwargs)
         except pointwise.ExprError:
-            return False
-        return True
+            return None
 
     def _expression(self, roots, region, sink, extras, pointwise):
         """The region as one expression over ``roots`` (``ACC``, and ``ACC1`` for a dual
