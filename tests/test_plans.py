@@ -41,6 +41,25 @@ def _delta(before: dict[str, int], name: str) -> dict[str, int]:
     return {k: now.get(k, 0) - before.get(k, 0) for k in now if now.get(k, 0) != before.get(k, 0)}
 
 
+def test_batched_epilogue_replays_over_every_batch(scoped, device):
+    """A bmm epilogue (grid axis 1 is the batch, its strides passed by keyword): the
+    replay launches the same 2-D grid over new values, with a mask shared by every
+    batch and head.  (A ``[B, 1, T, S]`` mask is copied to the output's size, since the
+    batch folds B and H into one index: such a call is not planned.)"""
+    expr = pw.dumps(("tanh", ("add", ("mul", "ACC", 0.125), "IN0")))
+    before = _served("tile::mm_epilogue")
+    for _ in range(4):
+        q = torch.randn(2, 3, 5, 8, device=device)
+        kt = torch.randn(6, 8, 7, device=device)
+        m = torch.randn(1, 1, 5, 7, device=device)
+        with _common.count_launches() as n:
+            out = torch.ops.tile.mm_epilogue(q, kt, None, [m], expr)
+        assert dict(n) == {"mm_epilogue": 1}, dict(n)
+        ref = torch.tanh((q.reshape(6, 5, 8) @ kt).view(2, 3, 5, 7) * 0.125 + m)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert _delta(before, "tile::mm_epilogue") == {"plain": 1, "recorded": 1, "replayed": 2}
+
+
 def test_addmm_replays_with_new_values(scoped, device):
     a, b, bias = (torch.randn(*s, device=device) for s in ((7, 13), (13, 9), (9,)))
     before = _served("tile::addmm")
