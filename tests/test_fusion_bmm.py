@@ -302,3 +302,27 @@ def test_bmm_output_with_its_batch_split_and_read_as_is_fuses(poison):
     a, b, m = torch.randn(6, 5, 7), torch.randn(6, 7, 11), torch.randn(2, 3, 5, 11)
     backend, launches = inference_like_eager(fn, a, b, m)
     assert dict(launches) == {"mm_epilogue_multi": 1}, dict(launches)
+
+
+@pytest.mark.parametrize(
+    "mask_shape",
+    [(2, 1, 5, 6), (1, 3, 5, 6), (2, 3, 1, 6), (2, 1, 1, 1), (1, 1, 5, 1)],
+    ids=["heads", "batch", "row_per_head", "per_sample", "column"],
+)
+def test_batched_extras_broadcast_over_batch_dims(poison, mask_shape):
+    """An extra broadcast over some of the batch dims (attention's ``[B, 1, T, S]``
+    mask) is read through two batch levels, in every mode; and a 5-D output whose outer
+    batch dims do not fold is still right (a copy)."""
+    a, b = torch.randn(2, 3, 5, 8), torch.randn(6, 8, 6)
+    m = torch.randn(mask_shape)
+    expr = ("add", ("mul", "ACC", 0.5), "IN0")
+    with _common.count_launches() as launches:
+        out = torch.ops.tile.mm_epilogue(a, b, None, [m], pw.dumps(expr))
+    assert dict(launches) == {"mm_epilogue": 1}
+    ref = (a.reshape(6, 5, 8) @ b).view(2, 3, 5, 6) * 0.5 + m
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    a5, b5 = torch.randn(2, 2, 3, 5, 8), torch.randn(12, 8, 6)
+    m5 = torch.randn(2, 1, 3, 5, 6)
+    out = torch.ops.tile.mm_epilogue(a5, b5, None, [m5], pw.dumps(expr))
+    ref = (a5.reshape(12, 5, 8) @ b5).view(2, 2, 3, 5, 6) * 0.5 + m5
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -43,15 +43,15 @@ def _delta(before: dict[str, int], name: str) -> dict[str, int]:
 
 def test_batched_epilogue_replays_over_every_batch(scoped, device):
     """A bmm epilogue (grid axis 1 is the batch, its strides passed by keyword): the
-    replay launches the same 2-D grid over new values, with a mask shared by every
-    batch and head.  (A ``[B, 1, T, S]`` mask is copied to the output's size, since the
-    batch folds B and H into one index: such a call is not planned.)"""
+    replay launches the same 2-D grid over new values, with a head-broadcast mask read
+    through two batch levels (it used to be copied to the output's size, and such a call
+    was not planned: a copy is not a launch)."""
     expr = pw.dumps(("tanh", ("add", ("mul", "ACC", 0.125), "IN0")))
     before = _served("tile::mm_epilogue")
     for _ in range(4):
         q = torch.randn(2, 3, 5, 8, device=device)
         kt = torch.randn(6, 8, 7, device=device)
-        m = torch.randn(1, 1, 5, 7, device=device)
+        m = torch.randn(2, 1, 5, 7, device=device)
         with _common.count_launches() as n:
             out = torch.ops.tile.mm_epilogue(q, kt, None, [m], expr)
         assert dict(n) == {"mm_epilogue": 1}, dict(n)

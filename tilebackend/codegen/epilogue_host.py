@@ -206,6 +206,30 @@ def extra_args(extras, lead: tuple[int, ...], n: int):
     return bools, args, strides
 
 
+def batched_extra_args(extras, lead: tuple[int, ...], n: int):
+    """:func:`extra_args` of a bmm, whose batch is ``lead[:-1]`` folded, read as two levels
+    ``(b0, b1)`` (``b1`` over ``lead[-2]``, ``b0`` over the dims before it folded): each
+    extra's strides are ``(s0, s1, sn)`` (``s0`` of ``b1``, ``s1`` of the rows) and its
+    outer stride ``sb`` of ``b0``, in a fourth list.  A ``[B, 1, T, S]`` mask of a ``[B, H,
+    T, S]`` output is read with no copy; only outer dims that do not fold are copied."""
+    bools = tuple(t.dtype == torch.bool for t in extras)
+    args, strides, sbs = [], [], []
+    for t in extras:
+        full = t.expand(*lead, n)
+        for _ in range(2):
+            st = full.stride()
+            outer = [(size, st[i]) for i, size in enumerate(lead[:-2]) if size != 1]
+            if all(outer[j][1] == outer[j + 1][1] * outer[j + 1][0] for j in range(len(outer) - 1)):
+                break
+            full = full.contiguous()
+        if t.dtype == torch.bool:
+            full = full.view(torch.uint8)
+        args.append(full)
+        strides += [st[-3], st[-2], st[-1]]
+        sbs.append(outer[-1][1] if outer else 0)
+    return bools, args, strides, sbs
+
+
 #: ``IN{i}_MODE``, how a template reads extra ``i`` (a constexpr set from its strides):
 #: a ``[BLOCK_M, BLOCK_N]`` tile, one row broadcast over M (``s0 == s1 == 0``, read as
 #: ``[1, BLOCK_N]``) or one column broadcast over N (``sn == 0``, read as ``[BLOCK_M, 1]``).
@@ -313,7 +337,11 @@ def launch(
     outs2 = [o.view(torch.uint8) if o.dtype == torch.bool else o for o in outs2]
     bias_args = [_bias_arg(bias, M, N, outs2[0]) for bias in biases]
     lead = lead or (1,)
-    bools, ex_args, ex_strides = extra_args(extras, lead, N)
+    if batched:  # (each extra's batch is two levels: no copy for a [B, 1, T, S] mask)
+        bools, ex_args, ex_strides, ex_sbs = batched_extra_args(extras, lead, N)
+    else:
+        bools, ex_args, ex_strides = extra_args(extras, lead, N)
+        ex_sbs = [0] * len(extras)
     cast = any(has_cast(e) for e in exprs)
     kernel = kernel_for(bools, ldt if cast else None)
     precision = _mm._input_precision(a.dtype)
@@ -322,7 +350,11 @@ def launch(
     # a bias that is one row over N (a linear's) is read as a vector
     rows = ["BIAS_ROW"] if len(biases) == 1 else [f"BIAS{i}_ROW" for i in range(len(biases))]
     bias_row = {f: b is not None and st[0] == 0 for f, b, (_, st) in zip(rows, biases, bias_args)}
-    modes = {f"IN{i}_MODE": extra_mode(*ex_strides[3 * i : 3 * i + 3]) for i in range(len(extras))}
+    # (a bmm's extras are at their batch already: only the row stride says if one is a row)
+    modes = {
+        f"IN{i}_MODE": extra_mode(0 if batched else st[0], st[1], st[2])
+        for i, st in enumerate(zip(*[iter(ex_strides)] * 3))
+    }
     terms2 = [(ta.reshape(M, ta.shape[-1]), tb) for ta, tb in terms]
     tensors = [a2, *bs, *(t for t, _ in bias_args), *outs2, *ex_args]
     tensors += [t for pair in terms2 for t in pair]
@@ -341,6 +373,8 @@ def launch(
     if "BATCHED" in arg_names:
         bstrides = (a2.stride(0), bs[0].stride(0)) if batched else (0, 0)
         batch_kw = {"stride_ab": bstrides[0], "stride_bb": bstrides[1], "BATCHED": batched}
+        batch_kw["B1"] = lead[-2] if batched else 1
+        batch_kw.update({f"in{i}_sb": sb for i, sb in enumerate(ex_sbs)})
     else:
         batch_kw = {}
     can_tma = tma_space is not None and not batched

@@ -108,7 +108,8 @@ def {kname}_kernel(
     stride_on,
 {in_strides}{term_ints}    stride_ab,  # (BATCHED) A's batch stride; the batch is program_id(1)
     stride_bb,  # (BATCHED) B's batch stride
-    HAS_BIAS: tl.constexpr,
+    B1,  # (BATCHED) the batch is (b0, b1) with b1 < B1: an extra's batch is b0 * sb + b1 * s0
+{in_sbs}    HAS_BIAS: tl.constexpr,
     BIAS_ROW: tl.constexpr,  # the bias is one row over N (stride_cm == 0)
 {in_modes}{term_flags}    INPUT_PRECISION: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -146,7 +147,7 @@ def {kname}_kernel(
             a_ptr += pid_b * stride_ab
             b_ptr += pid_b * stride_bb
             m_base = pid_b * M  # this batch's first row in the results
-{batch_outs}        else:
+{batch_outs}{batch_ins}        else:
             m_base = 0
         acc = gemm_mainloop(
             a_ptr, b_ptr, offs_m, offs_n, offs_m < M, offs_n < N, K,
@@ -175,8 +176,8 @@ _EPILOGUE = """\
 mask_m = offs_m < M
 mask_n = offs_n < N
 mask = mask_m[:, None] & mask_n[None, :]
-{bias}if BATCHED:  # an extra's row (i0, i1) is (batch, m): L1 == M
-    row0 = pid_b
+{bias}if BATCHED:  # (each extra's pointer is at its batch already) rows are m: L1 == M
+    row0 = 0
     row1 = offs_m.to(tl.int64)
 else:
     row0 = (offs_m // L1).to(tl.int64)
@@ -304,9 +305,22 @@ def render(
     batch_outs = "".join(
         f"            out{i or ''}_ptr += m_base * stride_om\n" for i in range(len(exprs))
     )
+    # each extra (not a rand seed) moves to its batch: (b0, b1) through (sb, s0)
+    n_in = len(bools)
+    seeds = set().union(*map(pointwise.seed_leaves, exprs))
+    batch_ins = "".join(
+        f"            in{i}_ptr += (pid_b // B1) * in{i}_sb + (pid_b % B1) * in{i}_s0\n"
+        for i in range(n_in)
+        if f"IN{i}" not in seeds
+    )
+    in_sbs = "".join(
+        f"    in{i}_sb,  # (BATCHED) extra {i}'s outer batch stride\n" for i in range(n_in)
+    )
     return _TEMPLATE.format(
         kname=kname,
         batch_outs=batch_outs,
+        batch_ins=batch_ins,
+        in_sbs=in_sbs,
         term_import="from tilebackend.codegen.matmul import gemm_mainloop_acc\n" if terms else "",
         term_ptrs=t_ptrs,
         term_ints=t_ints,
@@ -632,7 +646,7 @@ def epilogue_specs(name: str, fn: Any, out_ptrs: tuple[tuple[str, bool], ...] = 
     ints += ("in0_s0", "in0_s1", "in0_sn", "in1_s0", "in1_s1", "in1_sn")
     batchable = "BATCHED" in fn.arg_names
     if batchable:
-        ints += ("stride_ab", "stride_bb")
+        ints += ("stride_ab", "stride_bb", "B1", "in0_sb", "in1_sb")
     specs = []
     for dtype, precision in _mm.SM90_VARIANTS:
         tname = _common.triton_dtype_name(dtype)

@@ -178,7 +178,7 @@ def sm90_specs() -> list[dict]:
     ints += ["stride_cm", "stride_cn", "stride_om", "stride_on"]
     for t in range(n_terms):
         ints += [f"K{t}", f"t{t}a_sm", f"t{t}a_sk", f"t{t}b_sk", f"t{t}b_sn"]
-    ints += ["stride_ab", "stride_bb"]  # (the shared template's bmm arguments: unused)
+    ints += ["stride_ab", "stride_bb", "B1"]  # (the shared template's bmm arguments: unused)
     specs = []
     for dtype in (torch.float16, torch.bfloat16):
         tname = _common.triton_dtype_name(dtype)
