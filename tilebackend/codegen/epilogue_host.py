@@ -178,55 +178,43 @@ def check_operands(
     return None
 
 
-def row_strides(t: torch.Tensor, lead: tuple[int, ...], n: int):
-    """``t`` broadcast to ``[*lead, n]`` and its (s0, s1, sn): row ``(i0, i1)`` (``i1`` over
-    the last leading dim, ``i0`` over the others folded) starts at ``i0 * s0 + i1 * s1``.
-    When the outer leading dims do not fold into one stride, a contiguous copy."""
+def row_strides(t: torch.Tensor, lead: tuple[int, ...], n: int, inner: int = 1):
+    """``t`` broadcast to ``[*lead, n]`` and its strides ``(s_outer, *s_inner, sn)``: the
+    dims of ``lead`` before its last ``inner`` ones fold into one index with stride
+    ``s_outer`` (0 when there are none), each of the last ``inner`` has its own.  With
+    ``inner=1``, row ``(i0, i1)`` (``i1`` over the last leading dim) starts at
+    ``i0 * s0 + i1 * s1``.  When the outer dims do not fold into one stride, a contiguous
+    copy."""
     full = t.expand(*lead, n)
     for _ in range(2):
         st = full.stride()
-        dims = [(size, st[i]) for i, size in enumerate(lead[:-1]) if size != 1]
+        dims = [(size, st[i]) for i, size in enumerate(lead[:-inner]) if size != 1]
         if all(dims[j][1] == dims[j + 1][1] * dims[j + 1][0] for j in range(len(dims) - 1)):
-            return full, (dims[-1][1] if dims else 0), st[-2], st[-1]
+            return full, (dims[-1][1] if dims else 0), *st[-inner - 1 :]
         full = full.contiguous()
     raise AssertionError("a contiguous tensor folds")
 
 
-def extra_args(extras, lead: tuple[int, ...], n: int):
-    """``(bools, tensors, strides)`` that pass ``extras`` to a generated kernel: each read
-    as ``[*lead, n]`` through (s0, s1, sn) (see :func:`row_strides`), bools as uint8."""
+def extra_args(extras, lead: tuple[int, ...], n: int, batched: bool = False):
+    """``(bools, tensors, strides, sbs)`` that pass ``extras`` to a generated kernel, each
+    read as ``[*lead, n]``, bools as uint8.  Each extra's ``(s0, s1, sn)`` are in
+    ``strides`` (see :func:`row_strides`), and ``sbs`` are zeros.  ``batched`` (a bmm,
+    whose batch is ``lead[:-1]`` folded): the batch is read as two levels ``(b0, b1)``,
+    ``b1`` over ``lead[-2]`` with stride ``s0`` and ``b0`` over the dims before it folded
+    with stride ``sb`` in ``sbs``; ``s1`` is the rows'.  A ``[B, 1, T, S]`` mask of a
+    ``[B, H, T, S]`` output is then read with no copy."""
     bools = tuple(t.dtype == torch.bool for t in extras)
-    args, strides = [], []
+    args, strides, sbs = [], [], []
     for t in extras:
-        full, s0, s1, sn = row_strides(t, lead, n)
+        if batched:
+            full, sb, s0, s1, sn = row_strides(t, lead, n, inner=2)
+        else:
+            (full, s0, s1, sn), sb = row_strides(t, lead, n), 0
         if t.dtype == torch.bool:
             full = full.view(torch.uint8)
         args.append(full)
         strides += [s0, s1, sn]
-    return bools, args, strides
-
-
-def batched_extra_args(extras, lead: tuple[int, ...], n: int):
-    """:func:`extra_args` of a bmm, whose batch is ``lead[:-1]`` folded, read as two levels
-    ``(b0, b1)`` (``b1`` over ``lead[-2]``, ``b0`` over the dims before it folded): each
-    extra's strides are ``(s0, s1, sn)`` (``s0`` of ``b1``, ``s1`` of the rows) and its
-    outer stride ``sb`` of ``b0``, in a fourth list.  A ``[B, 1, T, S]`` mask of a ``[B, H,
-    T, S]`` output is read with no copy; only outer dims that do not fold are copied."""
-    bools = tuple(t.dtype == torch.bool for t in extras)
-    args, strides, sbs = [], [], []
-    for t in extras:
-        full = t.expand(*lead, n)
-        for _ in range(2):
-            st = full.stride()
-            outer = [(size, st[i]) for i, size in enumerate(lead[:-2]) if size != 1]
-            if all(outer[j][1] == outer[j + 1][1] * outer[j + 1][0] for j in range(len(outer) - 1)):
-                break
-            full = full.contiguous()
-        if t.dtype == torch.bool:
-            full = full.view(torch.uint8)
-        args.append(full)
-        strides += [st[-3], st[-2], st[-1]]
-        sbs.append(outer[-1][1] if outer else 0)
+        sbs.append(sb)
     return bools, args, strides, sbs
 
 
@@ -337,11 +325,7 @@ def launch(
     outs2 = [o.view(torch.uint8) if o.dtype == torch.bool else o for o in outs2]
     bias_args = [_bias_arg(bias, M, N, outs2[0]) for bias in biases]
     lead = lead or (1,)
-    if batched:  # (each extra's batch is two levels: no copy for a [B, 1, T, S] mask)
-        bools, ex_args, ex_strides, ex_sbs = batched_extra_args(extras, lead, N)
-    else:
-        bools, ex_args, ex_strides = extra_args(extras, lead, N)
-        ex_sbs = [0] * len(extras)
+    bools, ex_args, ex_strides, ex_sbs = extra_args(extras, lead, N, batched)
     cast = any(has_cast(e) for e in exprs)
     kernel = kernel_for(bools, ldt if cast else None)
     precision = _mm._input_precision(a.dtype)

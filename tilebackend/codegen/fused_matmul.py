@@ -28,8 +28,10 @@ is read through two row strides (the last leading dim and the rest folded), so a
 ``[1, T, N]`` extra of a ``[B, T, N]`` output costs no copy.  A bmm: ``b`` is
 ``[batch, K, N]`` and ``a`` is ``[*, M, K]`` with its dims before ``M`` folding to
 ``batch`` (no bias); the constexpr ``BATCHED`` makes grid axis 1 the batch, offsets A, B
-and the results by it, and reads an extra's row ``(i0, i1)`` as ``(batch, m)``.  Only the
-pointer main loop is batched (no TMA config is offered).
+and the results by it, and each extra by its batch read as two levels (``pid_b // B1``
+through ``in{i}_sb``, ``pid_b % B1`` through ``in{i}_s0``; see
+``epilogue_host.extra_args``), its rows then being ``m``.  Only the pointer main loop is
+batched (no TMA config is offered).
 """
 
 from __future__ import annotations

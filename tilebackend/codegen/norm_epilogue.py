@@ -334,7 +334,7 @@ def norm_epilogue(
     else:
         r_full, r_s0, r_s1 = x2, 0, 0
     outs2 = [o.view(torch.uint8) if o.dtype == torch.bool else o for o in outs]
-    bools, ex_args, ex_strides = _host.extra_args(extras, lead or (1,), n)
+    bools, ex_args, ex_strides, _ = _host.extra_args(extras, lead or (1,), n)
     cast = any(_host.has_cast(e) for e in parsed)
     kernel = kernel_for(parsed, bools, ldt if cast else None)
     modes = {

@@ -85,11 +85,11 @@ class MatmulFusions(FuserBase):
                 self._note_unfusable(gemm)
                 continue
             root = self._gemm_root(gemm)
-            region, sink, extras, why = self._grow([root], pointwise)
+            grown, why = self._grow_region([root], pointwise)
+            region, sink, extras, why = self._closed([root], grown, why)
             if sink is None:
                 open_candidates.append((gemm, root if region else None, why, False))
                 continue
-            grown, _ = self._grow_region([root], pointwise)
             if len(grown) > len(region):  # pointwise ops read a value the closed region
                 # writes (a training forward saves the GELU's input): the open region
                 # writes that value and computes them too, rather than leave them a pass
@@ -219,7 +219,10 @@ class MatmulFusions(FuserBase):
         the two of a dual GEMM); return (region, sink, extras, why).  Every user of every
         root must end up in the region.  When no closed region exists, ``sink`` is None and
         ``region`` is every pointwise node grown (empty when there was none)."""
-        region, why = self._grow_region(roots, pointwise)
+        return self._closed(roots, *self._grow_region(roots, pointwise))
+
+    def _closed(self, roots: list[fx.Node], region: list[fx.Node], why: str | None):
+        """:meth:`_grow` of the grown ``region`` (and why growing stopped)."""
         if not region:
             return [], None, [], why
         # the sink: the latest node whose ancestors in the region let nothing else escape
@@ -348,11 +351,8 @@ class MatmulFusions(FuserBase):
                 return type(x)(conv(y) for y in x)
             return x
 
-        kwargs = {k: conv(v) for k, v in n.kwargs.items()}
-        if kwargs.get("device") is not None and _same_device(n.args[0], kwargs["device"]):
-            del kwargs["device"]
         try:
-            return pointwise_aten.from_aten(n.target, [conv(a) for a in n.args], kwargs)
+            return self._node_expr(n, conv)
         except pointwise.ExprError:
             return None
 
@@ -379,12 +379,18 @@ class MatmulFusions(FuserBase):
             return x
 
         for n in region:
-            args = [conv(a) for a in n.args]
-            kwargs = {k: conv(v) for k, v in n.kwargs.items()}
-            if kwargs.get("device") is not None and _same_device(n.args[0], kwargs["device"]):
-                del kwargs["device"]  # (``type_as``'s copy names the device it stays on)
-            env[n] = pointwise_aten.from_aten(n.target, args, kwargs)
+            env[n] = self._node_expr(n, conv)
         return [env[o] for o in outputs], leaves
+
+    @staticmethod
+    def _node_expr(n: fx.Node, conv) -> Any:
+        """``n`` as an expression, its tensor inputs given by ``conv`` (a node to a leaf or
+        an expression); raises ``ExprError`` when the printer does not take it."""
+        args = [conv(a) for a in n.args]
+        kwargs = {k: conv(v) for k, v in n.kwargs.items()}
+        if kwargs.get("device") is not None and _same_device(n.args[0], kwargs["device"]):
+            del kwargs["device"]  # (``type_as``'s copy names the device it stays on)
+        return pointwise_aten.from_aten(n.target, args, kwargs)
 
     @staticmethod
     def _batched(gemm: fx.Node) -> bool:
