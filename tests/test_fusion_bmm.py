@@ -236,7 +236,8 @@ def test_baddbmm_says_why_it_takes_no_epilogue(poison):
         return torch.relu(torch.baddbmm(c, a, b, alpha=0.5))
 
     c, a, b = torch.randn(3, 5, 11), torch.randn(3, 5, 7), torch.randn(3, 7, 11)
-    backend, _ = inference_like_eager(fn, c, a, b)
+    backend, launches = inference_like_eager(fn, c, a, b)
+    assert dict(launches) == {"baddbmm": 1}, dict(launches)  # (the GEMM is still ours)
     notes = [s.reason for s in backend.report.skipped if s.pattern == "fusion"]
     assert any("a baddbmm takes no epilogue" in r for r in notes), notes
 

@@ -329,8 +329,9 @@ def test_dropout_of_a_broadcast_epilogue_input_keeps_its_shape(poison, fallback,
     torch._dynamo.reset()
     backend = tilebackend.TileBackend(options={"fallback": fallback})
     g, b = torch.randn(5, 7), torch.rand(shape) + 1.0
-    with torch.no_grad():
+    with torch.no_grad(), _common.count_launches() as launches:
         out = torch.compile(fn, backend=backend)(g, b)
+    assert launches["mm_epilogue"] == 1, dict(launches)  # (the mask times the GEMM)
     keep = torch.broadcast_to((out / (g @ w)).abs() > 1e-3, (5, 11))
     if len(shape) == 1:
         assert torch.equal(keep, keep[:1].expand(5, 11)), keep
